@@ -1,0 +1,84 @@
+"""DivisionConfig: every knob of DIVISION in one validated, immutable object.
+
+The config is passed to `convert_model` and `compress`; nothing reads a global. Invalid values fail
+at construction with a `ValueError` that names the field, the value and what is allowed, so a typo in
+a sweep dies before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+
+HFC_BITS = (1, 2, 4, 8)
+BACKENDS = ("auto", "cuda", "torch")
+BACKWARD_MODES = ("division", "exact", "lfc_only", "hfc_only")
+LFC_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"DivisionConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class DivisionConfig:
+    """Settings of the DIVISION codec and of the patched layers.
+
+    block_size: B, the side of the square (cubic in 3-D) LFC averaging block; B=1 keeps the whole
+        input in the LFC (the HFC is then only the LFC's rounding error).
+    hfc_bits: Q, bits per HFC code; must divide 8 so codes never straddle a byte.
+    lfc_dtype: storage dtype of the LFC ("bfloat16", "float16" or "float32").
+    backend: "auto" uses the compiled CUDA kernels for CUDA tensors when they are built, the
+        pure-PyTorch reference otherwise; "cuda" insists on the kernels; "torch" forces the reference.
+    backward_mode: what backward reconstructs the saved input from: "division" (LFC + quantized
+        HFC), "exact" (the input itself is saved), "lfc_only" or "hfc_only" (the paper's observation).
+    compress_linear: also compress nn.Linear inputs along their last dimension (off in the paper).
+    share_inputs: a tensor read by several converted layers in one forward (a block input read by
+        conv1 and the downsample conv) is compressed once and shared.
+    """
+
+    block_size: int = 8
+    hfc_bits: int = 2
+    lfc_dtype: str = "bfloat16"
+    backend: str = "auto"
+    backward_mode: str = "division"
+    compress_linear: bool = False
+    share_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
+                _fail(f.name, value, "expected an integer")
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                _fail(f.name, value, "expected True or False")
+            if f.type in ("str", str) and not isinstance(value, str):
+                _fail(f.name, value, "expected a string")
+        if self.block_size < 1:
+            _fail("block_size", self.block_size, "expected an integer >= 1")
+        if self.hfc_bits not in HFC_BITS:
+            _fail("hfc_bits", self.hfc_bits, f"expected one of {HFC_BITS} (Q must divide 8)")
+        if self.lfc_dtype not in LFC_DTYPES:
+            _fail("lfc_dtype", self.lfc_dtype, f"expected one of {tuple(LFC_DTYPES)}")
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, f"expected one of {BACKENDS}")
+        if self.backward_mode not in BACKWARD_MODES:
+            _fail("backward_mode", self.backward_mode, f"expected one of {BACKWARD_MODES}")
+
+    @property
+    def lfc_torch_dtype(self) -> torch.dtype:
+        return LFC_DTYPES[self.lfc_dtype]
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage cost of a large 2-D map: Q bits of HFC plus the LFC spread over a B x B block."""
+        lfc_bits = torch.finfo(self.lfc_torch_dtype).bits
+        return self.hfc_bits + lfc_bits / self.block_size**2
+
+    def replace(self, **changes: Any) -> DivisionConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

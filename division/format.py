@@ -1,0 +1,141 @@
+"""The DIVISION bit format (version 1): the one place that defines what a compressed activation is.
+
+Both backends (the pure-PyTorch reference in `reference.py` and the CUDA kernels in `cuda_ext/`)
+produce and consume exactly this layout; for the same seed their outputs are bit-identical except
+where the LFC block sums round differently (see "LFC" below).
+
+An activation x of shape (N, C, *S), S = 1 to 3 spatial sizes, is split into N*C *planes*; plane
+p = n*C + c holds the P = prod(S) elements of x[n, c] in row-major order of S, whatever x's memory
+format. The global element index of element q of plane p is i = p*P + q (a 64-bit integer).
+
+LFC (low-frequency component)
+    Block size per spatial dim d: b_d = min(B, S_d); blocks per dim: L_d = ceil(S_d / b_d). Block j
+    covers elements [j*b_d, min((j+1)*b_d, S_d)) in that dim, so blocks align with the upsampling
+    and a partial last block averages only the elements it covers. The block mean is the float64
+    sum of the float32-converted elements divided by their count, rounded to float32, clamped to
+    the finite range of the LFC dtype and rounded to it. `lfc` is a contiguous (N, C, *L) tensor.
+    Float64 sums of at most 512 float32 values are exact unless the block's magnitudes span more
+    than ~2^23, so summation order (which differs between backends) almost never changes a bit.
+
+HFC (high-frequency component), all float32 arithmetic, every operation rounded on its own:
+    up[i]   = float32(lfc[block of i])                 (nearest upsampling by block)
+    h[i]    = x[i] - up[i]
+    lo, hi  = min and max of h over the plane;  r = clamp(hi - lo, TINY, FLT_MAX)
+    scale   = (2^Q - 1) / r ;  step = r / (2^Q - 1)    (one each per plane)
+    v[i]    = (h[i] - lo) * scale
+    code[i] = clamp(floor(v[i] + u[i]), 0, 2^Q - 1)    (unbiased stochastic rounding)
+    `lo` and `step` are stored as float32 (N, C) tensors.
+
+Random numbers: u[i] = (hash(seed, i) >> 8) * 2^-24, in [0, 1), from a counter-based hash that
+both backends compute identically (`hashing.py`): with s0, s1 the low and high 32-bit words of the
+63-bit seed and i_lo, i_hi those of i,
+    key     = mix32(mix32(s1 ^ i_hi) ^ s0)
+    hash    = mix32(mix32(i_lo ^ key))
+    mix32(x): x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15; x *= 0x735A2D97; x ^= x >> 15
+(all mod 2^32; mix32 is a permutation of 32-bit words with TheIronBorn's constants from Wellons'
+hash-prospector). The seed is drawn from torch's default CPU generator per call, so
+`torch.manual_seed` makes runs reproducible; pass `seed=` to compare backends.
+
+Codes: `codes` is a uint8 tensor of shape (N*C, plane_bytes). Within a plane, the code of element q
+occupies bits [(Q*q) mod 8, (Q*q) mod 8 + Q) of byte (Q*q) div 8 (little-endian bit order, so a
+plane read as 32-bit little-endian words has code q at bit (Q*q) mod 32 of word (Q*q) div 32).
+plane_bytes = ceil(P*Q/8) rounded up to a multiple of 4, so every plane starts on a 32-bit word and
+one thread block can own whole planes; padding bits are zero.
+
+Reconstruction (float32, then cast to x's dtype and memory format):
+    division: x_hat[i] = up[i] + (code[i] * step + lo)
+    lfc_only: x_hat[i] = up[i]
+    hfc_only: x_hat[i] = code[i] * step + lo
+    exact:    the input itself is kept (`raw`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+FORMAT_VERSION = 1
+TINY = 1e-30  # floor of a plane's range: keeps scale finite when max == min
+FLT_MAX = torch.finfo(torch.float32).max
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MODES = ("division", "exact", "lfc_only", "hfc_only")
+
+
+def block_shape(spatial: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """Per-dimension block sides: a dimension smaller than B gets one block covering it."""
+    return tuple(min(block_size, s) for s in spatial)
+
+
+def lfc_shape(spatial: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    return tuple(math.ceil(s / b) for s, b in zip(spatial, block_shape(spatial, block_size)))
+
+
+def plane_bytes(plane_numel: int, bits: int) -> int:
+    """Bytes per plane of packed codes, padded to a 32-bit word."""
+    return (plane_numel * bits + 31) // 32 * 4
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout decompress must give back: channels_last only when x is that and not plain."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@dataclass
+class CompressedActivation:
+    """What a layer keeps of its input for backward.
+
+    Tensors absent in a mode are None: `lfc` in hfc_only, the HFC parts in lfc_only, all but `raw`
+    in exact. `nbytes` counts the bytes of the tensors held.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+    block_size: int
+    bits: int
+    mode: str
+    lfc: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    lo: torch.Tensor | None = None
+    step: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+    backend: str = field(default="torch", compare=False)
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.lfc, self.codes, self.lo, self.step, self.raw)
+
+    def with_tensors(self, tensors: tuple[torch.Tensor | None, ...]) -> CompressedActivation:
+        """The same record over other tensor objects (those autograd hands back from saving)."""
+        lfc, codes, lo, step, raw = tensors
+        return CompressedActivation(
+            self.shape, self.dtype, self.memory_format, self.block_size, self.bits, self.mode,
+            lfc, codes, lo, step, raw, self.backend,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(t for t in self.tensors() if t is not None).device
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    @property
+    def num_planes(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def plane_numel(self) -> int:
+        return math.prod(self.spatial)

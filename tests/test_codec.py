@@ -1,0 +1,269 @@
+"""The reference codec against the bit format of format.py: bounds, bias, sizes, shapes, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import division
+from division.format import lfc_shape, plane_bytes
+from division.hashing import MASK32, mix32_int, uniform
+from division.reference import block_means, pack_codes, unpack_codes
+
+
+def plane_step(packed: division.CompressedActivation) -> torch.Tensor:
+    """Per-element quantization step, broadcast to the input's shape."""
+    expand = (...,) + (None,) * len(packed.spatial)
+    return packed.step[expand].expand(packed.shape)
+
+
+def assert_within_one_step(x: torch.Tensor, packed: division.CompressedActivation) -> None:
+    x_hat = division.decompress(packed)
+    err = (x_hat.float() - x.float()).abs()
+    # one quantization step, plus the rounding of the output to x's dtype
+    out_eps = torch.finfo(x.dtype).eps * x.float().abs() if x.dtype != torch.float32 else 0
+    bound = plane_step(packed) * (1 + 1e-5) + 1e-6 + out_eps
+    assert torch.isfinite(x_hat).all()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("block_size", 0, ">= 1"),
+        ("block_size", 2.5, "integer"),
+        ("hfc_bits", 3, "(1, 2, 4, 8)"),
+        ("lfc_dtype", "int8", "bfloat16"),
+        ("backend", "triton", "auto"),
+        ("backward_mode", "lfc", "lfc_only"),
+        ("compress_linear", "yes", "True or False"),
+    ],
+)
+def test_bad_config_names_field_value_and_allowed(field: str, value: object, allowed: str) -> None:
+    with pytest.raises(ValueError) as err:
+        division.DivisionConfig(**{field: value})
+    msg = str(err.value)
+    assert f"DivisionConfig.{field}={value!r}" in msg
+    assert allowed in msg
+
+
+def test_config_defaults_and_cost() -> None:
+    cfg = division.DivisionConfig()
+    assert (cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype) == (8, 2, torch.bfloat16)
+    assert cfg.bits_per_element == pytest.approx(2.25)
+    assert cfg.replace(hfc_bits=4).hfc_bits == 4
+    with pytest.raises(ValueError, match="hfc_bits"):
+        cfg.replace(hfc_bits=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# random numbers and bit packing
+
+
+def test_hash_matches_format_formula_across_the_2_32_boundary() -> None:
+    seed = 0x1234_5678_9ABC_DEF0 & (2**63 - 1)
+    start = 2**32 - 3
+    got = uniform(seed, start, 6)
+    for k in range(6):
+        i = start + k
+        key = mix32_int(mix32_int((seed >> 32) ^ (i >> 32)) ^ (seed & MASK32))
+        h = mix32_int(mix32_int((i & MASK32) ^ key))
+        assert got[k].item() == (h >> 8) * 2.0**-24
+
+
+def test_uniforms_look_uniform() -> None:
+    u = uniform(7, 0, 1 << 16)
+    assert 0.0 <= u.min().item() and u.max().item() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.01
+    hist = torch.histc(u, bins=16, min=0, max=1)
+    assert (hist - 4096).abs().max().item() < 400
+
+
+def test_packing_layout_is_little_endian_within_bytes() -> None:
+    codes = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)
+    packed = pack_codes(codes, 2)
+    assert packed.shape == (1, 4)  # 10 bits -> 2 bytes, padded to a 32-bit word
+    assert packed.tolist() == [[1 | 2 << 2 | 3 << 4, 3, 0, 0]]
+    assert torch.equal(unpack_codes(packed, 2, 5), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_unpack_round_trip(bits: int) -> None:
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 37), generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (3, plane_bytes(37, bits))
+    assert torch.equal(unpack_codes(packed, bits, 37), codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# round trip
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_round_trip_within_one_step(bits: int) -> None:
+    x = torch.randn(4, 3, 16, 16) * 3 + 1
+    packed = division.compress(x, division.DivisionConfig(hfc_bits=bits), seed=1)
+    assert_within_one_step(x, packed)
+
+
+@pytest.mark.parametrize(
+    "shape, block",
+    [
+        ((1, 1, 8, 8), 8),  # N=1, C=1
+        ((2, 3, 1, 1), 8),  # a single pixel
+        ((2, 3, 1, 9), 8),  # H=1
+        ((2, 3, 7, 7), 8),  # map smaller than B
+        ((3, 2, 14, 14), 8),  # H not a multiple of B: partial last block
+        ((2, 5, 12, 20), 8),  # H != W
+        ((2, 2, 10, 6), 4),
+        ((5, 3, 13, 11), 3),
+        ((2, 4, 16, 16), 1),
+        ((2, 3, 50), 8),  # 1-D maps
+        ((2, 3, 5, 9, 10), 4),  # 3-D maps
+    ],
+)
+def test_odd_shapes_round_trip(shape: tuple[int, ...], block: int) -> None:
+    x = torch.randn(shape)
+    cfg = division.DivisionConfig(block_size=block)
+    packed = division.compress(x, cfg, seed=3)
+    assert packed.lfc.shape == (*shape[:2], *lfc_shape(shape[2:], block))
+    assert packed.codes.shape == (shape[0] * shape[1], plane_bytes(math.prod(shape[2:]), 2))
+    assert_within_one_step(x, packed)
+
+
+def test_partial_blocks_average_what_they_cover() -> None:
+    x = torch.arange(2 * 3 * 10 * 7, dtype=torch.float32).view(2, 3, 10, 7)
+    means = block_means(x, (4, 4))
+    assert means.shape == (2, 3, 3, 2)
+    for bi, (r0, r1) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        for bj, (c0, c1) in enumerate([(0, 4), (4, 7)]):
+            expect = x[:, :, r0:r1, c0:c1].double().mean(dim=(2, 3)).float()
+            assert torch.equal(means[:, :, bi, bj], expect)
+
+
+def test_reconstruction_is_unbiased() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    cfg = division.DivisionConfig(block_size=4, hfc_bits=1)
+    runs = 400
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for seed in range(runs):
+        total += division.decompress(division.compress(x, cfg, seed=seed)).double()
+    packed = division.compress(x, cfg, seed=0)
+    step = plane_step(packed).double()
+    err = (total / runs - x.double()) / step
+    # each reconstruction errs by at most one step with std <= step/2; the mean of 400 has
+    # std <= step/40 per element. Rounding to nearest or down would leave ~0.25-0.5 step of bias.
+    assert err.abs().max().item() < 0.15
+    assert abs(err.mean().item()) < 0.01
+
+
+def test_constant_planes_reconstruct_exactly() -> None:
+    x = torch.empty(2, 3, 9, 9)
+    for n in range(2):
+        for c in range(3):
+            x[n, c] = [0.0, 0.3, -1.7e5, 1e-20, 7.0, 123.456][n * 3 + c]
+    for mode_bits in (1, 2, 8):
+        packed = division.compress(x, division.DivisionConfig(hfc_bits=mode_bits), seed=5)
+        x_hat = division.decompress(packed)
+        assert torch.isfinite(packed.step).all()
+        assert torch.equal(x_hat, x)
+
+
+def test_no_nan_from_extreme_finite_input() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = 3e38
+    x[0, 0, 5, 5] = -3e38
+    x[1, 2] = 1e-39  # subnormal
+    for lfc_dtype in ("bfloat16", "float16", "float32"):
+        packed = division.compress(x, division.DivisionConfig(lfc_dtype=lfc_dtype), seed=2)
+        x_hat = division.decompress(packed)
+        assert not torch.isnan(x_hat).any()
+        assert torch.isfinite(x_hat).all()
+        assert not torch.isnan(packed.lfc.float()).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtype_and_memory_format_come_back(dtype: torch.dtype, channels_last: bool) -> None:
+    x = torch.randn(3, 5, 11, 9).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    packed = division.compress(x, division.DivisionConfig(), seed=11)
+    x_hat = division.decompress(packed)
+    assert x_hat.dtype == dtype and x_hat.shape == x.shape
+    assert x_hat.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert_within_one_step(x, packed)
+    # the format is defined on logical indices: the layout never changes the bits
+    plain = division.compress(x.contiguous(), division.DivisionConfig(), seed=11)
+    assert torch.equal(plain.codes, packed.codes) and torch.equal(plain.lfc, packed.lfc)
+
+
+def test_same_seed_same_bits_and_manual_seed_reproduces() -> None:
+    x = torch.randn(2, 4, 16, 16)
+    cfg = division.DivisionConfig()
+    a, b = division.compress(x, cfg, seed=9), division.compress(x, cfg, seed=9)
+    assert torch.equal(a.codes, b.codes)
+    assert not torch.equal(a.codes, division.compress(x, cfg, seed=10).codes)
+    torch.manual_seed(4)
+    c = division.compress(x, cfg)
+    torch.manual_seed(4)
+    assert torch.equal(c.codes, division.compress(x, cfg).codes)
+
+
+def test_size_of_a_resnet_activation_is_below_one_thirteenth() -> None:
+    x = torch.randn(32, 64, 56, 56)
+    packed = division.compress(x, division.DivisionConfig(block_size=8, hfc_bits=2), seed=0)
+    held = sum(t.untyped_storage().nbytes() for t in packed.tensors() if t is not None)
+    assert packed.nbytes == held  # nbytes is what is really held, not a formula
+    assert packed.nbytes <= x.numel() * x.element_size() / 13
+    # 2 bits per element + one bf16 per 8x8 block + 8 bytes per plane
+    assert packed.nbytes == 32 * 64 * (56 * 56 * 2 // 8 + 7 * 7 * 2 + 8)
+
+
+@pytest.mark.parametrize("mode", ["lfc_only", "hfc_only", "exact"])
+def test_backward_modes_reconstruct_their_part(mode: str) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    full = division.compress(x, division.DivisionConfig(), seed=8)
+    packed = division.compress(x, division.DivisionConfig(backward_mode=mode), seed=8)
+    x_hat = division.decompress(packed)
+    up = division.decompress(division.compress(x, division.DivisionConfig(), seed=8, mode="lfc_only"))
+    if mode == "exact":
+        assert x_hat is x and packed.nbytes == x.numel() * 4
+    elif mode == "lfc_only":
+        assert packed.codes is None and torch.equal(packed.lfc, full.lfc)
+        assert (x_hat.view(2, 3, 2, 8, 2, 8).std(dim=(3, 5)) == 0).all()  # constant per block
+    else:
+        assert packed.lfc is None and torch.equal(packed.codes, full.codes)
+        assert torch.allclose(x_hat + up, division.decompress(full), atol=1e-6)
+
+
+def test_unsupported_inputs_give_clear_errors() -> None:
+    cfg = division.DivisionConfig()
+    with pytest.raises(TypeError, match="unsupported dtype torch.int64"):
+        division.compress(torch.ones(2, 3, 4, 4, dtype=torch.int64), cfg)
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        division.compress([1.0, 2.0], cfg)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\(N, C, \*spatial\)"):
+        division.compress(torch.ones(4, 4), cfg)
+    with pytest.raises(ValueError, match="spatial sizes must be positive"):
+        division.compress(torch.ones(2, 3, 0, 4), cfg)
+    with pytest.raises(ValueError, match="seed"):
+        division.compress(torch.ones(2, 3, 4, 4), cfg, seed=-1)
+
+
+def test_backend_cuda_needs_the_extension_and_cuda_tensors() -> None:
+    cfg = division.DivisionConfig(backend="cuda")
+    if division.cuda_extension_available():
+        with pytest.raises(ValueError, match="need CUDA tensors"):
+            division.compress(torch.ones(2, 3, 4, 4), cfg)
+    else:
+        with pytest.raises(RuntimeError, match="extension division._C is not built"):
+            division.compress(torch.ones(2, 3, 4, 4), cfg)
