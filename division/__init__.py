@@ -1,0 +1,28 @@
+"""division: DIVISION (Dual Activation Precision, ICML 2023) for PyTorch.
+
+    cfg = division.DivisionConfig(block_size=8, hfc_bits=2)
+    model = division.convert_model(model, cfg)
+    packed = division.compress(x, cfg); x_hat = division.decompress(packed)
+"""
+
+from .backend import cuda_extension_available
+from .codec import compress, decompress
+from .config import DivisionConfig
+from .format import CompressedActivation
+
+__all__ = [
+    "CompressedActivation",
+    "DivisionConfig",
+    "compress",
+    "cuda_extension_available",
+    "decompress",
+]
+__version__ = "0.1.0"
+
+from .convert import convert_model  # noqa: E402
+
+__all__ += ["convert_model"]
+
+from .summary import ModelSummary, revert_model, summary  # noqa: E402
+
+__all__ += ["ModelSummary", "revert_model", "summary"]

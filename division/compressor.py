@@ -1,0 +1,70 @@
+"""The object each converted layer calls to compress its input: the config plus a sharing cache.
+
+One Compressor is made per `convert_model` call and handed to every layer it creates (no global
+state). When `share_inputs` is on, a tensor read by several converted layers within one forward of
+the model (a ResNet block input read by conv1 and by the downsample conv) is compressed once: the
+cache maps the tensor to its record, valid while the tensor is unmodified (same `_version`) and
+within the same forward of the root module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .codec import compress
+from .config import DivisionConfig
+from .format import CompressedActivation
+
+
+@dataclass
+class _Entry:
+    generation: int
+    version: int
+    mode: str
+    packed: CompressedActivation
+
+
+class Compressor:
+    def __init__(self, cfg: DivisionConfig) -> None:
+        self.cfg = cfg
+        self.generation = 0
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.shared_hits = 0  # how many compressions sharing saved (for tests and summaries)
+
+    def new_forward(self) -> None:
+        """Called before each forward of the root module: earlier records stop being reusable."""
+        self.generation += 1
+        self._entries = WeakIdKeyDictionary()
+
+    def compress(self, x: torch.Tensor, mode: str | None = None) -> CompressedActivation:
+        mode = self.cfg.backward_mode if mode is None else mode
+        if not self.cfg.share_inputs or mode == "exact":  # exact records hold x: nothing to share
+            return compress(x, self.cfg, mode=mode)
+        entry = self._entries.get(x)
+        if (
+            entry is not None
+            and entry.generation == self.generation
+            and entry.version == x._version
+            and entry.mode == mode
+        ):
+            self.shared_hits += 1
+            return entry.packed
+        packed = compress(x, self.cfg, mode=mode)
+        self._entries[x] = _Entry(self.generation, x._version, mode, packed)
+        return packed
+
+    def __call__(self, module: object, args: object) -> None:
+        """Forward pre-hook of the converted root module."""
+        self.new_forward()
+
+    def __deepcopy__(self, memo: dict) -> Compressor:
+        return Compressor(self.cfg)  # a copied model starts with an empty cache
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["cfg"])

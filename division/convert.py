@@ -1,0 +1,81 @@
+"""convert_model: swap the layers DIVISION knows for their converted versions, in place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .compressor import Compressor
+from .config import DivisionConfig
+from .layers import CONVERSIONS, DivisionLayer
+
+STATE_ATTR = "_division_compressor"
+
+# Layers left alone on purpose, with the reason a summary gives.
+KNOWN_UNCONVERTED: dict[type[nn.Module], str] = {
+    nn.ConvTranspose1d: "transposed convolutions are not converted",
+    nn.ConvTranspose2d: "transposed convolutions are not converted",
+    nn.ConvTranspose3d: "transposed convolutions are not converted",
+    nn.SyncBatchNorm: "SyncBatchNorm is not converted (its statistics span processes)",
+    nn.AvgPool2d: "average pooling saves only shapes: nothing to compress",
+    nn.AdaptiveAvgPool2d: "average pooling saves only shapes: nothing to compress",
+    nn.AvgPool1d: "average pooling saves only shapes: nothing to compress",
+    nn.AvgPool3d: "average pooling saves only shapes: nothing to compress",
+    nn.AdaptiveAvgPool1d: "average pooling saves only shapes: nothing to compress",
+    nn.AdaptiveAvgPool3d: "average pooling saves only shapes: nothing to compress",
+    nn.Flatten: "a view: saves nothing",
+    nn.Identity: "saves nothing",
+}
+
+
+def conversion_for(module: nn.Module, cfg: DivisionConfig) -> tuple[type[nn.Module] | None, str]:
+    """(converted class, "") or (None, why this module stays as it is)."""
+    if isinstance(module, DivisionLayer):
+        return None, "already converted"
+    kind = type(module)
+    if kind in CONVERSIONS:
+        if kind is nn.Linear and not cfg.compress_linear:
+            return None, "Linear inputs are kept exact as in the paper (compress_linear=False)"
+        if kind is nn.MaxPool2d and module.return_indices:
+            return None, "MaxPool2d(return_indices=True) is not converted"
+        return CONVERSIONS[kind], ""
+    if kind in KNOWN_UNCONVERTED:
+        return None, KNOWN_UNCONVERTED[kind]
+    for base in CONVERSIONS:
+        if isinstance(module, base):
+            return None, f"{kind.__name__} subclasses nn.{base.__name__} with its own forward"
+    if next(module.children(), None) is None:
+        return None, f"no DIVISION version of {kind.__name__}: its saved tensors stay as they are"
+    return None, "container"
+
+
+def convert_model(model: nn.Module, cfg: DivisionConfig | None = None) -> nn.Module:
+    """Patch every convertible layer of `model` in place and return the model.
+
+    Parameters and buffers move into the new layers untouched (pretrained weights survive, the
+    state_dict keys and optimizer references stay valid). If `model` itself is a single layer, a
+    converted layer sharing its parameters is returned instead.
+    """
+    cfg = DivisionConfig() if cfg is None else cfg
+    if not isinstance(cfg, DivisionConfig):
+        raise TypeError(f"convert_model: cfg must be a division.DivisionConfig, got {type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_model: expected an nn.Module, got {type(model).__name__}")
+    if hasattr(model, STATE_ATTR):
+        raise ValueError("convert_model: this model is already converted; convert a fresh copy instead")
+    compressor = Compressor(cfg)
+    new_cls, _ = conversion_for(model, cfg)
+    if new_cls is not None:
+        return new_cls.from_module(model, compressor)
+    _convert_children(model, cfg, compressor)
+    setattr(model, STATE_ATTR, compressor)
+    model.register_forward_pre_hook(compressor)
+    return model
+
+
+def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
+    for name, child in list(module.named_children()):
+        new_cls, _ = conversion_for(child, cfg)
+        if new_cls is not None:
+            setattr(module, name, new_cls.from_module(child, compressor))
+        else:
+            _convert_children(child, cfg, compressor)

@@ -1,0 +1,191 @@
+"""Autograd Functions of the converted layers.
+
+Each forward is the exact op; each backward runs the exact gradient formula (public ATen ops) on
+the input rebuilt from what forward saved. Saved tensors go through `save_for_backward`, so
+saved-tensor hooks (e.g. `torch.autograd.graph.save_on_cpu`) and retain_graph work as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from .codec import decompress
+from .compressor import Compressor
+from .format import CompressedActivation, memory_format_of
+from .masks import pack_mask, pack_pool_indices
+
+
+def _save(ctx: Any, packed: CompressedActivation | None, *others: torch.Tensor | None) -> None:
+    """Save a record's tensors (and others) through autograd; keep its metadata on ctx."""
+    if packed is None:
+        ctx.packed = None
+        ctx.save_for_backward(*others)
+        return
+    ctx.packed = packed.with_tensors((None,) * 5)
+    ctx.save_for_backward(*packed.tensors(), *others)
+
+
+def _load(ctx: Any) -> tuple[CompressedActivation | None, tuple[torch.Tensor | None, ...]]:
+    saved = ctx.saved_tensors
+    if ctx.packed is None:
+        return None, saved
+    return ctx.packed.with_tensors(saved[:5]), saved[5:]
+
+
+class ConvFn(Function):
+    """N-d convolution (not transposed) saving a compressed input for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, compressor: Compressor):
+        zeros = [0] * len(stride)
+        y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+        packed = compressor.compress(x) if ctx.needs_input_grad[1] else None
+        _save(ctx, packed, weight)
+        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight,) = _load(ctx)
+        stride, padding, dilation, groups = ctx.conv
+        if packed is not None:
+            x_hat = decompress(packed)
+        else:  # only grad_input is needed: its shape suffices (as torch.nn.grad.conv2d_input)
+            x_hat = gy.new_empty(1).expand(ctx.x_shape)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x_hat, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
+            dilation, False, [0] * len(stride), groups, mask,
+        )
+        return gx, gw, gb, None, None, None, None, None
+
+
+class BatchNormFn(Function):
+    """Training-mode batch norm: exact batch statistics from forward, reused by backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, compressor: Compressor, mode):
+        y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        packed = compressor.compress(x, mode) if any(ctx.needs_input_grad[:3]) else None
+        _save(ctx, packed, weight, save_mean, save_invstd)
+        ctx.eps = eps
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight, save_mean, save_invstd) = _load(ctx)
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.has_weight and ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        ]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, decompress(packed), weight, None, None, save_mean, save_invstd, True, ctx.eps, mask
+        )
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+class ReLUFn(Function):
+    """ReLU keeping a 1-bit mask of the positive elements instead of its output."""
+
+    @staticmethod
+    def forward(ctx, x, inplace: bool):
+        if inplace:
+            ctx.mark_dirty(x)
+            y = x.relu_()
+        else:
+            y = torch.relu(x)
+        mask = pack_mask(y > 0)
+        ctx.mask = replace(mask, bits=None)
+        ctx.save_for_backward(mask.bits)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (bits,) = ctx.saved_tensors
+        return gy * replace(ctx.mask, bits=bits).unpack(), None
+
+
+class DropoutFn(Function):
+    """Dropout keeping its keep-mask at one bit per element."""
+
+    @staticmethod
+    def forward(ctx, x, p: float, inplace: bool):
+        keep = torch.empty_like(x).bernoulli_(1.0 - p).bool()
+        scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+        if inplace:
+            ctx.mark_dirty(x)
+            y = x.mul_(keep).mul_(scale)
+        else:
+            y = x * keep * scale
+        mask = pack_mask(keep)
+        ctx.mask = replace(mask, bits=None)
+        ctx.scale = scale
+        ctx.save_for_backward(mask.bits)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (bits,) = ctx.saved_tensors
+        return gy * replace(ctx.mask, bits=bits).unpack() * ctx.scale, None, None
+
+
+class MaxPool2dFn(Function):
+    """2-d max pooling keeping each argmax as a few-bit offset inside its window."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode: bool):
+        y, indices = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        packed = pack_pool_indices(indices, tuple(x.shape[2:]), kernel, stride, padding, dilation)
+        ctx.pool = replace(packed, codes=None)
+        ctx.x_format = memory_format_of(x)
+        ctx.save_for_backward(packed.codes)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (codes,) = ctx.saved_tensors
+        pool = replace(ctx.pool, codes=codes)
+        n, c = pool.out_shape[:2]
+        h, w = pool.input_hw
+        index = pool.flat_indices().reshape(n, c, -1)
+        gx = gy.new_zeros((n, c, h * w)).scatter_add_(2, index, gy.reshape(n, c, -1))
+        return gx.view(n, c, h, w).contiguous(memory_format=ctx.x_format), None, None, None, None, None
+
+
+class LinearFn(Function):
+    """Linear layer compressing its input along the last dimension (rows as 1-d planes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, compressor: Compressor):
+        y = F.linear(x, weight, bias)
+        packed = None
+        if ctx.needs_input_grad[1]:
+            packed = compressor.compress(x.reshape(-1, 1, x.shape[-1]))
+        _save(ctx, packed, weight)
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight,) = _load(ctx)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy2 @ weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = gy2.t() @ decompress(packed).view(gy2.shape[0], -1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        return gx, gw, gb, None

@@ -1,0 +1,128 @@
+"""convert_model on whole networks: training, weights and state_dict, sharing, summary."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import division
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.05) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    "name, size, steps, lr",
+    [("resnet18", 32, 6, 0.05), pytest.param("resnet50", 64, 10, 0.01, marks=pytest.mark.slow)],
+)
+def test_converted_torchvision_resnet_learns_a_fixed_batch(name: str, size: int, steps: int, lr: float) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10)
+    division.convert_model(model, division.DivisionConfig())
+    x, y = torch.randn(8, 3, size, size), torch.arange(8) % 10
+    losses = train_steps(model, x, y, steps, lr)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_conversion_keeps_weights_and_state_dict_both_ways() -> None:
+    torch.manual_seed(0)
+    stock = torchvision.models.resnet18(num_classes=10)
+    reference_state = copy.deepcopy(stock.state_dict())
+    converted = division.convert_model(copy.deepcopy(stock), division.DivisionConfig())
+    assert isinstance(converted.conv1, nn.Conv2d) and type(converted.conv1) is not nn.Conv2d
+    state = converted.state_dict()
+    assert list(state) == list(reference_state)
+    for key in state:
+        assert torch.equal(state[key], reference_state[key]), key
+    # train the converted model a step, then load its weights into a stock one and back
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    train_steps(converted, x, y, 1)
+    fresh_stock = torchvision.models.resnet18(num_classes=10)
+    fresh_stock.load_state_dict(converted.state_dict())
+    fresh_converted = division.convert_model(torchvision.models.resnet18(num_classes=10))
+    fresh_converted.load_state_dict(fresh_stock.state_dict())
+    converted.eval(), fresh_stock.eval(), fresh_converted.eval()
+    with torch.no_grad():
+        assert torch.equal(converted(x), fresh_stock(x))
+        assert torch.equal(converted(x), fresh_converted(x))
+
+
+def test_optimizer_built_before_conversion_still_updates_the_model() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    division.convert_model(model, division.DivisionConfig())
+    before = model[0].weight.detach().clone()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, before)
+
+
+def test_a_block_input_read_by_two_convs_is_compressed_once() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    division.convert_model(model, division.DivisionConfig())
+    compressor = model._division_compressor
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert compressor.shared_hits == 3  # the three downsample convs share conv1's record
+    unshared = division.convert_model(torchvision.models.resnet18(num_classes=10), division.DivisionConfig(share_inputs=False))
+    unshared(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert unshared._division_compressor.shared_hits == 0
+
+
+def test_converting_twice_and_bad_arguments_are_errors() -> None:
+    model = division.convert_model(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    with pytest.raises(ValueError, match="already converted"):
+        division.convert_model(model)
+    with pytest.raises(TypeError, match="DivisionConfig"):
+        division.convert_model(nn.Sequential(nn.Conv2d(3, 3, 1)), {"block_size": 8})  # type: ignore[arg-type]
+
+
+def test_deepcopy_and_pickle_of_a_converted_model() -> None:
+    model = division.convert_model(torchvision.models.resnet18(num_classes=10))
+    twin = copy.deepcopy(model)
+    assert twin._division_compressor is not model._division_compressor
+    twin(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_summary_lists_layers_reasons_and_measured_bytes() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    division.convert_model(model, division.DivisionConfig())
+    result = division.summary(model, torch.randn(4, 3, 64, 64))
+    names = {r.name: r for r in result.rows}
+    assert names["conv1"].converted and names["layer1.0.bn1"].converted
+    assert not names["fc"].converted and "compress_linear=False" in names["fc"].reason
+    assert "average pooling" in names["avgpool"].reason
+    assert names["layer1.0.conv1"].input_shape == (4, 64, 16, 16)
+    assert result.total_vanilla_bytes > 6 * result.total_saved_bytes  # small maps: ~8x
+    assert result.ratio == pytest.approx(result.total_vanilla_bytes / result.total_saved_bytes)
+    text = str(result)
+    assert "layer1.0.conv1" in text and "smaller" in text
+    # the model itself is untouched by measuring
+    assert all(p.grad is None for p in model.parameters())
+    assert type(model.conv1).__name__ == "DivisionConv2d"
+
+
+def test_summary_of_an_unconverted_model_says_so() -> None:
+    result = division.summary(nn.Sequential(nn.Conv2d(3, 3, 1), nn.GELU()))
+    reasons = [r.reason for r in result.rows]
+    assert reasons[0] == "model not converted"
+    assert "no DIVISION version of GELU" in reasons[1]
+
+
+def test_revert_model_gives_stock_layers() -> None:
+    model = division.convert_model(torchvision.models.resnet18(num_classes=10))
+    division.revert_model(model)
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d

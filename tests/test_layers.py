@@ -1,0 +1,233 @@
+"""Converted layers against the stock torch.nn layers: outputs, gradients, running stats, modes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import division
+
+FAITHFUL = [
+    division.DivisionConfig(block_size=1, lfc_dtype="float32"),  # LFC is x: exact
+    division.DivisionConfig(block_size=1),  # bf16 LFC, HFC holds its rounding error
+    division.DivisionConfig(block_size=8, hfc_bits=8),
+]
+
+
+def run(module: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and gradients (input and parameters) for a fixed random upstream gradient."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1000 + seed))
+    y.backward(g)
+    grads = {"input": x.grad}
+    grads.update({n: p.grad for n, p in module.named_parameters()})
+    return y.detach(), grads
+
+
+def converted_pair(make: Callable[[], nn.Module], cfg: division.DivisionConfig) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    stock = make()
+    layer = division.convert_model(copy.deepcopy(stock), cfg)
+    return stock, layer
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+CONV_CASES = {
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), (3, 4, 13, 11)),
+    "conv2d_stride_groups": (lambda: nn.Conv2d(4, 8, 3, stride=2, groups=2, bias=False), (2, 4, 17, 16)),
+    "conv2d_dilation_reflect": (lambda: nn.Conv2d(3, 5, 3, dilation=2, padding=2, padding_mode="reflect"), (2, 3, 12, 12)),
+    "conv2d_same": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 10, 9)),
+    "conv2d_1x1": (lambda: nn.Conv2d(6, 3, 1), (2, 6, 7, 7)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 5, padding=2), (2, 3, 40)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 3, padding=1), (2, 2, 6, 9, 8)),
+    "batchnorm1d": (lambda: nn.BatchNorm1d(5), (4, 5, 30)),
+    "batchnorm2d": (lambda: nn.BatchNorm2d(5), (4, 5, 9, 10)),
+    "batchnorm2d_affine_off": (lambda: nn.BatchNorm2d(5, affine=False), (4, 5, 9, 10)),
+    "batchnorm3d": (lambda: nn.BatchNorm3d(3), (2, 3, 4, 8, 8)),
+    "linear3d": (lambda: nn.Linear(12, 5), (3, 7, 12)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("cfg", FAITHFUL, ids=["B1_fp32lfc", "B1", "Q8"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_gradients_match_autograd_when_the_codec_is_faithful(case: str, cfg: division.DivisionConfig) -> None:
+    make, shape = CONV_CASES[case]
+    cfg = cfg.replace(compress_linear=True)
+    stock, layer = converted_pair(make, cfg)
+    assert type(layer) is not type(stock)
+    x = torch.randn(shape) * 2 + 0.5
+    y0, g0 = run(stock, x)
+    y1, g1 = run(layer, x)
+    assert torch.allclose(y1, y0, atol=1e-5, rtol=1e-5)  # forward is the exact op
+    tol = 1e-5 if cfg.lfc_dtype == "float32" else 2e-2
+    for name in g0:
+        assert g1[name] is not None and torch.isfinite(g1[name]).all()
+        assert rel_err(g1[name], g0[name]) < tol, name
+
+
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_stride_groups", "batchnorm2d", "conv1d"])
+def test_gradient_mean_converges_at_default_settings(case: str) -> None:
+    make, shape = CONV_CASES[case]
+    stock, layer = converted_pair(make, division.DivisionConfig(block_size=8, hfc_bits=2))
+    torch.manual_seed(1)
+    x = torch.randn(shape) + torch.linspace(-1, 1, shape[-1])  # some low-frequency content
+    _, exact = run(stock, x)
+    single: list[float] = []
+    total: dict[str, torch.Tensor] = {k: torch.zeros_like(v) for k, v in exact.items()}
+    runs = 64
+    for _ in range(runs):
+        _, g = run(layer, x)
+        for k in total:
+            total[k] += g[k]
+        single.append(rel_err(g["input" if case.startswith("batch") else "weight"], exact["input" if case.startswith("batch") else "weight"]))
+    key = "input" if case.startswith("batch") else "weight"
+    mean_err = rel_err(total[key] / runs, exact[key])
+    # unbiased noise falls as 1/sqrt(runs) = 1/8; bias would not fall at all
+    assert mean_err < sum(single) / runs / 4
+    assert mean_err < 0.15
+
+
+def test_batchnorm_running_stats_update_once_like_stock() -> None:
+    for momentum in (0.1, None):
+        stock, layer = converted_pair(lambda m=momentum: nn.BatchNorm2d(4, momentum=m), division.DivisionConfig())
+        for step in range(3):
+            x = torch.randn(5, 4, 6, 6) * (step + 1) + step
+            run(stock, x)
+            run(layer, x)
+        assert torch.allclose(layer.running_mean, stock.running_mean, atol=1e-6)
+        assert torch.allclose(layer.running_var, stock.running_var, atol=1e-6)
+        assert layer.num_batches_tracked.item() == stock.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_mask_gives_the_exact_gradient(inplace: bool) -> None:
+    stock, layer = converted_pair(lambda: nn.ReLU(inplace=inplace), division.DivisionConfig())
+    x = torch.randn(3, 4, 9, 7)
+    x[0, 0, 0, :3] = 0.0  # ties at zero get no gradient, as in torch
+    # an in-place ReLU needs a non-leaf input
+    def go(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.clone().requires_grad_(True)
+        y = m(leaf * 1.0)
+        y.backward(torch.arange(y.numel(), dtype=torch.float32).view(y.shape))
+        return y.detach(), leaf.grad
+    y0, g0 = go(stock)
+    y1, g1 = go(layer)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+
+def test_relu_saves_one_bit_per_element() -> None:
+    layer = division.convert_model(nn.ReLU(), division.DivisionConfig())
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    sizes: list[int] = []
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x * 1.0)
+    assert sum(sizes) == x.numel() // 8
+
+
+def test_dropout_mask_and_gradient() -> None:
+    layer = division.convert_model(nn.Dropout(p=0.3), division.DivisionConfig())
+    x = torch.randn(4, 3, 10, 10).abs() + 0.1
+    y, g = run(layer, x, seed=2)
+    keep = y != 0
+    assert 0.6 < keep.float().mean().item() < 0.8
+    assert torch.allclose(y[keep], x[keep] / 0.7)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1002))
+    assert torch.allclose(g["input"], upstream * keep / 0.7)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, ceil_mode=True),
+        dict(kernel_size=3, stride=1, dilation=2),
+    ],
+)
+def test_maxpool_compact_indices_give_the_exact_gradient(kwargs: dict) -> None:
+    stock, layer = converted_pair(lambda: nn.MaxPool2d(**kwargs), division.DivisionConfig())
+    x = torch.randn(2, 3, 15, 14)
+    y0, g0 = run(stock, x)
+    y1, g1 = run(layer, x)
+    assert torch.equal(y0, y1) and torch.equal(g0["input"], g1["input"])
+
+
+@pytest.mark.parametrize("mode", ["exact", "lfc_only", "hfc_only"])
+def test_backward_modes(mode: str) -> None:
+    stock, layer = converted_pair(lambda: nn.Conv2d(3, 4, 3, padding=1), division.DivisionConfig(backward_mode=mode))
+    x = torch.randn(2, 3, 16, 16)
+    _, g0 = run(stock, x)
+    _, g1 = run(layer, x)
+    assert torch.equal(g1["input"], g0["input"])  # the input gradient needs only the weight
+    err = rel_err(g1["weight"], g0["weight"])
+    if mode == "exact":
+        assert err == 0.0
+    else:
+        assert 0.0 < err < 1.5
+
+
+def test_eval_and_no_grad_run_the_stock_forward() -> None:
+    stock, layer = converted_pair(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), division.DivisionConfig())
+    compressor = layer._division_compressor
+    x = torch.randn(2, 3, 8, 8)
+    calls: list[int] = []
+    original = compressor.compress
+    compressor.compress = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+    with torch.no_grad():
+        assert torch.equal(layer(x), stock(x))
+    stock.eval()
+    layer.eval()
+    assert torch.equal(layer(x.requires_grad_(True)), stock(x))
+    assert calls == []
+    layer.train()
+    layer(x).sum().backward()
+    assert len(calls) == 2  # conv input and BN input
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_matches_stock_autocast(dtype: torch.dtype) -> None:
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))  # noqa: E731
+    stock, layer = converted_pair(make, division.DivisionConfig(block_size=1, hfc_bits=8))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.autocast("cpu", dtype=dtype):
+        y0, g0 = run(stock, x)
+        y1, g1 = run(layer, x)
+    assert y1.dtype == y0.dtype == dtype
+    assert torch.allclose(y1.float(), y0.float(), atol=1e-2, rtol=1e-2)
+    for name in g0:
+        assert g1[name].dtype == g0[name].dtype
+        assert rel_err(g1[name].float(), g0[name].float()) < 3e-2, name
+
+
+def test_channels_last_stays_channels_last() -> None:
+    stock, layer = converted_pair(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
+    stock = stock.to(memory_format=torch.channels_last)
+    layer = layer.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    y0, g0 = run(stock, x)
+    y1, g1 = run(layer, x)
+    assert y1.is_contiguous(memory_format=torch.channels_last)
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) < 1e-5
+
+
+def test_linear_is_kept_unless_compress_linear() -> None:
+    model = division.convert_model(nn.Sequential(nn.Linear(4, 3)), division.DivisionConfig())
+    assert type(model[0]) is nn.Linear
+    model = division.convert_model(nn.Sequential(nn.Linear(4, 3)), division.DivisionConfig(compress_linear=True))
+    assert type(model[0]).__name__ == "DivisionLinear"
