@@ -61,6 +61,8 @@ def compress(
 
 def decompress(packed: CompressedActivation) -> torch.Tensor:
     """Rebuild x (LFC + dequantized HFC) with x's shape, dtype and memory format."""
+    if not isinstance(packed, CompressedActivation):  # another codec's record (groupquant.py)
+        return packed.decompress()
     if packed.mode != "exact" and packed.device.type == "cuda":
         module, _ = load_extension()
         if module is not None:

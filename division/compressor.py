@@ -39,10 +39,16 @@ class Compressor:
         self.generation += 1
         self._entries = WeakIdKeyDictionary()
 
+    def encode(self, x: torch.Tensor, mode: str) -> CompressedActivation:
+        """One compression, uncached; subclasses swap the codec here (see groupquant.py)."""
+        return compress(x, self.cfg, mode=mode)
+
     def compress(self, x: torch.Tensor, mode: str | None = None) -> CompressedActivation:
         mode = self.cfg.backward_mode if mode is None else mode
-        if not self.cfg.share_inputs or mode == "exact":  # exact records hold x: nothing to share
+        if mode == "exact":  # exact records hold x itself: nothing to compress or share
             return compress(x, self.cfg, mode=mode)
+        if not self.cfg.share_inputs:
+            return self.encode(x, mode)
         entry = self._entries.get(x)
         if (
             entry is not None
@@ -52,7 +58,7 @@ class Compressor:
         ):
             self.shared_hits += 1
             return entry.packed
-        packed = compress(x, self.cfg, mode=mode)
+        packed = self.encode(x, mode)
         self._entries[x] = _Entry(self.generation, x._version, mode, packed)
         return packed
 

@@ -48,12 +48,15 @@ def conversion_for(module: nn.Module, cfg: DivisionConfig) -> tuple[type[nn.Modu
     return None, "container"
 
 
-def convert_model(model: nn.Module, cfg: DivisionConfig | None = None) -> nn.Module:
+def convert_model(
+    model: nn.Module, cfg: DivisionConfig | None = None, *, compressor: Compressor | None = None
+) -> nn.Module:
     """Patch every convertible layer of `model` in place and return the model.
 
     Parameters and buffers move into the new layers untouched (pretrained weights survive, the
     state_dict keys and optimizer references stay valid). If `model` itself is a single layer, a
-    converted layer sharing its parameters is returned instead.
+    converted layer sharing its parameters is returned instead. `compressor` replaces the DIVISION
+    codec by another one (the ActNN baseline of groupquant.py).
     """
     cfg = DivisionConfig() if cfg is None else cfg
     if not isinstance(cfg, DivisionConfig):
@@ -62,7 +65,7 @@ def convert_model(model: nn.Module, cfg: DivisionConfig | None = None) -> nn.Mod
         raise TypeError(f"convert_model: expected an nn.Module, got {type(model).__name__}")
     if hasattr(model, STATE_ATTR):
         raise ValueError("convert_model: this model is already converted; convert a fresh copy instead")
-    compressor = Compressor(cfg)
+    compressor = Compressor(cfg) if compressor is None else compressor
     new_cls, _ = conversion_for(model, cfg)
     if new_cls is not None:
         return new_cls.from_module(model, compressor)
