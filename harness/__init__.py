@@ -1,0 +1,1 @@
+"""The experiment harness behind train.py: config schema, methods, metrics, checkpoints, DDP."""
