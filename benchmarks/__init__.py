@@ -1,0 +1,1 @@
+"""Benchmarks: kernel bandwidth, memory, speed, accuracy and the paper's observation."""
