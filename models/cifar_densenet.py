@@ -16,10 +16,12 @@ from .registry import register_model
 
 
 class Bottleneck(nn.Module):
+    """BN-ReLU-conv1x1(4*growth)-BN-ReLU-conv3x3(growth), its output concatenated before x."""
+
     def __init__(self, in_planes: int, growth: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU(inplace=False)  # its input is concatenated into the output
+        self.relu1 = nn.ReLU(inplace=True)  # acts on bn1's output, so x (concatenated) is intact
         self.conv1 = nn.Conv2d(in_planes, 4 * growth, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(4 * growth)
         self.relu2 = nn.ReLU(inplace=True)
@@ -32,10 +34,12 @@ class Bottleneck(nn.Module):
 
 
 class Transition(nn.Module):
+    """BN-ReLU-conv1x1 to the compressed width, then 2x2 average pooling."""
+
     def __init__(self, in_planes: int, out_planes: int) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU(inplace=False)
+        self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(in_planes, out_planes, 1, bias=False)
         self.pool = nn.AvgPool2d(2)
 
@@ -44,6 +48,8 @@ class Transition(nn.Module):
 
 
 class CifarDenseNet(nn.Module):
+    """DenseNet-BC with a 3x3 stem of 2*growth channels and no max-pool (32x32 inputs)."""
+
     def __init__(self, blocks: list[int], growth: int = 32, reduction: float = 0.5,
                  num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
@@ -63,7 +69,7 @@ class CifarDenseNet(nn.Module):
         self.features = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)  # avg_pool(4) at 32x32
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # avg_pool(4) at 32x32; also fits 28x28 inputs
         self.fc = nn.Linear(planes, num_classes)
         kaiming_init(self)
 
@@ -75,4 +81,5 @@ class CifarDenseNet(nn.Module):
 
 @register_model
 def densenet121(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """CIFAR DenseNet-121 (kuangliu's definition): 6.96M parameters for 10 classes."""
     return CifarDenseNet([6, 12, 24, 16], growth=32, num_classes=num_classes, in_channels=in_channels)

@@ -14,6 +14,8 @@ from .registry import register_model
 
 
 class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, add the shortcut, ReLU (post-activation, He et al. 2015)."""
+
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
@@ -24,7 +26,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu2 = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
@@ -72,13 +74,14 @@ class PreActBottleneck(nn.Module):
         super().__init__()
         out_planes = planes * self.expansion
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU(inplace=False)  # its input is also the shortcut's
+        self.relu1 = nn.ReLU(inplace=True)  # acts on bn1's output; the shortcut reads x itself
         self.conv1 = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes)
         self.relu3 = nn.ReLU(inplace=True)
+        # bias=True as the reference's definition: 8,064 parameters over the standard 1.703M
         self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != out_planes:
@@ -92,6 +95,9 @@ class PreActBottleneck(nn.Module):
 
 
 class PreActResNet(nn.Module):
+    """Pre-activation bottleneck ResNet of depth 9n+2: 3x3 stem (no BN), three stages of n blocks
+    with bottleneck widths 16/32/64, then BN-ReLU-pool-linear."""
+
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 2) % 9:
@@ -120,9 +126,11 @@ class PreActResNet(nn.Module):
 
 @register_model
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """CIFAR ResNet-18: 11.17M parameters for 10 classes."""
     return CifarResNet([2, 2, 2, 2], num_classes, in_channels)
 
 
 @register_model
 def resnet164(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Pre-activation ResNet-164 (18 bottleneck blocks per stage): 1.71M parameters for 10 classes."""
     return PreActResNet(164, num_classes, in_channels)
