@@ -1,0 +1,251 @@
+"""Activation memory, peak memory and training throughput of every method, side by side in one run.
+
+    python benchmarks/memory_speed.py --mode memory --out logs/bench/memory     # GPU, full size
+    python benchmarks/memory_speed.py --mode speed --out logs/bench/speed
+    python benchmarks/memory_speed.py --mode memory --tiny --out /tmp/mem       # CPU smoke test
+
+Grid: models (ResNet-50, WRN-50-2) x batch sizes (64, 128, 256, 512) x methods (vanilla, division,
+checkpoint, swap, actnn) x precision (fp32, bf16 autocast), synthetic 224x224 data already on the
+device, SGD (lr 0.1, momentum 0.9, wd 1e-4) as the paper's benchmark.
+memory: on the first step, activation memory as the paper defines it (allocated before backward
+minus allocated before the batch, minus output and loss) and the peak allocated during the step
+above the same start; `--find-max` also searches the largest batch that fits for each method.
+speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats.
+Writes <out>.json (rows + device, versions, git hash, command), <out>.md and <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import division  # noqa: E402
+import models  # noqa: E402
+from benchmarks.common import run_info  # noqa: E402
+from harness.measure import GIB, ActivationProbe  # noqa: E402
+from harness.methods import METHODS, prepare  # noqa: E402
+
+
+def setup(model_name: str, method: str, batch: int, size: int, device: torch.device, channels_last: bool):
+    torch.manual_seed(0)
+    model = models.build_model(model_name, num_classes=1000)
+    prepared = prepare(model, method, division.DivisionConfig())
+    model = prepared.model.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    return model, prepared, opt, x, y
+
+
+def step(model, prepared, opt, x, y, amp: str, probe: ActivationProbe | None = None) -> None:
+    dtype = torch.bfloat16 if amp == "bf16" else None
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+    if probe:
+        probe.before_fetch()
+        x = x.clone()  # the batch counts as the paper counted it: it arrives after the start reading
+    with prepared.forward_context(), autocast, (probe.forward() if probe else contextlib.nullcontext()):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+    if probe:
+        probe.before_backward(out, loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if probe:
+        probe.after_step()
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
+
+
+def measure_memory(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    try:
+        model, prepared, opt, x, y = setup(model_name, method, batch, args.image_size, device, args.channels_last)
+        probe = ActivationProbe(device, model)
+        step(model, prepared, opt, x, y, amp, probe)
+        return {"act_gib": probe.activation_bytes / GIB,
+                "peak_gib": None if probe.peak_bytes is None else probe.peak_bytes / GIB, "oom": False}
+    except RuntimeError as err:
+        if not is_oom(err):
+            raise
+        return {"act_gib": None, "peak_gib": None, "oom": True}
+    finally:
+        free(device)
+
+
+def measure_speed(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    try:
+        model, prepared, opt, x, y = setup(model_name, method, batch, args.image_size, device, args.channels_last)
+        for _ in range(args.warmup):
+            step(model, prepared, opt, x, y, amp)
+        rates = []
+        for _ in range(args.repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(args.steps):
+                    step(model, prepared, opt, x, y, amp)
+                end.record()
+                torch.cuda.synchronize(device)
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step(model, prepared, opt, x, y, amp)
+                seconds = time.perf_counter() - t0
+            rates.append(batch * args.steps / seconds)
+        return {"img_per_s": statistics.median(rates), "img_per_s_all": rates, "oom": False}
+    except RuntimeError as err:
+        if not is_oom(err):
+            raise
+        return {"img_per_s": None, "oom": True}
+    finally:
+        free(device)
+
+
+def largest_batch(model_name: str, method: str, amp: str, args: argparse.Namespace, device: torch.device, start: int) -> int:
+    """Doubling, then bisection, on whether one training step fits."""
+    def fits(b: int) -> bool:
+        return not measure_memory(model_name, method, b, amp, args, device)["oom"]
+
+    lo, hi = 0, start
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > args.max_search:
+            return lo
+    while hi - lo > max(1, lo // 32):  # to within 3%
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def with_ratios(rows: list[dict[str, Any]], key: str) -> None:
+    base = {(r["model"], r["amp"], r["batch"]): r.get(key) for r in rows if r["method"] == "vanilla"}
+    for r in rows:
+        v, b = r.get(key), base.get((r["model"], r["amp"], r["batch"]))
+        r[f"{key}_vs_vanilla"] = (v / b) if v and b else None
+
+
+def fmt(v: Any, spec: str = ".3f", oom: bool = False) -> str:
+    return "OOM" if oom else ("-" if v is None else format(v, spec))
+
+
+def markdown(rows: list[dict[str, Any]], mode: str) -> str:
+    if mode == "memory":
+        out = ["| model | amp | batch | method | activation GiB | x smaller than vanilla | peak GiB |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ratio = r.get("act_gib_vs_vanilla")
+            out.append(f"| {r['model']} | {r['amp']} | {r['batch']} | {r['method']} | {fmt(r['act_gib'], oom=r['oom'])} | "
+                       f"{'-' if not ratio else format(1 / ratio, '.1f')} | {fmt(r['peak_gib'], oom=r['oom'])} |")
+    else:
+        out = ["| model | amp | batch | method | img/s | x vanilla |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            ratio = r.get("img_per_s_vs_vanilla")
+            out.append(f"| {r['model']} | {r['amp']} | {r['batch']} | {r['method']} | {fmt(r['img_per_s'], '.1f', r['oom'])} | "
+                       f"{'-' if not ratio else format(ratio, '.2f')} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], mode: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = ("act_gib", "activation memory (GiB)") if mode == "memory" else ("img_per_s", "img/s")
+    panels = sorted({(r["model"], r["amp"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (model_name, amp) in zip(axes[0], panels):
+        for method in METHODS:
+            pts = [(r["batch"], r[key]) for r in rows if r["model"] == model_name and r["amp"] == amp
+                   and r["method"] == method and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=method)
+        ax.set_title(f"{model_name}, {amp}")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("memory", "speed"), required=True)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "wrn50_2"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 128, 256, 512])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=("off", "bf16"))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--find-max", action="store_true", help="memory mode: also the largest batch that fits")
+    parser.add_argument("--max-search", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="speed mode: steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: resnet18 at 32x32, batches 2 and 4")
+    parser.add_argument("--out", type=Path, required=True, help="output path without extension")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.models, args.batches, args.image_size = ["resnet18"], [2, 4], 32
+        args.warmup, args.steps, args.repeats, args.max_search = 1, 1, 2, 8
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows: list[dict[str, Any]] = []
+    grid = list(itertools.product(args.models, args.amp, args.batches, args.methods))
+    for i, (model_name, amp, batch, method) in enumerate(grid, 1):
+        measure = measure_memory if args.mode == "memory" else measure_speed
+        row = {"model": model_name, "amp": amp, "batch": batch, "method": method,
+               **measure(model_name, method, batch, amp, args, device)}
+        rows.append(row)
+        shown = fmt(row.get("act_gib") if args.mode == "memory" else row.get("img_per_s"), oom=row["oom"])
+        print(f"[{i}/{len(grid)}] {model_name} {amp} bs {batch} {method}: {shown}", flush=True)
+    if args.mode == "memory" and args.find_max:
+        for model_name, amp, method in itertools.product(args.models, args.amp, args.methods):
+            best = largest_batch(model_name, method, amp, args, device, start=max(args.batches))
+            rows.append({"model": model_name, "amp": amp, "batch": best, "method": method, "largest_batch": True,
+                         **measure_memory(model_name, method, best, amp, args, device)})
+            print(f"largest batch {model_name} {amp} {method}: {best}", flush=True)
+    with_ratios(rows, "act_gib" if args.mode == "memory" else "img_per_s")
+    table = markdown(rows, args.mode)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    info = {**run_info(device), "mode": args.mode, "image_size": args.image_size, "channels_last": args.channels_last}
+    args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(
+        f"{args.mode} benchmark on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}\n\n"
+        f"`{info['command']}`\n\n{table}\n"
+    )
+    plot(rows, args.mode, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Every benchmark script runs at tiny size on a CPU and writes its JSON, markdown and PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TINY": "1", "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(ROOT / "scripts" / name)], env=env, capture_output=True, text=True, timeout=900)
+
+
+def check_outputs(stem: Path) -> dict:
+    for ext in (".json", ".md", ".png"):
+        assert stem.with_suffix(ext).is_file(), stem.with_suffix(ext)
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(stem.with_suffix(".json").read_text())
+    for key in ("device", "torch", "git", "command", "date"):
+        assert result[key], key
+    return result
+
+
+@pytest.mark.slow
+def test_memory_benchmark_smoke(tmp_path: Path) -> None:
+    res = run_script("mem_benchmark.sh", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = check_outputs(tmp_path / "memory")["rows"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"vanilla", "division", "checkpoint", "swap", "actnn"}
+    fp32 = {r["method"]: r["act_gib"] for r in rows if r["amp"] == "off" and r["batch"] == 4}
+    assert fp32["division"] < fp32["vanilla"] / 5 and fp32["checkpoint"] < fp32["vanilla"]
+
+
+@pytest.mark.slow
+def test_speed_benchmark_smoke(tmp_path: Path) -> None:
+    res = run_script("speed_benchmark.sh", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = check_outputs(tmp_path / "speed")["rows"]
+    assert all(r["img_per_s"] > 0 for r in rows)
+    assert all(r["img_per_s_vs_vanilla"] is not None for r in rows)
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_smoke(tmp_path: Path) -> None:
+    res = run_script("accuracy_benchmark.sh", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = check_outputs(tmp_path / "accuracy")
+    names = [s["variant"] for s in result["summary"]]
+    assert "vanilla" in names and "division B8 Q2" in names and "actnn Q2" in names
+    assert all(s["seeds"] == 2 for s in result["summary"])
+
+
+@pytest.mark.slow
+def test_observation_smoke(tmp_path: Path) -> None:
+    res = run_script("observation.sh", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = check_outputs(tmp_path / "observation")["results"]
+    assert len(results) == 2  # at initialisation and from the checkpoint
+    init = results["initial"]
+    for mode in ("lfc_only", "hfc_only", "division"):
+        assert 0 < init[f"B8/{mode}"]["rel_err"] and -1 <= init[f"B8/{mode}"]["cosine"] <= 1
+    assert init["B8/bytes"]["lfc"] < init["B4/bytes"]["lfc"]
+
+
+def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "kernels.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--device", "cpu", "--tiny",
+                          "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 8 and all(r["ratio"] > 5 for r in result["rows"])
