@@ -171,3 +171,17 @@ def test_demo_learns_fashion_mnist(tmp_path: Path) -> None:
     result = train(cfg, tmp_path)
     # chance is 10%; runs here measured 37-66% (one short epoch: eval-mode BN statistics vary)
     assert result["val_acc1"] > 25.0
+
+
+@pytest.mark.slow
+def test_multirun_sweep_and_summary_table(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    res = _cli([sys.executable, str(ROOT / "train.py"), "-m", *TINY, "trainer.max_steps=1", "division.hfc_bits=1,4",
+                f"hydra.sweep.dir={sweep}"], ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(folders) == 2 and all("division.hfc_bits=" in f for f in folders)
+    table = _cli([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep), "--markdown", str(tmp_path / "t.md")], ROOT)
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| default/")]
+    assert sorted(line.split("|")[6].strip() for line in rows) == ["1", "4"]  # the Q column
