@@ -1,9 +1,13 @@
 """Installs the `division` package and, when a CUDA toolkit is present, its kernels as division._C.
 
-The extension is built whenever nvcc is found (CUDA_HOME, or /usr/local/cuda), also on a machine
-without a GPU, for TORCH_CUDA_ARCH_LIST (default "8.0;8.6;9.0": A100, RTX 30xx/A10, H100/H200).
-Without a toolkit the install still succeeds and division uses its pure-PyTorch reference codec.
-DIVISION_DEBUG=1 builds with -O0 -g -lineinfo. Build: `pip install --no-build-isolation -e .`
+    CUDA_HOME=/usr/local/cuda pip install --no-deps --no-build-isolation -e .
+
+The extension is built whenever a CUDA toolkit (bin/nvcc and include/cuda_runtime.h) is found, also
+on a machine without a GPU: from CUDA_HOME, CUDA_PATH, torch's own guess, then /usr/local/cuda. An
+explicitly set CUDA_HOME that holds no toolkit, or DIVISION_NO_CUDA=1, installs without it. The
+architectures are TORCH_CUDA_ARCH_LIST (default "8.0;8.6;9.0": A100, RTX 30xx / A10, H100 / H200).
+DIVISION_DEBUG=1 builds with -O0 -g -lineinfo. Without the extension `division` uses its
+pure-PyTorch reference codec (one warning when a CUDA tensor has to take it).
 """
 
 from __future__ import annotations
@@ -21,43 +25,69 @@ DEFAULT_ARCHS = "8.0;8.6;9.0"
 
 def version() -> str:
     text = (HERE / "division" / "__init__.py").read_text()
-    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+    match = re.search(r'^__version__ = "([^"]+)"', text, re.M)
+    if match is None:
+        raise RuntimeError("setup.py: no __version__ = \"...\" line in division/__init__.py")
+    return match.group(1)
 
 
-def find_cuda_home() -> str | None:
-    """A toolkit directory holding bin/nvcc, decided without needing a GPU."""
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
-            return candidate
-    return None
+def is_toolkit(path: str | None) -> bool:
+    return bool(path) and (Path(path) / "bin" / "nvcc").is_file() and (
+        Path(path) / "include" / "cuda_runtime.h"
+    ).is_file()
+
+
+def find_cuda_home() -> tuple[str | None, str]:
+    """(toolkit directory, "") or (None, why not), decided without needing a GPU."""
+    if os.environ.get("DIVISION_NO_CUDA") == "1":
+        return None, "DIVISION_NO_CUDA=1"
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return (explicit, "") if is_toolkit(explicit) else (None, f"no nvcc/headers under {explicit}")
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME as torch_guess
+    except ImportError as err:
+        return None, f"torch is not importable ({err})"
+    for candidate in (torch_guess, "/usr/local/cuda"):
+        if is_toolkit(candidate):
+            return candidate, ""
+    return None, "no CUDA toolkit found (set CUDA_HOME)"
 
 
 def extensions() -> tuple[list, dict]:
-    cuda_home = find_cuda_home()
-    if cuda_home is None or os.environ.get("DIVISION_NO_CUDA") == "1":
-        print("division: no CUDA toolkit found (set CUDA_HOME); installing without division._C")
+    cuda_home, why = find_cuda_home()
+    if cuda_home is None:
+        print(f"division: installing without the CUDA extension division._C: {why}")
         return [], {}
+    # torch.utils.cpp_extension reads both at import and at build time
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension, is_ninja_available
 
     debug = os.environ.get("DIVISION_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob("cuda_ext/*.cpp")) + sorted(glob("cuda_ext/*.cu"))
-    print(f"division: building division._C with {cuda_home} for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(
+        f"division: building division._C from {len(sources)} sources with {cuda_home} for "
+        f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        + (" (debug)" if debug else "")
+    )
     ext = CUDAExtension(
         name="division._C",
         sources=sources,
         include_dirs=[str(HERE / "cuda_ext")],
-        define_macros=[("WITH_CUDA", None)],
         extra_compile_args={
-            # no FMA contraction on the host: the CPU twin must round every op like PyTorch does
-            "cxx": opt + ["-std=c++20", "-ffp-contract=off"],
-            # the kernels use __f*_rn intrinsics where rounding matters, so fmad stays on elsewhere
-            "nvcc": opt + ["-std=c++20"] + (["-lineinfo"] if debug else []),
+            # the CPU twin must round every float op on its own, like PyTorch: no FMA contraction
+            # (the C++ standard is left to torch: C++17 or C++20 depending on its version)
+            "cxx": opt + ["-ffp-contract=off"],
+            # nvcc keeps --fmad=true: every float op of the format goes through a __f*_rn
+            # intrinsic, which is never contracted, and no other float arithmetic is left to fuse
+            "nvcc": opt + (["-lineinfo"] if debug else []),
         },
     )
-    return [ext], {"build_ext": BuildExtension}
+    build = BuildExtension.with_options(use_ninja=is_ninja_available())
+    return [ext], {"build_ext": build}
 
 
 ext_modules, cmdclass = extensions()
@@ -68,6 +98,7 @@ setup(
     description="DIVISION (Dual Activation Precision, ICML 2023): memory-efficient training for PyTorch",
     packages=find_packages(include=["division", "division.*"]),
     python_requires=">=3.10",
+    install_requires=[],  # requirements.txt pins the environment
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -2,17 +2,22 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
-#include <cstdint>
-
-#include "division_math.h"
+#include "codec_phases.h"
 
 namespace division {
 
-void compress_cuda(const at::Tensor& x, const PlaneGeometry& g, int64_t planes, int bits, int mode, uint64_t seed,
-                   int lfc_kind, at::Tensor& lfc, at::Tensor& codes, at::Tensor& lo, at::Tensor& step);
+// The input / output dtypes the kernels are instantiated for (no float64).
+#define DIVISION_DISPATCH(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-void decompress_cuda(const PlaneGeometry& g, int64_t planes, int bits, int mode, int lfc_kind, const void* lfc,
-                     const uint8_t* codes, const float* lo, const float* step, at::Tensor& out);
+// Run compress / decompress on the device of `on` (its current stream), for input / output dtype
+// `dtype`. The arguments are validated and the outputs allocated by the caller.
+void compress_cuda(const CompressArgs& args, at::ScalarType dtype, const at::Tensor& on);
+void decompress_cuda(const DecompressArgs& args, at::ScalarType dtype, const at::Tensor& on);
 
 }  // namespace division

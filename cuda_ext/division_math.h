@@ -1,15 +1,18 @@
-// Per-element arithmetic of the DIVISION bit format (division/format.py), shared by the CUDA kernels
-// and the CPU twin so that both are bit-identical to the pure-PyTorch reference.
+// Per-element arithmetic of the DIVISION bit format v1 (division/format.py), shared by the CUDA
+// kernels and their CPU twin so that both are bit-identical to the pure-PyTorch reference
+// (division/reference.py).
 //
 // Every float operation is rounded on its own, as PyTorch's separate ops are: on the device the
-// __f*_rn intrinsics forbid FMA contraction; host code is compiled with -ffp-contract=off.
+// __f*_rn intrinsics forbid FMA contraction whatever nvcc's --fmad setting; host code is compiled
+// with -ffp-contract=off. Double-precision sums use plain `+` (an add alone cannot contract).
 #pragma once
-
-#include <cmath>
-#include <cstdint>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define DIV_HD __host__ __device__ __forceinline__
@@ -19,9 +22,16 @@
 
 namespace division {
 
-constexpr float kTiny = 1e-30f;                   // format.TINY: floor of a plane's range
-constexpr float kFltMax = 3.4028234663852886e38f;  // FLT_MAX
+constexpr float kTiny = 1e-30f;                       // format.TINY, floor of a plane's range
+constexpr float kFltMax = 3.4028234663852886e38f;     // FLT_MAX, ceiling of a plane's range
 constexpr float kU24Scale = 5.9604644775390625e-08f;  // 2^-24
+constexpr float kBf16Max = 3.3895313892515355e38f;    // torch.finfo(torch.bfloat16).max
+constexpr float kHalfMax = 65504.f;                   // torch.finfo(torch.float16).max
+
+enum Mode : int { kDivision = 0, kLfcOnly = 1, kHfcOnly = 2 };
+enum LfcKind : int { kLfcBFloat16 = 0, kLfcFloat16 = 1, kLfcFloat32 = 2 };
+
+// ---- float32 ops rounded one by one -------------------------------------------------------
 
 DIV_HD float fsub(float a, float b) {
 #ifdef __CUDA_ARCH__
@@ -55,7 +65,77 @@ DIV_HD float fdiv(float a, float b) {
 #endif
 }
 
-// The 32-bit permutation of format.py (TheIronBorn's constants).
+DIV_HD bool is_nan(float v) { return v != v; }
+
+DIV_HD float quiet_nan() {
+#ifdef __CUDA_ARCH__
+  return __int_as_float(0x7fc00000);
+#else
+  const uint32_t bits = 0x7fc00000u;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+DIV_HD float infinity() {
+#ifdef __CUDA_ARCH__
+  return __int_as_float(0x7f800000);
+#else
+  const uint32_t bits = 0x7f800000u;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+// ---- the HFC range ---------------------------------------------------------------------------
+// torch.amin/amax propagate NaN and settle -0 vs +0 by their reduction order. Here the running
+// (lo, hi) use fminf/fmaxf, exact and order-independent for non-NaN values except for the sign of
+// a zero, which plane_scale settles (+0) once per plane. NaN is tracked per LFC block instead of
+// per element: h holds a NaN exactly when the rounded LFC of its block is NaN (a NaN or both
+// infinities in the block; the LFC is clamped to a finite range otherwise, so x - up is never
+// NaN), and then the whole plane's lo, scale and step are NaN, as in the reference.
+
+struct RangeAcc {
+  float lo, hi;
+  bool nan;
+
+  DIV_HD static RangeAcc empty() { return {infinity(), -infinity(), false}; }
+
+  DIV_HD void add(float h) {
+    lo = fminf(lo, h);  // fminf/fmaxf return the non-NaN operand
+    hi = fmaxf(hi, h);
+  }
+
+  DIV_HD void merge(const RangeAcc& o) {
+    nan = nan || o.nan;
+    lo = fminf(lo, o.lo);
+    hi = fmaxf(hi, o.hi);
+  }
+};
+
+// Per-plane quantization constants, exactly as reference.py:
+//   r = clamp(hi - lo, TINY, FLT_MAX); scale = levels / r; step = r / levels
+struct PlaneScale {
+  float lo, scale, step;
+};
+
+DIV_HD PlaneScale plane_scale(const RangeAcc& acc, int levels) {
+  if (acc.nan) {  // reference: amin/amax of a plane holding NaN are NaN, so are scale and step
+    const float n = quiet_nan();
+    return {n, n, n};
+  }
+  const float lo = fadd(acc.lo, 0.f), hi = fadd(acc.hi, 0.f);  // -0 -> +0, else unchanged
+  float r = fsub(hi, lo);
+  r = r < kTiny ? kTiny : (r > kFltMax ? kFltMax : r);  // NaN stays NaN, as torch.clamp
+  const float lv = static_cast<float>(levels);
+  return {lo, fdiv(lv, r), fdiv(r, lv)};
+}
+
+// ---- random numbers (hashing.py) -------------------------------------------------------------
+
+// The 32-bit permutation of format.py (TheIronBorn's constants from hash-prospector).
 DIV_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x21F0AAADu;
@@ -65,74 +145,57 @@ DIV_HD uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// u in [0, 1) for global element index i: key = mix32(mix32(s1 ^ i_hi) ^ s0),
-// hash = mix32(mix32(i_lo ^ key)), u = (hash >> 8) * 2^-24.
-DIV_HD float uniform24(uint64_t seed, uint64_t index) {
-  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t i_lo = static_cast<uint32_t>(index), i_hi = static_cast<uint32_t>(index >> 32);
-  const uint32_t key = mix32(mix32(s1 ^ i_hi) ^ s0);
-  const uint32_t h = mix32(mix32(i_lo ^ key));
+// key = mix32(mix32(s1 ^ i_hi) ^ s0): constant over each 2^32-element range of the index.
+DIV_HD uint32_t stream_key(uint64_t seed, uint32_t index_hi) {
+  return mix32(mix32(static_cast<uint32_t>(seed >> 32) ^ index_hi) ^ static_cast<uint32_t>(seed));
+}
+
+// u = (mix32(mix32(i_lo ^ key)) >> 8) * 2^-24, in [0, 1); the int -> float conversion is exact.
+DIV_HD float uniform_from_key(uint32_t key, uint32_t index_lo) {
+  const uint32_t h = mix32(mix32(index_lo ^ key));
   return fmul(static_cast<float>(h >> 8), kU24Scale);
 }
 
-// code = clamp(floor((h - lo) * scale + u), 0, levels)
+DIV_HD float uniform24(uint64_t seed, uint64_t index) {
+  return uniform_from_key(stream_key(seed, static_cast<uint32_t>(index >> 32)),
+                          static_cast<uint32_t>(index));
+}
+
+// ---- quantization and reconstruction ---------------------------------------------------------
+
+// code = clamp(floor((h - lo) * scale + u), 0, levels); NaN gives 0 (what torch's NaN -> uint8
+// conversion gives on CPU and CUDA).
 DIV_HD uint32_t quantize(float h, float lo, float scale, float u, int levels) {
-  const float v = fmul(fsub(h, lo), scale);
-  float c = floorf(fadd(v, u));
-  c = c < 0.f ? 0.f : c;
-  c = c > static_cast<float>(levels) ? static_cast<float>(levels) : c;
-  return static_cast<uint32_t>(c);
+  const float c = floorf(fadd(fmul(fsub(h, lo), scale), u));
+  if (!(c > 0.f)) return 0u;
+  const float lv = static_cast<float>(levels);
+  return c >= lv ? static_cast<uint32_t>(levels) : static_cast<uint32_t>(c);
 }
 
-// Geometry of one plane: spatial sizes padded to 3 dims (D, H, W), block sides and block counts.
-struct PlaneGeometry {
-  int64_t d, h, w;     // spatial sizes
-  int64_t bd, bh, bw;  // block sides: min(B, size)
-  int64_t ld, lh, lw;  // LFC blocks per dim: ceil(size / side)
-  int64_t numel;       // d * h * w
-  int64_t lfc_numel;   // ld * lh * lw
-  int64_t channels;    // C, for channels_last offsets
-  bool channels_last;
-};
-
-// Memory offset of element q of plane p = n * C + c.
-DIV_HD int64_t element_offset(const PlaneGeometry& g, int64_t plane, int64_t q) {
-  if (!g.channels_last) return plane * g.numel + q;
-  const int64_t n = plane / g.channels, c = plane - n * g.channels;
-  return (n * g.numel + q) * g.channels + c;
+// division: up + (code * step + lo); lfc_only: up; hfc_only: code * step + lo.
+DIV_HD float reconstruct(int mode, float up, uint32_t code, float step, float lo) {
+  if (mode == kLfcOnly) return up;
+  const float hfc = fadd(fmul(static_cast<float>(code), step), lo);
+  return mode == kHfcOnly ? hfc : fadd(up, hfc);
 }
 
-// Index of the LFC block that element q (row-major over D, H, W) belongs to.
-DIV_HD int64_t block_of(const PlaneGeometry& g, int64_t q) {
-  const int64_t x = q % g.w;
-  const int64_t rest = q / g.w;
-  const int64_t y = rest % g.h;
-  const int64_t z = rest / g.h;
-  return ((z / g.bd) * g.lh + (y / g.bh)) * g.lw + (x / g.bw);
-}
+// ---- LFC storage -----------------------------------------------------------------------------
 
-}  // namespace division
-
-namespace division {
-
-// LFC storage dtypes, as passed from Python.
-enum LfcKind : int { kLfcBFloat16 = 0, kLfcFloat16 = 1, kLfcFloat32 = 2 };
-
-// float32 mean -> clamp to the dtype's finite range -> round to the dtype (RNE), back as float.
+// The block mean (float32) clamped to the LFC dtype's finite range and rounded to it (round to
+// nearest even), returned as the float32 value the HFC is computed against.
 DIV_HD float round_lfc(float mean, int kind) {
   if (kind == kLfcBFloat16) {
-    const float m = 3.3895313892515355e38f;  // bfloat16 max
-    mean = mean < -m ? -m : (mean > m ? m : mean);
+    mean = mean < -kBf16Max ? -kBf16Max : (mean > kBf16Max ? kBf16Max : mean);
     return static_cast<float>(c10::BFloat16(mean));
   }
   if (kind == kLfcFloat16) {
-    const float m = 65504.f;
-    mean = mean < -m ? -m : (mean > m ? m : mean);
+    mean = mean < -kHalfMax ? -kHalfMax : (mean > kHalfMax ? kHalfMax : mean);
     return static_cast<float>(c10::Half(mean));
   }
   return mean < -kFltMax ? -kFltMax : (mean > kFltMax ? kFltMax : mean);
 }
 
+// `rounded` is already representable in the LFC dtype, so these conversions are exact.
 DIV_HD void store_lfc(void* base, int kind, int64_t index, float rounded) {
   if (kind == kLfcBFloat16) {
     static_cast<c10::BFloat16*>(base)[index] = c10::BFloat16(rounded);
@@ -149,42 +212,118 @@ DIV_HD float load_lfc(const void* base, int kind, int64_t index) {
   return static_cast<const float*>(base)[index];
 }
 
-// Mean of LFC block j of a plane: float64 sum of the float32 elements / count, rounded to float32.
-template <typename scalar_t>
-DIV_HD float block_mean(const scalar_t* x, const PlaneGeometry& g, int64_t plane, int64_t j) {
-  const int64_t jw = j % g.lw, jh = (j / g.lw) % g.lh, jd = j / (g.lw * g.lh);
-  const int64_t z0 = jd * g.bd, y0 = jh * g.bh, x0 = jw * g.bw;
-  const int64_t z1 = z0 + g.bd < g.d ? z0 + g.bd : g.d;
-  const int64_t y1 = y0 + g.bh < g.h ? y0 + g.bh : g.h;
-  const int64_t x1 = x0 + g.bw < g.w ? x0 + g.bw : g.w;
-  double sum = 0.0;
-  for (int64_t z = z0; z < z1; ++z)
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t xx = x0; xx < x1; ++xx)
-        sum += static_cast<double>(static_cast<float>(x[element_offset(g, plane, (z * g.h + y) * g.w + xx)]));
-  const double count = static_cast<double>((z1 - z0) * (y1 - y0) * (x1 - x0));
-  return static_cast<float>(sum / count);
-}
+// ---- index arithmetic ------------------------------------------------------------------------
 
-// Per-plane quantization constants from the HFC range, as format.py.
-struct PlaneScale {
-  float lo, scale, step;
+// Division of n < 2^31 by an invariant divisor with a multiply and a shift (the method of
+// ATen's IntDivider<unsigned int>); the same 32-bit arithmetic on host and device.
+struct FastDiv {
+  uint32_t divisor, magic, shift;
+
+  static FastDiv make(uint32_t d) {  // host only; d in [1, 2^31)
+    FastDiv f{d, 0, 0};
+    while (f.shift < 32 && (1ull << f.shift) < d) ++f.shift;
+    f.magic = static_cast<uint32_t>(((1ull << 32) * ((1ull << f.shift) - d)) / d + 1);
+    return f;
+  }
+
+  DIV_HD uint32_t div(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t t = __umulhi(n, magic);
+#else
+    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * magic) >> 32);
+#endif
+    return (t + n) >> shift;  // t <= n < 2^31: no overflow
+  }
+
+  DIV_HD uint32_t mod(uint32_t n) const { return n - div(n) * divisor; }
 };
 
-DIV_HD PlaneScale plane_scale(float lo, float hi, int levels) {
-  float r = fsub(hi, lo);
-  r = r < kTiny ? kTiny : (r > kFltMax ? kFltMax : r);
-  const float lv = static_cast<float>(levels);
-  return {lo, fdiv(lv, r), fdiv(r, lv)};
+// One plane's spatial geometry, padded to three dims (D, H, W); sizes < 2^31 since a plane
+// holds fewer than 2^31 elements (checked by the bindings).
+struct Geometry {
+  int64_t planes;    // N * C
+  int64_t channels;  // C
+  int64_t plane_bytes;
+  int32_t d, h, w;     // spatial sizes
+  int32_t bd, bh, bw;  // block sides: min(B, size)
+  int32_t ld, lh, lw;  // LFC blocks per dim: ceil(size / side)
+  int32_t numel;       // d * h * w
+  int32_t lfc_numel;   // ld * lh * lw
+  int32_t words;       // 32-bit words of packed codes per plane: plane_bytes / 4
+  FastDiv div_w, div_h, div_bd, div_bh, div_bw, div_lw, div_lh;
+  bool channels_last;  // NHWC / NDHWC: element (n, c, q) at (n * numel + q) * C + c
+};
+
+// Where a plane's elements live: element q at base + q * stride.
+struct PlaneView {
+  int64_t base, stride;
+};
+
+DIV_HD PlaneView plane_view(const Geometry& g, int64_t plane) {
+  if (!g.channels_last) return {plane * g.numel, 1};
+  const int64_t n = plane / g.channels, c = plane - n * g.channels;
+  return {n * g.numel * g.channels + c, g.channels};
 }
 
-// x_hat for one element: division: up + (code * step + lo); lfc_only: up; hfc_only: code * step + lo.
-enum Mode : int { kDivision = 0, kLfcOnly = 1, kHfcOnly = 2 };
-
-DIV_HD float reconstruct(int mode, float up, uint32_t code, float step, float lo) {
-  if (mode == kLfcOnly) return up;
-  const float hfc = fadd(fmul(static_cast<float>(code), step), lo);
-  return mode == kHfcOnly ? hfc : fadd(up, hfc);
+// LFC block of element q (row-major over D, H, W).
+DIV_HD int32_t block_of(const Geometry& g, uint32_t q) {
+  const uint32_t rows = g.div_w.div(q);
+  const uint32_t x = q - rows * g.div_w.divisor;
+  const uint32_t z = g.div_h.div(rows);
+  const uint32_t y = rows - z * g.div_h.divisor;
+  return static_cast<int32_t>((g.div_bd.div(z) * g.lh + g.div_bh.div(y)) * g.lw + g.div_bw.div(x));
 }
+
+// The element ranges [z0, z1) x [y0, y1) x [x0, x1) that LFC block j covers.
+struct BlockRange {
+  int32_t z0, z1, y0, y1, x0, x1;
+  DIV_HD int32_t count() const { return (z1 - z0) * (y1 - y0) * (x1 - x0); }
+};
+
+DIV_HD int32_t min32(int32_t a, int32_t b) { return a < b ? a : b; }
+
+DIV_HD BlockRange block_range(const Geometry& g, uint32_t j) {
+  const uint32_t rows = g.div_lw.div(j);
+  const uint32_t jw = j - rows * g.div_lw.divisor;
+  const uint32_t jd = g.div_lh.div(rows);
+  const uint32_t jh = rows - jd * g.div_lh.divisor;
+  BlockRange r;
+  r.z0 = static_cast<int32_t>(jd) * g.bd;
+  r.y0 = static_cast<int32_t>(jh) * g.bh;
+  r.x0 = static_cast<int32_t>(jw) * g.bw;
+  r.z1 = min32(r.z0 + g.bd, g.d);
+  r.y1 = min32(r.y0 + g.bh, g.h);
+  r.x1 = min32(r.x0 + g.bw, g.w);
+  return r;
+}
+
+// Walks a plane's elements q, q + 1, ... keeping the LFC block index up to date with additions;
+// divides only when a row of W ends.
+struct Cursor {
+  int32_t x, xr, bx, row_block;  // column; its offset in its block; block column; LFC index of
+                                 // the row's first block
+
+  DIV_HD void seek(const Geometry& g, uint32_t q) {
+    const uint32_t rows = g.div_w.div(q);
+    const uint32_t z = g.div_h.div(rows);
+    const uint32_t y = rows - z * g.div_h.divisor;
+    x = static_cast<int32_t>(q - rows * g.div_w.divisor);
+    bx = static_cast<int32_t>(g.div_bw.div(static_cast<uint32_t>(x)));
+    xr = x - bx * g.bw;
+    row_block = static_cast<int32_t>((g.div_bd.div(z) * g.lh + g.div_bh.div(y)) * g.lw);
+  }
+
+  DIV_HD int32_t block() const { return row_block + bx; }
+
+  // From element q to q + 1 (q + 1 <= numel < 2^31).
+  DIV_HD void next(const Geometry& g, uint32_t q_next) {
+    if (++x == g.w) {
+      seek(g, q_next);
+    } else if (++xr == g.bw) {
+      xr = 0;
+      ++bx;
+    }
+  }
+};
 
 }  // namespace division

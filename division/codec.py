@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backend import load_extension, select_backend
@@ -9,6 +11,8 @@ from .config import DivisionConfig
 from .format import SUPPORTED_DTYPES, CompressedActivation, memory_format_of
 from .hashing import draw_seed
 from .reference import compress_reference, decompress_reference
+
+MAX_KERNEL_PLANE = 2**31 - 64  # elements of one (n, c) plane the CUDA kernels accept
 
 
 def check_input(x: object, what: str = "division.compress") -> torch.Tensor:
@@ -47,7 +51,9 @@ def compress(
     elif not 0 <= seed < 2**63:
         raise ValueError(f"division.compress: seed={seed} must be in [0, 2^63)")
     fmt = memory_format_of(x)
-    if select_backend(x, cfg) == "cuda" and mode != "exact":
+    # the kernels index within a plane in 32 bits; a single (n, c) plane that large takes the reference
+    small_planes = math.prod(x.shape[2:]) < MAX_KERNEL_PLANE
+    if select_backend(x, cfg) == "cuda" and mode != "exact" and small_planes:
         module, _ = load_extension()
         lfc, codes, lo, step = module.compress(
             x, cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype, mode, seed
@@ -63,7 +69,7 @@ def decompress(packed: CompressedActivation) -> torch.Tensor:
     """Rebuild x (LFC + dequantized HFC) with x's shape, dtype and memory format."""
     if not isinstance(packed, CompressedActivation):  # another codec's record (groupquant.py)
         return packed.decompress()
-    if packed.mode != "exact" and packed.device.type == "cuda":
+    if packed.mode != "exact" and packed.device.type == "cuda" and packed.backend == "cuda":
         module, _ = load_extension()
         if module is not None:
             return module.decompress(
