@@ -142,7 +142,7 @@ def plot(results: dict[str, dict[str, Any]], block: int, path: Path) -> None:
         for mode in MODES:
             layers = res[f"B{block}/{mode}"]["layers"]
             ax.plot(range(len(layers)), [v["cosine"] for v in layers.values()], marker=".", label=mode)
-        ax.set_title(f"{state} weights, B={block}: per-layer gradient cosine to exact")
+        ax.set_title(f"{state} weights, B={block}\nper-layer gradient cosine to the exact one")
         ax.set_xlabel("layer (forward order)")
         ax.set_ylabel("cosine")
         ax.grid(alpha=0.3)
