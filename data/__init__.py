@@ -1,27 +1,49 @@
 """Data sets by name: cifar10, cifar100, fashion_mnist, imagenet (LMDB), synthetic.
 
 `build_datasets` returns (train, val, info). The small data sets also offer `as_tensors()` (uint8
-NCHW images, int64 labels) so that harness/loaders.py can keep them on the GPU and augment them
-there in batches (gpu_loader.py); every data set is also a plain map-style Dataset for DataLoader.
+NCHW images, int64 labels) so that harness/loaders.py can keep them on the device and augment them
+there a batch at a time (gpu_loader.TensorBatchLoader); every data set is also a plain map-style
+Dataset for DataLoader workers. Importing this package does not import torch, so that
+`python data/folder2lmdb.py` runs on a machine with only lmdb, Pillow and tqdm.
 """
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 from .info import DatasetInfo
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "imagenet", "synthetic")
 
 
 def list_datasets() -> list[str]:
+    """The names `build_datasets` accepts."""
     return list(DATASETS)
 
 
 def build_datasets(
-    name: str, root: str | None = None, *, num_train: int = 2048, num_val: int = 512,
-    image_size: int = 32, num_classes: int = 10, seed: int = 0, download: bool = False,
+    name: str,
+    root: str | None = None,
+    *,
+    num_train: int = 2048,
+    num_val: int = 512,
+    image_size: int = 32,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    seed: int = 0,
+    download: bool = False,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """(train set, validation set, info) of data set `name` found under `root`.
+
+    `root`: CIFAR's parent folder of cifar-10-batches-py/ (default ./datasets), Fashion-MNIST's IDX
+    folder (default /usr/share/datasets/fashion-mnist), ImageNet's folder of train.lmdb and val.lmdb
+    (default ./datasets/imagenet); unused by synthetic. `num_train`, `num_val`, `image_size`,
+    `num_classes`, `in_channels` and `seed` shape the synthetic data only; `download` lets CIFAR
+    fetch its archive through torchvision.
+    """
     if name in ("cifar10", "cifar100"):
         from .cifar import build_cifar
 
@@ -33,7 +55,7 @@ def build_datasets(
     if name == "synthetic":
         from .synthetic import build_synthetic
 
-        return build_synthetic(num_train, num_val, image_size, num_classes, seed)
+        return build_synthetic(num_train, num_val, image_size, num_classes, seed, in_channels)
     if name == "imagenet":
         from .imagenet import build_imagenet
 
@@ -41,4 +63,4 @@ def build_datasets(
     raise ValueError(f"unknown data set {name!r}: expected one of {', '.join(DATASETS)}")
 
 
-__all__ = ["DatasetInfo", "build_datasets", "list_datasets"]
+__all__ = ["DATASETS", "DatasetInfo", "build_datasets", "list_datasets"]

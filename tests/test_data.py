@@ -10,25 +10,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 from data.fashion_mnist import DEBIAN_DIR, read_idx
 from data.gpu_loader import TensorBatchLoader
+from data.synthetic import prototypes
 
 
-def test_unknown_data_set_lists_the_valid_ones() -> None:
+def test_names_and_unknown_data_set() -> None:
+    assert data.list_datasets() == ["cifar10", "cifar100", "fashion_mnist", "imagenet", "synthetic"]
     with pytest.raises(ValueError, match="unknown data set 'mnist'.*fashion_mnist"):
         data.build_datasets("mnist")
 
 
+def _synthetic(seed: int, **kw: int) -> tuple:
+    sizes = dict(num_train=64, num_val=16, image_size=16, num_classes=4) | kw
+    return data.build_datasets("synthetic", None, seed=seed, **sizes)
+
+
 def test_synthetic_is_deterministic_and_learnable() -> None:
-    a_train, a_val, info = data.build_datasets("synthetic", num_train=64, num_val=16, image_size=16, num_classes=4, seed=3)
-    b_train, _, _ = data.build_datasets("synthetic", num_train=64, num_val=16, image_size=16, num_classes=4, seed=3)
-    c_train, _, _ = data.build_datasets("synthetic", num_train=64, num_val=16, image_size=16, num_classes=4, seed=4)
+    a_train, a_val, info = _synthetic(3)
+    b_train, b_val, _ = _synthetic(3)
+    c_train, _, _ = _synthetic(4)
     xa, ya = a_train.as_tensors()
     assert xa.dtype == torch.uint8 and xa.shape == (64, 3, 16, 16) and len(a_val) == 16
     assert torch.equal(xa, b_train.as_tensors()[0]) and torch.equal(ya, b_train.as_tensors()[1])
+    assert torch.equal(a_val.as_tensors()[0], b_val.as_tensors()[0])
     assert not torch.equal(xa, c_train.as_tensors()[0])
+    # the class prototypes differ clearly (mean absolute gap far above the noise's effect)
+    protos = prototypes(16, 4, 3, seed=3)
+    gaps = (protos[:, None] - protos[None]).abs().mean(dim=(2, 3, 4))
+    assert gaps[~torch.eye(4, dtype=torch.bool)].min() > 20
     # nearest class mean classifies held-out samples: the classes are separable
     means = torch.stack([xa[ya == k].float().mean(0) for k in range(4)])
     xv, yv = a_val.as_tensors()
@@ -36,7 +49,14 @@ def test_synthetic_is_deterministic_and_learnable() -> None:
     assert (pred == yv).float().mean() > 0.9
     x, y = a_train[0]
     assert x.dtype == torch.float32 and x.shape == (3, 16, 16) and isinstance(y, int)
-    assert info.num_classes == 4 and info.in_channels == 3
+    assert (info.num_classes, info.in_channels, info.num_train, info.num_val) == (4, 3, 64, 16)
+
+
+def test_synthetic_options_and_bad_sizes() -> None:
+    train, _, info = _synthetic(0, num_train=8, image_size=8, in_channels=1)
+    assert train.as_tensors()[0].shape == (8, 1, 8, 8) and info.mean == (0.5,)
+    with pytest.raises(ValueError, match="data.num_train=0"):
+        _synthetic(0, num_train=0)
 
 
 def _loader(n: int = 10, bs: int = 4, **kw) -> TensorBatchLoader:
@@ -51,27 +71,63 @@ def test_batch_loader_without_augmentation_is_the_identity_up_to_normalisation()
     assert len(loader) == len(batches) == 3  # 10 samples, batches of 4, last one kept
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    assert torch.equal(y, torch.arange(10)) and x.dtype == torch.float32
+    assert torch.equal(y, torch.arange(10)) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.allclose(x[:, 0, 0, 0], torch.arange(10).float())
+    # training order with no crop and no flip: a permutation of the untouched images
+    images = torch.randint(0, 256, (9, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    plain = TensorBatchLoader(
+        images, torch.arange(9), 3, train=True, mean=mean, std=std, crop_padding=0, flip=False
+    )
+    for x, y in plain:
+        expected = (images[y].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+            std
+        ).view(1, 3, 1, 1)
+        assert torch.allclose(x, expected, atol=1e-5)
 
 
-def test_batch_loader_crop_and_flip_keep_content_and_reshuffle_per_epoch() -> None:
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
+def test_batch_loader_crop_and_flip_match_the_per_image_transforms(pad_mode: str) -> None:
+    """Each sample is F.pad + crop at its drawn offset + flip: RandomCrop(padding=4), HFlip."""
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
-    loader = TensorBatchLoader(images, torch.arange(12), 4, train=True, mean=(0, 0, 0), std=(1 / 255,) * 3, seed=1)
+    loader = TensorBatchLoader(
+        images,
+        torch.arange(12),
+        5,
+        train=True,
+        mean=(0, 0, 0),
+        std=(1 / 255,) * 3,
+        seed=1,
+        pad_mode=pad_mode,
+    )
+    loader.set_epoch(2)
+    order, offsets, flips = loader._plan()
+    assert offsets is not None and flips is not None and 0 < int(flips.sum()) < 12
+    got = torch.cat([x for x, _ in loader])
+    assert len(got) == 10  # drop_last for training
+    for k, i in enumerate(order[:10].tolist()):
+        padded = F.pad(images[i : i + 1].float(), (4, 4, 4, 4), mode=pad_mode)[0]
+        r, c = offsets[k].tolist()
+        crop = padded[:, r : r + 8, c : c + 8]
+        assert torch.equal(got[k], crop.flip(2) if flips[k] else crop)
+
+
+def test_batch_loader_reshuffles_per_epoch_deterministically() -> None:
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    kw = dict(train=True, mean=(0.5,) * 3, std=(0.25,) * 3, seed=1)
+    loader, other = (TensorBatchLoader(images, torch.arange(12), 4, **kw) for _ in range(2))
     loader.set_epoch(0)
     e0 = [(x.clone(), y.clone()) for x, y in loader]
     e0_again = list(loader)
+    other.set_epoch(1)
+    list(other)  # another epoch first does not change epoch 0's batches
+    other.set_epoch(0)
+    e0_other = list(other)
     loader.set_epoch(1)
     e1 = list(loader)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e0, e0_again))
+    for a, b, c in zip(e0, e0_again, e0_other):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0])
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(e0, e1))
-    for x, y in e0:
-        for xi, yi in zip(x, y):
-            src = images[yi].float()
-            padded = torch.nn.functional.pad(src, (4, 4, 4, 4))
-            windows = [padded[:, i : i + 8, j : j + 8] for i in range(9) for j in range(9)]
-            windows += [w.flip(2) for w in windows]
-            assert any(torch.allclose(xi, w) for w in windows)
 
 
 def test_batch_loader_shards_ranks_disjointly_and_completely() -> None:
@@ -82,78 +138,193 @@ def test_batch_loader_shards_ranks_disjointly_and_completely() -> None:
         assert len(loader) == 2 and len(labels) == 4  # 13 // 3 = 4 each, equal step counts
         seen.append(set(labels.tolist()))
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
-    val = set()
+    # without drop_last, each rank covers its whole equal share of the epoch's permutation
+    shares = [
+        {
+            int(v)
+            for _, y in _loader(
+                n=13, bs=3, train=True, rank=r, world_size=3, seed=5, drop_last=False
+            )
+            for v in y
+        }
+        for r in range(3)
+    ]
+    assert [len(s) for s in shares] == [4, 4, 4] and len(set.union(*shares)) == 12
+    val = []
     for rank in range(3):
-        val |= {int(v) for _, y in _loader(n=13, bs=2, train=False, rank=rank, world_size=3) for v in y}
-    assert val == set(range(13))
+        val += [
+            int(v) for _, y in _loader(n=13, bs=2, train=False, rank=rank, world_size=3) for v in y
+        ]
+    assert sorted(val) == list(range(13))  # evaluation: every sample exactly once
 
 
-@pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_batch_loader_rejects_bad_arguments() -> None:
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        TensorBatchLoader(
+            images.float(), torch.arange(4), 2, train=True, mean=(0,) * 3, std=(1,) * 3
+        )
+    with pytest.raises(ValueError, match="one value per channel"):
+        TensorBatchLoader(images, torch.arange(4), 2, train=True, mean=(0,), std=(1,))
+    with pytest.raises(ValueError, match="rank=3"):
+        TensorBatchLoader(
+            images,
+            torch.arange(4),
+            2,
+            train=True,
+            mean=(0,) * 3,
+            std=(1,) * 3,
+            rank=3,
+            world_size=2,
+        )
+
+
+@pytest.mark.skipif(
+    not DEBIAN_DIR.is_dir(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_loads_60000_and_10000_images() -> None:
     train, val, info = data.build_datasets("fashion_mnist")
     assert len(train) == 60000 and len(val) == 10000
     x, y = train.as_tensors()
     assert x.shape == (60000, 1, 32, 32) and x.dtype == torch.uint8
-    assert int(x[:, :, :2].max()) == 0  # zero padding from 28 to 32
+    assert (
+        int(x[:, :, :2].max()) == 0 and int(x[:, :, :, -2:].max()) == 0
+    )  # zero padding from 28 to 32
     assert sorted(torch.unique(y).tolist()) == list(range(10))
-    assert info.in_channels == 1 and info.mean == (0.2860,)
+    assert (
+        info.in_channels == 1
+        and info.mean == (0.2860,)
+        and (info.num_train, info.num_val) == (60000, 10000)
+    )
+    # the stated mean and std are those of the unpadded training images
+    inner = x[:, :, 2:-2, 2:-2].float() / 255
+    assert abs(inner.mean().item() - 0.2860) < 1e-3 and abs(inner.std().item() - 0.3530) < 1e-3
+    assert val[0][0].shape == (1, 32, 32)
 
 
-def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    header = struct.pack(">II", magic, array.shape[0]) + b"".join(struct.pack(">I", d) for d in array.shape[1:])
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
+def _write_idx(path: Path, array: np.ndarray, magic: int, gz: bool = True) -> None:
+    header = struct.pack(">II", magic, array.shape[0]) + b"".join(
+        struct.pack(">I", d) for d in array.shape[1:]
+    )
+    payload = header + array.tobytes()
+    path.write_bytes(gzip.compress(payload) if gz else payload)
 
 
-def test_fashion_mnist_from_a_root_and_corrupt_files(tmp_path: Path) -> None:
+def _fake_fashion(folder: Path, gz: bool = True) -> None:
     rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
     for split, n in (("train", 20), ("t10k", 8)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 2051)
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,), dtype=np.uint8), 2049)
-    train, val, _ = data.build_datasets("fashion_mnist", str(tmp_path))
-    assert (len(train), len(val)) == (20, 8)
+        _write_idx(
+            folder / f"{split}-images-idx3-ubyte{suffix}",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            2051,
+            gz,
+        )
+        _write_idx(
+            folder / f"{split}-labels-idx1-ubyte{suffix}",
+            rng.integers(0, 10, (n,), dtype=np.uint8),
+            2049,
+            gz,
+        )
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_from_a_root(tmp_path: Path, gz: bool) -> None:
+    _fake_fashion(tmp_path, gz)
+    train, val, info = data.build_datasets("fashion_mnist", str(tmp_path))
+    assert (len(train), len(val)) == (20, 8) and info.image_size == 32
+    x, _ = val.as_tensors()
+    assert x.shape == (8, 1, 32, 32)
+
+
+def test_fashion_mnist_corrupt_truncated_or_swapped_files(tmp_path: Path) -> None:
+    _fake_fashion(tmp_path)
     raw = gzip.decompress((tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes())
-    (tmp_path / "broken.gz").write_bytes(gzip.compress(raw[:-100]))
-    with pytest.raises(ValueError, match="broken.gz is truncated or corrupt"):
-        read_idx(tmp_path / "broken.gz")
+    (tmp_path / "short.gz").write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(ValueError, match="short.gz is truncated or corrupt"):
+        read_idx(tmp_path / "short.gz")
+    cut = (tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "cut.gz").write_bytes(cut[: len(cut) // 2])  # the gzip stream itself ends early
+    with pytest.raises(ValueError, match="cannot read IDX file .*cut.gz"):
+        read_idx(tmp_path / "cut.gz")
     (tmp_path / "foreign").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not an IDX"):
         read_idx(tmp_path / "foreign")
+    # labels where images belong: named, not silently reshaped
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(
+        (tmp_path / "train-labels-idx1-ubyte.gz").read_bytes()
+    )
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is an IDX label file"):
+        data.build_datasets("fashion_mnist", str(tmp_path))
 
 
-def test_fashion_mnist_missing_names_the_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fashion_mnist_missing_names_the_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("data.fashion_mnist.DEBIAN_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
         data.build_datasets("fashion_mnist", str(tmp_path))
-    assert str(tmp_path) in str(err.value)
+    assert str(tmp_path) in str(err.value) and str(tmp_path / "nowhere") in str(err.value)
 
 
-def _fake_cifar10(root: Path, per_batch: int = 5) -> None:
-    folder = root / "cifar-10-batches-py"
+def _fake_cifar(root: Path, name: str = "cifar10", per_batch: int = 5) -> None:
+    """Batches pickled exactly like the python-version archives (bytes keys, uint8 rows of 3072)."""
+    folder_name, files, label_key, classes = {
+        "cifar10": (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+            b"labels",
+            10,
+        ),
+        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+    }[name]
+    folder = root / folder_name
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist()}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+    for file in files:
+        batch = {
+            b"batch_label": file.encode(),
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, classes, per_batch).tolist(),
+            b"filenames": [b"img_%d.png" % i for i in range(per_batch)],
+        }
+        with open(folder / file, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
 
 
 def test_cifar_reads_the_torchvision_layout(tmp_path: Path) -> None:
-    _fake_cifar10(tmp_path)
+    _fake_cifar(tmp_path)
     train, val, info = data.build_datasets("cifar10", str(tmp_path))
-    assert (len(train), len(val)) == (25, 5)
-    x, _ = train.as_tensors()
-    assert x.shape == (25, 3, 32, 32) and info.mean[0] == 0.4914
+    assert (len(train), len(val)) == (25, 5) and (info.num_train, info.num_val) == (25, 5)
+    x, y = train.as_tensors()
+    assert x.shape == (25, 3, 32, 32) and info.mean[0] == 0.4914 and info.pad_mode == "constant"
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
-        first = pickle.load(f)
+        first = pickle.load(f, encoding="bytes")
     assert torch.equal(x[0], torch.from_numpy(first[b"data"][0].reshape(3, 32, 32)))
+    assert int(y[0]) == first[b"labels"][0]
+    nhwc, labels = train.as_arrays()
+    assert nhwc.shape == (25, 32, 32, 3) and np.array_equal(
+        nhwc[0], first[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    )
+    sample, label = train[0]
+    assert sample.shape == (3, 32, 32) and sample.dtype == torch.float32 and label == labels[0]
+
+
+def test_cifar100_uses_its_own_normalisation_and_reflect_fill(tmp_path: Path) -> None:
+    _fake_cifar(tmp_path, "cifar100", per_batch=7)
+    train, val, info = data.build_datasets("cifar100", str(tmp_path))
+    assert (len(train), len(val), info.num_classes) == (7, 7, 100)
+    assert info.pad_mode == "reflect" and info.mean[0] == pytest.approx(125.3 / 255)
 
 
 def test_cifar_missing_or_corrupt(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"cifar-100-python lacks train, test.*data.download=true"):
+    with pytest.raises(
+        FileNotFoundError, match=r"cifar-100-python lacks train, test.*data.download=true"
+    ) as err:
         data.build_datasets("cifar100", str(tmp_path))
-    _fake_cifar10(tmp_path)
+    assert "cifar-100-python.tar.gz" in str(err.value)
+    _fake_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="test_batch is unreadable or corrupt"):
         data.build_datasets("cifar10", str(tmp_path))
