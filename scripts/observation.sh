@@ -13,5 +13,5 @@ if [ "${TINY:-0}" = 1 ]; then
     trainer.batch_size=4 trainer.max_steps=2 trainer.max_val_steps=1 hydra.run.dir="$RUN"
   exec "$PY" benchmarks/observation.py --tiny --checkpoint "$RUN/last.pt" --out "$OUT/observation" "$@"
 fi
-"$PY" train.py experiment=demo method=vanilla trainer.epochs="${EPOCHS:-3}" ${TRAIN_OVERRIDES:-} hydra.run.dir="$RUN"
+"$PY" train.py experiment=demo method=vanilla data.train_subset=3000 trainer.epochs="${EPOCHS:-3}" ${TRAIN_OVERRIDES:-} hydra.run.dir="$RUN"
 exec "$PY" benchmarks/observation.py --checkpoint "$RUN/last.pt" --out "$OUT/observation" "$@"
