@@ -33,7 +33,7 @@ demo: install fashion-mnist
 	$(PY) train.py experiment=demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
