@@ -96,7 +96,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig) -> torch.
     """Stepped once per epoch, as the paper; optional linear warm-up before it."""
     epochs, sched = cfg.trainer.epochs, cfg.sched
     warmup = min(sched.warmup_epochs, epochs - 1) if epochs > 1 else 0
-    name = sched.name.value if hasattr(sched.name, "value") else sched.name
+    name = enum_value(sched.name)
     if name == "cosine":
         main: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, epochs - warmup), eta_min=sched.eta_min
@@ -109,6 +109,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig) -> torch.
         return main
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def check_loss(loss: float, where: str) -> None:
+    """A NaN or infinite loss stops the run before last.pt is overwritten."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss became {loss} {where}; the run stops without overwriting last.pt. "
+            "Lower optim.lr, or use trainer.amp=bf16 instead of fp16"
+        )
 
 
 def enum_value(v: Any) -> Any:
@@ -320,12 +329,7 @@ def _train(
             bar.update(1)
             if global_step % tr.log_every == 0 or global_step == total_steps:
                 running = loss_sum.item() / max(seen, 1)
-                if not math.isfinite(running):
-                    raise FloatingPointError(
-                        f"the training loss became {running} at epoch {epoch + 1}, step {global_step}; "
-                        "the run stops without overwriting last.pt. Lower optim.lr, or use "
-                        "trainer.amp=bf16 instead of fp16"
-                    )
+                check_loss(running, f"at epoch {epoch + 1}, step {global_step}")
                 bar.set_postfix(loss=f"{running:.4f}")
                 if writer:
                     writer.add_scalar("train/loss_running", running, global_step)
@@ -338,11 +342,7 @@ def _train(
             [float(seen), loss_sum.item(), float(correct.item())], device, dist_info
         )
         train_loss = loss_total / max(seen_total, 1)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"the training loss became {train_loss} in epoch {epoch + 1}; the run stops without "
-                "overwriting last.pt. Lower optim.lr, or use trainer.amp=bf16 instead of fp16"
-            )
+        check_loss(train_loss, f"in epoch {epoch + 1}")
         lr = optimizer.param_groups[0]["lr"]
         state_rng = rng_state()
         val = evaluate(

@@ -67,27 +67,19 @@ DIV_HD float fdiv(float a, float b) {
 
 DIV_HD bool is_nan(float v) { return v != v; }
 
-DIV_HD float quiet_nan() {
+DIV_HD float float_from_bits(uint32_t bits) {
 #ifdef __CUDA_ARCH__
-  return __int_as_float(0x7fc00000);
+  return __int_as_float(static_cast<int>(bits));
 #else
-  const uint32_t bits = 0x7fc00000u;
   float v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
 #endif
 }
 
-DIV_HD float infinity() {
-#ifdef __CUDA_ARCH__
-  return __int_as_float(0x7f800000);
-#else
-  const uint32_t bits = 0x7f800000u;
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-#endif
-}
+DIV_HD float quiet_nan() { return float_from_bits(0x7fc00000u); }
+
+DIV_HD float infinity() { return float_from_bits(0x7f800000u); }
 
 // ---- the HFC range ---------------------------------------------------------------------------
 // torch.amin/amax propagate NaN and settle -0 vs +0 by their reduction order. Here the running

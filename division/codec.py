@@ -8,7 +8,7 @@ import torch
 
 from .backend import load_extension, select_backend
 from .config import DivisionConfig
-from .format import SUPPORTED_DTYPES, CompressedActivation, memory_format_of
+from .format import MODES, SUPPORTED_DTYPES, CompressedActivation, memory_format_of
 from .hashing import draw_seed
 from .reference import compress_reference, decompress_reference
 
@@ -44,7 +44,7 @@ def compress(
     """
     check_input(x)
     mode = cfg.backward_mode if mode is None else mode
-    if mode not in ("division", "exact", "lfc_only", "hfc_only"):
+    if mode not in MODES:
         raise ValueError(f"division.compress: mode={mode!r} is not one of division, exact, lfc_only, hfc_only")
     if seed is None:
         seed = draw_seed()
