@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
+from .format import MODES
+
 HFC_BITS = (1, 2, 4, 8)
 BACKENDS = ("auto", "cuda", "torch")
-BACKWARD_MODES = ("division", "exact", "lfc_only", "hfc_only")
+BACKWARD_MODES = MODES  # defined with the bit format
 LFC_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
