@@ -1,71 +1,131 @@
-// The CUDA kernels: the phases of codec_phases.h run by every thread of a block, with
-// __syncthreads() as the barrier. See codec_phases.h for the work split and the memory traffic.
+// The CUDA kernels of the codec: the phases of codec_generic.h and codec_staged.h run by every
+// thread of a block (exec_device.cuh).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
 
-#include "codec.h"
+#include "exec_device.cuh"
+#include "kernels.h"
 
 namespace division {
 namespace {
 
-// Each thread runs each phase for its own id; barriers are __syncthreads().
-struct DeviceExec {
-  template <typename F>
-  __host__ __device__ __forceinline__ void each(F&& f) {
-#ifdef __CUDA_ARCH__
-    f(static_cast<int>(threadIdx.x));
-#endif
-  }
-  __host__ __device__ __forceinline__ void sync() {
-#ifdef __CUDA_ARCH__
-    __syncthreads();
-#endif
-  }
-};
-
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads) compress_kernel(const CompressArgs args) {
+__global__ void __launch_bounds__(kBlockThreads) generic_compress_kernel(const CompressArgs a, const Launch l) {
   __shared__ CompressShared shared;
   DeviceExec ex;
-  compress_block<scalar_t>(ex, args, shared, static_cast<int64_t>(blockIdx.x));
+  generic_compress_block<scalar_t>(ex, a, l, shared, static_cast<int64_t>(blockIdx.x));
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads) decompress_kernel(const DecompressArgs args) {
+__global__ void __launch_bounds__(kStagedThreads) staged_compress_kernel(const CompressArgs a, const StagedPlan s) {
+  extern __shared__ __align__(16) unsigned char smem[];
   DeviceExec ex;
-  decompress_block<scalar_t>(ex, args, static_cast<int64_t>(blockIdx.x));
+  staged_compress_block<scalar_t>(ex, a, s, smem, static_cast<int64_t>(blockIdx.x));
 }
 
-unsigned grid_size(const Geometry& g, const Launch& l, const char* what) {
-  const int64_t blocks = blocks_for(g, l);
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), what, ": too many planes (N*C = ",
-              g.planes, ") for one launch");
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads) generic_decompress_kernel(const DecompressArgs a, const Launch l) {
+  DeviceExec ex;
+  generic_decompress_block<scalar_t>(ex, a, l, static_cast<int64_t>(blockIdx.x));
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kStagedThreads) vec_decompress_kernel(const DecompressArgs a, const VecPlan v) {
+  DeviceExec ex;
+  vec_decompress_block<scalar_t, VEC>(ex, a, v, static_cast<int64_t>(blockIdx.x));
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kStagedThreads) tile_decompress_kernel(const DecompressArgs a, const TilePlan t) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceExec ex;
+  tile_decompress_block<scalar_t>(ex, a, t, smem, static_cast<int64_t>(blockIdx.x));
+}
+
+unsigned grid(int64_t blocks, const char* what) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), what, ": ", blocks,
+              " thread blocks are too many for one launch");
   return static_cast<unsigned>(blocks);
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KB needs the opt-in).
+template <typename Kernel>
+void allow_shared(Kernel kernel, int32_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
 }  // namespace
 
-void compress_cuda(const CompressArgs& args, at::ScalarType dtype, const at::Tensor& on) {
+int64_t max_shared_bytes(const at::Tensor& on) {
   const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid_size(args.g, args.l, "division._C.compress");
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        on.device().index()));
+  return value;
+}
+
+void launch_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on) {
+  const c10::cuda::CUDAGuard guard(on.device());
+  const unsigned blocks = grid(blocks_for(a.g, l), "division.compress");
   if (blocks == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  DIVISION_DISPATCH(dtype, "division_compress_cuda", [&] {
-    compress_kernel<scalar_t><<<blocks, kBlockThreads, 0, stream>>>(args);
+  DIVISION_DISPATCH(dtype, "division_generic_compress", [&] {
+    generic_compress_kernel<scalar_t><<<blocks, kBlockThreads, 0, stream>>>(a, l);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void decompress_cuda(const DecompressArgs& args, at::ScalarType dtype, const at::Tensor& on) {
+void launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on) {
   const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid_size(args.g, args.l, "division._C.decompress");
+  const unsigned blocks = grid(s.blocks, "division.compress");
   if (blocks == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  DIVISION_DISPATCH(dtype, "division_decompress_cuda", [&] {
-    decompress_kernel<scalar_t><<<blocks, kBlockThreads, 0, stream>>>(args);
+  DIVISION_DISPATCH(dtype, "division_staged_compress", [&] {
+    allow_shared(staged_compress_kernel<scalar_t>, s.smem_bytes);
+    staged_compress_kernel<scalar_t><<<blocks, kStagedThreads, s.smem_bytes, stream>>>(a, s);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on) {
+  const c10::cuda::CUDAGuard guard(on.device());
+  const unsigned blocks = grid(blocks_for(a.g, l), "division.decompress");
+  if (blocks == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  DIVISION_DISPATCH(dtype, "division_generic_decompress", [&] {
+    generic_decompress_kernel<scalar_t><<<blocks, kBlockThreads, 0, stream>>>(a, l);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::ScalarType dtype, const at::Tensor& on) {
+  const c10::cuda::CUDAGuard guard(on.device());
+  const unsigned blocks = grid(v.blocks, "division.decompress");
+  if (blocks == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  DIVISION_DISPATCH(dtype, "division_vec_decompress", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (v.vec == kVec) {
+      vec_decompress_kernel<scalar_t, kVec><<<blocks, kStagedThreads, 0, stream>>>(a, v);
+    } else {
+      vec_decompress_kernel<scalar_t, 1><<<blocks, kStagedThreads, 0, stream>>>(a, v);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on) {
+  const c10::cuda::CUDAGuard guard(on.device());
+  const unsigned blocks = grid(t.blocks, "division.decompress");
+  if (blocks == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  DIVISION_DISPATCH(dtype, "division_tile_decompress", [&] {
+    allow_shared(tile_decompress_kernel<scalar_t>, t.smem_bytes);
+    tile_decompress_kernel<scalar_t><<<blocks, kStagedThreads, t.smem_bytes, stream>>>(a, t);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

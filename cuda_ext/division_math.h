@@ -1,4 +1,4 @@
-// Per-element arithmetic of the DIVISION bit format v1 (division/format.py), shared by the CUDA
+// Per-element arithmetic of the DIVISION bit format v2 (division/format.py), shared by the CUDA
 // kernels and their CPU twin so that both are bit-identical to the pure-PyTorch reference
 // (division/reference.py).
 //
@@ -137,38 +137,69 @@ DIV_HD uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// key = mix32(mix32(s1 ^ i_hi) ^ s0): constant over each 2^32-element range of the index.
-DIV_HD uint32_t stream_key(uint64_t seed, uint32_t index_hi) {
-  return mix32(mix32(static_cast<uint32_t>(seed >> 32) ^ index_hi) ^ static_cast<uint32_t>(seed));
+// K_p = mix32(mix32(mix32(s1 ^ p1) ^ s0) ^ p0): once per plane.
+DIV_HD uint32_t plane_key(uint64_t seed, uint64_t plane) {
+  const uint32_t k = mix32(static_cast<uint32_t>(seed >> 32) ^ static_cast<uint32_t>(plane >> 32));
+  return mix32(mix32(k ^ static_cast<uint32_t>(seed)) ^ static_cast<uint32_t>(plane));
 }
 
-// u = (mix32(mix32(i_lo ^ key)) >> 8) * 2^-24, in [0, 1); the int -> float conversion is exact.
-DIV_HD float uniform_from_key(uint32_t key, uint32_t index_lo) {
-  const uint32_t h = mix32(mix32(index_lo ^ key));
-  return fmul(static_cast<float>(h >> 8), kU24Scale);
+// The hash of element pair m = q >> 1 of a plane: its low half serves q = 2m, its high half 2m + 1.
+DIV_HD uint32_t pair_hash(uint32_t key, uint32_t m) { return mix32(m ^ key); }
+
+// u = k * 2^-16 + 2^-17 for the 16-bit half k of a pair hash: 1 + u is built from its bits and
+// 1 subtracted, both exact, so no int -> float conversion is needed.
+DIV_HD float uniform16(uint32_t half) {
+  return fsub(float_from_bits(0x3F800040u | (half << 7)), 1.0f);
 }
 
-DIV_HD float uniform24(uint64_t seed, uint64_t index) {
-  return uniform_from_key(stream_key(seed, static_cast<uint32_t>(index >> 32)),
-                          static_cast<uint32_t>(index));
-}
+DIV_HD float uniform_even(uint32_t hash) { return uniform16(hash & 0xFFFFu); }
+DIV_HD float uniform_odd(uint32_t hash) { return uniform16(hash >> 16); }
 
 // ---- quantization and reconstruction ---------------------------------------------------------
 
-// code = clamp(floor((h - lo) * scale + u), 0, levels); NaN gives 0 (what torch's NaN -> uint8
-// conversion gives on CPU and CUDA).
-DIV_HD uint32_t quantize(float h, float lo, float scale, float u, int levels) {
-  const float c = floorf(fadd(fmul(fsub(h, lo), scale), u));
-  if (!(c > 0.f)) return 0u;
-  const float lv = static_cast<float>(levels);
-  return c >= lv ? static_cast<uint32_t>(levels) : static_cast<uint32_t>(c);
+// floor of t in [0, 2^Q - 1] (Q <= 8), as an integer.
+DIV_HD uint32_t floor_small(float t) {
+#ifdef __CUDA_ARCH__
+  // t + 1.5 * 2^23 rounded down lands on the integer grid: its low bits are floor(t). An add
+  // instead of a float -> int conversion, which runs at an eighth of the add rate.
+  return __float_as_uint(__fadd_rd(t, 12582912.0f)) - 0x4B400000u;
+#else
+  return static_cast<uint32_t>(std::floor(t));
+#endif
+}
+
+// code = floor(fmin(fmax((h - lo) * scale + u, 0), levels)); NaN gives 0.
+DIV_HD uint32_t quantize(float h, float lo, float scale, float u, float levels) {
+  const float t = fadd(fmul(fsub(h, lo), scale), u);
+  return floor_small(fminf(fmaxf(t, 0.f), levels));
+}
+
+// The float value of a code (< 2^23) without a conversion instruction: exact.
+DIV_HD float code_value(uint32_t code) {
+  return fsub(float_from_bits(0x4B000000u | code), 8388608.0f);
 }
 
 // division: up + (code * step + lo); lfc_only: up; hfc_only: code * step + lo.
 DIV_HD float reconstruct(int mode, float up, uint32_t code, float step, float lo) {
   if (mode == kLfcOnly) return up;
-  const float hfc = fadd(fmul(static_cast<float>(code), step), lo);
+  const float hfc = fadd(fmul(code_value(code), step), lo);
   return mode == kHfcOnly ? hfc : fadd(up, hfc);
+}
+
+// A float32's bits mapped so that unsigned order is float order (-0 < +0; no NaN enters): the
+// per-plane min and max are taken with integer atomics on these.
+DIV_HD uint32_t ordered_bits(float v) {
+  uint32_t b;
+#ifdef __CUDA_ARCH__
+  b = __float_as_uint(v);
+#else
+  std::memcpy(&b, &v, sizeof(b));
+#endif
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+DIV_HD float from_ordered_bits(uint32_t o) {
+  return float_from_bits((o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o);
 }
 
 // ---- LFC storage -----------------------------------------------------------------------------
@@ -229,6 +260,56 @@ struct FastDiv {
 
   DIV_HD uint32_t mod(uint32_t n) const { return n - div(n) * divisor; }
 };
+
+// The same for 64-bit dividends n < 2^63 and divisors d in [1, 2^32).
+struct FastDiv64 {
+  uint64_t divisor, magic;
+  uint32_t shift;
+
+  static FastDiv64 make(uint64_t d) {  // host only
+    FastDiv64 f{d, 0, 0};
+    while (f.shift < 63 && (uint64_t{1} << f.shift) < d) ++f.shift;
+    const unsigned __int128 one = 1;
+    f.magic = static_cast<uint64_t>(((one << 64) * ((one << f.shift) - d)) / d + 1);
+    return f;
+  }
+
+  DIV_HD uint64_t div(uint64_t n) const {
+#ifdef __CUDA_ARCH__
+    const uint64_t t = __umul64hi(n, magic);
+#else
+    const uint64_t t = static_cast<uint64_t>((static_cast<unsigned __int128>(n) * magic) >> 64);
+#endif
+    return (t + n) >> shift;  // t <= n < 2^63: no overflow
+  }
+};
+
+// ---- shared-memory atomics: real atomics on the device, plain updates in the CPU twin (which
+// runs the threads of a block one after another) ------------------------------------------------
+
+DIV_HD void shared_min(uint32_t* a, uint32_t v) {
+#ifdef __CUDA_ARCH__
+  atomicMin(a, v);
+#else
+  if (v < *a) *a = v;
+#endif
+}
+
+DIV_HD void shared_max(uint32_t* a, uint32_t v) {
+#ifdef __CUDA_ARCH__
+  atomicMax(a, v);
+#else
+  if (v > *a) *a = v;
+#endif
+}
+
+DIV_HD void shared_or(uint32_t* a, uint32_t v) {
+#ifdef __CUDA_ARCH__
+  atomicOr(a, v);
+#else
+  *a |= v;
+#endif
+}
 
 // One plane's spatial geometry, padded to three dims (D, H, W); sizes < 2^31 since a plane
 // holds fewer than 2^31 elements (checked by the bindings).

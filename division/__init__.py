@@ -5,7 +5,7 @@
     packed = division.compress(x, cfg); x_hat = division.decompress(packed)
 """
 
-from .backend import cuda_extension_available
+from .backend import cuda_extension_available, load_extension
 from .codec import compress, decompress
 from .config import DivisionConfig
 from .format import CompressedActivation
@@ -18,6 +18,8 @@ __all__ = [
     "decompress",
 ]
 __version__ = "0.1.0"
+
+load_extension()  # registers torch.ops.division.* when the kernels are built
 
 from .convert import convert_model  # noqa: E402
 

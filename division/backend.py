@@ -1,7 +1,9 @@
-"""Finds the compiled CUDA kernels (`division._C`) and decides which backend a tensor goes to.
+"""Finds the compiled kernels (`division._C`) and decides which implementation a tensor goes to.
 
 Follows torchao/bitsandbytes: the extension is loaded inside try/except and the pure-PyTorch
-reference is the fallback, announced once, when a CUDA tensor has to take it.
+reference is the fallback, announced once, when a CUDA tensor has to take it. Loading it registers
+the torch.library ops torch.ops.division.* (with their fake implementations, ops.py). A build of
+another bit format than format.py's is refused, not silently mixed.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ from types import ModuleType
 import torch
 
 from .config import DivisionConfig
+from .format import FORMAT_VERSION
 
 
 @lru_cache(maxsize=1)
 def load_extension() -> tuple[ModuleType | None, str]:
-    """(module, "") when the CUDA extension imports, else (None, the reason)."""
+    """(module, "") when the extension imports and speaks this bit format, else (None, the reason)."""
     try:
         from . import _C  # type: ignore[attr-defined]
     except ImportError as err:
         return None, str(err)
+    built = getattr(_C, "FORMAT_VERSION", None)
+    if built != FORMAT_VERSION:
+        return None, (
+            f"it was built for bit format {built}, this division needs {FORMAT_VERSION}: rebuild "
+            "it (pip install --no-build-isolation -e .)"
+        )
+    from .ops import register_fakes
+
+    register_fakes()
     return _C, ""
 
 
@@ -41,26 +53,29 @@ def _warn_fallback(reason: str) -> None:
     )
 
 
-def select_backend(x: torch.Tensor, cfg: DivisionConfig) -> str:
-    """"cuda" or "torch" for this tensor; backend="cuda" without kernels is an error."""
+def kernels_allowed(cfg: DivisionConfig) -> bool:
+    """Whether layers built with `cfg` may run the compiled ops (decided once, at conversion)."""
     if cfg.backend == "torch":
-        return "torch"
+        return False
     module, reason = load_extension()
-    if cfg.backend == "cuda":
-        if module is None:
-            raise RuntimeError(
-                "DivisionConfig(backend='cuda') but the CUDA extension division._C is not built "
-                f"({reason}). Reinstall with a CUDA toolkit present (CUDA_HOME set) or use "
-                "backend='auto'."
-            )
-        if not x.is_cuda:
-            raise ValueError(
-                f"DivisionConfig(backend='cuda') got a tensor on {x.device}; the CUDA kernels "
-                "need CUDA tensors (use backend='auto' to fall back to the reference)."
-            )
-        return "cuda"
-    if x.is_cuda:
-        if module is not None:
-            return "cuda"
-        _warn_fallback(reason)
-    return "torch"
+    if cfg.backend == "cuda" and module is None:
+        raise RuntimeError(
+            "DivisionConfig(backend='cuda') but the CUDA extension division._C is not built "
+            f"({reason}). Reinstall with a CUDA toolkit present (CUDA_HOME set) or use "
+            "backend='auto'."
+        )
+    return module is not None
+
+
+def select_backend(x: torch.Tensor, cfg: DivisionConfig) -> str:
+    """"kernels" (the compiled ops: CUDA kernels, or their CPU twin) or "torch" (the reference)."""
+    if not kernels_allowed(cfg):
+        if x.is_cuda and cfg.backend == "auto":
+            _warn_fallback(load_extension()[1])
+        return "torch"
+    if cfg.backend == "cuda" and not x.is_cuda:
+        raise ValueError(
+            f"DivisionConfig(backend='cuda') got a tensor on {x.device}; the CUDA kernels "
+            "need CUDA tensors (use backend='auto' to fall back to the reference)."
+        )
+    return "kernels"

@@ -1,4 +1,4 @@
-"""`compress` / `decompress`: validation and dispatch to the reference or the CUDA kernels."""
+"""`compress` / `decompress`: validation and dispatch to the compiled ops or the reference."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import math
 
 import torch
 
-from .backend import load_extension, select_backend
+from .backend import select_backend
 from .config import DivisionConfig
 from .format import MODES, SUPPORTED_DTYPES, CompressedActivation, memory_format_of
-from .hashing import draw_seed
+from .hashing import as_seed, draw_seed
 from .reference import compress_reference, decompress_reference
 
-MAX_KERNEL_PLANE = 2**31 - 64  # elements of one (n, c) plane the CUDA kernels accept
+MAX_KERNEL_PLANE = 2**31 - 64  # elements of one (n, c) plane the kernels accept
 
 
 def check_input(x: object, what: str = "division.compress") -> torch.Tensor:
@@ -35,32 +35,42 @@ def check_input(x: object, what: str = "division.compress") -> torch.Tensor:
 
 
 def compress(
-    x: torch.Tensor, cfg: DivisionConfig, *, seed: int | None = None, mode: str | None = None
+    x: torch.Tensor, cfg: DivisionConfig, *, seed: int | torch.Tensor | None = None,
+    mode: str | None = None,
 ) -> CompressedActivation:
     """Compress an (N, C, *spatial) activation as the format in `format.py` describes.
 
-    `mode` defaults to cfg.backward_mode; `seed` (0 <= seed < 2^63) to a draw from torch's CPU
-    generator. The result holds no reference to x except in "exact" mode.
+    `mode` defaults to cfg.backward_mode; `seed` (an int in [0, 2^63) or a 0-d int64 tensor) to a
+    draw from the generator of x's device, which costs no host sync. Exact mode keeps x itself
+    and draws nothing. The result holds no reference to x except in "exact" mode.
     """
     check_input(x)
-    mode = cfg.backward_mode if mode is None else mode
+    return encode(x, cfg, cfg.backward_mode if mode is None else mode,
+                  select_backend(x, cfg) == "kernels", seed)
+
+
+def encode(
+    x: torch.Tensor, cfg: DivisionConfig, mode: str, kernels: bool,
+    seed: int | torch.Tensor | None = None,
+) -> CompressedActivation:
+    """compress() once the implementation is chosen: what the layers call, also under compile."""
+    check_input(x)
     if mode not in MODES:
-        raise ValueError(f"division.compress: mode={mode!r} is not one of division, exact, lfc_only, hfc_only")
-    if seed is None:
-        seed = draw_seed()
-    elif not 0 <= seed < 2**63:
-        raise ValueError(f"division.compress: seed={seed} must be in [0, 2^63)")
+        raise ValueError(f"division.compress: mode={mode!r} is not one of {', '.join(MODES)}")
     fmt = memory_format_of(x)
+    if mode == "exact":
+        return CompressedActivation(x.shape, x.dtype, fmt, cfg.block_size, cfg.hfc_bits, mode, raw=x)
+    seed = draw_seed(x.device) if seed is None else as_seed(seed, x.device)
     # the kernels index within a plane in 32 bits; a single (n, c) plane that large takes the reference
-    small_planes = math.prod(x.shape[2:]) < MAX_KERNEL_PLANE
-    if select_backend(x, cfg) == "cuda" and mode != "exact" and small_planes:
-        module, _ = load_extension()
-        lfc, codes, lo, step = module.compress(
-            x, cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype, mode, seed
+    if kernels and math.prod(x.shape[2:]) < MAX_KERNEL_PLANE:
+        lfc, codes, lo, step = torch.ops.division.compress(
+            x, seed, cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype, mode
         )
+        keep_hfc = mode != "lfc_only"
         return CompressedActivation(
-            x.shape, x.dtype, fmt, cfg.block_size, cfg.hfc_bits, mode, lfc, codes, lo, step,
-            backend="cuda",
+            x.shape, x.dtype, fmt, cfg.block_size, cfg.hfc_bits, mode,
+            lfc if mode != "hfc_only" else None, codes if keep_hfc else None,
+            lo if keep_hfc else None, step if keep_hfc else None, backend="kernels",
         )
     return compress_reference(x, cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype, mode, seed, fmt)
 
@@ -69,12 +79,16 @@ def decompress(packed: CompressedActivation) -> torch.Tensor:
     """Rebuild x (LFC + dequantized HFC) with x's shape, dtype and memory format."""
     if not isinstance(packed, CompressedActivation):  # another codec's record (groupquant.py)
         return packed.decompress()
-    if packed.mode != "exact" and packed.device.type == "cuda" and packed.backend == "cuda":
-        module, _ = load_extension()
-        if module is not None:
-            return module.decompress(
-                packed.lfc, packed.codes, packed.lo, packed.step, list(packed.shape),
-                packed.dtype, packed.memory_format == torch.contiguous_format,
-                packed.block_size, packed.bits, packed.mode,
-            )
+    if packed.mode == "exact":
+        return packed.raw
+    if packed.backend == "kernels":
+        device = packed.device
+        none = torch.empty(0, device=device)
+        return torch.ops.division.decompress(
+            packed.lfc if packed.lfc is not None else none.to(torch.bfloat16),
+            packed.codes if packed.codes is not None else none.to(torch.uint8),
+            packed.lo if packed.lo is not None else none, packed.step if packed.step is not None else none,
+            list(packed.shape), packed.dtype, packed.memory_format != torch.contiguous_format,
+            packed.block_size, packed.bits, packed.mode,
+        )
     return decompress_reference(packed)

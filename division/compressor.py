@@ -4,7 +4,11 @@ One Compressor is made per `convert_model` call and handed to every layer it cre
 state). When `share_inputs` is on, a tensor read by several converted layers within one forward of
 the model (a ResNet block input read by conv1 and by the downsample conv) is compressed once: the
 cache maps the tensor to its record, valid while the tensor is unmodified (same `_version`) and
-within the same forward of the root module.
+within the same forward of the root module. Under torch.compile the cache is skipped (dynamo
+cannot trace a weak-keyed dictionary): each layer compresses its own copy.
+
+`kernels` says whether the layers run the compiled ops (decided once, from the config and whether
+division._C is loaded), so that traced code never asks.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .codec import compress
+from .backend import kernels_allowed, select_backend
+from .codec import encode
 from .config import DivisionConfig
 from .format import CompressedActivation
 
@@ -30,6 +35,7 @@ class _Entry:
 class Compressor:
     def __init__(self, cfg: DivisionConfig) -> None:
         self.cfg = cfg
+        self.kernels = kernels_allowed(cfg)
         self.generation = 0
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.shared_hits = 0  # how many compressions sharing saved (for tests and summaries)
@@ -41,13 +47,16 @@ class Compressor:
 
     def encode(self, x: torch.Tensor, mode: str) -> CompressedActivation:
         """One compression, uncached; subclasses swap the codec here (see groupquant.py)."""
-        return compress(x, self.cfg, mode=mode)
+        if not self.kernels or self.cfg.backend == "cuda":
+            # the warning of a CUDA tensor without kernels, the error of a CPU one with backend="cuda"
+            select_backend(x, self.cfg)
+        return encode(x, self.cfg, mode, self.kernels)
 
     def compress(self, x: torch.Tensor, mode: str | None = None) -> CompressedActivation:
         mode = self.cfg.backward_mode if mode is None else mode
         if mode == "exact":  # exact records hold x itself: nothing to compress or share
-            return compress(x, self.cfg, mode=mode)
-        if not self.cfg.share_inputs:
+            return encode(x, self.cfg, mode, self.kernels)
+        if not self.cfg.share_inputs or torch.compiler.is_compiling():
             return self.encode(x, mode)
         entry = self._entries.get(x)
         if (
@@ -63,8 +72,9 @@ class Compressor:
         return packed
 
     def __call__(self, module: object, args: object) -> None:
-        """Forward pre-hook of the converted root module."""
-        self.new_forward()
+        """Forward pre-hook of the converted root module (the cache is unused under compile)."""
+        if not torch.compiler.is_compiling():
+            self.new_forward()
 
     def __deepcopy__(self, memo: dict) -> Compressor:
         return Compressor(self.cfg)  # a copied model starts with an empty cache

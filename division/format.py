@@ -1,4 +1,4 @@
-"""The DIVISION bit format (version 1): the one place that defines what a compressed activation is.
+"""The DIVISION bit format (version 2): the one place that defines what a compressed activation is.
 
 Both backends (the pure-PyTorch reference in `reference.py` and the CUDA kernels in `cuda_ext/`)
 produce and consume exactly this layout; for the same seed their outputs are bit-identical except
@@ -6,7 +6,7 @@ where the LFC block sums round differently (see "LFC" below).
 
 An activation x of shape (N, C, *S), S = 1 to 3 spatial sizes, is split into N*C *planes*; plane
 p = n*C + c holds the P = prod(S) elements of x[n, c] in row-major order of S, whatever x's memory
-format. The global element index of element q of plane p is i = p*P + q (a 64-bit integer).
+format.
 
 LFC (low-frequency component)
     Block size per spatial dim d: b_d = min(B, S_d); blocks per dim: L_d = ceil(S_d / b_d). Block j
@@ -23,18 +23,25 @@ HFC (high-frequency component), all float32 arithmetic, every operation rounded 
     lo, hi  = min and max of h over the plane;  r = clamp(hi - lo, TINY, FLT_MAX)
     scale   = (2^Q - 1) / r ;  step = r / (2^Q - 1)    (one each per plane)
     v[i]    = (h[i] - lo) * scale
-    code[i] = clamp(floor(v[i] + u[i]), 0, 2^Q - 1)    (unbiased stochastic rounding)
-    `lo` and `step` are stored as float32 (N, C) tensors.
+    code[i] = floor(fmin(fmax(v[i] + u[i], 0), 2^Q - 1))   (unbiased stochastic rounding; NaN -> 0)
+    `lo` and `step` are stored as float32 (N, C) tensors. Since rounding is monotone, lo and hi are
+    also min/max over the plane's LFC blocks of (min or max of x in the block) - up: the kernels
+    take them that way, in the same pass as the block sums.
 
-Random numbers: u[i] = (hash(seed, i) >> 8) * 2^-24, in [0, 1), from a counter-based hash that
-both backends compute identically (`hashing.py`): with s0, s1 the low and high 32-bit words of the
-63-bit seed and i_lo, i_hi those of i,
-    key     = mix32(mix32(s1 ^ i_hi) ^ s0)
-    hash    = mix32(mix32(i_lo ^ key))
+Random numbers (changed in version 2, so that a hash serves two elements and no per-element
+64-bit arithmetic is needed): with s0, s1 the low and high 32-bit words of the 63-bit seed and p0,
+p1 those of the plane index p, each plane has a key
+    K_p  = mix32(mix32(mix32(s1 ^ p1) ^ s0) ^ p0)
+element q of plane p takes a 16-bit half of the hash of its pair m = q >> 1:
+    H    = mix32(m ^ K_p);  k = H & 0xFFFF for even q, H >> 16 for odd q
+    u[i] = k * 2^-16 + 2^-17                            (in (0, 1); exact in float32)
     mix32(x): x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15; x *= 0x735A2D97; x ^= x >> 15
 (all mod 2^32; mix32 is a permutation of 32-bit words with TheIronBorn's constants from Wellons'
-hash-prospector). The seed is drawn from torch's default CPU generator per call, so
-`torch.manual_seed` makes runs reproducible; pass `seed=` to compare backends.
+hash-prospector). u takes the midpoints of 2^16 equal intervals, so E[code] differs from v by at
+most 2^-17 of a step: unbiased far below float32 rounding of the reconstruction. The seed is a
+0-d int64 tensor drawn from the activation's device generator per call (no host sync, safe under
+CUDA graph capture), so `torch.manual_seed` makes runs reproducible; pass `seed=` to compare
+backends.
 
 Codes: `codes` is a uint8 tensor of shape (N*C, plane_bytes). Within a plane, the code of element q
 occupies bits [(Q*q) mod 8, (Q*q) mod 8 + Q) of byte (Q*q) div 8 (little-endian bit order, so a
@@ -56,7 +63,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the compiled kernels must report the same (backend.load_extension)
 TINY = 1e-30  # floor of a plane's range: keeps scale finite when max == min
 FLT_MAX = torch.finfo(torch.float32).max
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

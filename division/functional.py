@@ -7,7 +7,7 @@ saved-tensor hooks (e.g. `torch.autograd.graph.save_on_cpu`) and retain_graph wo
 
 from __future__ import annotations
 
-from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -17,7 +17,14 @@ from torch.autograd import Function
 from .codec import decompress
 from .compressor import Compressor
 from .format import CompressedActivation, memory_format_of
-from .masks import pack_mask, pack_pool_indices
+from .masks import (
+    dropout_backward,
+    max_pool2d_backward,
+    max_pool2d_forward,
+    pack_mask,
+    relu_backward,
+    relu_forward,
+)
 
 
 def _save(ctx: Any, packed: CompressedActivation | None, *others: torch.Tensor | None) -> None:
@@ -96,71 +103,71 @@ class BatchNormFn(Function):
 
 
 class ReLUFn(Function):
-    """ReLU keeping a 1-bit mask of the positive elements instead of its output."""
+    """ReLU keeping a 1-bit mask of where the gradient passes instead of its output."""
 
     @staticmethod
-    def forward(ctx, x, inplace: bool):
-        if inplace:
+    def forward(ctx, x, inplace: bool, kernels: bool):
+        y, bits = relu_forward(x, inplace, kernels)
+        if y is x:
             ctx.mark_dirty(x)
-            y = x.relu_()
-        else:
-            y = torch.relu(x)
-        mask = pack_mask(y > 0)
-        ctx.mask = replace(mask, bits=None)
-        ctx.save_for_backward(mask.bits)
+        ctx.fmt, ctx.kernels = memory_format_of(y), kernels
+        ctx.save_for_backward(bits)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return gy * replace(ctx.mask, bits=bits).unpack(), None
+        return relu_backward(gy, bits, ctx.fmt, ctx.kernels), None, None
+
+
+@lru_cache(maxsize=64)
+def kept_scale(p: float, dtype: torch.dtype) -> float:
+    """The value stock dropout gives a kept element's noise: 1 / (1 - p) divided in x's dtype."""
+    return torch.ones((), dtype=dtype).div_(1 - p).item()
 
 
 class DropoutFn(Function):
-    """Dropout keeping its keep-mask at one bit per element."""
+    """Dropout keeping its keep-mask at one bit per element; values and random draws are stock's
+    (native_dropout where stock fuses it, a bernoulli noise tensor elsewhere)."""
 
     @staticmethod
-    def forward(ctx, x, p: float, inplace: bool):
-        keep = torch.empty_like(x).bernoulli_(1.0 - p).bool()
-        scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    def forward(ctx, x, p: float, inplace: bool, kernels: bool):
+        if x.is_cuda and not inplace and x.numel() > 0:  # stock F.dropout's fused path
+            y, keep = torch.ops.aten.native_dropout(x, p, True)
+            scale = 1.0 / (1.0 - p)
+        else:  # stock's _dropout_impl: x * (bernoulli(1 - p) / (1 - p))
+            noise = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
+            y = x.mul_(noise) if inplace else x * noise
+            keep, scale = noise != 0, kept_scale(p, x.dtype)
         if inplace:
             ctx.mark_dirty(x)
-            y = x.mul_(keep).mul_(scale)
-        else:
-            y = x * keep * scale
-        mask = pack_mask(keep)
-        ctx.mask = replace(mask, bits=None)
-        ctx.scale = scale
-        ctx.save_for_backward(mask.bits)
+        bits = pack_mask(keep, kernels)
+        ctx.fmt, ctx.scale, ctx.kernels = memory_format_of(keep), scale, kernels
+        ctx.save_for_backward(bits)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return gy * replace(ctx.mask, bits=bits).unpack() * ctx.scale, None, None
+        return dropout_backward(gy, bits, ctx.fmt, ctx.scale, ctx.kernels), None, None, None
 
 
 class MaxPool2dFn(Function):
     """2-d max pooling keeping each argmax as a few-bit offset inside its window."""
 
     @staticmethod
-    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode: bool):
-        y, indices = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        packed = pack_pool_indices(indices, tuple(x.shape[2:]), kernel, stride, padding, dilation)
-        ctx.pool = replace(packed, codes=None)
-        ctx.x_format = memory_format_of(x)
-        ctx.save_for_backward(packed.codes)
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode: bool, kernels: bool):
+        y, offsets = max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode, kernels)
+        ctx.pool = (tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), ceil_mode)
+        ctx.x_shape, ctx.fmt, ctx.kernels = x.shape, memory_format_of(x), kernels
+        ctx.save_for_backward(offsets)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (codes,) = ctx.saved_tensors
-        pool = replace(ctx.pool, codes=codes)
-        n, c = pool.out_shape[:2]
-        h, w = pool.input_hw
-        index = pool.flat_indices().reshape(n, c, -1)
-        gx = gy.new_zeros((n, c, h * w)).scatter_add_(2, index, gy.reshape(n, c, -1))
-        return gx.view(n, c, h, w).contiguous(memory_format=ctx.x_format), None, None, None, None, None
+        (offsets,) = ctx.saved_tensors
+        gx = max_pool2d_backward(gy, offsets, ctx.x_shape, *ctx.pool, ctx.fmt, ctx.kernels)
+        return gx, None, None, None, None, None, None
 
 
 class LinearFn(Function):

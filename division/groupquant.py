@@ -17,8 +17,8 @@ from torch import nn
 from .compressor import Compressor
 from .config import DivisionConfig
 from .format import FLT_MAX, TINY, memory_format_of
-from .hashing import draw_seed, uniform
-from .reference import pack_codes, unpack_codes
+from .hashing import as_seed, draw_seed, uniforms
+from .reference import pack_codes, quantize, unpack_codes
 
 
 @dataclass
@@ -49,8 +49,11 @@ class GroupQuantized:
         return group_decompress(self)
 
 
-def group_compress(x: torch.Tensor, bits: int, group_size: int, seed: int | None = None) -> GroupQuantized:
-    seed = draw_seed() if seed is None else seed
+def group_compress(
+    x: torch.Tensor, bits: int, group_size: int, seed: int | torch.Tensor | None = None
+) -> GroupQuantized:
+    """Groups play the part of DIVISION's planes: group r of the batch draws its uniforms as plane r."""
+    seed = draw_seed(x.device) if seed is None else as_seed(seed, x.device)
     n = x.shape[0]
     per_sample = x[0].numel()
     groups = math.ceil(per_sample / group_size)
@@ -62,10 +65,9 @@ def group_compress(x: torch.Tensor, bits: int, group_size: int, seed: int | None
     levels = (1 << bits) - 1
     lo = g.amin(dim=1)
     r = (g.amax(dim=1) - lo).clamp(TINY, FLT_MAX)
-    scale = levels / r
+    scale = torch.full_like(r, levels) / r  # one rounding: `levels / r` is r.reciprocal() * levels
     v = (g - lo[:, None]) * scale[:, None]
-    u = uniform(seed, 0, g.numel(), x.device).view(g.shape)
-    codes = torch.floor(v + u).clamp_(0, levels).to(torch.uint8)
+    codes = quantize(v + uniforms(seed, 0, g.shape[0], group_size), levels)
     return GroupQuantized(
         x.shape, x.dtype, memory_format_of(x), group_size, bits, pack_codes(codes, bits), lo, r / levels
     )

@@ -1,11 +1,14 @@
 """Counter-based uniform random numbers that PyTorch ops and CUDA kernels compute bit for bit alike.
 
-Stochastic rounding needs one uniform per element. Drawing them from a hash of (seed, element
-index) instead of a stateful generator lets the CUDA kernels reproduce the reference exactly, and
+Stochastic rounding needs one uniform per element. Drawing them from a hash of (seed, plane,
+element) instead of a stateful generator lets the CUDA kernels reproduce the reference exactly and
 lets the reference run on any device. The formula is in `format.py`.
 
-torch has no usable uint32 arithmetic, so 32-bit words live in int64 tensors; the multipliers are
-below 2^31, so a product of a 32-bit word never overflows int64 and one mask gives it mod 2^32.
+The seed is a 0-d int64 tensor on the activation's device, drawn from that device's generator
+without a host sync (and so safe under CUDA graph capture); every key and hash below is computed
+with tensor ops from it. torch has no usable uint32 arithmetic, so 32-bit words live in int64
+tensors; the multipliers are below 2^31, so a product of a 32-bit word never overflows int64 and one
+mask gives it mod 2^32.
 """
 
 from __future__ import annotations
@@ -15,22 +18,23 @@ import torch
 MASK32 = 0xFFFFFFFF
 MUL1 = 0x21F0AAAD  # both multipliers < 2^31: (x * MUL) of a 32-bit x fits in int64
 MUL2 = 0x735A2D97
-U24_SCALE = 2.0**-24
-PIECE_CPU = 1 << 16  # int64 words per piece: fits in L2
-PIECE_OTHER = 1 << 22
+U16_SCALE = 2.0**-16
+U16_HALF = 2.0**-17  # uniforms are the midpoints of 2^16 equal intervals of [0, 1)
+SEED_HIGH = 2**63 - 1  # seeds are drawn from [0, 2^63 - 1)
+PIECE_PAIRS = 1 << 20  # element pairs hashed per piece
 
 
-def mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """The 32-bit permutation of format.py, in place on int64 words; `tmp` is scratch space."""
-    for shift, mul in ((16, MUL1), (15, MUL2)):
-        torch.bitwise_right_shift(x, shift, out=tmp)
-        x.bitwise_xor_(tmp).mul_(mul).bitwise_and_(MASK32)
-    torch.bitwise_right_shift(x, 15, out=tmp)
-    return x.bitwise_xor_(tmp)
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit permutation of format.py on int64 words (a new tensor)."""
+    x = x ^ (x >> 16)
+    x = (x * MUL1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MUL2) & MASK32
+    return x ^ (x >> 15)
 
 
 def mix32_int(x: int) -> int:
-    """The same permutation on a Python int (for per-call keys)."""
+    """The same permutation on a Python int (for tests of the formula)."""
     x &= MASK32
     x ^= x >> 16
     x = (x * MUL1) & MASK32
@@ -39,40 +43,43 @@ def mix32_int(x: int) -> int:
     return x ^ (x >> 15)
 
 
-def stream_key(seed: int, index_hi: int) -> int:
-    """Per-call key for the 2^32-element range whose high index word is `index_hi`.
+def as_seed(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 seed tensor on `device`; ints are checked to lie in [0, 2^63)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed tensor must hold one int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return seed.reshape(()).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2^63)")
+    return torch.tensor(seed, dtype=torch.int64, device=device)
 
-    The outer mix32 scrambles the seed's low word, so consecutive seeds (0, 1, 2, ...) give
-    unrelated streams instead of the same few hashes in another order.
+
+def draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A seed from `device`'s default generator: reproducible under torch.manual_seed, no sync."""
+    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=device)
+
+
+def plane_keys(seed: torch.Tensor, first_plane: int, count: int) -> torch.Tensor:
+    """int64 (count,) keys K_p of planes first_plane .. first_plane+count-1 (format.py)."""
+    p = torch.arange(first_plane, first_plane + count, dtype=torch.int64, device=seed.device)
+    k = mix32((seed >> 32) ^ (p >> 32))
+    k = mix32(k ^ (seed & MASK32))
+    return mix32(k ^ (p & MASK32))
+
+
+def uniforms(seed: torch.Tensor, first_plane: int, planes: int, numel: int) -> torch.Tensor:
+    """float32 (planes, numel) uniforms of elements 0..numel-1 of planes first_plane.. (format.py).
+
+    One hash gives the uniforms of an element pair (2m, 2m+1): its low 16 bits the even one's,
+    its high 16 bits the odd one's. Computed a few planes at a time, so that the int64 temporaries
+    stay small next to the float32 result.
     """
-    return mix32_int(mix32_int((seed >> 32) ^ index_hi) ^ (seed & MASK32))
-
-
-def uniform(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 uniforms in [0, 1) for global element indices start .. start+count-1.
-
-    Works in place on reused pieces: fresh multi-megabyte int64 temporaries per op made this
-    fifty times slower on a CPU.
-    """
-    device = torch.device(device)
-    out = torch.empty(count, dtype=torch.float32, device=device)
-    piece = PIECE_CPU if device.type == "cpu" else PIECE_OTHER
-    words = torch.empty(min(piece, count), dtype=torch.int64, device=device)
-    tmp = torch.empty_like(words)
-    pos = 0
-    while pos < count:
-        first = start + pos
-        hi = first >> 32  # the key changes at every 2^32 boundary of the index
-        n = min(piece, count - pos, ((hi + 1) << 32) - first)
-        x, t = words[:n], tmp[:n]
-        torch.arange(first & MASK32, (first & MASK32) + n, out=x)
-        x.bitwise_xor_(stream_key(seed, hi))
-        mix32_(mix32_(x, t), t).bitwise_right_shift_(8)
-        out[pos : pos + n].copy_(x).mul_(U24_SCALE)
-        pos += n
-    return out
-
-
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A 63-bit seed from torch's CPU generator: reproducible under torch.manual_seed, no sync."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator).item())
+    out = torch.empty((planes, numel), dtype=torch.float32, device=seed.device)
+    pairs = torch.arange((numel + 1) // 2, dtype=torch.int64, device=seed.device)
+    step = max(1, PIECE_PAIRS // max(1, pairs.numel()))
+    for p0 in range(0, planes, step):
+        p1 = min(planes, p0 + step)
+        h = mix32(pairs ^ plane_keys(seed, first_plane + p0, p1 - p0).unsqueeze(1))
+        k = torch.stack((h & 0xFFFF, h >> 16), dim=2).view(p1 - p0, -1)[:, :numel]
+        out[p0:p1] = k
+    return out.mul_(U16_SCALE).add_(U16_HALF)

@@ -136,14 +136,14 @@ class DivisionReLU(DivisionLayer, nn.ReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x):
             return super().forward(x)
-        return ReLUFn.apply(x, self.inplace)
+        return ReLUFn.apply(x, self.inplace, self.compressor.kernels)
 
 
 class DivisionDropout(DivisionLayer, nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not _needs_saving(self, x):
+        if self.p in (0.0, 1.0) or not _needs_saving(self, x):  # p = 1: stock keeps no mask either
             return super().forward(x)
-        return DropoutFn.apply(x, self.p, self.inplace)
+        return DropoutFn.apply(x, self.p, self.inplace, self.compressor.kernels)
 
 
 class DivisionMaxPool2d(DivisionLayer, nn.MaxPool2d):
@@ -153,7 +153,7 @@ class DivisionMaxPool2d(DivisionLayer, nn.MaxPool2d):
         stride = self.stride if self.stride is not None else self.kernel_size
         return MaxPool2dFn.apply(
             x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation),
-            self.ceil_mode,
+            self.ceil_mode, self.compressor.kernels,
         )
 
 

@@ -1,61 +1,32 @@
 """Compact saved state of the cheap layers: 1-bit masks (ReLU, Dropout) and max-pool window offsets.
 
-A mask is packed in the memory order of the tensor it describes (so a channels_last activation
-needs no transpose), with the same little-endian bit order as the HFC codes (`format.py`).
+A mask is packed in the memory order of the tensor it describes (a channels_last activation needs
+no transpose), one bit per element with the HFC codes' little-endian bit order (`format.py`), in
+ceil(numel / 32) 32-bit words. Max-pool argmaxes are kept as their offset kh * KW + kw inside the
+window, `offset_bits` bits each, in the memory order of the pooled output, padded to a word.
+
+Each function runs the fused kernels (torch.ops.division.*, cuda_ext/mask_phases.h) when `kernels`
+is true and the pure-PyTorch reference otherwise; the two give the same bits and the same values,
+which are stock PyTorch's (NaN and -0 included): ReLU passes the gradient where !(y <= 0), Dropout
+multiplies it by mask * scale, max pooling routes it to the first maximum of each window (the last
+NaN) and sums where windows overlap in increasing output order.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .format import memory_format_of
+from .format import memory_format_of, plane_bytes
 from .reference import pack_codes, unpack_codes
 
-
-@dataclass
-class PackedMask:
-    """A boolean tensor at one bit per element."""
-
-    bits: torch.Tensor  # uint8, ceil(numel / 32) * 4 bytes
-    shape: torch.Size
-    memory_format: torch.memory_format
-
-    def unpack(self) -> torch.Tensor:
-        numel = math.prod(self.shape)
-        flat = unpack_codes(self.bits.view(1, -1), 1, numel).view(-1).bool()
-        return _from_memory_order(flat, self.shape, self.memory_format)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _memory_order_shape(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, ...]:
-    if fmt == torch.channels_last:
-        return (shape[0], shape[2], shape[3], shape[1])
-    if fmt == torch.channels_last_3d:
-        return (shape[0], shape[2], shape[3], shape[4], shape[1])
-    return tuple(shape)
-
-
-def _from_memory_order(flat: torch.Tensor, shape: torch.Size, fmt: torch.memory_format) -> torch.Tensor:
-    t = flat.view(_memory_order_shape(shape, fmt))
-    if fmt == torch.channels_last:
-        return t.permute(0, 3, 1, 2)
-    if fmt == torch.channels_last_3d:
-        return t.permute(0, 4, 1, 2, 3)
-    return t
-
-
-def pack_mask(mask: torch.Tensor) -> PackedMask:
-    fmt = memory_format_of(mask)
-    dense = mask.contiguous(memory_format=fmt)
-    if fmt == torch.channels_last:
-        flat = dense.permute(0, 2, 3, 1).reshape(1, -1)
-    elif fmt == torch.channels_last_3d:
-        flat = dense.permute(0, 2, 3, 4, 1).reshape(1, -1)
-    else:
-        flat = dense.reshape(1, -1)
-    return PackedMask(pack_codes(flat.to(torch.uint8), 1).view(-1), mask.shape, fmt)
+def mask_bytes(numel: int) -> int:
+    return plane_bytes(numel, 1)
 
 
 def offset_bits(window: int) -> int:
@@ -66,47 +37,145 @@ def offset_bits(window: int) -> int:
     raise ValueError(f"max-pool window of {window} elements is larger than 256")
 
 
+def pool_output_size(
+    hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int], dilation: tuple[int, int], ceil_mode: bool,
+) -> tuple[int, int]:
+    """ATen's pooling_output_shape: with ceil_mode the last window starts inside input or left pad."""
+    out = []
+    for size, k, s, p, d in zip(hw, kernel, stride, padding, dilation):
+        n = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (n - 1) * s >= size + p:
+            n -= 1
+        out.append(n)
+    return out[0], out[1]
+
+
+def _memory_order_dims(dims: int, fmt: torch.memory_format) -> tuple[int, ...]:
+    if fmt == torch.channels_last:
+        return (0, 2, 3, 1)
+    if fmt == torch.channels_last_3d:
+        return (0, 2, 3, 4, 1)
+    return tuple(range(dims))
+
+
+def _to_memory_order(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return t.permute(_memory_order_dims(t.dim(), fmt)).reshape(-1)
+
+
+def _from_memory_order(flat: torch.Tensor, shape: torch.Size, fmt: torch.memory_format) -> torch.Tensor:
+    order = _memory_order_dims(len(shape), fmt)
+    t = flat.view([shape[d] for d in order])
+    return t.permute([order.index(d) for d in range(len(shape))])
+
+
+def pack_bits_reference(mask: torch.Tensor) -> torch.Tensor:
+    flat = _to_memory_order(mask, memory_format_of(mask))
+    return pack_codes(flat.to(torch.uint8).view(1, -1), 1).view(-1)
+
+
+def unpack_bits_reference(bits: torch.Tensor, shape: torch.Size, fmt: torch.memory_format) -> torch.Tensor:
+    flat = unpack_codes(bits.view(1, -1), 1, math.prod(shape)).view(-1).bool()
+    return _from_memory_order(flat, shape, fmt)
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is contiguous or channels_last (what masks describe), else a contiguous copy."""
+    return t.contiguous(memory_format=memory_format_of(t))
+
+
+def use_kernels(t: torch.Tensor, allowed: bool) -> bool:
+    """`allowed`: the extension is loaded and the config lets it run (Compressor.kernels)."""
+    return allowed and t.dtype in KERNEL_DTYPES
+
+
+# ---- ReLU ---------------------------------------------------------------------------------------
+
+
+def relu_forward(x: torch.Tensor, inplace: bool, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu(x), its mask); in place (x is returned) when `inplace` and x is dense."""
+    if use_kernels(x, kernels):
+        if inplace and x is dense(x):
+            return x, torch.ops.division.relu_pack_(x)
+        return torch.ops.division.relu_pack(dense(x))
+    y = x.relu_() if inplace else torch.relu(x)
+    return y, pack_bits_reference(~(y <= 0))
+
+
+def relu_backward(gy: torch.Tensor, bits: torch.Tensor, fmt: torch.memory_format, kernels: bool) -> torch.Tensor:
+    gy = gy.contiguous(memory_format=fmt)
+    if use_kernels(gy, kernels):
+        return torch.ops.division.relu_backward(gy, bits)
+    return torch.where(unpack_bits_reference(bits, gy.shape, fmt), gy, gy.new_zeros(()))
+
+
+# ---- Dropout ------------------------------------------------------------------------------------
+
+
+def pack_mask(keep: torch.Tensor, kernels: bool) -> torch.Tensor:
+    if kernels:
+        return torch.ops.division.pack_bool(dense(keep))
+    return pack_bits_reference(keep)
+
+
+def dropout_backward(
+    gy: torch.Tensor, bits: torch.Tensor, fmt: torch.memory_format, scale: float, kernels: bool
+) -> torch.Tensor:
+    """grad * mask * scale, as native_dropout_backward (a dropped inf gives NaN, as stock)."""
+    gy = gy.contiguous(memory_format=fmt)
+    if use_kernels(gy, kernels):
+        return torch.ops.division.dropout_backward(gy, bits, scale)
+    return gy * unpack_bits_reference(bits, gy.shape, fmt) * scale
+
+
+# ---- MaxPool2d ----------------------------------------------------------------------------------
+
+
 def _window_origins(out_size: int, stride: int, padding: int, device: torch.device) -> torch.Tensor:
     return torch.arange(out_size, device=device) * stride - padding
 
 
-@dataclass
-class PackedPoolIndices:
-    """Max-pool argmax positions as offsets inside each window, at `bits` per output element."""
-
-    codes: torch.Tensor  # uint8 (1, plane_bytes) over all output elements in NCHW order
-    out_shape: torch.Size
-    input_hw: tuple[int, int]
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    bits: int
-
-    def flat_indices(self) -> torch.Tensor:
-        """int64 (N, C, OH, OW) indices into each input plane, as max_pool2d returns them."""
-        n, c, oh, ow = self.out_shape
-        local = unpack_codes(self.codes, self.bits, n * c * oh * ow).view(n, c, oh, ow).long()
-        kh_idx, kw_idx = local // self.kernel[1], local % self.kernel[1]
-        dev = local.device
-        row = _window_origins(oh, self.stride[0], self.padding[0], dev).view(oh, 1)
-        col = _window_origins(ow, self.stride[1], self.padding[1], dev).view(1, ow)
-        ih = row + kh_idx * self.dilation[0]
-        iw = col + kw_idx * self.dilation[1]
-        return ih * self.input_hw[1] + iw
-
-
-def pack_pool_indices(
-    indices: torch.Tensor, input_hw: tuple[int, int], kernel: tuple[int, int],
-    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-) -> PackedPoolIndices:
-    """Turn max_pool2d's int64 plane indices into window offsets (kh * KW + kw)."""
-    n, c, oh, ow = indices.shape
-    dev = indices.device
-    row = _window_origins(oh, stride[0], padding[0], dev).view(oh, 1)
-    col = _window_origins(ow, stride[1], padding[1], dev).view(1, ow)
-    ih, iw = indices // input_hw[1], indices % input_hw[1]
+def max_pool2d_forward(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int], ceil_mode: bool, kernels: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_pool2d(x), packed window offsets of the argmaxes)."""
+    if use_kernels(x, kernels):
+        return torch.ops.division.max_pool2d(dense(x), kernel, stride, padding, dilation, ceil_mode)
+    y, indices = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    oh, ow = indices.shape[2:]
+    width = x.shape[3]
+    row = _window_origins(oh, stride[0], padding[0], x.device).view(oh, 1)
+    col = _window_origins(ow, stride[1], padding[1], x.device).view(1, ow)
+    ih, iw = indices // width, indices % width
     local = ((ih - row) // dilation[0]) * kernel[1] + (iw - col) // dilation[1]
+    flat = _to_memory_order(local, memory_format_of(y)).to(torch.uint8)
+    return y, pack_codes(flat.view(1, -1), offset_bits(kernel[0] * kernel[1])).view(-1)
+
+
+def max_pool2d_backward(
+    gy: torch.Tensor, offsets: torch.Tensor, input_shape: torch.Size, kernel: tuple[int, int],
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], ceil_mode: bool,
+    fmt: torch.memory_format, kernels: bool,
+) -> torch.Tensor:
+    """The input gradient from the output gradient and the offsets (fmt: the input's layout, which
+    the output and the gradient returned share, as stock)."""
+    gy = gy.contiguous(memory_format=fmt)
+    if use_kernels(gy, kernels):
+        return torch.ops.division.max_pool2d_backward(
+            gy, offsets, list(input_shape), kernel, stride, padding, dilation, ceil_mode,
+            fmt == torch.channels_last,
+        )
+    n, c, oh, ow = gy.shape
     bits = offset_bits(kernel[0] * kernel[1])
-    codes = pack_codes(local.reshape(1, -1).to(torch.uint8), bits)
-    return PackedPoolIndices(codes, indices.shape, input_hw, kernel, stride, padding, dilation, bits)
+    local = unpack_codes(offsets.view(1, -1), bits, gy.numel()).view(-1).long()
+    local = _from_memory_order(local, gy.shape, fmt)
+    row = _window_origins(oh, stride[0], padding[0], gy.device).view(oh, 1)
+    col = _window_origins(ow, stride[1], padding[1], gy.device).view(1, ow)
+    ih = row + (local // kernel[1]) * dilation[0]
+    iw = col + (local % kernel[1]) * dilation[1]
+    indices = (ih * input_shape[3] + iw).contiguous(memory_format=fmt)
+    like = torch.empty(input_shape, dtype=gy.dtype, device=gy.device, memory_format=fmt)  # shape, dtype, layout
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        gy, like, kernel, stride, padding, dilation, ceil_mode, indices
+    )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .format import FLT_MAX, TINY, CompressedActivation, block_shape, lfc_shape, plane_bytes
-from .hashing import uniform
+from .hashing import uniforms
 
 CHUNK_ELEMENTS = 1 << 24  # elements processed per piece
 
@@ -72,11 +72,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return fields.reshape(packed.shape[0], -1)[:, :numel]
 
 
+def quantize(t: torch.Tensor, levels: int) -> torch.Tensor:
+    """uint8 floor(clamp(t, 0, levels)), NaN -> 0 (fmax/fmin return the non-NaN operand)."""
+    zero = t.new_zeros(())
+    return torch.fmin(torch.fmax(t, zero), zero + levels).floor_().to(torch.uint8)
+
+
 def compress_reference(
-    x: torch.Tensor, block_size: int, bits: int, lfc_dtype: torch.dtype, mode: str, seed: int,
-    memory_format: torch.memory_format,
+    x: torch.Tensor, block_size: int, bits: int, lfc_dtype: torch.dtype, mode: str,
+    seed: torch.Tensor, memory_format: torch.memory_format,
 ) -> CompressedActivation:
-    """Compress a validated (N, C, *S) float tensor; see format.py for every step."""
+    """Compress a validated (N, C, *S) float tensor; see format.py for every step.
+
+    `seed` is a 0-d int64 tensor on x's device (hashing.as_seed / draw_seed).
+    """
     shape = x.shape
     record = CompressedActivation(shape, x.dtype, memory_format, block_size, bits, mode)
     if mode == "exact":
@@ -105,13 +114,13 @@ def compress_reference(
         h = xs - upsample_blocks(lfc_chunk, spatial, blocks)
         lo = h.amin(dim=spatial_dims)
         r = (h.amax(dim=spatial_dims) - lo).clamp(TINY, FLT_MAX)
-        scale = levels / r
+        scale = torch.full_like(r, levels) / r  # a true division: `levels / r` is r.reciprocal() * levels
         step_all[n0:n1] = r / levels
         lo_all[n0:n1] = lo
         expand = (...,) + (None,) * len(spatial)
         v = (h - lo[expand]) * scale[expand]
-        u = uniform(seed, n0 * c * numel, (n1 - n0) * c * numel, x.device).view(h.shape)
-        code = torch.floor(v + u).clamp_(0, levels).to(torch.uint8)
+        u = uniforms(seed, n0 * c, (n1 - n0) * c, numel).view(h.shape)
+        code = quantize(v + u, levels)
         codes[n0 * c : n1 * c] = pack_codes(code.reshape((n1 - n0) * c, numel), bits)
     if keep_lfc:
         record.lfc = lfc

@@ -9,7 +9,7 @@ import torch
 
 import division
 from division.format import lfc_shape, plane_bytes
-from division.hashing import MASK32, mix32_int, uniform
+from division.hashing import MASK32, as_seed, mix32_int, uniforms
 from division.reference import block_means, pack_codes, unpack_codes
 
 
@@ -66,23 +66,50 @@ def test_config_defaults_and_cost() -> None:
 # random numbers and bit packing
 
 
-def test_hash_matches_format_formula_across_the_2_32_boundary() -> None:
+def format_uniform(seed: int, plane: int, q: int) -> float:
+    """u of element q of plane p, written out from format.py's formula."""
+    key = mix32_int(mix32_int(mix32_int((seed >> 32) ^ (plane >> 32)) ^ (seed & MASK32)) ^ (plane & MASK32))
+    h = mix32_int((q >> 1) ^ key)
+    k = h >> 16 if q & 1 else h & 0xFFFF
+    return k * 2.0**-16 + 2.0**-17
+
+
+def test_hash_matches_format_formula_across_the_2_32_plane_boundary() -> None:
     seed = 0x1234_5678_9ABC_DEF0 & (2**63 - 1)
-    start = 2**32 - 3
-    got = uniform(seed, start, 6)
-    for k in range(6):
-        i = start + k
-        key = mix32_int(mix32_int((seed >> 32) ^ (i >> 32)) ^ (seed & MASK32))
-        h = mix32_int(mix32_int((i & MASK32) ^ key))
-        assert got[k].item() == (h >> 8) * 2.0**-24
+    first = 2**32 - 2  # plane indices whose high word changes
+    got = uniforms(as_seed(seed, "cpu"), first, 4, 7)
+    for p in range(4):
+        for q in range(7):
+            assert got[p, q].item() == format_uniform(seed, first + p, q)
 
 
-def test_uniforms_look_uniform() -> None:
-    u = uniform(7, 0, 1 << 16)
-    assert 0.0 <= u.min().item() and u.max().item() < 1.0
+def test_uniforms_look_uniform_and_independent() -> None:
+    u = uniforms(as_seed(7, "cpu"), 0, 4, 1 << 14).double()
+    assert 2.0**-17 <= u.min().item() and u.max().item() <= 1 - 2.0**-17  # interval midpoints
     assert abs(u.mean().item() - 0.5) < 0.01
-    hist = torch.histc(u, bins=16, min=0, max=1)
+    hist = torch.histc(u.float(), bins=16, min=0, max=1)
     assert (hist - 4096).abs().max().item() < 400
+    c = u - 0.5
+    # the two halves of one hash, neighbouring pairs, neighbouring planes: no correlation beyond
+    # sampling noise (|r| ~ 1/sqrt(n) = 0.008 here)
+    assert abs((c[:, 0::2] * c[:, 1::2]).mean().item()) / c.var().item() < 0.03
+    assert abs((c[:, :-2] * c[:, 2:]).mean().item()) / c.var().item() < 0.03
+    assert abs((c[:-1] * c[1:]).mean().item()) / c.var().item() < 0.03
+
+
+def test_consecutive_seeds_give_unrelated_streams() -> None:
+    a, b = uniforms(as_seed(0, "cpu"), 0, 1, 4096), uniforms(as_seed(1, "cpu"), 0, 1, 4096)
+    c = (a - 0.5) * (b - 0.5)
+    assert abs(c.mean().item()) < 0.01 and not torch.equal(a, b)
+
+
+def test_seeds_are_checked() -> None:
+    for bad in (-1, 2**63, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            as_seed(bad, "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one int64"):
+        as_seed(torch.ones(2, dtype=torch.int64), "cpu")
+    assert as_seed(torch.tensor([5]), "cpu").shape == ()
 
 
 def test_packing_layout_is_little_endian_within_bytes() -> None:
@@ -204,6 +231,23 @@ def test_dtype_and_memory_format_come_back(dtype: torch.dtype, channels_last: bo
     # the format is defined on logical indices: the layout never changes the bits
     plain = division.compress(x.contiguous(), division.DivisionConfig(), seed=11)
     assert torch.equal(plain.codes, packed.codes) and torch.equal(plain.lfc, packed.lfc)
+
+
+def test_exact_mode_consumes_no_randomness() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(3)
+    division.compress(x, division.DivisionConfig(backward_mode="exact"))
+    after_exact = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(4), after_exact)
+
+
+def test_a_seed_tensor_gives_the_same_bits_as_its_int() -> None:
+    x = torch.randn(2, 4, 16, 16)
+    cfg = division.DivisionConfig()
+    a = division.compress(x, cfg, seed=2**40 + 3)
+    b = division.compress(x, cfg, seed=torch.tensor(2**40 + 3))
+    assert torch.equal(a.codes, b.codes)
 
 
 def test_same_seed_same_bits_and_manual_seed_reproduces() -> None:

@@ -1,4 +1,7 @@
-// The bodies of the compress and decompress kernels, written once for the GPU and its CPU twin.
+// The generic compress and decompress kernels: any 1-D to 3-D shape and layout, any plane size.
+// They read x several times (from L1/L2 when the planes still sit there) and serve what the staged
+// kernels of codec_staged.h do not take: 3-D planes and planes too large for shared memory.
+// Written once for the GPU and its CPU twin (see exec.h).
 //
 // A thread block of kBlockThreads threads owns `planes_per_block` whole planes (p = n * C + c),
 // `threads_per_plane` threads each. The work of a block is a fixed sequence of phases separated
@@ -17,7 +20,7 @@
 //   3. thread 0 of each plane: lo, scale, step.
 //   4. codes: thread r of plane g assembles words wi = r, r + T, ... of the packed plane, each
 //      from 32 / Q consecutive elements (x re-read, up re-read from `lfc` when the block changes,
-//      uniform from the hash).
+//      one pair hash per two elements).
 // decompress: thread r of plane g rebuilds elements from up, code, lo and step: q = r, r + T, ...
 // (plane-major), or one run of consecutive q per thread (plane-minor), caching word and up.
 //
@@ -29,6 +32,7 @@
 #include <cstdint>
 
 #include "division_math.h"
+#include "exec.h"
 
 namespace division {
 
@@ -54,17 +58,19 @@ DIV_HD int slot_thread(const Launch& l, int g, int r) {
   return l.plane_minor ? r * l.planes_per_block + g : g * l.threads_per_plane + r;
 }
 
+// What every compress kernel reads and writes.
 struct CompressArgs {
   const void* x;  // scalar_t, contiguous or channels_last (Geometry::channels_last)
   Geometry g;
-  Launch l;
   int bits, bits_log2, levels, mode, lfc_kind;
-  uint64_t seed;
-  void* lfc;           // (planes, lfc_numel) of the LFC dtype; scratch in hfc_only mode
-  uint32_t* codes;     // (planes, words); unused in lfc_only mode
-  float* lo_out;       // (planes,)
-  float* step_out;     // (planes,)
+  const int64_t* seed;  // the 0-d seed tensor, on x's device
+  void* lfc;            // (planes, lfc_numel) of the LFC dtype; scratch in hfc_only mode
+  uint32_t* codes;      // (planes, words); unused in lfc_only mode
+  float* lo_out;        // (planes,)
+  float* step_out;      // (planes,)
 };
+
+DIV_HD uint64_t read_seed(const CompressArgs& a) { return static_cast<uint64_t>(*a.seed); }
 
 struct CompressShared {
   float lo[kBlockThreads];
@@ -77,16 +83,17 @@ struct CompressShared {
 // ---- compress phases -------------------------------------------------------------------------
 
 template <typename scalar_t>
-DIV_HD void compress_lfc_phase(const CompressArgs& a, CompressShared& s, int64_t block, int tid) {
+DIV_HD void compress_lfc_phase(const CompressArgs& a, const Launch& l, CompressShared& s,
+                               int64_t block, int tid) {
   int g, r;
-  thread_slot(a.l, tid, g, r);
-  const int64_t p = block * a.l.planes_per_block + g;
+  thread_slot(l, tid, g, r);
+  const int64_t p = block * l.planes_per_block + g;
   RangeAcc acc = RangeAcc::empty();
   if (p < a.g.planes) {
     const scalar_t* x = static_cast<const scalar_t*>(a.x);
     const PlaneView v = plane_view(a.g, p);
     const bool keep_hfc = a.mode != kLfcOnly;
-    for (int32_t j = r; j < a.g.lfc_numel; j += a.l.threads_per_plane) {
+    for (int32_t j = r; j < a.g.lfc_numel; j += l.threads_per_plane) {
       const BlockRange br = block_range(a.g, static_cast<uint32_t>(j));
       double sum = 0.0;
       for (int32_t z = br.z0; z < br.z1; ++z)
@@ -114,11 +121,11 @@ DIV_HD void compress_lfc_phase(const CompressArgs& a, CompressShared& s, int64_t
 }
 
 // One level of the tree: rank r < stride folds in rank r + stride of the same plane.
-DIV_HD void compress_reduce_phase(const CompressArgs& a, CompressShared& s, int stride, int tid) {
+DIV_HD void compress_reduce_phase(const Launch& l, CompressShared& s, int stride, int tid) {
   int g, r;
-  thread_slot(a.l, tid, g, r);
+  thread_slot(l, tid, g, r);
   if (r >= stride) return;
-  const int other = slot_thread(a.l, g, r + stride);
+  const int other = slot_thread(l, g, r + stride);
   RangeAcc acc{s.lo[tid], s.hi[tid], s.nan[tid] != 0};
   acc.merge(RangeAcc{s.lo[other], s.hi[other], s.nan[other] != 0});
   s.lo[tid] = acc.lo;
@@ -126,10 +133,11 @@ DIV_HD void compress_reduce_phase(const CompressArgs& a, CompressShared& s, int 
   s.nan[tid] = acc.nan ? 1 : 0;
 }
 
-DIV_HD void compress_scale_phase(const CompressArgs& a, CompressShared& s, int64_t block, int tid) {
+DIV_HD void compress_scale_phase(const CompressArgs& a, const Launch& l, CompressShared& s,
+                                 int64_t block, int tid) {
   int g, r;
-  thread_slot(a.l, tid, g, r);
-  const int64_t p = block * a.l.planes_per_block + g;
+  thread_slot(l, tid, g, r);
+  const int64_t p = block * l.planes_per_block + g;
   if (r != 0 || p >= a.g.planes) return;
   const PlaneScale ps = plane_scale(RangeAcc{s.lo[tid], s.hi[tid], s.nan[tid] != 0}, a.levels);
   s.plane_lo[g] = ps.lo;
@@ -139,22 +147,21 @@ DIV_HD void compress_scale_phase(const CompressArgs& a, CompressShared& s, int64
 }
 
 template <typename scalar_t>
-DIV_HD void compress_codes_phase(const CompressArgs& a, const CompressShared& s, int64_t block,
-                                 int tid) {
+DIV_HD void compress_codes_phase(const CompressArgs& a, const Launch& l, const CompressShared& s,
+                                 int64_t block, int tid) {
   int g, r;
-  thread_slot(a.l, tid, g, r);
-  const int64_t p = block * a.l.planes_per_block + g;
+  thread_slot(l, tid, g, r);
+  const int64_t p = block * l.planes_per_block + g;
   if (p >= a.g.planes) return;
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   const PlaneView v = plane_view(a.g, p);
   const float lo = s.plane_lo[g], scale = s.plane_scale[g];
-  const int32_t per_word = 32 >> a.bits_log2;
-  const int64_t first = p * a.g.numel;  // global element index of q = 0
+  const float levels = static_cast<float>(a.levels);
+  const uint32_t key = plane_key(read_seed(a), static_cast<uint64_t>(p));
+  const int32_t per_word = 32 >> a.bits_log2;  // even: a word holds whole element pairs
   const int64_t lfc_base = p * a.g.lfc_numel;
   uint32_t* out = a.codes + p * a.g.words;
-  uint32_t key_hi = 0, key = 0;
-  bool have_key = false;
-  for (int32_t wi = r; wi < a.g.words; wi += a.l.threads_per_plane) {
+  for (int32_t wi = r; wi < a.g.words; wi += l.threads_per_plane) {
     const int32_t q0 = wi * per_word;
     const int32_t q1 = min32(q0 + per_word, a.g.numel);
     uint32_t word = 0;  // elements past the plane leave their (padding) bits zero
@@ -162,21 +169,17 @@ DIV_HD void compress_codes_phase(const CompressArgs& a, const CompressShared& s,
     cur.seek(a.g, static_cast<uint32_t>(q0));
     int32_t j = -1;
     float up = 0.f;
+    uint32_t hash = 0;
     for (int32_t q = q0; q < q1; ++q) {
-      const uint64_t i = static_cast<uint64_t>(first + q);
-      const uint32_t hi = static_cast<uint32_t>(i >> 32);
-      if (!have_key || hi != key_hi) {  // the key changes at each 2^32 boundary of the index
-        key = stream_key(a.seed, hi);
-        key_hi = hi;
-        have_key = true;
-      }
       if (cur.block() != j) {
         j = cur.block();
         up = load_lfc(a.lfc, a.lfc_kind, lfc_base + j);
       }
+      const bool odd = (q & 1) != 0;
+      if (!odd) hash = pair_hash(key, static_cast<uint32_t>(q >> 1));
+      const float u = odd ? uniform_odd(hash) : uniform_even(hash);
       const float h = fsub(static_cast<float>(x[v.base + q * v.stride]), up);
-      const float u = uniform_from_key(key, static_cast<uint32_t>(i));
-      word |= quantize(h, lo, scale, u, a.levels) << ((q - q0) << a.bits_log2);
+      word |= quantize(h, lo, scale, u, levels) << ((q - q0) << a.bits_log2);
       cur.next(a.g, static_cast<uint32_t>(q + 1));
     }
     out[wi] = word;
@@ -185,24 +188,25 @@ DIV_HD void compress_codes_phase(const CompressArgs& a, const CompressShared& s,
 
 // The whole of one block's compress work, run by an executor (see the top of this file).
 template <typename scalar_t, typename Exec>
-DIV_HD void compress_block(Exec& ex, const CompressArgs& a, CompressShared& s, int64_t block) {
-  ex.each([&](int tid) { compress_lfc_phase<scalar_t>(a, s, block, tid); });
+DIV_HD void generic_compress_block(Exec& ex, const CompressArgs& a, const Launch& l,
+                                   CompressShared& s, int64_t block) {
+  ex.each([&](int tid) { compress_lfc_phase<scalar_t>(a, l, s, block, tid); });
   if (a.mode == kLfcOnly) return;  // uniform over the block: no thread skips a barrier alone
   ex.sync();
-  for (int stride = a.l.threads_per_plane / 2; stride > 0; stride /= 2) {
-    ex.each([&](int tid) { compress_reduce_phase(a, s, stride, tid); });
+  for (int stride = l.threads_per_plane / 2; stride > 0; stride /= 2) {
+    ex.each([&](int tid) { compress_reduce_phase(l, s, stride, tid); });
     ex.sync();
   }
-  ex.each([&](int tid) { compress_scale_phase(a, s, block, tid); });
+  ex.each([&](int tid) { compress_scale_phase(a, l, s, block, tid); });
   ex.sync();
-  ex.each([&](int tid) { compress_codes_phase<scalar_t>(a, s, block, tid); });
+  ex.each([&](int tid) { compress_codes_phase<scalar_t>(a, l, s, block, tid); });
 }
 
 // ---- decompress ------------------------------------------------------------------------------
 
+// What every decompress kernel reads and writes.
 struct DecompressArgs {
   Geometry g;
-  Launch l;
   int bits, bits_log2, mode, lfc_kind;
   const void* lfc;         // unused in hfc_only mode
   const uint32_t* codes;   // unused in lfc_only mode
@@ -232,7 +236,8 @@ struct ElementWriter {
         lo(args.mode != kLfcOnly ? args.lo[p] : 0.f),
         step(args.mode != kLfcOnly ? args.step[p] : 0.f) {}
 
-  DIV_HD void write(int32_t q, int32_t j) {
+  // x_hat of element q, in block j, as float32.
+  DIV_HD float value(int32_t q, int32_t j) {
     uint32_t code = 0;
     if (a.mode != kLfcOnly) {
       const int32_t wi = q >> (5 - a.bits_log2);
@@ -247,19 +252,21 @@ struct ElementWriter {
       block = j;
       up = load_lfc(a.lfc, a.lfc_kind, lfc_base + j);
     }
-    out[v.base + q * v.stride] = static_cast<scalar_t>(reconstruct(a.mode, up, code, step, lo));
+    return reconstruct(a.mode, up, code, step, lo);
   }
+
+  DIV_HD void write(int32_t q, int32_t j) { out[v.base + q * v.stride] = static_cast<scalar_t>(value(q, j)); }
 };
 
 template <typename scalar_t>
-DIV_HD void decompress_phase(const DecompressArgs& a, int64_t block, int tid) {
+DIV_HD void decompress_phase(const DecompressArgs& a, const Launch& l, int64_t block, int tid) {
   int g, r;
-  thread_slot(a.l, tid, g, r);
-  const int64_t p = block * a.l.planes_per_block + g;
+  thread_slot(l, tid, g, r);
+  const int64_t p = block * l.planes_per_block + g;
   if (p >= a.g.planes) return;
   ElementWriter<scalar_t> w(a, p);
-  const int32_t T = a.l.threads_per_plane;
-  if (!a.l.plane_minor) {  // consecutive threads, consecutive elements
+  const int32_t T = l.threads_per_plane;
+  if (!l.plane_minor) {  // consecutive threads, consecutive elements
     for (int32_t q = r; q < a.g.numel; q += T) w.write(q, block_of(a.g, static_cast<uint32_t>(q)));
     return;
   }
@@ -278,8 +285,9 @@ DIV_HD void decompress_phase(const DecompressArgs& a, int64_t block, int tid) {
 }
 
 template <typename scalar_t, typename Exec>
-DIV_HD void decompress_block(Exec& ex, const DecompressArgs& a, int64_t block) {
-  ex.each([&](int tid) { decompress_phase<scalar_t>(a, block, tid); });
+DIV_HD void generic_decompress_block(Exec& ex, const DecompressArgs& a, const Launch& l,
+                                     int64_t block) {
+  ex.each([&](int tid) { decompress_phase<scalar_t>(a, l, block, tid); });
 }
 
 // ---- launch shapes ---------------------------------------------------------------------------

@@ -1,0 +1,455 @@
+// The fast kernels: a compress that reads x from device memory once, and decompress kernels that
+// write 16 contiguous bytes per thread (NCHW) or go through an on-chip transpose tile
+// (channels_last). Written once for the GPU and its CPU twin (see exec.h); bit format v2.
+//
+// Staged compress, one thread block of kStagedThreads threads per G planes of 1-D or 2-D shape:
+//   load   x of the G planes -> shared memory, once (16-byte loads where aligned). NCHW: the planes
+//          are one contiguous range; channels_last: G consecutive channels of one sample, read
+//          pixel by pixel (G * element size contiguous bytes) and stored plane-major.
+//   lfc    thread per (plane, LFC block): float64 block sum, min and max of x in one pass over the
+//          block in shared memory (each thread starts at a lane-dependent element, which spreads
+//          neighbouring threads over the banks); the rounded block mean goes to `lfc` and to
+//          shared memory, min - up and max - up into the plane's range with integer atomics on
+//          order-preserving bits (rounding is monotone: these are min and max of h, format.py).
+//   scale  thread per plane: lo, scale, step, the plane's hash key.
+//   codes  warp per 64 consecutive elements of a plane: lane l quantizes the pair (2l, 2l + 1)
+//          with one hash, the 2Q-bit fields of 16 / Q lanes are ORed into a word with shuffles,
+//          and the words go out coalesced.
+// Planes larger than shared memory and 3-D planes take the generic kernels (codec_generic.h).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "codec_generic.h"
+
+namespace division {
+
+constexpr int kStagedThreads = 256;
+constexpr int kStagedWarps = kStagedThreads / 32;
+constexpr int kStepElements = 64;  // elements of a plane one warp quantizes per step
+
+// Sixteen bytes moved with one load or store.
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+
+// Per staged plane, in shared memory.
+struct PlaneSlot {
+  uint32_t lo, hi;  // ordered_bits of the running min / max of h
+  uint32_t nan;     // some block's rounded LFC is NaN
+  uint32_t key;     // K_p of format.py
+  float lo_value, scale;
+};
+
+struct StagedPlan {
+  int32_t planes;     // G; 0: the staged kernel does not take this shape
+  int32_t groups;     // channels_last: C / G thread blocks per sample
+  int64_t blocks;     // thread blocks of the launch
+  int32_t smem_bytes;
+  int32_t off_up, off_slots;  // byte offsets of up[G * L] (float) and PlaneSlot[G]
+  int32_t vec;        // elements per global load of x: a 16-byte load, or 1
+  int32_t steps;      // ceil(P / 64): code steps per plane
+  FastDiv div_lfc;    // by L: LFC item -> (plane, block)
+  FastDiv div_steps;  // by steps: code item -> (plane, step)
+  FastDiv div_units;  // channels_last: by G / vec, load item -> (pixel, unit of vec channels)
+};
+
+inline int64_t round_up16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+inline int64_t staged_bytes(const Geometry& g, int64_t esize, int64_t planes) {
+  return round_up16(planes * g.numel * esize) + round_up16(planes * g.lfc_numel * 4) +
+         planes * static_cast<int64_t>(sizeof(PlaneSlot));
+}
+
+// How many planes a block stages: as many as fit in `target` bytes (at least one, at most `limit`
+// bytes), all of one sample for channels_last, where G also divides C so that every block is full.
+// channels_last reads G * element size contiguous bytes per pixel: the target grows, within the
+// limit, to 16 of them (one vector load; fewer would waste most of each 32-byte sector read).
+// planes == 0 when even one plane does not fit, or the planes are 3-D.
+inline StagedPlan staged_plan(const Geometry& g, int64_t esize, int64_t target, int64_t limit,
+                              bool x_aligned16) {
+  StagedPlan s{};
+  if (g.d != 1 || g.planes == 0 || staged_bytes(g, esize, 1) > limit) return s;
+  const int64_t per16 = 16 / esize;
+  if (g.channels_last && g.channels % per16 == 0 && staged_bytes(g, esize, per16) <= limit)
+    target = std::max(target, staged_bytes(g, esize, per16));
+  int64_t planes = 1;
+  const int64_t cap = g.channels_last ? g.channels : g.planes;
+  while (planes < cap && staged_bytes(g, esize, planes + 1) <= target) ++planes;
+  if (g.channels_last) {
+    while (g.channels % planes != 0) --planes;
+  } else {  // whole 16-byte vectors per block: G * P * esize a multiple of 16 where G allows
+    int64_t m = 1;
+    while ((m * g.numel * esize) % 16 != 0) ++m;
+    if (planes >= m) planes -= planes % m;
+  }
+  s.planes = static_cast<int32_t>(planes);
+  s.groups = g.channels_last ? static_cast<int32_t>(g.channels / planes) : 1;
+  s.blocks = g.channels_last ? (g.planes / g.channels) * s.groups : (g.planes + planes - 1) / planes;
+  s.off_up = static_cast<int32_t>(round_up16(planes * g.numel * esize));
+  s.off_slots = static_cast<int32_t>(s.off_up + round_up16(planes * g.lfc_numel * 4));
+  s.smem_bytes = static_cast<int32_t>(staged_bytes(g, esize, planes));
+  const bool vec_ok = g.channels_last
+                          ? (planes % per16 == 0 && g.channels % per16 == 0)
+                          : (planes * g.numel * esize) % 16 == 0;
+  s.vec = x_aligned16 && vec_ok ? static_cast<int32_t>(per16) : 1;
+  s.steps = (g.numel + kStepElements - 1) / kStepElements;
+  s.div_lfc = FastDiv::make(static_cast<uint32_t>(g.lfc_numel));
+  s.div_steps = FastDiv::make(static_cast<uint32_t>(s.steps));
+  s.div_units = FastDiv::make(static_cast<uint32_t>(planes / s.vec > 0 ? planes / s.vec : 1));
+  return s;
+}
+
+// The planes of one thread block: p0 .. p0 + count - 1 (consecutive plane indices either way).
+struct StagedBlock {
+  int64_t p0;
+  int64_t sample;  // channels_last: n
+  int32_t c0;      // channels_last: the first channel
+  int32_t count;
+};
+
+DIV_HD StagedBlock staged_block(const Geometry& g, const StagedPlan& s, int64_t block) {
+  StagedBlock b{};
+  if (g.channels_last) {
+    b.sample = block / s.groups;
+    b.c0 = static_cast<int32_t>((block - b.sample * s.groups) * s.planes);
+    b.p0 = b.sample * g.channels + b.c0;
+    b.count = s.planes;
+  } else {
+    b.p0 = block * s.planes;
+    const int64_t left = g.planes - b.p0;
+    b.count = static_cast<int32_t>(left < s.planes ? left : s.planes);
+  }
+  return b;
+}
+
+template <typename scalar_t>
+struct StagedSmem {
+  scalar_t* xs;     // the staged planes, plane-major, P elements each
+  float* up;        // rounded LFC of every (plane, block), as float
+  PlaneSlot* slot;  // per plane
+
+  DIV_HD StagedSmem(unsigned char* base, const StagedPlan& s)
+      : xs(reinterpret_cast<scalar_t*>(base)),
+        up(reinterpret_cast<float*>(base + s.off_up)),
+        slot(reinterpret_cast<PlaneSlot*>(base + s.off_slots)) {}
+};
+
+template <typename scalar_t>
+DIV_HD void scatter_vec(scalar_t* dst, int32_t stride, const Vec16& v) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+  scalar_t e[kPer];
+  static_assert(sizeof(e) == sizeof(v), "16 bytes");
+  memcpy(e, &v, sizeof(v));
+  for (int k = 0; k < kPer; ++k) dst[k * stride] = e[k];
+}
+
+template <typename scalar_t>
+DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
+                        const StagedSmem<scalar_t>& m, int tid) {
+  for (int32_t gi = tid; gi < b.count; gi += kStagedThreads)
+    m.slot[gi] = PlaneSlot{ordered_bits(infinity()), ordered_bits(-infinity()), 0u, 0u, 0.f, 0.f};
+  const scalar_t* x = static_cast<const scalar_t*>(a.x);
+  const int32_t P = a.g.numel;
+  if (!a.g.channels_last) {  // the planes are one contiguous range of x
+    const scalar_t* src = x + b.p0 * P;
+    const int32_t count = b.count * P;
+    const int32_t vectors = s.vec > 1 ? count / s.vec : 0;  // only the last block has a tail
+    const Vec16* v = reinterpret_cast<const Vec16*>(src);
+    Vec16* d = reinterpret_cast<Vec16*>(m.xs);
+    for (int32_t i = tid; i < vectors; i += kStagedThreads) d[i] = v[i];
+    for (int32_t i = vectors * s.vec + tid; i < count; i += kStagedThreads) m.xs[i] = src[i];
+    return;
+  }
+  // channels_last: element (q, c0 + g) at x[(n * P + q) * C + c0 + g]; threads on consecutive
+  // channels of a pixel, so each pixel's G values are read as one contiguous piece
+  const int64_t C = a.g.channels;
+  const scalar_t* src = x + b.sample * P * C + b.c0;
+  if (s.vec > 1) {
+    const int32_t units = b.count / s.vec;
+    for (int32_t i = tid; i < P * units; i += kStagedThreads) {
+      const int32_t q = static_cast<int32_t>(s.div_units.div(static_cast<uint32_t>(i)));
+      const int32_t u = i - q * units;
+      const Vec16 v = *reinterpret_cast<const Vec16*>(src + q * C + u * s.vec);
+      scatter_vec(m.xs + (u * s.vec) * P + q, P, v);
+    }
+  } else {
+    for (int32_t i = tid; i < P * b.count; i += kStagedThreads) {
+      const int32_t q = static_cast<int32_t>(s.div_units.div(static_cast<uint32_t>(i)));
+      const int32_t gi = i - q * b.count;
+      m.xs[gi * P + q] = src[q * C + gi];
+    }
+  }
+}
+
+template <typename scalar_t>
+DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
+                       const StagedSmem<scalar_t>& m, int tid) {
+  const Geometry& g = a.g;
+  const int32_t L = g.lfc_numel, P = g.numel;
+  const bool keep_hfc = a.mode != kLfcOnly;
+  for (int32_t it = tid; it < b.count * L; it += kStagedThreads) {
+    const int32_t gi = static_cast<int32_t>(s.div_lfc.div(static_cast<uint32_t>(it)));
+    const int32_t j = it - gi * L;
+    const BlockRange br = block_range(g, static_cast<uint32_t>(j));
+    const int32_t rows = br.y1 - br.y0, cols = br.x1 - br.x0, count = rows * cols;
+    const scalar_t* corner = m.xs + gi * P + br.y0 * g.w + br.x0;
+    const int32_t e0 = (tid & 31) % count;
+    int32_t r = e0 / cols, c = e0 - r * cols;
+    double sum0 = 0.0, sum1 = 0.0;  // exact either way (format.py): two chains for latency
+    float lo = infinity(), hi = -infinity();
+    for (int32_t k = 0; k < count; ++k) {
+      const float v = static_cast<float>(corner[r * g.w + c]);
+      if (k & 1) {
+        sum1 += static_cast<double>(v);
+      } else {
+        sum0 += static_cast<double>(v);
+      }
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
+      if (++c == cols) {
+        c = 0;
+        if (++r == rows) r = 0;
+      }
+    }
+    const float mean = static_cast<float>((sum0 + sum1) / static_cast<double>(count));
+    const float up = round_lfc(mean, a.lfc_kind);
+    store_lfc(a.lfc, a.lfc_kind, (b.p0 + gi) * L + j, up);
+    m.up[it] = up;
+    if (!keep_hfc) continue;
+    PlaneSlot& slot = m.slot[gi];
+    if (is_nan(up)) {  // then h is NaN over the block: the plane's constants are NaN (RangeAcc)
+      shared_or(&slot.nan, 1u);
+    } else {
+      shared_min(&slot.lo, ordered_bits(fsub(lo, up)));
+      shared_max(&slot.hi, ordered_bits(fsub(hi, up)));
+    }
+  }
+}
+
+DIV_HD void staged_scale(const CompressArgs& a, const StagedBlock& b, PlaneSlot* slots, int tid) {
+  for (int32_t gi = tid; gi < b.count; gi += kStagedThreads) {
+    PlaneSlot& slot = slots[gi];
+    const RangeAcc acc{from_ordered_bits(slot.lo), from_ordered_bits(slot.hi), slot.nan != 0};
+    const PlaneScale ps = plane_scale(acc, a.levels);
+    const int64_t p = b.p0 + gi;
+    a.lo_out[p] = ps.lo;
+    a.step_out[p] = ps.step;
+    slot.lo_value = ps.lo;
+    slot.scale = ps.scale;
+    slot.key = plane_key(read_seed(a), static_cast<uint64_t>(p));
+  }
+}
+
+// up of element (y, x) of staged plane `up_plane`.
+DIV_HD float staged_up(const Geometry& g, const float* up_plane, uint32_t y, uint32_t x) {
+  return up_plane[g.div_bh.div(y) * g.lw + g.div_bw.div(x)];
+}
+
+// One warp step: elements 64 * step .. 64 * step + 63 of staged plane gi -> 2Q code words.
+template <typename scalar_t, typename Lanes>
+DIV_HD void staged_code_step(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
+                             const StagedSmem<scalar_t>& m, int32_t item, Lanes& lanes) {
+  const Geometry& g = a.g;
+  const int32_t gi = static_cast<int32_t>(s.div_steps.div(static_cast<uint32_t>(item)));
+  const int32_t step = item - gi * s.steps;
+  const PlaneSlot& slot = m.slot[gi];
+  const scalar_t* plane = m.xs + gi * g.numel;
+  const float* up = m.up + gi * g.lfc_numel;
+  const float lo = slot.lo_value, scale = slot.scale, levels = static_cast<float>(a.levels);
+  const uint32_t key = slot.key;
+  const int bits = a.bits;
+  const int32_t first = step * kStepElements;
+  uint32_t* out = a.codes + (b.p0 + gi) * g.words;
+  lanes.words(
+      16 / bits,
+      [&](int lane) -> uint32_t {
+        const int32_t q = first + 2 * lane;
+        if (q >= g.numel) return 0u;
+        const uint32_t hash = pair_hash(key, static_cast<uint32_t>(q >> 1));
+        const uint32_t y = g.div_w.div(static_cast<uint32_t>(q));
+        const uint32_t x = static_cast<uint32_t>(q) - y * static_cast<uint32_t>(g.w);
+        const float h0 = fsub(static_cast<float>(plane[q]), staged_up(g, up, y, x));
+        uint32_t field = quantize(h0, lo, scale, uniform_even(hash), levels);
+        if (q + 1 < g.numel) {
+          const bool wraps = x + 1 == static_cast<uint32_t>(g.w);  // odd W: the pair spans rows
+          const float h1 = fsub(static_cast<float>(plane[q + 1]),
+                                staged_up(g, up, wraps ? y + 1 : y, wraps ? 0u : x + 1));
+          field |= quantize(h1, lo, scale, uniform_odd(hash), levels) << bits;
+        }
+        return field << ((2 * lane * bits) & 31);
+      },
+      [&](int w, uint32_t word) {
+        const int32_t wi = step * 2 * bits + w;
+        if (wi < g.words) out[wi] = word;
+      });
+}
+
+template <typename scalar_t, typename Exec>
+DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedPlan& s,
+                                  unsigned char* smem, int64_t block) {
+  const StagedSmem<scalar_t> m(smem, s);
+  const StagedBlock b = staged_block(a.g, s, block);
+  ex.each([&](int tid) { staged_load<scalar_t>(a, s, b, m, tid); });
+  ex.sync();
+  ex.each([&](int tid) { staged_lfc<scalar_t>(a, s, b, m, tid); });
+  if (a.mode == kLfcOnly) return;  // uniform over the block: no thread skips a barrier alone
+  ex.sync();
+  ex.each([&](int tid) { staged_scale(a, b, m.slot, tid); });
+  ex.sync();
+  ex.each_warp([&](int warp, auto& lanes) {
+    for (int32_t item = warp; item < b.count * s.steps; item += kStagedWarps)
+      staged_code_step<scalar_t>(a, s, b, m, item, lanes);
+  });
+}
+
+// ---- decompress, NCHW: one thread per 16 output bytes --------------------------------------
+//
+// Thread t rebuilds `vec` consecutive elements of one plane (vec = 16 bytes' worth when the plane
+// size allows, else 1): one load of the code word(s) that hold them, an LFC load per block they
+// touch, one 16-byte store.
+
+struct VecPlan {
+  int32_t vec;            // elements per thread
+  int32_t chunks_per_plane;
+  int64_t chunks;         // planes * chunks_per_plane
+  int64_t blocks;         // of kStagedThreads threads
+  FastDiv64 div_chunks;   // by chunks_per_plane
+};
+
+inline VecPlan vec_plan(const Geometry& g, int64_t esize, int bits) {
+  VecPlan v{};
+  const int32_t per16 = static_cast<int32_t>(16 / esize);
+  v.vec = (g.numel % per16 == 0 && per16 * bits <= 64) ? per16 : 1;
+  v.chunks_per_plane = g.numel / v.vec;
+  v.chunks = g.planes * v.chunks_per_plane;
+  v.blocks = (v.chunks + kStagedThreads - 1) / kStagedThreads;
+  v.div_chunks = FastDiv64::make(static_cast<uint64_t>(v.chunks_per_plane));
+  return v;
+}
+
+template <typename scalar_t, int VEC>
+DIV_HD void vec_decompress_chunk(const DecompressArgs& a, const VecPlan& v, int64_t chunk) {
+  if (chunk >= v.chunks) return;
+  const Geometry& g = a.g;
+  const int64_t p = static_cast<int64_t>(v.div_chunks.div(static_cast<uint64_t>(chunk)));
+  const int32_t q0 = static_cast<int32_t>(chunk - p * v.chunks_per_plane) * VEC;
+  uint64_t codes = 0;
+  float lo = 0.f, step = 0.f;
+  if (a.mode != kLfcOnly) {
+    const int64_t bit = static_cast<int64_t>(q0) * a.bits;
+    const uint32_t* words = a.codes + p * g.words + (bit >> 5);
+    codes = words[0] >> (bit & 31);
+    if (VEC * a.bits > 32) codes |= static_cast<uint64_t>(words[1]) << 32;  // aligned: bit % 32 == 0
+    lo = a.lo[p];
+    step = a.step[p];
+  }
+  const uint32_t mask = (1u << a.bits) - 1u;
+  Cursor cur;
+  cur.seek(g, static_cast<uint32_t>(q0));
+  int32_t j = -1;
+  float up = 0.f;
+  scalar_t out[VEC];
+  for (int k = 0; k < VEC; ++k) {
+    if (a.mode != kHfcOnly && cur.block() != j) {
+      j = cur.block();
+      up = load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + j);
+    }
+    const uint32_t code = static_cast<uint32_t>(codes >> (k * a.bits)) & mask;
+    out[k] = static_cast<scalar_t>(reconstruct(a.mode, up, code, step, lo));
+    cur.next(g, static_cast<uint32_t>(q0 + k + 1));
+  }
+  scalar_t* dst = static_cast<scalar_t*>(a.out) + p * g.numel + q0;
+  if (VEC * sizeof(scalar_t) == 16) {
+    Vec16 packed;
+    memcpy(&packed, out, sizeof(packed));
+    *reinterpret_cast<Vec16*>(dst) = packed;
+  } else {
+    for (int k = 0; k < VEC; ++k) dst[k] = out[k];
+  }
+}
+
+template <typename scalar_t, int VEC, typename Exec>
+DIV_HD void vec_decompress_block(Exec& ex, const DecompressArgs& a, const VecPlan& v, int64_t block) {
+  ex.each([&](int tid) { vec_decompress_chunk<scalar_t, VEC>(a, v, block * kStagedThreads + tid); });
+}
+
+// ---- decompress, channels_last: through a transpose tile -----------------------------------
+//
+// A block rebuilds a tile of `pixels` pixels x `channels` channels of one sample: first plane by
+// plane (each thread a run of 8 consecutive pixels of one channel: one code word, few LFC loads)
+// into shared memory, then pixel by pixel, each pixel's channels one contiguous piece of output.
+
+constexpr int32_t kTileRun = 8;
+
+struct TilePlan {
+  int32_t channels;        // Gc: divides C
+  int32_t pixels;          // Tq: a multiple of kTileRun
+  int32_t channel_groups;  // C / Gc
+  int32_t pixel_tiles;     // ceil(P / Tq)
+  int64_t blocks;
+  int32_t smem_bytes;      // float tile[Tq][Gc + 1]
+  FastDiv div_tiles;       // by channel_groups * pixel_tiles
+  FastDiv div_pixel_tiles; // by pixel_tiles
+  FastDiv div_channels;    // by Gc
+  FastDiv div_runs;        // by Tq / kTileRun
+};
+
+inline TilePlan tile_plan(const Geometry& g) {
+  TilePlan t{};
+  int32_t gc = static_cast<int32_t>(g.channels < 32 ? g.channels : 32);
+  while (g.channels % gc != 0) --gc;
+  t.channels = gc;
+  t.pixels = (2048 / gc + kTileRun - 1) / kTileRun * kTileRun;
+  t.channel_groups = static_cast<int32_t>(g.channels / gc);
+  t.pixel_tiles = (g.numel + t.pixels - 1) / t.pixels;
+  t.blocks = (g.planes / g.channels) * t.channel_groups * t.pixel_tiles;
+  t.smem_bytes = t.pixels * (gc + 1) * 4;
+  t.div_tiles = FastDiv::make(static_cast<uint32_t>(t.channel_groups * t.pixel_tiles));
+  t.div_pixel_tiles = FastDiv::make(static_cast<uint32_t>(t.pixel_tiles));
+  t.div_channels = FastDiv::make(static_cast<uint32_t>(gc));
+  t.div_runs = FastDiv::make(static_cast<uint32_t>(t.pixels / kTileRun));
+  return t;
+}
+
+template <typename scalar_t, typename Exec>
+DIV_HD void tile_decompress_block(Exec& ex, const DecompressArgs& a, const TilePlan& t,
+                                  unsigned char* smem, int64_t block) {
+  const Geometry& g = a.g;
+  float* tile = reinterpret_cast<float*>(smem);
+  const int32_t pitch = t.channels + 1;
+  const int64_t n = t.div_tiles.div(static_cast<uint32_t>(block));
+  const int32_t rest = static_cast<int32_t>(block - n * t.channel_groups * t.pixel_tiles);
+  const int32_t cg = static_cast<int32_t>(t.div_pixel_tiles.div(static_cast<uint32_t>(rest)));
+  const int32_t c0 = cg * t.channels;
+  const int32_t q0 = (rest - cg * t.pixel_tiles) * t.pixels;
+  const int32_t tq = min32(t.pixels, g.numel - q0);
+  const int32_t runs = t.pixels / kTileRun;
+  ex.each([&](int tid) {
+    for (int32_t it = tid; it < t.channels * runs; it += kStagedThreads) {
+      const int32_t gi = static_cast<int32_t>(t.div_runs.div(static_cast<uint32_t>(it)));
+      const int32_t first = (it - gi * runs) * kTileRun;
+      if (first >= tq) continue;
+      ElementWriter<scalar_t> w(a, n * g.channels + c0 + gi);
+      Cursor cur;
+      cur.seek(g, static_cast<uint32_t>(q0 + first));
+      for (int32_t k = first; k < min32(first + kTileRun, tq); ++k) {
+        tile[k * pitch + gi] = w.value(q0 + k, cur.block());
+        cur.next(g, static_cast<uint32_t>(q0 + k + 1));
+      }
+    }
+  });
+  ex.sync();
+  ex.each([&](int tid) {
+    scalar_t* out = static_cast<scalar_t*>(a.out) + (n * g.numel + q0) * g.channels + c0;
+    for (int32_t it = tid; it < tq * t.channels; it += kStagedThreads) {
+      const int32_t k = static_cast<int32_t>(t.div_channels.div(static_cast<uint32_t>(it)));
+      const int32_t gi = it - k * t.channels;
+      out[static_cast<int64_t>(k) * g.channels + gi] = static_cast<scalar_t>(tile[k * pitch + gi]);
+    }
+  });
+}
+
+}  // namespace division

@@ -1,0 +1,35 @@
+// Launchers of the CUDA kernels (codec_cuda.cu, mask_cuda.cu), called by ops.cpp once it has
+// checked the arguments, allocated the outputs and made the plan. Each runs on the device of `on`
+// and its current stream.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "mask_phases.h"
+
+namespace division {
+
+// The input / output dtypes the kernels are instantiated for (no float64).
+#define DIVISION_DISPATCH(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// The largest dynamic shared memory one thread block of the device may ask for (opt-in).
+int64_t max_shared_bytes(const at::Tensor& on);
+
+void launch_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on);
+void launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on);
+void launch_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on);
+void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::ScalarType dtype, const at::Tensor& on);
+void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on);
+
+void launch_relu_pack(const PackArgs& a, int vec, at::ScalarType dtype, const at::Tensor& on);
+void launch_pack_bool(const PackArgs& a, int vec, const at::Tensor& on);
+void launch_mask_grad(const MaskGradArgs& a, int vec, bool relu, at::ScalarType dtype, const at::Tensor& on);
+void launch_pool_forward(const PoolArgs& a, at::ScalarType dtype, const at::Tensor& on);
+void launch_pool_backward(const PoolArgs& a, at::ScalarType dtype, const at::Tensor& on);
+
+}  // namespace division
