@@ -11,7 +11,9 @@ memory: on the first step, activation memory as the paper defines it (allocated 
 minus allocated before the batch, minus output and loss) and the peak allocated during the step
 above the same start; `--find-max` also searches the largest batch that fits for each method.
 speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats.
-Writes <out>.json (rows + device, versions, git hash, command), <out>.md and <out>.png.
+--compile runs every model under torch.compile(fullgraph=True) (default inductor backend); memory is
+then read on the step after the one that compiles. Writes <out>.json (rows + device, versions, git
+hash, command), <out>.md and <out>.png.
 """
 
 from __future__ import annotations
@@ -39,17 +41,18 @@ from harness.measure import GIB, ActivationProbe  # noqa: E402
 from harness.methods import METHODS, prepare  # noqa: E402
 
 
-def setup(model_name: str, method: str, batch: int, size: int, device: torch.device, channels_last: bool):
+def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, device: torch.device):
+    """(module to run, prepared method, optimizer, batch, labels); the module is compiled with --compile."""
     torch.manual_seed(0)
     model = models.build_model(model_name, num_classes=1000)
     prepared = prepare(model, method, division.DivisionConfig())
-    model = prepared.model.to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = prepared.model.to(device).to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device)
-    return model, prepared, opt, x, y
+    run = torch.compile(model, fullgraph=True) if args.compile else model
+    return run, prepared, opt, x, y
 
 
 def step(model, prepared, opt, x, y, amp: str, probe: ActivationProbe | None = None) -> None:
@@ -82,8 +85,10 @@ def is_oom(err: BaseException) -> bool:
 
 def measure_memory(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     try:
-        model, prepared, opt, x, y = setup(model_name, method, batch, args.image_size, device, args.channels_last)
-        probe = ActivationProbe(device, model)
+        model, prepared, opt, x, y = setup(model_name, method, batch, args, device)
+        if args.compile:
+            step(model, prepared, opt, x, y, amp)  # compiles: memory is read on the next step
+        probe = ActivationProbe(device, prepared.model)
         step(model, prepared, opt, x, y, amp, probe)
         return {"act_gib": probe.activation_bytes / GIB,
                 "peak_gib": None if probe.peak_bytes is None else probe.peak_bytes / GIB, "oom": False}
@@ -97,7 +102,7 @@ def measure_memory(model_name: str, method: str, batch: int, amp: str, args: arg
 
 def measure_speed(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     try:
-        model, prepared, opt, x, y = setup(model_name, method, batch, args.image_size, device, args.channels_last)
+        model, prepared, opt, x, y = setup(model_name, method, batch, args, device)
         for _ in range(args.warmup):
             step(model, prepared, opt, x, y, amp)
         rates = []
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=("off", "bf16"))
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True) every model")
     parser.add_argument("--find-max", action="store_true", help="memory mode: also the largest batch that fits")
     parser.add_argument("--max-search", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
@@ -237,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, args.mode)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    info = {**run_info(device), "mode": args.mode, "image_size": args.image_size, "channels_last": args.channels_last}
+    info = {**run_info(device), "mode": args.mode, "image_size": args.image_size,
+            "channels_last": args.channels_last, "compile": args.compile}
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
-        f"{args.mode} benchmark on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}\n\n"
+        f"{args.mode} benchmark on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}"
+        f"{', channels_last' if args.channels_last else ''}{', torch.compile' if args.compile else ''}\n\n"
         f"`{info['command']}`\n\n{table}\n"
     )
     plot(rows, args.mode, args.out.with_suffix(".png"))

@@ -82,13 +82,10 @@ def decompress(packed: CompressedActivation) -> torch.Tensor:
     if packed.mode == "exact":
         return packed.raw
     if packed.backend == "kernels":
-        device = packed.device
-        none = torch.empty(0, device=device)
+        absent = None if packed.mode == "division" else torch.empty(0, device=packed.device)
+        parts = [t if t is not None else absent for t in (packed.lfc, packed.codes, packed.lo, packed.step)]
         return torch.ops.division.decompress(
-            packed.lfc if packed.lfc is not None else none.to(torch.bfloat16),
-            packed.codes if packed.codes is not None else none.to(torch.uint8),
-            packed.lo if packed.lo is not None else none, packed.step if packed.step is not None else none,
-            list(packed.shape), packed.dtype, packed.memory_format != torch.contiguous_format,
+            *parts, list(packed.shape), packed.dtype, packed.memory_format != torch.contiguous_format,
             packed.block_size, packed.bits, packed.mode,
         )
     return decompress_reference(packed)

@@ -32,8 +32,10 @@ class DivisionConfig:
         input in the LFC (the HFC is then only the LFC's rounding error).
     hfc_bits: Q, bits per HFC code; must divide 8 so codes never straddle a byte.
     lfc_dtype: storage dtype of the LFC ("bfloat16", "float16" or "float32").
-    backend: "auto" uses the compiled CUDA kernels for CUDA tensors when they are built, the
-        pure-PyTorch reference otherwise; "cuda" insists on the kernels; "torch" forces the reference.
+    backend: "auto" runs the compiled ops of division._C when they are built (the CUDA kernels on
+        CUDA tensors, their CPU twin on CPU tensors; bit-identical to the reference), the
+        pure-PyTorch reference otherwise; "cuda" insists on the kernels and CUDA tensors; "torch"
+        forces the reference (then torch.compile traces the reference's ops instead of one call).
     backward_mode: what backward reconstructs the saved input from: "division" (LFC + quantized
         HFC), "exact" (the input itself is saved), "lfc_only" or "hfc_only" (the paper's observation).
     compress_linear: also compress nn.Linear inputs along their last dimension (off in the paper).

@@ -71,11 +71,22 @@ def test_observation_smoke(tmp_path: Path) -> None:
 
 
 def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "kernels.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--device", "cpu", "--tiny",
-                          "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                          "--repeats", "2", "--out", str(tmp_path / "kernels")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = check_outputs(tmp_path / "kernels")
     rows = result["rows"]
     assert rows and {r["layout"] for r in rows} >= {"NCHW", "NHWC"}
     assert all(r["ratio"] > 5 for r in rows if r["dtype"] == "float32")  # fp32 -> ~2.3 bits per element
+    if result["cuda_extension"]:
+        assert all(r["plan"].startswith(("staged", "generic")) for r in rows)
+        ops = {r["op"] for r in result["mask_rows"]}
+        assert len(ops) == 4 and all(r["ms"] > 0 and r["stock_ms"] > 0 for r in result["mask_rows"])
+
+
+def test_op_count_benchmark(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "op_count.py"), "--model", "resnet18",
+                          "--size", "32", "--out", str(tmp_path / "ops")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    totals = json.loads((tmp_path / "ops.json").read_text())["totals"]
+    assert totals["vanilla"] > 100 and totals["division"] > totals["vanilla"]

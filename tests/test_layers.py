@@ -150,6 +150,37 @@ def test_dropout_mask_and_gradient() -> None:
     assert torch.equal(layer(x), x)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_is_stock_dropout_bit_for_bit(backend: str, inplace: bool, dtype: torch.dtype) -> None:
+    """The same random draws, outputs and gradients as nn.Dropout under the same seed."""
+    stock, layer = converted_pair(lambda: nn.Dropout(p=0.3, inplace=inplace), division.DivisionConfig(backend=backend))
+    x = torch.randn(4, 3, 10, 10).to(dtype)
+    upstream = torch.randn(4, 3, 10, 10).to(dtype)
+    upstream[0, 0, 0] = torch.inf  # a dropped inf gradient is NaN in stock, kept is inf
+    outs = []
+    for m in (stock, layer):
+        leaf = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y = m(leaf * 1.0)  # a non-leaf, as an in-place dropout needs
+        y.backward(upstream)
+        outs.append((y.detach(), leaf.grad))
+    (y0, g0), (y1, g1) = outs
+    assert torch.equal(y0, y1)
+    assert torch.equal(g0.isnan(), g1.isnan()) and torch.equal(g0.nan_to_num(), g1.nan_to_num())
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_relu_gradient_passes_nan_and_blocks_negative_zero_like_stock(backend: str) -> None:
+    stock, layer = converted_pair(nn.ReLU, division.DivisionConfig(backend=backend))
+    x = torch.tensor([[[[-0.0, 0.0, float("nan"), -1.0, 2.0, -float("inf"), float("inf")]]]])
+    y0, g0 = run(stock, x)
+    y1, g1 = run(layer, x)
+    assert torch.equal(y0.isnan(), y1.isnan()) and torch.equal(y0.nan_to_num().signbit(), y1.nan_to_num().signbit())
+    assert torch.equal(g0["input"], g1["input"])
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -1,0 +1,141 @@
+"""A converted model under torch.compile(model, fullgraph=True): does it stay compressed, and how fast.
+
+    python benchmarks/compile_check.py --out logs/bench/compile_resnet18_cpu --device cpu
+    python benchmarks/compile_check.py --model resnet50 --size 224 --batch 64 --device cuda --out ...
+
+For stock and DIVISION, eager and compiled (default inductor backend): the activation bytes of one
+batch, the seconds of the first (compiling) step and the median of later steps, and the cosine of
+the model's gradient to the exact (stock eager) one. On a GPU the activation bytes are read from the
+allocator just before backward; on a CPU they are the bytes autograd saves for batch 2b minus those
+for batch b (what grows with the batch: a compiled graph also saves copies of the weights, which
+stock compiled keeps too). Writes <out>.json and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import division  # noqa: E402
+import models  # noqa: E402
+from benchmarks.common import run_info  # noqa: E402
+
+
+def saved_bytes(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for one step (backward is run)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(run(x), y)
+    loss.backward()
+    return sum(seen.values())
+
+
+def allocated_before_backward(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    loss = F.cross_entropy(run(x), y)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - start
+    loss.backward()
+    return held
+
+
+def activation_bytes(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """What one step of batch x keeps for backward (see the module docstring)."""
+    if x.is_cuda:
+        return allocated_before_backward(run, x, y)
+    twice = torch.cat([x, x]), torch.cat([y, y])
+    return saved_bytes(run, *twice) - saved_bytes(run, x, y)
+
+
+def flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.double().flatten() for p in model.parameters()])
+
+
+def measure(base: torch.nn.Module, method: str, compiled: bool, x, y, exact: torch.Tensor, steps: int) -> dict:
+    model = copy.deepcopy(base)
+    if method == "division":
+        division.convert_model(model, division.DivisionConfig())
+    run = torch.compile(model, fullgraph=True) if compiled else model
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(run(x), y).backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    cosine = F.cosine_similarity(flat_grad(model), exact, dim=0).item()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    act = activation_bytes(run, x, y)  # the same shapes: no recompilation
+    return {"method": method, "compiled": compiled, "activation_mib": act / 2**20, "first_step_s": first,
+            "step_s": statistics.median(times), "grad_cosine_to_exact": cosine}
+
+
+def markdown(rows: list[dict]) -> str:
+    stock = {r["compiled"]: r["activation_mib"] for r in rows if r["method"] == "vanilla"}
+    out = ["| method | compiled | activation MiB | x smaller than stock (same mode) | first step s | step s | grad cosine to exact |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = stock.get(r["compiled"], 0) / r["activation_mib"] if r["activation_mib"] else float("nan")
+        out.append(f"| {r['method']} | {'yes' if r['compiled'] else 'no'} | {r['activation_mib']:.3f} | {ratio:.1f} "
+                   f"| {r['first_step_s']:.1f} | {r['step_s']:.3f} | {r['grad_cosine_to_exact']:.4f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="output path without extension")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = models.build_model(args.model, num_classes=10).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    y = (torch.arange(args.batch) % 10).to(device)
+    ref = copy.deepcopy(base)
+    F.cross_entropy(ref(x), y).backward()
+    exact = flat_grad(ref)
+    rows = [measure(base, method, compiled, x, y, exact, args.steps)
+            for method in ("vanilla", "division") for compiled in (False, True)]
+    table = markdown(rows)
+    info = run_info(device)
+    head = (f"torch.compile(fullgraph=True) of {args.model}, batch {args.batch}, {args.size}x{args.size}, "
+            f"on {info['device']}, torch {info['torch']}, git {info['git']}")
+    print(f"{head}\n\n{table}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({**info, "model": args.model, "batch": args.batch,
+                                                             "size": args.size, "rows": rows}, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(f"{head}\n\n`{info['command']}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
