@@ -146,6 +146,21 @@ DIV_HD void scatter_vec(scalar_t* dst, int32_t stride, const Vec16& v) {
   for (int k = 0; k < kPer; ++k) dst[k * stride] = e[k];
 }
 
+// dst[i] = src[i] for i < count, by the block's threads, four loads in flight per thread before
+// their stores (one at a time would leave the memory system waiting on latency).
+DIV_HD void copy_vectors(Vec16* dst, const Vec16* src, int32_t count, int tid) {
+  constexpr int32_t kStride = kStagedThreads;
+  int32_t i = tid;
+  for (; i + 3 * kStride < count; i += 4 * kStride) {
+    const Vec16 a = src[i], b = src[i + kStride], c = src[i + 2 * kStride], d = src[i + 3 * kStride];
+    dst[i] = a;
+    dst[i + kStride] = b;
+    dst[i + 2 * kStride] = c;
+    dst[i + 3 * kStride] = d;
+  }
+  for (; i < count; i += kStride) dst[i] = src[i];
+}
+
 template <typename scalar_t>
 DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                         const StagedSmem<scalar_t>& m, int tid) {
@@ -157,9 +172,7 @@ DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const Staged
     const scalar_t* src = x + b.p0 * P;
     const int32_t count = b.count * P;
     const int32_t vectors = s.vec > 1 ? count / s.vec : 0;  // only the last block has a tail
-    const Vec16* v = reinterpret_cast<const Vec16*>(src);
-    Vec16* d = reinterpret_cast<Vec16*>(m.xs);
-    for (int32_t i = tid; i < vectors; i += kStagedThreads) d[i] = v[i];
+    copy_vectors(reinterpret_cast<Vec16*>(m.xs), reinterpret_cast<const Vec16*>(src), vectors, tid);
     for (int32_t i = vectors * s.vec + tid; i < count; i += kStagedThreads) m.xs[i] = src[i];
     return;
   }
@@ -169,11 +182,25 @@ DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const Staged
   const scalar_t* src = x + b.sample * P * C + b.c0;
   if (s.vec > 1) {
     const int32_t units = b.count / s.vec;
-    for (int32_t i = tid; i < P * units; i += kStagedThreads) {
+    const auto load = [&](int32_t i, Vec16& v) -> int32_t {  // the pixel of item i
       const int32_t q = static_cast<int32_t>(s.div_units.div(static_cast<uint32_t>(i)));
-      const int32_t u = i - q * units;
-      const Vec16 v = *reinterpret_cast<const Vec16*>(src + q * C + u * s.vec);
-      scatter_vec(m.xs + (u * s.vec) * P + q, P, v);
+      v = *reinterpret_cast<const Vec16*>(src + q * C + (i - q * units) * s.vec);
+      return q;
+    };
+    const auto store = [&](int32_t i, int32_t q, const Vec16& v) {
+      scatter_vec(m.xs + ((i - q * units) * s.vec) * P + q, P, v);
+    };
+    int32_t i = tid;
+    for (; i + kStagedThreads < P * units; i += 2 * kStagedThreads) {  // two loads in flight
+      Vec16 a, b2;
+      const int32_t qa = load(i, a), qb = load(i + kStagedThreads, b2);
+      store(i, qa, a);
+      store(i + kStagedThreads, qb, b2);
+    }
+    for (; i < P * units; i += kStagedThreads) {
+      Vec16 a;
+      const int32_t qa = load(i, a);
+      store(i, qa, a);
     }
   } else {
     for (int32_t i = tid; i < P * b.count; i += kStagedThreads) {
@@ -243,10 +270,6 @@ DIV_HD void staged_scale(const CompressArgs& a, const StagedBlock& b, PlaneSlot*
   }
 }
 
-// up of element (y, x) of staged plane `up_plane`.
-DIV_HD float staged_up(const Geometry& g, const float* up_plane, uint32_t y, uint32_t x) {
-  return up_plane[g.div_bh.div(y) * g.lw + g.div_bw.div(x)];
-}
 
 // One warp step: elements 64 * step .. 64 * step + 63 of staged plane gi -> 2Q code words.
 template <typename scalar_t, typename Lanes>
@@ -271,13 +294,19 @@ DIV_HD void staged_code_step(const CompressArgs& a, const StagedPlan& s, const S
         const uint32_t hash = pair_hash(key, static_cast<uint32_t>(q >> 1));
         const uint32_t y = g.div_w.div(static_cast<uint32_t>(q));
         const uint32_t x = static_cast<uint32_t>(q) - y * static_cast<uint32_t>(g.w);
-        const float h0 = fsub(static_cast<float>(plane[q]), staged_up(g, up, y, x));
+        const float* up_row = up + g.div_bh.div(y) * g.lw;  // the LFC of the block row of y
+        const uint32_t bx = g.div_bw.div(x);
+        const float h0 = fsub(static_cast<float>(plane[q]), up_row[bx]);
         uint32_t field = quantize(h0, lo, scale, uniform_even(hash), levels);
         if (q + 1 < g.numel) {
-          const bool wraps = x + 1 == static_cast<uint32_t>(g.w);  // odd W: the pair spans rows
-          const float h1 = fsub(static_cast<float>(plane[q + 1]),
-                                staged_up(g, up, wraps ? y + 1 : y, wraps ? 0u : x + 1));
-          field |= quantize(h1, lo, scale, uniform_odd(hash), levels) << bits;
+          float up1;
+          if (x + 1 == static_cast<uint32_t>(g.w)) {  // odd W: the pair spans two rows
+            up1 = up[g.div_bh.div(y + 1) * g.lw];
+          } else {  // the next column: the same block unless x + 1 starts one
+            up1 = up_row[x + 1 == (bx + 1) * static_cast<uint32_t>(g.bw) ? bx + 1 : bx];
+          }
+          field |= quantize(fsub(static_cast<float>(plane[q + 1]), up1), lo, scale,
+                            uniform_odd(hash), levels) << bits;
         }
         return field << ((2 * lane * bits) & 31);
       },
