@@ -25,6 +25,9 @@ def git_hash() -> str:
         return "unknown"
 
 
+GIT_AT_START = git_hash()  # the code that ran: taken when the benchmark starts, not when it ends
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -39,6 +42,6 @@ def run_info(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "division": division.__version__,
         "cuda_extension": division.cuda_extension_available(),
-        "git": git_hash(),
+        "git": GIT_AT_START,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

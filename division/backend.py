@@ -67,15 +67,20 @@ def kernels_allowed(cfg: DivisionConfig) -> bool:
     return module is not None
 
 
-def select_backend(x: torch.Tensor, cfg: DivisionConfig) -> str:
-    """"kernels" (the compiled ops: CUDA kernels, or their CPU twin) or "torch" (the reference)."""
-    if not kernels_allowed(cfg):
-        if x.is_cuda and cfg.backend == "auto":
-            _warn_fallback(load_extension()[1])
-        return "torch"
+def check_tensor(x: torch.Tensor, cfg: DivisionConfig, kernels: bool) -> None:
+    """The error of a non-CUDA tensor under backend="cuda", the warning of a CUDA tensor without the
+    kernels; with `kernels` decided beforehand, it loads nothing (so torch.compile traces it)."""
     if cfg.backend == "cuda" and not x.is_cuda:
         raise ValueError(
             f"DivisionConfig(backend='cuda') got a tensor on {x.device}; the CUDA kernels "
             "need CUDA tensors (use backend='auto' to fall back to the reference)."
         )
-    return "kernels"
+    if not kernels and x.is_cuda and cfg.backend == "auto":
+        _warn_fallback(load_extension()[1])
+
+
+def select_backend(x: torch.Tensor, cfg: DivisionConfig) -> str:
+    """"kernels" (the compiled ops: CUDA kernels, or their CPU twin) or "torch" (the reference)."""
+    kernels = kernels_allowed(cfg)
+    check_tensor(x, cfg, kernels)
+    return "kernels" if kernels else "torch"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .backend import kernels_allowed, select_backend
+from .backend import check_tensor, kernels_allowed
 from .codec import encode
 from .config import DivisionConfig
 from .format import CompressedActivation
@@ -47,9 +47,7 @@ class Compressor:
 
     def encode(self, x: torch.Tensor, mode: str) -> CompressedActivation:
         """One compression, uncached; subclasses swap the codec here (see groupquant.py)."""
-        if not self.kernels or self.cfg.backend == "cuda":
-            # the warning of a CUDA tensor without kernels, the error of a CPU one with backend="cuda"
-            select_backend(x, self.cfg)
+        check_tensor(x, self.cfg, self.kernels)
         return encode(x, self.cfg, mode, self.kernels)
 
     def compress(self, x: torch.Tensor, mode: str | None = None) -> CompressedActivation:
