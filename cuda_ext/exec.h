@@ -4,12 +4,12 @@
 // separated by barriers (ex.sync()). A per-thread phase is `ex.each([&](int tid) {...})`; a
 // per-warp phase is `ex.each_warp([&](int warp, auto& lanes) {...})`, whose body is the same for
 // all lanes of the warp (warp-uniform) and hands per-lane work to `lanes`:
-//   lanes.words(group, field, store): each lane l computes field(l), bits already shifted to their
-//   place in a 32-bit word; the fields of each `group` consecutive lanes (a power of two) are ORed
-//   into one word, and store(i, word) is called once for the i-th word of the warp.
-//   lanes.ballot(pred, store): the same with one bit per lane, `group` = 32.
+//   lanes.words(group, field, store): each lane l computes field(l), its 32 / group bits already
+//   shifted to their place in a 32-bit word; the fields of each `group` consecutive lanes (a power
+//   of two) are ORed into one word, and store(i, word) is called once for the i-th word of the warp
+//   (with group = 32, one bit per lane, the GPU takes it with __ballot_sync).
 // On the GPU (exec_device.cuh) each thread runs every phase for its own id, barriers are
-// __syncthreads() and `words` uses warp shuffles / __ballot_sync. The CPU twin (HostExec below)
+// __syncthreads() and `words` uses warp shuffles or __ballot_sync. The CPU twin (HostExec below)
 // runs each phase for ids 0 .. threads-1 one after another and `words` loops over the lanes, so
 // a machine without a GPU tests the kernels' own indexing, work split, reductions and bit packing.
 #pragma once
@@ -26,13 +26,6 @@ struct HostLanes {
       for (int l = 0; l < group; ++l) word |= field(w * group + l);
       store(w, word);
     }
-  }
-
-  template <typename Pred, typename Store>
-  void ballot(Pred&& pred, Store&& store) {
-    uint32_t word = 0;
-    for (int l = 0; l < 32; ++l) word |= static_cast<uint32_t>(pred(l) ? 1u : 0u) << l;
-    store(0, word);
   }
 };
 

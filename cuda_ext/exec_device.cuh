@@ -13,17 +13,15 @@ struct DeviceLanes {
   template <typename Field, typename Store>
   __host__ __device__ __forceinline__ void words(int group, Field&& field, Store&& store) {
 #ifdef __CUDA_ARCH__
-    uint32_t v = field(lane);
-    for (int s = 1; s < group; s <<= 1) v |= __shfl_xor_sync(0xFFFFFFFFu, v, s);
-    if ((lane & (group - 1)) == 0) store(lane / group, v);
-#endif
-  }
-
-  template <typename Pred, typename Store>
-  __host__ __device__ __forceinline__ void ballot(Pred&& pred, Store&& store) {
-#ifdef __CUDA_ARCH__
-    const uint32_t word = __ballot_sync(0xFFFFFFFFu, pred(lane));
-    if (lane == 0) store(0, word);
+    const uint32_t v = field(lane);
+    uint32_t word;
+    if (group == 32) {  // one bit per lane, at the lane's own position: a ballot
+      word = __ballot_sync(0xFFFFFFFFu, v != 0);
+    } else {
+      word = v;
+      for (int s = 1; s < group; s <<= 1) word |= __shfl_xor_sync(0xFFFFFFFFu, word, s);
+    }
+    if ((lane & (group - 1)) == 0) store(lane / group, word);
 #endif
   }
 };
