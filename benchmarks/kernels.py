@@ -9,7 +9,8 @@ bytes read + output written) and x.clone() (2x the tensor's bytes), each the med
 timed calls after a warm-up (CUDA events on a GPU), and each as a fraction of the copy's GB/s (the
 kernels issue's target: 0.7). The plan each shape ran with is recorded: the staged compress stages
 G planes per block in S bytes of shared memory and reads x once; the generic one reads it up to
-three times. Masks and pooling: the fused ReLU (y and its 1-bit mask), its backward, and the stem's
+three times (--smem-targets times the staged kernel with other staging budgets, for tuning).
+Masks and pooling: the fused ReLU (y and its 1-bit mask), its backward, and the stem's
 3x3/2 max pooling forward and backward, next to stock's relu_ / threshold_backward /
 max_pool2d_with_indices and its backward on the same tensors.
 
@@ -151,6 +152,37 @@ def mask_rows(shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: t
     return rows
 
 
+def target_rows(
+    shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: torch.device, repeats: int,
+    cfg: division.DivisionConfig, targets: list[int],
+) -> list[dict]:
+    """compress GB/s of the staged kernel for several shared-memory targets (planes per block)."""
+    module, _ = load_extension()
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
+    seed = torch.tensor(1, device=device)
+    args = (x, seed, cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype, "division")
+    moved = x.numel() * x.element_size() + division.compress(x, cfg, seed=seed).nbytes
+    rows = []
+    for target in targets:
+        path, planes, smem, _, _ = module.compress_plan(x, cfg.block_size, cfg.hfc_bits, smem_target=target)
+        if path != "staged":
+            continue
+        t = timed(lambda target=target: module._compress_with(*args, path="staged", smem_target=target), device, repeats)
+        rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "layout": layout,
+                     "target_kb": target / 1024, "planes": planes, "smem_kb": smem / 1024,
+                     "compress_gbs": moved / t / 1e9})
+    return rows
+
+
+def target_table(rows: list[dict]) -> str:
+    out = ["| shape | dtype | layout | target KB | planes per block | shared KB | compress GB/s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['layout']} | {r['target_kb']:.0f} "
+                   f"| {r['planes']} | {r['smem_kb']:.1f} | {gbs(r['compress_gbs'])} |")
+    return "\n".join(out)
+
+
 def gbs(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -210,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--smem-targets", nargs="*", type=int, default=[],
+                        help="also time the staged compress with these shared-memory targets (bytes per block)")
     parser.add_argument("--out", type=Path, help="output path without extension")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -228,18 +262,26 @@ def main(argv: list[str] | None = None) -> int:
         mask_shape = shapes[0] if args.tiny else (256, 64, 112, 112)  # the stem output: ReLU, then max-pool
         for dtype, layout in itertools.product(args.dtypes, args.layouts):
             masks += mask_rows(mask_shape, DTYPES[dtype], layout, device, args.repeats)
+    targets: list[dict] = []
+    if args.smem_targets and load_extension()[0] is not None:
+        for shape, dtype, layout in itertools.product(shapes, args.dtypes, args.layouts):
+            targets += target_rows(shape, DTYPES[dtype], layout, device, args.repeats, cfg, args.smem_targets)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     codecs = sorted({r["codec"] for r in rows})
     text = (f"device: {run_info(device)['device']}; codec: {', '.join(codecs)}; B={cfg.block_size}, "
             f"Q={cfg.hfc_bits}, LFC {cfg.lfc_dtype}\n\n{codec_table(rows)}\n")
     if masks:
         text += f"\n{mask_table(masks)}\n"
+    if targets:
+        text += f"\n{target_table(targets)}\n"
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         info = run_info(device)
         result = {**info, "config": cfg.to_dict(), "repeats": args.repeats,
                   "bytes": "compress: input + packed; decompress: packed + output; copy: 2x input",
-                  "rows": rows, "mask_rows": masks}
+                  "rows": rows, "mask_rows": masks, "smem_target_rows": targets}
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(
             f"Kernel bandwidth on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}\n\n"

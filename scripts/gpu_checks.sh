@@ -32,7 +32,7 @@ trap pack EXIT
 case "$PART" in
   1)
     "$PY" -m pytest -q -m gpu -rs --durations=15 tests 2>&1 | tee "$RESULTS/gpu_tests.log"
-    "$PY" benchmarks/kernels.py --repeats 20 --out "$RESULTS/kernels"
+    "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 --out "$RESULTS/kernels"
     ;;
   2)
     for cfg in "off:" "bf16:--channels-last"; do
