@@ -13,11 +13,11 @@
 // and packing against the reference, not a rewrite of them.
 //
 // compress, per block:
-//   1. LFC: thread r of plane g takes LFC blocks j = r, r + T, ...: float64 sum in (z, y, x)
-//      order / count -> float32 -> clamp -> LFC dtype, stored to `lfc`; then re-reads the block
-//      (from L1) for the running min/max of h = x - up.
-//   2. min/max: tree reduction over the T threads of each plane in shared memory.
-//   3. thread 0 of each plane: lo, scale, step.
+//   1. LFC: thread r of plane g takes LFC blocks j = r, r + T, ...: float64 sum and float min and
+//      max in (z, y, x) order; the mean -> LFC dtype, stored to `lfc`; (min or max) - up in
+//      float64 into the thread's running range of the plane.
+//   2. range: tree reduction over the T threads of each plane in shared memory.
+//   3. thread 0 of each plane: shift, lo, scale, step (format v3).
 //   4. codes: thread r of plane g assembles words wi = r, r + T, ... of the packed plane, each
 //      from 32 / Q consecutive elements (x re-read, up re-read from `lfc` when the block changes,
 //      one pair hash per two elements).
@@ -68,17 +68,28 @@ struct CompressArgs {
   uint32_t* codes;      // (planes, words); unused in lfc_only mode
   float* lo_out;        // (planes,)
   float* step_out;      // (planes,)
+  int8_t* shift_out;    // (planes,)
 };
 
 DIV_HD uint64_t read_seed(const CompressArgs& a) { return static_cast<uint64_t>(*a.seed); }
 
 struct CompressShared {
-  float lo[kBlockThreads];
-  float hi[kBlockThreads];
+  double lo[kBlockThreads];
+  double hi[kBlockThreads];
   unsigned char nan[kBlockThreads];
   float plane_lo[kBlockThreads];  // per plane slot g, written in phase 3
   float plane_scale[kBlockThreads];
+  float plane_p[kBlockThreads];
 };
+
+// Writes a plane's constants (format v3) to the outputs; returns them.
+DIV_HD PlaneScale store_plane_scale(const CompressArgs& a, const RangeAcc& acc, int64_t p) {
+  const PlaneScale ps = plane_scale(acc, a.levels);
+  a.lo_out[p] = ps.lo;
+  a.step_out[p] = ps.step;
+  a.shift_out[p] = static_cast<int8_t>(ps.shift);
+  return ps;
+}
 
 // ---- compress phases -------------------------------------------------------------------------
 
@@ -96,23 +107,20 @@ DIV_HD void compress_lfc_phase(const CompressArgs& a, const Launch& l, CompressS
     for (int32_t j = r; j < a.g.lfc_numel; j += l.threads_per_plane) {
       const BlockRange br = block_range(a.g, static_cast<uint32_t>(j));
       double sum = 0.0;
+      float xmin = infinity(), xmax = -infinity();
       for (int32_t z = br.z0; z < br.z1; ++z)
         for (int32_t y = br.y0; y < br.y1; ++y) {
           const int64_t row = v.base + static_cast<int64_t>((z * a.g.h + y) * a.g.w) * v.stride;
-          for (int32_t xx = br.x0; xx < br.x1; ++xx)
-            sum += static_cast<double>(static_cast<float>(x[row + xx * v.stride]));
+          for (int32_t xx = br.x0; xx < br.x1; ++xx) {
+            const float e = static_cast<float>(x[row + xx * v.stride]);
+            sum += static_cast<double>(e);
+            xmin = fminf(xmin, e);
+            xmax = fmaxf(xmax, e);
+          }
         }
-      const float mean = static_cast<float>(sum / static_cast<double>(br.count()));
-      const float up = round_lfc(mean, a.lfc_kind);
+      const float up = round_lfc(sum / static_cast<double>(br.count()), a.lfc_kind);
       store_lfc(a.lfc, a.lfc_kind, p * a.g.lfc_numel + j, up);
-      if (!keep_hfc) continue;
-      acc.nan = acc.nan || is_nan(up);  // see RangeAcc
-      for (int32_t z = br.z0; z < br.z1; ++z)
-        for (int32_t y = br.y0; y < br.y1; ++y) {
-          const int64_t row = v.base + static_cast<int64_t>((z * a.g.h + y) * a.g.w) * v.stride;
-          for (int32_t xx = br.x0; xx < br.x1; ++xx)
-            acc.add(fsub(static_cast<float>(x[row + xx * v.stride]), up));
-        }
+      if (keep_hfc) acc.add_block(xmin, xmax, up);
     }
   }
   s.lo[tid] = acc.lo;
@@ -139,11 +147,10 @@ DIV_HD void compress_scale_phase(const CompressArgs& a, const Launch& l, Compres
   thread_slot(l, tid, g, r);
   const int64_t p = block * l.planes_per_block + g;
   if (r != 0 || p >= a.g.planes) return;
-  const PlaneScale ps = plane_scale(RangeAcc{s.lo[tid], s.hi[tid], s.nan[tid] != 0}, a.levels);
+  const PlaneScale ps = store_plane_scale(a, RangeAcc{s.lo[tid], s.hi[tid], s.nan[tid] != 0}, p);
   s.plane_lo[g] = ps.lo;
   s.plane_scale[g] = ps.scale;
-  a.lo_out[p] = ps.lo;
-  a.step_out[p] = ps.step;
+  s.plane_p[g] = ps.p;
 }
 
 template <typename scalar_t>
@@ -155,7 +162,7 @@ DIV_HD void compress_codes_phase(const CompressArgs& a, const Launch& l, const C
   if (p >= a.g.planes) return;
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   const PlaneView v = plane_view(a.g, p);
-  const float lo = s.plane_lo[g], scale = s.plane_scale[g];
+  const float lo = s.plane_lo[g], scale = s.plane_scale[g], pow2 = s.plane_p[g];
   const float levels = static_cast<float>(a.levels);
   const uint32_t key = plane_key(read_seed(a), static_cast<uint64_t>(p));
   const int32_t per_word = 32 >> a.bits_log2;  // even: a word holds whole element pairs
@@ -168,18 +175,18 @@ DIV_HD void compress_codes_phase(const CompressArgs& a, const Launch& l, const C
     Cursor cur;
     cur.seek(a.g, static_cast<uint32_t>(q0));
     int32_t j = -1;
-    float up = 0.f;
+    float up_p = 0.f;
     uint32_t hash = 0;
     for (int32_t q = q0; q < q1; ++q) {
       if (cur.block() != j) {
         j = cur.block();
-        up = load_lfc(a.lfc, a.lfc_kind, lfc_base + j);
+        up_p = fmul(load_lfc(a.lfc, a.lfc_kind, lfc_base + j), pow2);
       }
       const bool odd = (q & 1) != 0;
       if (!odd) hash = pair_hash(key, static_cast<uint32_t>(q >> 1));
       const float u = odd ? uniform_odd(hash) : uniform_even(hash);
-      const float h = fsub(static_cast<float>(x[v.base + q * v.stride]), up);
-      word |= quantize(h, lo, scale, u, levels) << ((q - q0) << a.bits_log2);
+      const float xe = static_cast<float>(x[v.base + q * v.stride]);
+      word |= quantize(xe, up_p, pow2, lo, scale, u, levels) << ((q - q0) << a.bits_log2);
       cur.next(a.g, static_cast<uint32_t>(q + 1));
     }
     out[wi] = word;
@@ -212,8 +219,16 @@ struct DecompressArgs {
   const uint32_t* codes;   // unused in lfc_only mode
   const float* lo;
   const float* step;
+  const int8_t* shift;
   void* out;               // scalar_t, contiguous or channels_last (Geometry::channels_last)
 };
+
+// Plane p's reconstruction constants for output dtype scalar_t.
+template <typename scalar_t>
+DIV_HD PlaneDecode plane_decode_of(const DecompressArgs& a, int64_t p) {
+  if (a.mode == kLfcOnly) return plane_decode(0.f, 0.f, 0, finite_top<scalar_t>());
+  return plane_decode(a.lo[p], a.step[p], a.shift[p], finite_top<scalar_t>());
+}
 
 // Element q of plane p: reads its code word (cached while q stays in it) and up (cached while q
 // stays in its LFC block) and writes x_hat in the output's dtype.
@@ -224,7 +239,7 @@ struct ElementWriter {
   PlaneView v;
   const uint32_t* words;
   int64_t lfc_base;
-  float lo, step;
+  PlaneDecode d;
   int32_t word_index = -1, block = -1;
   uint32_t word = 0;
   float up = 0.f;
@@ -232,9 +247,7 @@ struct ElementWriter {
   DIV_HD ElementWriter(const DecompressArgs& args, int64_t p)
       : a(args), out(static_cast<scalar_t*>(args.out)), v(plane_view(args.g, p)),
         words(args.mode != kLfcOnly ? args.codes + p * args.g.words : nullptr),
-        lfc_base(p * args.g.lfc_numel),
-        lo(args.mode != kLfcOnly ? args.lo[p] : 0.f),
-        step(args.mode != kLfcOnly ? args.step[p] : 0.f) {}
+        lfc_base(p * args.g.lfc_numel), d(plane_decode_of<scalar_t>(args, p)) {}
 
   // x_hat of element q, in block j, as float32.
   DIV_HD float value(int32_t q, int32_t j) {
@@ -252,7 +265,7 @@ struct ElementWriter {
       block = j;
       up = load_lfc(a.lfc, a.lfc_kind, lfc_base + j);
     }
-    return reconstruct(a.mode, up, code, step, lo);
+    return reconstruct(a.mode, up, code, d);
   }
 
   DIV_HD void write(int32_t q, int32_t j) { out[v.base + q * v.stride] = static_cast<scalar_t>(value(q, j)); }

@@ -9,9 +9,10 @@
 //   lfc    thread per (plane, LFC block): float64 block sum, min and max of x in one pass over the
 //          block in shared memory (each thread starts at a lane-dependent element, which spreads
 //          neighbouring threads over the banks); the rounded block mean goes to `lfc` and to
-//          shared memory, min - up and max - up into the plane's range with integer atomics on
-//          order-preserving bits (rounding is monotone: these are min and max of h, format.py).
-//   scale  thread per plane: lo, scale, step, the plane's hash key.
+//          shared memory, float64 min - up and max - up into the plane's range with 64-bit
+//          integer atomics on order-preserving bits (format v3: these are the plane's lo, hi).
+//   scale  thread per plane: shift, lo, scale, step, the plane's hash key; then every block's
+//          up is multiplied by its plane's 2^shift.
 //   codes  warp per 64 consecutive elements of a plane: lane l quantizes the pair (2l, 2l + 1)
 //          with one hash, the 2Q-bit fields of 16 / Q lanes are ORed into a word with shuffles,
 //          and the words go out coalesced.
@@ -37,10 +38,10 @@ struct alignas(16) Vec16 {
 
 // Per staged plane, in shared memory.
 struct PlaneSlot {
-  uint32_t lo, hi;  // ordered_bits of the running min / max of h
-  uint32_t nan;     // some block's rounded LFC is NaN
-  uint32_t key;     // K_p of format.py
-  float lo_value, scale;
+  unsigned long long lo, hi;  // ordered_bits_d of the running min / max of float64(x) - float64(up)
+  uint32_t nan;               // some block's rounded LFC is NaN
+  uint32_t key;               // K_p of format.py
+  float lo_value, scale, p;   // the plane's lo, scale and 2^shift (format v3)
 };
 
 struct StagedPlan {
@@ -164,8 +165,10 @@ DIV_HD void copy_vectors(Vec16* dst, const Vec16* src, int32_t count, int tid) {
 template <typename scalar_t>
 DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                         const StagedSmem<scalar_t>& m, int tid) {
-  for (int32_t gi = tid; gi < b.count; gi += kStagedThreads)
-    m.slot[gi] = PlaneSlot{ordered_bits(infinity()), ordered_bits(-infinity()), 0u, 0u, 0.f, 0.f};
+  for (int32_t gi = tid; gi < b.count; gi += kStagedThreads) {
+    m.slot[gi] = PlaneSlot{ordered_bits_d(static_cast<double>(infinity())),
+                           ordered_bits_d(-static_cast<double>(infinity())), 0u, 0u, 0.f, 0.f, 1.f};
+  }
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
   const int32_t P = a.g.numel;
   if (!a.g.channels_last) {  // the planes are one contiguous range of x
@@ -241,17 +244,16 @@ DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedB
         if (++r == rows) r = 0;
       }
     }
-    const float mean = static_cast<float>((sum0 + sum1) / static_cast<double>(count));
-    const float up = round_lfc(mean, a.lfc_kind);
+    const float up = round_lfc((sum0 + sum1) / static_cast<double>(count), a.lfc_kind);
     store_lfc(a.lfc, a.lfc_kind, (b.p0 + gi) * L + j, up);
     m.up[it] = up;
     if (!keep_hfc) continue;
     PlaneSlot& slot = m.slot[gi];
-    if (is_nan(up)) {  // then h is NaN over the block: the plane's constants are NaN (RangeAcc)
+    if (is_nan(up)) {  // a non-finite block: the plane's constants are NaN (format v3)
       shared_or(&slot.nan, 1u);
     } else {
-      shared_min(&slot.lo, ordered_bits(fsub(lo, up)));
-      shared_max(&slot.hi, ordered_bits(fsub(hi, up)));
+      shared_min(&slot.lo, ordered_bits_d(static_cast<double>(lo) - static_cast<double>(up)));
+      shared_max(&slot.hi, ordered_bits_d(static_cast<double>(hi) - static_cast<double>(up)));
     }
   }
 }
@@ -259,17 +261,23 @@ DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedB
 DIV_HD void staged_scale(const CompressArgs& a, const StagedBlock& b, PlaneSlot* slots, int tid) {
   for (int32_t gi = tid; gi < b.count; gi += kStagedThreads) {
     PlaneSlot& slot = slots[gi];
-    const RangeAcc acc{from_ordered_bits(slot.lo), from_ordered_bits(slot.hi), slot.nan != 0};
-    const PlaneScale ps = plane_scale(acc, a.levels);
     const int64_t p = b.p0 + gi;
-    a.lo_out[p] = ps.lo;
-    a.step_out[p] = ps.step;
+    const RangeAcc acc{from_ordered_bits_d(slot.lo), from_ordered_bits_d(slot.hi), slot.nan != 0};
+    const PlaneScale ps = store_plane_scale(a, acc, p);
     slot.lo_value = ps.lo;
     slot.scale = ps.scale;
+    slot.p = ps.p;
     slot.key = plane_key(read_seed(a), static_cast<uint64_t>(p));
   }
 }
 
+// up of every block times its plane's 2^shift, in place (what the codes subtract).
+template <typename scalar_t>
+DIV_HD void staged_scale_up(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
+                            const StagedSmem<scalar_t>& m, int tid) {
+  for (int32_t it = tid; it < b.count * a.g.lfc_numel; it += kStagedThreads)
+    m.up[it] = fmul(m.up[it], m.slot[s.div_lfc.div(static_cast<uint32_t>(it))].p);
+}
 
 // One warp step: elements 64 * step .. 64 * step + 63 of staged plane gi -> 2Q code words.
 template <typename scalar_t, typename Lanes>
@@ -281,7 +289,7 @@ DIV_HD void staged_code_step(const CompressArgs& a, const StagedPlan& s, const S
   const PlaneSlot& slot = m.slot[gi];
   const scalar_t* plane = m.xs + gi * g.numel;
   const float* up = m.up + gi * g.lfc_numel;
-  const float lo = slot.lo_value, scale = slot.scale, levels = static_cast<float>(a.levels);
+  const float lo = slot.lo_value, scale = slot.scale, pow2 = slot.p, levels = static_cast<float>(a.levels);
   const uint32_t key = slot.key;
   const int bits = a.bits;
   const int32_t first = step * kStepElements;
@@ -294,10 +302,10 @@ DIV_HD void staged_code_step(const CompressArgs& a, const StagedPlan& s, const S
         const uint32_t hash = pair_hash(key, static_cast<uint32_t>(q >> 1));
         const uint32_t y = g.div_w.div(static_cast<uint32_t>(q));
         const uint32_t x = static_cast<uint32_t>(q) - y * static_cast<uint32_t>(g.w);
-        const float* up_row = up + g.div_bh.div(y) * g.lw;  // the LFC of the block row of y
+        const float* up_row = up + g.div_bh.div(y) * g.lw;  // the (scaled) LFC of y's block row
         const uint32_t bx = g.div_bw.div(x);
-        const float h0 = fsub(static_cast<float>(plane[q]), up_row[bx]);
-        uint32_t field = quantize(h0, lo, scale, uniform_even(hash), levels);
+        uint32_t field = quantize(static_cast<float>(plane[q]), up_row[bx], pow2, lo, scale,
+                                  uniform_even(hash), levels);
         if (q + 1 < g.numel) {
           float up1;
           if (x + 1 == static_cast<uint32_t>(g.w)) {  // odd W: the pair spans two rows
@@ -305,7 +313,7 @@ DIV_HD void staged_code_step(const CompressArgs& a, const StagedPlan& s, const S
           } else {  // the next column: the same block unless x + 1 starts one
             up1 = up_row[x + 1 == (bx + 1) * static_cast<uint32_t>(g.bw) ? bx + 1 : bx];
           }
-          field |= quantize(fsub(static_cast<float>(plane[q + 1]), up1), lo, scale,
+          field |= quantize(static_cast<float>(plane[q + 1]), up1, pow2, lo, scale,
                             uniform_odd(hash), levels) << bits;
         }
         return field << ((2 * lane * bits) & 31);
@@ -327,6 +335,8 @@ DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedP
   if (a.mode == kLfcOnly) return;  // uniform over the block: no thread skips a barrier alone
   ex.sync();
   ex.each([&](int tid) { staged_scale(a, b, m.slot, tid); });
+  ex.sync();
+  ex.each([&](int tid) { staged_scale_up<scalar_t>(a, s, b, m, tid); });
   ex.sync();
   ex.each_warp([&](int warp, auto& lanes) {
     for (int32_t item = warp; item < b.count * s.steps; item += kStagedWarps)
@@ -366,15 +376,13 @@ DIV_HD void vec_decompress_chunk(const DecompressArgs& a, const VecPlan& v, int6
   const int64_t p = static_cast<int64_t>(v.div_chunks.div(static_cast<uint64_t>(chunk)));
   const int32_t q0 = static_cast<int32_t>(chunk - p * v.chunks_per_plane) * VEC;
   uint64_t codes = 0;
-  float lo = 0.f, step = 0.f;
   if (a.mode != kLfcOnly) {
     const int64_t bit = static_cast<int64_t>(q0) * a.bits;
     const uint32_t* words = a.codes + p * g.words + (bit >> 5);
     codes = words[0] >> (bit & 31);
     if (VEC * a.bits > 32) codes |= static_cast<uint64_t>(words[1]) << 32;  // aligned: bit % 32 == 0
-    lo = a.lo[p];
-    step = a.step[p];
   }
+  const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
   const uint32_t mask = (1u << a.bits) - 1u;
   Cursor cur;
   cur.seek(g, static_cast<uint32_t>(q0));
@@ -387,7 +395,7 @@ DIV_HD void vec_decompress_chunk(const DecompressArgs& a, const VecPlan& v, int6
       up = load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + j);
     }
     const uint32_t code = static_cast<uint32_t>(codes >> (k * a.bits)) & mask;
-    out[k] = static_cast<scalar_t>(reconstruct(a.mode, up, code, step, lo));
+    out[k] = static_cast<scalar_t>(reconstruct(a.mode, up, code, d));
     cur.next(g, static_cast<uint32_t>(q0 + k + 1));
   }
   scalar_t* dst = static_cast<scalar_t*>(a.out) + p * g.numel + q0;

@@ -1,4 +1,4 @@
-// Per-element arithmetic of the DIVISION bit format v2 (division/format.py), shared by the CUDA
+// Per-element arithmetic of the DIVISION bit format v3 (division/format.py), shared by the CUDA
 // kernels and their CPU twin so that both are bit-identical to the pure-PyTorch reference
 // (division/reference.py).
 //
@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define DIV_HD __host__ __device__ __forceinline__
@@ -22,7 +23,8 @@
 
 namespace division {
 
-constexpr float kTiny = 1e-30f;                       // format.TINY, floor of a plane's range
+constexpr float kTiny = 1e-30f;                       // format.TINY, floor of a normalized range
+constexpr int kShiftMin = -126, kShiftMax = 127;       // format.SHIFT_MIN / SHIFT_MAX
 constexpr float kFltMax = 3.4028234663852886e38f;     // FLT_MAX, ceiling of a plane's range
 constexpr float kU24Scale = 5.9604644775390625e-08f;  // 2^-24
 constexpr float kBf16Max = 3.3895313892515355e38f;    // torch.finfo(torch.bfloat16).max
@@ -81,48 +83,105 @@ DIV_HD float quiet_nan() { return float_from_bits(0x7fc00000u); }
 
 DIV_HD float infinity() { return float_from_bits(0x7f800000u); }
 
-// ---- the HFC range ---------------------------------------------------------------------------
-// torch.amin/amax propagate NaN and settle -0 vs +0 by their reduction order. Here the running
-// (lo, hi) use fminf/fmaxf, exact and order-independent for non-NaN values except for the sign of
-// a zero, which plane_scale settles (+0) once per plane. NaN is tracked per LFC block instead of
-// per element: h holds a NaN exactly when the rounded LFC of its block is NaN (a NaN or both
-// infinities in the block; the LFC is clamped to a finite range otherwise, so x - up is never
-// NaN), and then the whole plane's lo, scale and step are NaN, as in the reference.
+// ---- exact powers of two ---------------------------------------------------------------------
+
+// float32 2^e for integer e in [-127, 127], exact (from its bits).
+DIV_HD float power_of_two(int e) {
+  return e >= -126 ? float_from_bits(static_cast<uint32_t>(e + 127) << 23) : float_from_bits(0x00400000u);
+}
+
+DIV_HD double power_of_two_d(int e) {  // |e| <= 1022
+#ifdef __CUDA_ARCH__
+  return __longlong_as_double(static_cast<long long>(e + 1023) << 52);
+#else
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+DIV_HD bool is_finite_d(double v) { return v - v == 0.0; }  // false for NaN and +-inf
+
+// ---- the HFC range (format v3) ---------------------------------------------------------------
+// lo_d and hi_d are the plane's min and max of float64(x) - float64(up), taken per LFC block from
+// the block's float min and max (rounding is monotone, so that is the same). A block whose rounded
+// LFC is NaN (it holds a NaN or an infinity) makes the plane non-finite.
 
 struct RangeAcc {
-  float lo, hi;
+  double lo, hi;
   bool nan;
 
-  DIV_HD static RangeAcc empty() { return {infinity(), -infinity(), false}; }
+  DIV_HD static RangeAcc empty() { return {static_cast<double>(infinity()), -static_cast<double>(infinity()), false}; }
 
-  DIV_HD void add(float h) {
-    lo = fminf(lo, h);  // fminf/fmaxf return the non-NaN operand
-    hi = fmaxf(hi, h);
+  // A block with float min / max of x `xmin` / `xmax` and rounded LFC `up`.
+  DIV_HD void add_block(float xmin, float xmax, float up) {
+    if (is_nan(up)) {
+      nan = true;
+      return;
+    }
+    const double l = static_cast<double>(xmin) - static_cast<double>(up);
+    const double h = static_cast<double>(xmax) - static_cast<double>(up);
+    lo = l < lo ? l : lo;
+    hi = h > hi ? h : hi;
   }
 
   DIV_HD void merge(const RangeAcc& o) {
     nan = nan || o.nan;
-    lo = fminf(lo, o.lo);
-    hi = fmaxf(hi, o.hi);
+    lo = o.lo < lo ? o.lo : lo;
+    hi = o.hi > hi ? o.hi : hi;
   }
 };
 
-// Per-plane quantization constants, exactly as reference.py:
-//   r = clamp(hi - lo, TINY, FLT_MAX); scale = levels / r; step = r / levels
+// Per-plane constants, exactly as reference.py: shift e with (hi - lo) * 2^e in [1, 2), p = 2^e,
+// lo and r in that scale (float32), scale = levels / r, step = r / levels; NaN for a non-finite plane.
 struct PlaneScale {
-  float lo, scale, step;
+  float lo, scale, step, p;
+  int shift;
 };
 
 DIV_HD PlaneScale plane_scale(const RangeAcc& acc, int levels) {
-  if (acc.nan) {  // reference: amin/amax of a plane holding NaN are NaN, so are scale and step
+  if (acc.nan) {
     const float n = quiet_nan();
-    return {n, n, n};
+    return {n, n, n, 1.f, 0};
   }
-  const float lo = fadd(acc.lo, 0.f), hi = fadd(acc.hi, 0.f);  // -0 -> +0, else unchanged
-  float r = fsub(hi, lo);
-  r = r < kTiny ? kTiny : (r > kFltMax ? kFltMax : r);  // NaN stays NaN, as torch.clamp
+  const double r_d = acc.hi - acc.lo;
+  int e = 0;
+  if (r_d > 0.0) {
+    int k;
+    (void)frexp(r_d, &k);
+    e = 1 - k;
+    e = e < kShiftMin ? kShiftMin : (e > kShiftMax ? kShiftMax : e);
+  }
+  const double pd = power_of_two_d(e);
+  const float lo = static_cast<float>((acc.lo + 0.0) * pd);  // -0 -> +0, as reference.py
+  float r = static_cast<float>(r_d * pd);
+  r = r < kTiny ? kTiny : (r > kFltMax ? kFltMax : r);
   const float lv = static_cast<float>(levels);
-  return {lo, fdiv(lv, r), fdiv(r, lv)};
+  return {lo, fdiv(lv, r), fdiv(r, lv), power_of_two(e), e};
+}
+
+// An order-preserving unsigned image of a double (-0 < +0; no NaN enters): the per-plane min and
+// max are taken with integer atomics on these.
+DIV_HD unsigned long long ordered_bits_d(double v) {
+  unsigned long long b;
+#ifdef __CUDA_ARCH__
+  b = static_cast<unsigned long long>(__double_as_longlong(v));
+#else
+  std::memcpy(&b, &v, sizeof(b));
+#endif
+  return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+}
+
+DIV_HD double from_ordered_bits_d(unsigned long long o) {
+  const unsigned long long b = (o & 0x8000000000000000ull) ? (o & 0x7FFFFFFFFFFFFFFFull) : ~o;
+#ifdef __CUDA_ARCH__
+  return __longlong_as_double(static_cast<long long>(b));
+#else
+  double v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+#endif
 }
 
 // ---- random numbers (hashing.py) -------------------------------------------------------------
@@ -168,9 +227,10 @@ DIV_HD uint32_t floor_small(float t) {
 #endif
 }
 
-// code = floor(fmin(fmax((h - lo) * scale + u, 0), levels)); NaN gives 0.
-DIV_HD uint32_t quantize(float h, float lo, float scale, float u, float levels) {
-  const float t = fadd(fmul(fsub(h, lo), scale), u);
+// code = floor(fmin(fmax(((x * p - up_p) - lo) * scale + u, 0), levels)), up_p = up * p; NaN
+// gives 0.
+DIV_HD uint32_t quantize(float x, float up_p, float p, float lo, float scale, float u, float levels) {
+  const float t = fadd(fmul(fsub(fsub(fmul(x, p), up_p), lo), scale), u);
   return floor_small(fminf(fmaxf(t, 0.f), levels));
 }
 
@@ -179,34 +239,42 @@ DIV_HD float code_value(uint32_t code) {
   return fsub(float_from_bits(0x4B000000u | code), 8388608.0f);
 }
 
-// division: up + (code * step + lo); lfc_only: up; hfc_only: code * step + lo.
-DIV_HD float reconstruct(int mode, float up, uint32_t code, float step, float lo) {
-  if (mode == kLfcOnly) return up;
-  const float hfc = fadd(fmul(code_value(code), step), lo);
-  return mode == kHfcOnly ? hfc : fadd(up, hfc);
+// One plane's reconstruction constants: x_hat = clamp(up + ((code * step + lo) * q), -top, top).
+struct PlaneDecode {
+  float lo, step, q, top;
+};
+
+DIV_HD PlaneDecode plane_decode(float lo, float step, int shift, float top) {
+  return {lo, step, power_of_two(-shift), top};
 }
 
-// A float32's bits mapped so that unsigned order is float order (-0 < +0; no NaN enters): the
-// per-plane min and max are taken with integer atomics on these.
-DIV_HD uint32_t ordered_bits(float v) {
-  uint32_t b;
-#ifdef __CUDA_ARCH__
-  b = __float_as_uint(v);
-#else
-  std::memcpy(&b, &v, sizeof(b));
-#endif
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+// NaN-propagating clamp, as torch.clamp.
+DIV_HD float clamp_top(float v, float top) { return v < -top ? -top : (v > top ? top : v); }
+
+// division: up + ((code * step + lo) * q); lfc_only: up; hfc_only: (code * step + lo) * q; then
+// clamped to the output dtype's finite range.
+DIV_HD float reconstruct(int mode, float up, uint32_t code, const PlaneDecode& d) {
+  if (mode == kLfcOnly) return clamp_top(up, d.top);
+  const float hfc = fmul(fadd(fmul(code_value(code), d.step), d.lo), d.q);
+  return clamp_top(mode == kHfcOnly ? hfc : fadd(up, hfc), d.top);
 }
 
-DIV_HD float from_ordered_bits(uint32_t o) {
-  return float_from_bits((o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o);
+// The largest finite value of an output dtype, as float.
+template <typename scalar_t>
+DIV_HD float finite_top() {
+  if (sizeof(scalar_t) == 4) return kFltMax;
+  if (std::is_same<scalar_t, c10::Half>::value) return kHalfMax;
+  return kBf16Max;
 }
 
 // ---- LFC storage -----------------------------------------------------------------------------
 
-// The block mean (float32) clamped to the LFC dtype's finite range and rounded to it (round to
-// nearest even), returned as the float32 value the HFC is computed against.
-DIV_HD float round_lfc(float mean, int kind) {
+// The stored LFC of a block from its float64 mean: NaN when the mean is not finite (the block holds
+// a NaN or an infinity), else rounded to float32, clamped to the LFC dtype's finite range and
+// rounded to it (nearest even); returned as the float32 value the HFC is taken against.
+DIV_HD float round_lfc(double mean_d, int kind) {
+  if (!is_finite_d(mean_d)) return quiet_nan();
+  float mean = static_cast<float>(mean_d);
   if (kind == kLfcBFloat16) {
     mean = mean < -kBf16Max ? -kBf16Max : (mean > kBf16Max ? kBf16Max : mean);
     return static_cast<float>(c10::BFloat16(mean));
@@ -287,7 +355,7 @@ struct FastDiv64 {
 // ---- shared-memory atomics: real atomics on the device, plain updates in the CPU twin (which
 // runs the threads of a block one after another) ------------------------------------------------
 
-DIV_HD void shared_min(uint32_t* a, uint32_t v) {
+DIV_HD void shared_min(unsigned long long* a, unsigned long long v) {
 #ifdef __CUDA_ARCH__
   atomicMin(a, v);
 #else
@@ -295,7 +363,7 @@ DIV_HD void shared_min(uint32_t* a, uint32_t v) {
 #endif
 }
 
-DIV_HD void shared_max(uint32_t* a, uint32_t v) {
+DIV_HD void shared_max(unsigned long long* a, unsigned long long v) {
 #ifdef __CUDA_ARCH__
   atomicMax(a, v);
 #else

@@ -1,4 +1,4 @@
-// division._C: the DIVISION ops of bit format v2 (division/format.py), registered with
+// division._C: the DIVISION ops of bit format v3 (division/format.py), registered with
 // torch.library as division::compress, division::decompress, division::relu_pack(_),
 // division::pack_bool, division::relu_backward, division::dropout_backward, division::max_pool2d
 // and division::max_pool2d_backward (their shapes for torch.compile: division/ops.py).
@@ -22,7 +22,7 @@
 namespace division {
 namespace {
 
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;
 // q, j and q0 + 64 of a plane stay below 2^31 (FastDiv and the int32 element indices)
 constexpr int64_t kMaxPlaneNumel = (int64_t{1} << 31) - 64;
 constexpr int64_t kSharedTarget = 48 * 1024;    // bytes of planes a staged block aims at
@@ -219,7 +219,7 @@ void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
 
 // ---- compress / decompress ---------------------------------------------------------------------
 
-using Compressed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Compressed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_t block_size,
                          int64_t bits, at::ScalarType lfc_dtype, c10::string_view mode_name,
@@ -242,8 +242,10 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
   at::Tensor lfc = at::empty(lfc_sizes(x.sizes(), block_size), opts.dtype(lfc_dtype));
   const bool keep_hfc = mode != kLfcOnly;
   at::Tensor codes = at::empty(keep_hfc ? std::vector<int64_t>{g.planes, g.plane_bytes} : std::vector<int64_t>{0}, opts.dtype(at::kByte));
-  at::Tensor lo = at::empty(keep_hfc ? std::vector<int64_t>{x.size(0), x.size(1)} : std::vector<int64_t>{0}, opts.dtype(at::kFloat));
+  const std::vector<int64_t> per_plane = keep_hfc ? std::vector<int64_t>{x.size(0), x.size(1)} : std::vector<int64_t>{0};
+  at::Tensor lo = at::empty(per_plane, opts.dtype(at::kFloat));
   at::Tensor step = at::empty_like(lo);
+  at::Tensor shift = at::empty(per_plane, opts.dtype(at::kChar));
   if (g.planes > 0) {
     CompressArgs a{};
     a.x = x.data_ptr();
@@ -260,6 +262,7 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
       a.codes = reinterpret_cast<uint32_t*>(codes.data_ptr<uint8_t>());
       a.lo_out = lo.data_ptr<float>();
       a.step_out = step.data_ptr<float>();
+      a.shift_out = shift.data_ptr<int8_t>();
     }
     TORCH_CHECK(o.path == "auto" || o.path == "staged" || o.path == "generic", what,
                 ": path must be auto, staged or generic, got ", o.path);
@@ -283,7 +286,7 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
     }
   }
   if (mode == kHfcOnly) lfc = at::empty({0}, opts.dtype(lfc_dtype));  // as reference.py: no LFC kept
-  return {lfc, codes, lo, step};
+  return {lfc, codes, lo, step, shift};
 }
 
 Compressed compress_op(const at::Tensor& x, const at::Tensor& seed, int64_t block_size, int64_t bits,
@@ -293,7 +296,7 @@ Compressed compress_op(const at::Tensor& x, const at::Tensor& seed, int64_t bloc
 
 at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
                            const at::Tensor& lo_in, const at::Tensor& step_in,
-                           at::IntArrayRef shape, at::ScalarType dtype, bool channels_last,
+                           const at::Tensor& shift_in, at::IntArrayRef shape, at::ScalarType dtype, bool channels_last,
                            int64_t block_size, int64_t bits, c10::string_view mode_name,
                            const CodecOptions& o) {
   const char* what = "division.decompress";
@@ -308,7 +311,7 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
   TORCH_CHECK(any.defined(), what, ": mode ", mode_name, " needs the ", use_lfc ? "LFC" : "codes", " tensor");
   check_device(any, what);
   DecompressArgs a{};
-  at::Tensor lfc, codes, lo, step;  // contiguous versions, alive until the kernel is queued
+  at::Tensor lfc, codes, lo, step, shift;  // contiguous versions, alive until the kernel is queued
   if (use_lfc) {
     lfc = lfc_in.contiguous();
     a.lfc_kind = lfc_kind_of(lfc.scalar_type(), what);
@@ -318,25 +321,28 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
     a.lfc = lfc.data_ptr();
   }
   if (use_hfc) {
-    TORCH_CHECK(codes_in.defined() && lo_in.defined() && step_in.defined(), what, ": mode ",
-                mode_name, " needs the codes, lo and step tensors");
+    TORCH_CHECK(codes_in.defined() && lo_in.defined() && step_in.defined() && shift_in.defined(),
+                what, ": mode ", mode_name, " needs the codes, lo, step and shift tensors");
     codes = codes_in.contiguous();
     if (reinterpret_cast<uintptr_t>(codes.data_ptr()) % 4 != 0)
       codes = codes.clone();  // read as 32-bit words
     lo = lo_in.contiguous();
     step = step_in.contiguous();
+    shift = shift_in.contiguous();
     TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == g.planes * g.plane_bytes, what,
                 ": the codes (", codes.sizes(), ", ", codes.scalar_type(), ") do not match shape ",
                 shape, " and bits=", bits, " (expected uint8 (", g.planes, ", ", g.plane_bytes, "))");
     TORCH_CHECK(lo.scalar_type() == at::kFloat && step.scalar_type() == at::kFloat &&
-                    lo.numel() == g.planes && step.numel() == g.planes,
-                what, ": lo and step must be float32 (N, C) tensors");
+                    shift.scalar_type() == at::kChar && lo.numel() == g.planes &&
+                    step.numel() == g.planes && shift.numel() == g.planes,
+                what, ": lo and step must be float32 and shift int8 (N, C) tensors");
     TORCH_CHECK(codes.device() == any.device() && lo.device() == any.device() &&
-                    step.device() == any.device(),
+                    step.device() == any.device() && shift.device() == any.device(),
                 what, ": all tensors must be on one device");
     a.codes = reinterpret_cast<const uint32_t*>(codes.data_ptr<uint8_t>());
     a.lo = lo.data_ptr<float>();
     a.step = step.data_ptr<float>();
+    a.shift = shift.data_ptr<int8_t>();
   }
   at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
   if (channels_last) fmt = shape.size() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
@@ -380,10 +386,11 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
 }
 
 at::Tensor decompress_op(const at::Tensor& lfc, const at::Tensor& codes, const at::Tensor& lo,
-                         const at::Tensor& step, c10::SymIntArrayRef shape, at::ScalarType dtype,
-                         bool channels_last, int64_t block_size, int64_t bits, c10::string_view mode) {
-  return decompress_with(lfc, codes, lo, step, C10_AS_INTARRAYREF_SLOW(shape), dtype, channels_last,
-                         block_size, bits, mode, CodecOptions{});
+                         const at::Tensor& step, const at::Tensor& shift, c10::SymIntArrayRef shape,
+                         at::ScalarType dtype, bool channels_last, int64_t block_size, int64_t bits,
+                         c10::string_view mode) {
+  return decompress_with(lfc, codes, lo, step, shift, C10_AS_INTARRAYREF_SLOW(shape), dtype,
+                         channels_last, block_size, bits, mode, CodecOptions{});
 }
 
 // ---- masks -------------------------------------------------------------------------------------
@@ -665,8 +672,8 @@ at::Tensor uniforms(int64_t seed, int64_t first_plane, int64_t planes, int64_t n
 
 TORCH_LIBRARY(division, m) {
   m.def("compress(Tensor x, Tensor seed, int block_size, int bits, ScalarType lfc_dtype, str mode) "
-        "-> (Tensor lfc, Tensor codes, Tensor lo, Tensor step)");
-  m.def("decompress(Tensor lfc, Tensor codes, Tensor lo, Tensor step, SymInt[] shape, "
+        "-> (Tensor lfc, Tensor codes, Tensor lo, Tensor step, Tensor shift)");
+  m.def("decompress(Tensor lfc, Tensor codes, Tensor lo, Tensor step, Tensor shift, SymInt[] shape, "
         "ScalarType dtype, bool channels_last, int block_size, int bits, str mode) -> Tensor");
   m.def("relu_pack(Tensor x) -> (Tensor y, Tensor mask)");
   m.def("relu_pack_(Tensor(a!) x) -> Tensor mask");
@@ -696,7 +703,7 @@ TORCH_LIBRARY_IMPL(division, CUDA, m) { DIVISION_IMPLS(m); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "DIVISION kernels, bit format v2 (division/format.py): the ops are torch.ops.division.*; "
+  m.doc() = "DIVISION kernels, bit format v3 (division/format.py): the ops are torch.ops.division.*; "
             "these are helpers for tests and benchmarks.";
   m.attr("FORMAT_VERSION") = division::kFormatVersion;
   m.attr("BLOCK_THREADS") = division::kBlockThreads;
@@ -713,14 +720,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("plane_minor") = false, py::arg("smem_target") = 0, py::arg("smem_limit") = 0);
   m.def("_decompress_with",
         [](const at::Tensor& lfc, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& step,
-           std::vector<int64_t> shape, at::ScalarType dtype, bool channels_last, int64_t block_size,
-           int64_t bits, const std::string& mode, const std::string& path, int64_t threads_per_plane,
-           bool plane_minor) {
-          return division::decompress_with(lfc, codes, lo, step, shape, dtype, channels_last, block_size, bits, mode,
-                                           division::options(path, threads_per_plane, plane_minor, 0, 0));
+           const at::Tensor& shift, std::vector<int64_t> shape, at::ScalarType dtype, bool channels_last,
+           int64_t block_size, int64_t bits, const std::string& mode, const std::string& path,
+           int64_t threads_per_plane, bool plane_minor) {
+          return division::decompress_with(lfc, codes, lo, step, shift, shape, dtype, channels_last, block_size,
+                                           bits, mode, division::options(path, threads_per_plane, plane_minor, 0, 0));
         },
         "decompress with a chosen kernel (path: auto | vec | tile | generic) and launch shape",
-        py::arg("lfc"), py::arg("codes"), py::arg("lo"), py::arg("step"), py::arg("shape"),
+        py::arg("lfc"), py::arg("codes"), py::arg("lo"), py::arg("step"), py::arg("shift"), py::arg("shape"),
         py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"),
         py::arg("mode"), py::arg("path") = "auto", py::arg("threads_per_plane") = 0,
         py::arg("plane_minor") = false);

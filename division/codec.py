@@ -63,14 +63,13 @@ def encode(
     seed = draw_seed(x.device) if seed is None else as_seed(seed, x.device)
     # the kernels index within a plane in 32 bits; a single (n, c) plane that large takes the reference
     if kernels and math.prod(x.shape[2:]) < MAX_KERNEL_PLANE:
-        lfc, codes, lo, step = torch.ops.division.compress(
+        lfc, *hfc = torch.ops.division.compress(
             x, seed, cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype, mode
         )
-        keep_hfc = mode != "lfc_only"
+        codes, lo, step, shift = hfc if mode != "lfc_only" else (None,) * 4
         return CompressedActivation(
             x.shape, x.dtype, fmt, cfg.block_size, cfg.hfc_bits, mode,
-            lfc if mode != "hfc_only" else None, codes if keep_hfc else None,
-            lo if keep_hfc else None, step if keep_hfc else None, backend="kernels",
+            lfc if mode != "hfc_only" else None, codes, lo, step, shift, backend="kernels",
         )
     return compress_reference(x, cfg.block_size, cfg.hfc_bits, cfg.lfc_torch_dtype, mode, seed, fmt)
 
@@ -83,7 +82,7 @@ def decompress(packed: CompressedActivation) -> torch.Tensor:
         return packed.raw
     if packed.backend == "kernels":
         absent = None if packed.mode == "division" else torch.empty(0, device=packed.device)
-        parts = [t if t is not None else absent for t in (packed.lfc, packed.codes, packed.lo, packed.step)]
+        parts = [t if t is not None else absent for t in packed.tensors()[:5]]
         return torch.ops.division.decompress(
             *parts, list(packed.shape), packed.dtype, packed.memory_format != torch.contiguous_format,
             packed.block_size, packed.bits, packed.mode,

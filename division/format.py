@@ -1,4 +1,4 @@
-"""The DIVISION bit format (version 2): the one place that defines what a compressed activation is.
+"""The DIVISION bit format (version 3): the one place that defines what a compressed activation is.
 
 Both backends (the pure-PyTorch reference in `reference.py` and the CUDA kernels in `cuda_ext/`)
 produce and consume exactly this layout; for the same seed their outputs are bit-identical except
@@ -12,21 +12,31 @@ LFC (low-frequency component)
     Block size per spatial dim d: b_d = min(B, S_d); blocks per dim: L_d = ceil(S_d / b_d). Block j
     covers elements [j*b_d, min((j+1)*b_d, S_d)) in that dim, so blocks align with the upsampling
     and a partial last block averages only the elements it covers. The block mean is the float64
-    sum of the float32-converted elements divided by their count, rounded to float32, clamped to
-    the finite range of the LFC dtype and rounded to it. `lfc` is a contiguous (N, C, *L) tensor.
+    sum of the float32-converted elements divided by their count. A block holding a NaN or an
+    infinity has a non-finite sum: its LFC is NaN. Otherwise the mean is rounded to float32, clamped
+    to the finite range of the LFC dtype and rounded to it. `lfc` is a contiguous (N, C, *L) tensor.
     Float64 sums of at most 512 float32 values are exact unless the block's magnitudes span more
     than ~2^23, so summation order (which differs between backends) almost never changes a bit.
 
-HFC (high-frequency component), all float32 arithmetic, every operation rounded on its own:
-    up[i]   = float32(lfc[block of i])                 (nearest upsampling by block)
-    h[i]    = x[i] - up[i]
-    lo, hi  = min and max of h over the plane;  r = clamp(hi - lo, TINY, FLT_MAX)
-    scale   = (2^Q - 1) / r ;  step = r / (2^Q - 1)    (one each per plane)
-    v[i]    = (h[i] - lo) * scale
+Non-finite planes: a plane with a NaN LFC block (it holds a NaN or an infinity) stores lo = step =
+NaN, shift 0 and codes 0: it reconstructs as NaN everywhere (in lfc_only mode, its non-finite
+blocks do), so the gradients it feeds are non-finite, as stock's would be, and GradScaler sees it.
+
+HFC (high-frequency component) of a finite plane, changed in version 3 so that no finite input
+overflows and tiny ranges keep their precision: the plane is quantized in a power-of-two scaled
+domain where its range lies in [1, 2). Per plane in float64, per element in float32, every
+operation rounded on its own:
+    up[i]   = float32(lfc[block of i])                     (nearest upsampling by block)
+    lo_d    = min over the plane of float64(x[i]) - float64(up[i]), plus 0.0 (-0 -> +0);
+    hi_d    = the max;  r_d = hi_d - lo_d
+    shift e = 1 - k for r_d = m * 2^k, m in [0.5, 1) (frexp), clamped to [-126, 127]; 0 if r_d = 0
+    p       = 2^e (float32, exact);  lo = float32(lo_d * 2^e);  r = clamp(float32(r_d * 2^e), TINY, FLT_MAX)
+    scale   = (2^Q - 1) / r ;  step = r / (2^Q - 1)        (float32, one each per plane)
+    v[i]    = ((x[i] * p - up[i] * p) - lo) * scale
     code[i] = floor(fmin(fmax(v[i] + u[i], 0), 2^Q - 1))   (unbiased stochastic rounding; NaN -> 0)
-    `lo` and `step` are stored as float32 (N, C) tensors. Since rounding is monotone, lo and hi are
-    also min/max over the plane's LFC blocks of (min or max of x in the block) - up: the kernels
-    take them that way, in the same pass as the block sums.
+    `lo`, `step` are stored as float32 (N, C) tensors, `shift` as an int8 (N, C) tensor. Rounding
+    is monotone, so lo_d and hi_d are also min/max over the LFC blocks of float64(min or max of x
+    in the block) - float64(up): the kernels take them that way, in the same pass as the sums.
 
 Random numbers (changed in version 2, so that a hash serves two elements and no per-element
 64-bit arithmetic is needed): with s0, s1 the low and high 32-bit words of the 63-bit seed and p0,
@@ -49,10 +59,11 @@ plane read as 32-bit little-endian words has code q at bit (Q*q) mod 32 of word 
 plane_bytes = ceil(P*Q/8) rounded up to a multiple of 4, so every plane starts on a 32-bit word and
 one thread block can own whole planes; padding bits are zero.
 
-Reconstruction (float32, then cast to x's dtype and memory format):
-    division: x_hat[i] = up[i] + (code[i] * step + lo)
+Reconstruction (float32), with q = 2^-e (exact), then clamped to the finite range of x's dtype
+(NaN stays NaN: a finite plane never reconstructs to an infinity) and cast to it and its layout:
+    division: x_hat[i] = up[i] + ((code[i] * step + lo) * q)
     lfc_only: x_hat[i] = up[i]
-    hfc_only: x_hat[i] = code[i] * step + lo
+    hfc_only: x_hat[i] = (code[i] * step + lo) * q
     exact:    the input itself is kept (`raw`).
 """
 
@@ -63,8 +74,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-FORMAT_VERSION = 2  # the compiled kernels must report the same (backend.load_extension)
-TINY = 1e-30  # floor of a plane's range: keeps scale finite when max == min
+FORMAT_VERSION = 3  # the compiled kernels must report the same (backend.load_extension)
+TINY = 1e-30  # floor of a plane's normalized range: keeps scale finite when max == min
+SHIFT_MIN, SHIFT_MAX = -126, 127  # 2^shift and 2^-shift are exact float32 values
 FLT_MAX = torch.finfo(torch.float32).max
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODES = ("division", "exact", "lfc_only", "hfc_only")
@@ -99,8 +111,8 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 class CompressedActivation:
     """What a layer keeps of its input for backward.
 
-    Tensors absent in a mode are None: `lfc` in hfc_only, the HFC parts in lfc_only, all but `raw`
-    in exact. `nbytes` counts the bytes of the tensors held.
+    Tensors absent in a mode are None: `lfc` in hfc_only, the HFC parts (codes, lo, step, shift) in
+    lfc_only, all but `raw` in exact. `nbytes` counts the bytes of the tensors held.
     """
 
     shape: torch.Size
@@ -113,19 +125,25 @@ class CompressedActivation:
     codes: torch.Tensor | None = None
     lo: torch.Tensor | None = None
     step: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
     raw: torch.Tensor | None = None
     backend: str = field(default="torch", compare=False)
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.lfc, self.codes, self.lo, self.step, self.raw)
+        return (self.lfc, self.codes, self.lo, self.step, self.shift, self.raw)
 
     def with_tensors(self, tensors: tuple[torch.Tensor | None, ...]) -> CompressedActivation:
         """The same record over other tensor objects (those autograd hands back from saving)."""
-        lfc, codes, lo, step, raw = tensors
+        lfc, codes, lo, step, shift, raw = tensors
         return CompressedActivation(
             self.shape, self.dtype, self.memory_format, self.block_size, self.bits, self.mode,
-            lfc, codes, lo, step, raw, self.backend,
+            lfc, codes, lo, step, shift, raw, self.backend,
         )
+
+    @property
+    def quantization_step(self) -> torch.Tensor:
+        """Each plane's quantization step in x's units, float64 (N, C): step * 2^-shift."""
+        return self.step.double() * torch.exp2(-self.shift.double())  # exact: 2^-shift in float64
 
     @property
     def nbytes(self) -> int:

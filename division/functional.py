@@ -33,15 +33,18 @@ def _save(ctx: Any, packed: CompressedActivation | None, *others: torch.Tensor |
         ctx.packed = None
         ctx.save_for_backward(*others)
         return
-    ctx.packed = packed.with_tensors((None,) * 5)
-    ctx.save_for_backward(*packed.tensors(), *others)
+    tensors = packed.tensors()
+    ctx.packed = packed.with_tensors((None,) * len(tensors))
+    ctx.record_size = len(tensors)
+    ctx.save_for_backward(*tensors, *others)
 
 
 def _load(ctx: Any) -> tuple[CompressedActivation | None, tuple[torch.Tensor | None, ...]]:
     saved = ctx.saved_tensors
     if ctx.packed is None:
         return None, saved
-    return ctx.packed.with_tensors(saved[:5]), saved[5:]
+    n = ctx.record_size
+    return ctx.packed.with_tensors(saved[:n]), saved[n:]
 
 
 class ConvFn(Function):

@@ -39,12 +39,14 @@ def register_fakes() -> None:
         if mode == "hfc_only":
             lfc = _absent(x, lfc_dtype)
         if mode == "lfc_only":
-            return lfc, _absent(x, torch.uint8), _absent(x, torch.float32), _absent(x, torch.float32)
+            return (lfc, _absent(x, torch.uint8), _absent(x, torch.float32), _absent(x, torch.float32),
+                    _absent(x, torch.int8))
         codes = x.new_empty((n * c, plane_bytes(math.prod(spatial), bits)), dtype=torch.uint8)
-        return lfc, codes, x.new_empty((n, c), dtype=torch.float32), x.new_empty((n, c), dtype=torch.float32)
+        return (lfc, codes, x.new_empty((n, c), dtype=torch.float32),
+                x.new_empty((n, c), dtype=torch.float32), x.new_empty((n, c), dtype=torch.int8))
 
     @torch.library.register_fake(lib + "decompress")
-    def _decompress(lfc, codes, lo, step, shape, dtype, channels_last, block_size, bits, mode):
+    def _decompress(lfc, codes, lo, step, shift, shape, dtype, channels_last, block_size, bits, mode):
         on = codes if mode == "hfc_only" else lfc
         return torch.empty(shape, dtype=dtype, device=on.device,
                            memory_format=_layout(channels_last, len(shape)))

@@ -13,7 +13,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .format import FLT_MAX, TINY, CompressedActivation, block_shape, lfc_shape, plane_bytes
+from .format import (
+    FLT_MAX,
+    SHIFT_MAX,
+    SHIFT_MIN,
+    TINY,
+    CompressedActivation,
+    block_shape,
+    lfc_shape,
+    plane_bytes,
+)
 from .hashing import uniforms
 
 CHUNK_ELEMENTS = 1 << 24  # elements processed per piece
@@ -25,7 +34,8 @@ def _sample_chunks(n: int, per_sample: int) -> list[tuple[int, int]]:
 
 
 def block_means(x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
-    """float32 means of aligned blocks, partial edge blocks averaging what they cover."""
+    """float64 means of aligned blocks, partial edge blocks averaging what they cover (NaN or +-inf
+    where a block holds a non-finite value)."""
     spatial = tuple(x.shape[2:])
     nblocks = tuple(math.ceil(s / b) for s, b in zip(spatial, blocks))
     pads: list[int] = []
@@ -42,7 +52,34 @@ def block_means(x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
         shape = [1] * len(spatial)
         shape[d] = nb
         counts = counts * cnt.view(shape)
-    return (sums / counts).float()
+    return sums / counts
+
+
+def round_lfc(means: torch.Tensor, lfc_dtype: torch.dtype) -> torch.Tensor:
+    """The stored LFC: NaN for a non-finite block, else float32, clamped to the dtype, rounded."""
+    top = torch.finfo(lfc_dtype).max
+    rounded = means.float().clamp(-top, top).to(lfc_dtype)
+    return torch.where(means.isfinite(), rounded, torch.full_like(rounded, math.nan))
+
+
+def power_of_two(e: torch.Tensor) -> torch.Tensor:
+    """float32 2^e for integer e in [-127, 127], exact (built from its bits: no pow rounding)."""
+    e = e.to(torch.int32)
+    normal = ((e + 127).clamp(min=1) << 23).view(torch.float32)
+    return torch.where(e >= -126, normal, torch.full_like(normal, 2.0**-127))
+
+
+def scale_by_power_of_two(v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """float64 v * 2^e, exact for |e| <= 1022 (2^e built from its bits)."""
+    return v * ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def plane_shift(r_d: torch.Tensor) -> torch.Tensor:
+    """The shift e with r_d * 2^e in [1, 2) (clamped to [SHIFT_MIN, SHIFT_MAX]); 0 where r_d is 0
+    or not finite."""
+    _, k = torch.frexp(r_d)
+    e = (1 - k).clamp(SHIFT_MIN, SHIFT_MAX)
+    return torch.where((r_d > 0) & r_d.isfinite(), e, torch.zeros_like(e))
 
 
 def upsample_blocks(lfc: torch.Tensor, spatial: tuple[int, ...], blocks: tuple[int, ...]) -> torch.Tensor:
@@ -96,7 +133,6 @@ def compress_reference(
     numel = math.prod(spatial)
     blocks = block_shape(spatial, block_size)
     levels = (1 << bits) - 1
-    lfc_max = torch.finfo(lfc_dtype).max
     keep_lfc = mode in ("division", "lfc_only")
     keep_hfc = mode in ("division", "hfc_only")
     lfc = torch.empty((n, c, *lfc_shape(spatial, block_size)), dtype=lfc_dtype, device=x.device)
@@ -104,28 +140,38 @@ def compress_reference(
         codes = torch.empty((n * c, plane_bytes(numel, bits)), dtype=torch.uint8, device=x.device)
         lo_all = torch.empty((n, c), dtype=torch.float32, device=x.device)
         step_all = torch.empty((n, c), dtype=torch.float32, device=x.device)
+        shift_all = torch.empty((n, c), dtype=torch.int8, device=x.device)
     spatial_dims = tuple(range(2, 2 + len(spatial)))
+    expand = (...,) + (None,) * len(spatial)
     for n0, n1 in _sample_chunks(n, c * numel):
         xs = x[n0:n1].float()
-        lfc_chunk = block_means(xs, blocks).clamp(-lfc_max, lfc_max).to(lfc_dtype)
+        lfc_chunk = round_lfc(block_means(xs, blocks), lfc_dtype)
         lfc[n0:n1] = lfc_chunk
         if not keep_hfc:
             continue
-        h = xs - upsample_blocks(lfc_chunk, spatial, blocks)
-        lo = h.amin(dim=spatial_dims)
-        r = (h.amax(dim=spatial_dims) - lo).clamp(TINY, FLT_MAX)
+        up = upsample_blocks(lfc_chunk, spatial, blocks)
+        h_d = xs.double() - up.double()
+        lo_d, hi_d = h_d.amin(dim=spatial_dims) + 0.0, h_d.amax(dim=spatial_dims)  # -0 -> +0
+        finite = lfc_chunk.isfinite().flatten(2).all(dim=2)  # a non-finite plane has a NaN block
+        r_d = hi_d - lo_d
+        e = torch.where(finite, plane_shift(r_d), torch.zeros_like(r_d, dtype=torch.int32))
+        lo = scale_by_power_of_two(lo_d, e).float()
+        r = scale_by_power_of_two(r_d, e).float().clamp(TINY, FLT_MAX)
         scale = torch.full_like(r, levels) / r  # a true division: `levels / r` is r.reciprocal() * levels
-        step_all[n0:n1] = r / levels
-        lo_all[n0:n1] = lo
-        expand = (...,) + (None,) * len(spatial)
-        v = (h - lo[expand]) * scale[expand]
-        u = uniforms(seed, n0 * c, (n1 - n0) * c, numel).view(h.shape)
+        nan = torch.full_like(r, math.nan)
+        lo_all[n0:n1] = torch.where(finite, lo, nan)
+        step_all[n0:n1] = torch.where(finite, r / levels, nan)
+        shift_all[n0:n1] = e.to(torch.int8)
+        p = power_of_two(e)[expand]
+        v = (((xs * p) - (up * p)) - lo[expand]) * scale[expand]
+        v = torch.where(finite[expand], v, torch.full_like(v, math.nan))  # codes 0
+        u = uniforms(seed, n0 * c, (n1 - n0) * c, numel).view(v.shape)
         code = quantize(v + u, levels)
         codes[n0 * c : n1 * c] = pack_codes(code.reshape((n1 - n0) * c, numel), bits)
     if keep_lfc:
         record.lfc = lfc
     if keep_hfc:
-        record.codes, record.lo, record.step = codes, lo_all, step_all
+        record.codes, record.lo, record.step, record.shift = codes, lo_all, step_all, shift_all
     return record
 
 
@@ -138,6 +184,7 @@ def decompress_reference(packed: CompressedActivation) -> torch.Tensor:
     spatial = tuple(shape[2:])
     numel = math.prod(spatial)
     blocks = block_shape(spatial, packed.block_size)
+    top = torch.finfo(packed.dtype).max
     out = torch.empty(shape, dtype=packed.dtype, device=packed.device).contiguous(
         memory_format=packed.memory_format
     )
@@ -147,9 +194,10 @@ def decompress_reference(packed: CompressedActivation) -> torch.Tensor:
         if packed.mode in ("division", "hfc_only"):
             code = unpack_codes(packed.codes[n0 * c : n1 * c], packed.bits, numel)
             code = code.to(torch.float32).view(n1 - n0, c, *spatial)
-            x_hat = code * packed.step[n0:n1][expand] + packed.lo[n0:n1][expand]
+            q = power_of_two(-packed.shift[n0:n1].to(torch.int32))[expand]
+            x_hat = (code * packed.step[n0:n1][expand] + packed.lo[n0:n1][expand]) * q
         if packed.mode in ("division", "lfc_only"):
             up = upsample_blocks(packed.lfc[n0:n1], spatial, blocks)
             x_hat = up if x_hat is None else up + x_hat
-        out[n0:n1] = x_hat
+        out[n0:n1] = x_hat.clamp(-top, top)  # NaN stays NaN
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -14,9 +15,9 @@ from division.reference import block_means, pack_codes, unpack_codes
 
 
 def plane_step(packed: division.CompressedActivation) -> torch.Tensor:
-    """Per-element quantization step, broadcast to the input's shape."""
+    """Per-element quantization step in x's units (step * 2^-shift), broadcast to x's shape."""
     expand = (...,) + (None,) * len(packed.spatial)
-    return packed.step[expand].expand(packed.shape)
+    return packed.quantization_step.float()[expand].expand(packed.shape)
 
 
 def assert_within_one_step(x: torch.Tensor, packed: division.CompressedActivation) -> None:
@@ -204,6 +205,80 @@ def test_constant_planes_reconstruct_exactly() -> None:
         assert torch.equal(x_hat, x)
 
 
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MODES_WITH_HFC = ["division", "hfc_only"]
+
+
+def extreme_planes(dtype: torch.dtype) -> torch.Tensor:
+    """Finite planes at the edges of the dtype: at and near its maximum, blocks of both huge signs,
+    huge values beside small ones."""
+    top = torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 9, 10, generator=g)
+    x[0, 0] = top
+    x[0, 1] = -top
+    x[0, 2] = torch.rand(9, 10, generator=g) * top
+    x[0, 3, :, :5], x[0, 3, :, 5:] = top, -top
+    x[1, 0] = top * (1 - 2 * torch.rand(9, 10, generator=g))
+    x[1, 1, ::2] = top * 0.999
+    x[1, 2, 0, 0] = top
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lfc_dtype", ["bfloat16", "float16", "float32"])
+def test_finite_in_finite_out_up_to_the_dtype_maximum(dtype: torch.dtype, lfc_dtype: str) -> None:
+    x = extreme_planes(dtype)
+    for mode, bits in itertools.product(["division", "lfc_only", "hfc_only"], [1, 2, 8]):
+        cfg = division.DivisionConfig(hfc_bits=bits, lfc_dtype=lfc_dtype, backward_mode=mode)
+        x_hat = division.decompress(division.compress(x, cfg, seed=bits))
+        assert torch.isfinite(x_hat).all(), (mode, bits)
+    packed = division.compress(x, division.DivisionConfig(lfc_dtype=lfc_dtype), seed=3)
+    err = (division.decompress(packed).double() - x.double()).abs()
+    assert (err <= plane_step(packed).double() * (1 + 1e-6) + x.double().abs() * torch.finfo(dtype).eps).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_planes_reconstruct_as_nan_and_no_others(dtype: torch.dtype) -> None:
+    """A plane holding inf or NaN feeds non-finite gradients, as stock's would (GradScaler sees it)."""
+    x = (torch.randn(2, 4, 9, 10) * 3).to(dtype)
+    x[0, 0, 1, 1] = math.inf
+    x[0, 1, 2, 2] = -math.inf
+    x[1, 0, 3, 3] = math.nan
+    x[1, 1, 0, 0], x[1, 1, 8, 9] = math.inf, -math.inf  # in different blocks
+    bad = torch.zeros(2, 4, dtype=torch.bool)
+    bad[0, :2] = bad[1, :2] = True
+    for mode in MODES_WITH_HFC:
+        packed = division.compress(x, division.DivisionConfig(backward_mode=mode), seed=4)
+        x_hat = division.decompress(packed)
+        assert x_hat[bad].isnan().all() and torch.isfinite(x_hat[~bad]).all()
+        assert packed.lo[bad].isnan().all() and packed.step[bad].isnan().all()
+        assert (packed.shift[bad] == 0).all()
+    up = division.decompress(division.compress(x, division.DivisionConfig(backward_mode="lfc_only"), seed=4))
+    assert up[0, 0, :8, :8].isnan().all() and torch.isfinite(up[0, 0, :8, 8:]).all()  # its block only
+
+
+@pytest.mark.parametrize("name, scale, offset", [
+    ("tiny range around 1", 1e-6, 1.0),
+    ("below the old 1e-30 floor", 1e-33, 0.0),
+    ("subnormal", 1e-41, 0.0),
+    ("tiny range around 1e30", 1e24, 1e30),
+])
+def test_tiny_and_subnormal_ranges_keep_their_precision(name: str, scale: float, offset: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64).mul(scale).add(offset).float()
+    assert (x != offset).any() and torch.isfinite(x).all()
+    for bits in (2, 8):
+        packed = division.compress(x, division.DivisionConfig(hfc_bits=bits), seed=bits)
+        x_hat = division.decompress(packed).double()
+        step = plane_step(packed).double()
+        span = x.double().flatten(2).amax(2) - x.double().flatten(2).amin(2)
+        # the step is the plane's own range (of x - up) over 2^Q - 1, not a floor's
+        assert (step.flatten(2)[..., 0] <= 2 * span / (2**bits - 1) + 1e-300).all(), name
+        tiny = torch.finfo(torch.float32).tiny * 2**-23  # the float32 grid near subnormals
+        assert ((x_hat - x.double()).abs() <= step * (1 + 1e-6) + tiny).all(), name
+
+
 def test_no_nan_from_extreme_finite_input() -> None:
     x = torch.randn(2, 3, 8, 8)
     x[0, 0, 0, 0] = 3e38
@@ -268,8 +343,8 @@ def test_size_of_a_resnet_activation_is_below_one_thirteenth() -> None:
     held = sum(t.untyped_storage().nbytes() for t in packed.tensors() if t is not None)
     assert packed.nbytes == held  # nbytes is what is really held, not a formula
     assert packed.nbytes <= x.numel() * x.element_size() / 13
-    # 2 bits per element + one bf16 per 8x8 block + 8 bytes per plane
-    assert packed.nbytes == 32 * 64 * (56 * 56 * 2 // 8 + 7 * 7 * 2 + 8)
+    # 2 bits per element + one bf16 per 8x8 block + 9 bytes per plane (lo, step, shift)
+    assert packed.nbytes == 32 * 64 * (56 * 56 * 2 // 8 + 7 * 7 * 2 + 9)
 
 
 @pytest.mark.parametrize("mode", ["lfc_only", "hfc_only", "exact"])

@@ -76,6 +76,8 @@ def assert_identical(got: torch.Tensor | None, want: torch.Tensor | None, what: 
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.device == want.device, f"{what}: device {got.device} != {want.device}"
     same = bits_of(got) == bits_of(want)
+    if got.is_floating_point():  # NaN payloads may differ (see the module docstring)
+        same |= got.isnan() & want.isnan()
     if not bool(same.all()):
         bad = (~same).nonzero()[0].tolist()
         raise AssertionError(
@@ -112,12 +114,12 @@ def check_against_reference(
     fmt = memory_format_of(x)
     s = as_seed(seed, x.device)
     ref = compress_reference(x, block, bits, lfc_dtype, mode, s, fmt)
-    want_parts = (ref.lfc, ref.codes, ref.lo, ref.step)
+    want_parts = (ref.lfc, ref.codes, ref.lo, ref.step, ref.shift)
     options = compress_options(x, block, bits) if launch is None else [
         {"path": "generic", "threads_per_plane": launch[0], "plane_minor": launch[1]}]
     for opt in options:
         got = _C._compress_with(x, s, block, bits, lfc_dtype, mode, **opt)
-        for name, g, w in zip(("lfc", "codes", "lo", "step"), got, want_parts):
+        for name, g, w in zip(("lfc", "codes", "lo", "step", "shift"), got, want_parts):
             assert_identical(g, w, f"compress {opt} {name}")
     none = torch.empty(0, device=x.device)
     parts = [t if t is not None else none for t in want_parts]
@@ -174,7 +176,7 @@ EDGE_SHAPES = [
 
 @needs_ext
 def test_extension_speaks_this_bit_format() -> None:
-    assert _C.FORMAT_VERSION == FORMAT_VERSION == 2
+    assert _C.FORMAT_VERSION == FORMAT_VERSION == 3
 
 
 @needs_ext
@@ -236,19 +238,26 @@ def test_compress_plans() -> None:
         _C._compress_with(big, as_seed(0, "cpu"), 8, 2, torch.bfloat16, "division", path="staged")
 
 
-def special_values() -> torch.Tensor:
-    """Constant and zero planes (range floored at TINY), values beyond float16 (a float16 LFC
-    clamps to 65504) and near FLT_MAX, infinities (LFC clamped, range clamped to FLT_MAX),
-    denormals."""
-    x = torch.randn(4, 6, 9, 10, generator=torch.Generator().manual_seed(5)) * 3
+def special_values(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Constant and zero planes (normalized range floored at TINY), values beyond float16 (a float16
+    LFC clamps to 65504), infinities (non-finite planes), subnormal and tiny ranges (large shifts),
+    and planes at the dtype's maximum, of both signs in one block (shift -126)."""
+    g = torch.Generator().manual_seed(5)
+    top = torch.finfo(dtype).max
+    x = torch.randn(4, 6, 9, 10, generator=g) * 3
     x[0, 0] = 0.0
     x[0, 1] = 2.5
     x[0, 2, :4] = 7e4
-    x[0, 3] = torch.randn(9, 10) * 1e-40
+    x[0, 3] = torch.randn(9, 10, generator=g) * 1e-40
+    x[0, 4] = 1 + torch.randn(9, 10, generator=g) * 1e-6
+    x[0, 5] = torch.randn(9, 10, generator=g) * 1e-33
     x[1, 0, 2, 3] = math.inf
     x[1, 1, 4, 4] = -math.inf
-    x[2, 0] = 3e38
-    return x
+    x[2, 0] = min(3e38, top)
+    x[2, 1] = top * (1 - 2 * torch.rand(9, 10, generator=g))
+    x[2, 2, :, :5], x[2, 2, :, 5:] = top, -top
+    x[2, 3] = top
+    return x.to(dtype)
 
 
 def check_nan_propagation(x: torch.Tensor, lfc_dtype: torch.dtype) -> None:
@@ -263,6 +272,7 @@ def check_nan_propagation(x: torch.Tensor, lfc_dtype: torch.dtype) -> None:
         got = _C._compress_with(x, s, 8, 2, lfc_dtype, "division", **opt)
         assert_identical(got[1], ref.codes, f"codes {opt}")
         out = torch.ops.division.decompress(*got, list(x.shape), x.dtype, False, 8, 2, "division")
+        assert_identical(got[4], ref.shift, f"shift {opt}")
         for g, w in ((got[0], ref.lfc), (got[2], ref.lo), (got[3], ref.step),
                      (out, decompress_reference(ref))):
             assert torch.equal(g.isnan(), w.isnan()) and g.isnan().any()
@@ -271,11 +281,23 @@ def check_nan_propagation(x: torch.Tensor, lfc_dtype: torch.dtype) -> None:
 
 @needs_ext
 @pytest.mark.parametrize("lfc_dtype", LFC_DTYPES)
-def test_cpu_twin_on_special_values(lfc_dtype: torch.dtype) -> None:
-    x = special_values()
-    for mode, bits in itertools.product(MODES, [1, 8]):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_twin_on_special_values(lfc_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    x = special_values(dtype)
+    for mode, bits in itertools.product(MODES, [1, 2, 8]):
         check_against_reference(x, 8, bits, mode, lfc_dtype, seed=99)
+    for layout in ("channels_last", "offset"):
+        check_against_reference(make_like(x, layout), 4, 2, "division", lfc_dtype, seed=98)
     check_nan_propagation(x, lfc_dtype)
+
+
+def make_like(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x's values in another layout (see make_input)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    flat[1:] = x.reshape(-1)
+    return flat[1:].view(x.shape)
 
 
 @needs_ext
@@ -289,10 +311,10 @@ def test_hash_matches_hashing_uniforms() -> None:
 def test_empty_batch_and_absent_parts() -> None:
     seed = as_seed(0, "cpu")
     x = torch.randn(0, 3, 5, 5)
-    lfc, codes, lo, step = torch.ops.division.compress(x, seed, 8, 2, torch.bfloat16, "division")
+    lfc, codes, lo, step, shift = torch.ops.division.compress(x, seed, 8, 2, torch.bfloat16, "division")
     assert lfc.shape == (0, 3, 1, 1) and codes.shape == (0, plane_bytes(25, 2))
-    assert lo.shape == step.shape == (0, 3)
-    out = torch.ops.division.decompress(lfc, codes, lo, step, [0, 3, 5, 5], torch.float32, False, 8, 2, "division")
+    assert lo.shape == step.shape == shift.shape == (0, 3) and shift.dtype == torch.int8
+    out = torch.ops.division.decompress(lfc, codes, lo, step, shift, [0, 3, 5, 5], torch.float32, False, 8, 2, "division")
     assert out.shape == (0, 3, 5, 5)
     y = torch.randn(2, 3, 4)
     parts = torch.ops.division.compress(y, seed, 8, 2, torch.bfloat16, "lfc_only")
@@ -319,15 +341,17 @@ def test_ops_reject_bad_input_with_clear_messages() -> None:
     for args, message in bad:
         with pytest.raises(RuntimeError, match=message):
             compress(*args)
-    lfc, codes, lo, step = compress(x, s, 8, 2, torch.bfloat16, "division")
+    parts = compress(x, s, 8, 2, torch.bfloat16, "division")
     none = torch.empty(0)
     decompress = torch.ops.division.decompress
     with pytest.raises(RuntimeError, match="do not match"):
-        decompress(lfc, none, none, none, [2, 3, 4, 4], torch.float32, False, 8, 2, "division")
+        decompress(parts[0], none, none, none, none, [2, 3, 4, 4], torch.float32, False, 8, 2, "division")
     with pytest.raises(RuntimeError, match="do not match"):
-        decompress(lfc, codes, lo, step, [2, 3, 4, 8], torch.float32, False, 8, 2, "division")
+        decompress(*parts, [2, 3, 4, 8], torch.float32, False, 8, 2, "division")
     with pytest.raises(RuntimeError, match="channels_last output needs a 4-D or 5-D"):
-        decompress(lfc, codes, lo, step, [2, 3, 16], torch.float32, True, 8, 2, "division")
+        decompress(*parts, [2, 3, 16], torch.float32, True, 8, 2, "division")
+    with pytest.raises(RuntimeError, match="shift int8"):
+        decompress(*parts[:4], parts[4].float(), [2, 3, 4, 4], torch.float32, False, 8, 2, "division")
 
 
 def opcheck_cases(device: str) -> list[tuple]:
@@ -389,10 +413,13 @@ def test_cuda_kernels_on_edge_shapes_and_launch_shapes(shape: tuple, layout: str
 @needs_ext
 @needs_gpu
 @pytest.mark.parametrize("lfc_dtype", LFC_DTYPES)
-def test_cuda_kernels_on_special_values(lfc_dtype: torch.dtype) -> None:
-    x = special_values().cuda()
-    for mode, bits in itertools.product(MODES, [1, 8]):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_on_special_values(lfc_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    x = special_values(dtype).cuda()
+    for mode, bits in itertools.product(MODES, [1, 2, 8]):
         check_against_reference(x, 8, bits, mode, lfc_dtype, seed=99)
+    for layout in ("channels_last", "offset"):
+        check_against_reference(make_like(x, layout), 4, 2, "division", lfc_dtype, seed=98)
     check_nan_propagation(x, lfc_dtype)
 
 
@@ -426,7 +453,7 @@ def test_public_api_kernels_equal_torch_backend(layout: str) -> None:
     fast = division.compress(x, division.DivisionConfig(backend="cuda"), seed=3)
     slow = division.compress(x, division.DivisionConfig(backend="torch"), seed=3)
     assert fast.backend == "kernels" and slow.backend == "torch"
-    for name in ("lfc", "codes", "lo", "step"):
+    for name in ("lfc", "codes", "lo", "step", "shift"):
         assert_identical(getattr(fast, name), getattr(slow, name), name)
     out = division.decompress(fast)
     assert_identical(out, decompress_reference(slow), "decompress")
