@@ -42,11 +42,16 @@ def compress(
 
     `mode` defaults to cfg.backward_mode; `seed` (an int in [0, 2^63) or a 0-d int64 tensor) to a
     draw from the generator of x's device, which costs no host sync. Exact mode keeps x itself
-    and draws nothing. The result holds no reference to x except in "exact" mode.
+    (any shape and floating dtype) and draws nothing. The record holds no reference to x except in
+    exact mode, and no autograd history.
     """
-    check_input(x)
-    return encode(x, cfg, cfg.backward_mode if mode is None else mode,
-                  select_backend(x, cfg) == "kernels", seed)
+    if not isinstance(cfg, DivisionConfig):
+        raise TypeError(f"division.compress: cfg must be a division.DivisionConfig, got {type(cfg).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"division.compress: expected a torch.Tensor, got {type(x).__name__}")
+    with torch.no_grad():
+        return encode(x, cfg, cfg.backward_mode if mode is None else mode,
+                      select_backend(x, cfg) == "kernels", seed)
 
 
 def encode(
@@ -54,12 +59,12 @@ def encode(
     seed: int | torch.Tensor | None = None,
 ) -> CompressedActivation:
     """compress() once the implementation is chosen: what the layers call, also under compile."""
-    check_input(x)
     if mode not in MODES:
         raise ValueError(f"division.compress: mode={mode!r} is not one of {', '.join(MODES)}")
     fmt = memory_format_of(x)
-    if mode == "exact":
+    if mode == "exact":  # the input itself: nothing to check, nothing drawn
         return CompressedActivation(x.shape, x.dtype, fmt, cfg.block_size, cfg.hfc_bits, mode, raw=x)
+    check_input(x)
     seed = draw_seed(x.device) if seed is None else as_seed(seed, x.device)
     # the kernels index within a plane in 32 bits; a single (n, c) plane that large takes the reference
     if kernels and math.prod(x.shape[2:]) < MAX_KERNEL_PLANE:

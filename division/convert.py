@@ -63,12 +63,14 @@ def convert_model(
         raise TypeError(f"convert_model: cfg must be a division.DivisionConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model: expected an nn.Module, got {type(model).__name__}")
-    if hasattr(model, STATE_ATTR):
+    if hasattr(model, STATE_ATTR) or isinstance(model, DivisionLayer):
         raise ValueError("convert_model: this model is already converted; convert a fresh copy instead")
-    compressor = Compressor(cfg) if compressor is None else compressor
     new_cls, _ = conversion_for(model, cfg)
-    if new_cls is not None:
-        return new_cls.from_module(model, compressor)
+    if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share,
+        # and no root forward to reset a sharing cache, which would hand back an old draw
+        single = compressor or Compressor(cfg.replace(share_inputs=False))
+        return new_cls.from_module(model, single)
+    compressor = Compressor(cfg) if compressor is None else compressor
     _convert_children(model, cfg, compressor)
     setattr(model, STATE_ATTR, compressor)
     model.register_forward_pre_hook(compressor)

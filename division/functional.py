@@ -78,29 +78,33 @@ class ConvFn(Function):
 
 
 class BatchNormFn(Function):
-    """Training-mode batch norm: exact batch statistics from forward, reused by backward."""
+    """Training-mode batch norm: exact batch statistics from forward, reused by backward. Forward and
+    backward go through the kernels stock chooses (aten._batch_norm_impl_index: cuDNN where it
+    applies, the native kernel otherwise), so exact mode matches stock bit for bit."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, compressor: Compressor, mode):
-        y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
+        y, save_mean, save_var, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+            x, weight, bias, running_mean, running_var, True, momentum, eps,
+            torch.backends.cudnn.enabled,
         )
         packed = compressor.compress(x, mode) if any(ctx.needs_input_grad[:3]) else None
-        _save(ctx, packed, weight, save_mean, save_invstd)
-        ctx.eps = eps
+        _save(ctx, packed, weight, save_mean, save_var, reserve)
+        ctx.eps, ctx.impl = eps, impl
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        packed, (weight, save_mean, save_invstd) = _load(ctx)
+        packed, (weight, save_mean, save_var, reserve) = _load(ctx)
         mask = [
             ctx.needs_input_grad[0],
             ctx.has_weight and ctx.needs_input_grad[1],
             ctx.has_bias and ctx.needs_input_grad[2],
         ]
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gy, decompress(packed), weight, None, None, save_mean, save_invstd, True, ctx.eps, mask
+        gx, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
+            ctx.impl, decompress(packed), gy, weight, None, None, save_mean, save_var, True,
+            ctx.eps, mask, reserve,
         )
         return gx, gw, gb, None, None, None, None, None, None
 

@@ -20,9 +20,17 @@ from .functional import BatchNormFn, ConvFn, DropoutFn, LinearFn, MaxPool2dFn, R
 
 
 def _needs_saving(module: nn.Module, x: torch.Tensor) -> bool:
-    if not (module.training and torch.is_grad_enabled()):
+    """Whether the layer runs its own Function; otherwise the stock forward (eval, no_grad, nothing
+    needing a gradient, or an empty input: there is nothing to compress, and stock's handling of
+    empty tensors is kept)."""
+    if not (module.training and torch.is_grad_enabled()) or x.numel() == 0:
         return False
     return x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _unbatched(x: torch.Tensor, batched_dims: int) -> bool:
+    """An input without its batch dimension, which stock layers accept (and process as a batch of 1)."""
+    return x.dim() == batched_dims - 1
 
 
 def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[list[Any], contextlib.AbstractContextManager]:
@@ -57,6 +65,8 @@ class _DivisionConvNd(DivisionLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x):
             return super().forward(x)  # type: ignore[misc]
+        if _unbatched(x, self.weight.dim()):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         dims = x.dim() - 2
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -106,6 +116,10 @@ class _DivisionBatchNorm(DivisionLayer):
         self._check_input_dim(x)
         if not _needs_saving(self, x):
             return super().forward(x)  # type: ignore[misc]
+        if x.numel() // x.shape[1] == 1:  # stock's check (F.batch_norm): a variance of one value
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.size()}"
+            )
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -150,6 +164,8 @@ class DivisionMaxPool2d(DivisionLayer, nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x):
             return super().forward(x)
+        if _unbatched(x, 4):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         stride = self.stride if self.stride is not None else self.kernel_size
         return MaxPool2dFn.apply(
             x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation),

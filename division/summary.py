@@ -85,14 +85,21 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _stock_layer(layer: DivisionLayer) -> nn.Module:
+    base = next(b for b, c in CONVERSIONS.items() if isinstance(layer, c))
+    stock = base.__new__(base)
+    stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k != "compressor"})
+    return stock
+
+
 def revert_model(model: nn.Module) -> nn.Module:
-    """Undo convert_model in place: every converted layer becomes its stock torch.nn class again."""
+    """Undo convert_model in place: every converted layer becomes its stock torch.nn class again
+    (a converted lone layer is returned as a stock layer sharing its parameters)."""
+    if isinstance(model, DivisionLayer):
+        return _stock_layer(model)
     for name, child in list(model.named_children()):
         if isinstance(child, DivisionLayer):
-            base = next(b for b, c in CONVERSIONS.items() if isinstance(child, c))
-            stock = base.__new__(base)
-            stock.__dict__.update({k: v for k, v in child.__dict__.items() if k != "compressor"})
-            setattr(model, name, stock)
+            setattr(model, name, _stock_layer(child))
         else:
             revert_model(child)
     compressor = model.__dict__.pop(STATE_ATTR, None)

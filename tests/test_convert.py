@@ -126,3 +126,42 @@ def test_revert_model_gives_stock_layers() -> None:
     model = division.convert_model(torchvision.models.resnet18(num_classes=10))
     division.revert_model(model)
     assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("name, size", [
+    ("mobilenet_v2", 64), ("efficientnet_b0", 64), ("squeezenet1_1", 64), ("convnext_tiny", 32),
+    ("googlenet", 64), ("inception_v3", 75), pytest.param("vgg11", 32, marks=pytest.mark.slow),
+])
+def test_exact_mode_is_the_stock_model_bit_for_bit(name: str, size: int) -> None:
+    """Dropout, stochastic depth and every converted layer: the same random draws, outputs and
+    gradients as the unconverted model under the same seed (exact mode is the A/B reference)."""
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    stock = torchvision.models.get_model(name, num_classes=10, **kwargs)
+    converted = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    x, y = torch.randn(2, 3, size, size), torch.tensor([1, 2])
+    results = []
+    for model in (stock, converted):
+        torch.manual_seed(1)
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()], torch.rand(1)))
+    (out0, grads0, after0), (out1, grads1, after1) = results
+    assert torch.equal(out0, out1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert torch.equal(after0, after1)  # and the same amount of randomness consumed
+
+
+def test_a_lone_converted_layer_draws_anew_each_call_and_reverts() -> None:
+    layer = division.convert_model(nn.Conv2d(3, 4, 3), division.DivisionConfig())
+    x = torch.randn(2, 3, 8, 8)
+    grads = []
+    for _ in range(2):
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        grads.append(layer.weight.grad.clone())
+    assert not torch.equal(grads[0], grads[1])  # two draws, not one record reused
+    stock = division.revert_model(layer)
+    assert type(stock) is nn.Conv2d and stock.weight is layer.weight
+    with pytest.raises(ValueError, match="already converted"):
+        division.convert_model(layer)

@@ -262,3 +262,86 @@ def test_linear_is_kept_unless_compress_linear() -> None:
     assert type(model[0]) is nn.Linear
     model = division.convert_model(nn.Sequential(nn.Linear(4, 3)), division.DivisionConfig(compress_linear=True))
     assert type(model[0]).__name__ == "DivisionLinear"
+
+
+# ---------------------------------------------------------------------------------------------
+# what stock accepts, rejects and returns at the edges
+
+
+def stock_and_converted(make: Callable[[], nn.Module], x: torch.Tensor, cfg: division.DivisionConfig):
+    """(output, input grad, parameter grads) of the stock layer and of its converted copy."""
+    stock, layer = converted_pair(make, cfg)
+    out = []
+    for m in (stock, layer):
+        leaf = x.detach().clone().requires_grad_(True)
+        y = m(leaf * 1.0)
+        y.backward(torch.ones_like(y) if y.numel() else y)
+        out.append((y.detach(), leaf.grad, [p.grad for p in m.parameters()]))
+    return out
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv1d(3, 4, 3), (3, 10)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 8, 8)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 8, 8)),
+    (lambda: nn.MaxPool2d(3, 2, 1), (3, 9, 9)),
+])
+def test_unbatched_inputs_train_as_in_stock(make: Callable[[], nn.Module], shape: tuple) -> None:
+    (y0, g0, p0), (y1, g1, p1) = stock_and_converted(make, torch.randn(shape), division.DivisionConfig(backward_mode="exact"))
+    assert y0.shape == y1.shape == y1.shape and torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(3, 4, 3), (0, 3, 8, 8)),
+    (lambda: nn.BatchNorm2d(3), (0, 3, 8, 8)),
+    (lambda: nn.ReLU(), (2, 0, 8, 8)),
+    (lambda: nn.Dropout(0.5), (0, 5)),
+])
+def test_empty_inputs_run_as_in_stock(make: Callable[[], nn.Module], shape: tuple) -> None:
+    (y0, g0, _), (y1, g1, _) = stock_and_converted(make, torch.randn(shape), division.DivisionConfig())
+    assert y0.shape == y1.shape and g0.shape == g1.shape
+
+
+def test_batchnorm1d_on_n_by_c_inputs_is_stock() -> None:
+    """MLP and projection heads: (N, C) inputs have no plane to split, they are kept as they are."""
+    (y0, g0, p0), (y1, g1, p1) = stock_and_converted(lambda: nn.BatchNorm1d(5), torch.randn(4, 5), division.DivisionConfig())
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+def test_batchnorm_with_one_value_per_channel_raises_like_stock() -> None:
+    stock, layer = converted_pair(lambda: nn.BatchNorm2d(3), division.DivisionConfig())
+    x = torch.randn(1, 3, 1, 1, requires_grad=True)
+    with pytest.raises(ValueError) as stock_err:
+        stock(x)
+    with pytest.raises(ValueError) as ours:
+        layer(x)
+    assert str(ours.value) == str(stock_err.value)
+    assert torch.isfinite(layer.running_var).all()
+
+
+def test_float64_models_run_in_exact_mode_and_say_why_not_otherwise() -> None:
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    (y0, g0, p0), (y1, g1, p1) = stock_and_converted(
+        lambda: nn.Conv2d(3, 4, 3).double(), x, division.DivisionConfig(backward_mode="exact"))
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and all(torch.equal(a, b) for a, b in zip(p0, p1))
+    layer = division.convert_model(nn.Conv2d(3, 4, 3).double(), division.DivisionConfig())
+    with pytest.raises(TypeError, match="unsupported dtype torch.float64.*backward_mode='exact'"):
+        layer(x.requires_grad_(True))
+
+
+def test_an_infinite_input_gives_non_finite_weight_gradients_as_stock() -> None:
+    """What GradScaler needs to skip the step: stock's weight gradient is not finite, nor is ours."""
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 1, 2, 2] = torch.inf
+    (_, _, p0), (_, _, p1) = stock_and_converted(lambda: nn.Conv2d(3, 4, 3), x, division.DivisionConfig())
+    assert not torch.isfinite(p0[0]).all() and not torch.isfinite(p1[0]).all()
+    assert torch.isfinite(p1[1]).all()  # the bias gradient does not read x
+
+
+def test_public_compress_checks_its_config_and_keeps_no_history() -> None:
+    x = torch.randn(2, 3, 8, 8, requires_grad=True) * 2
+    with pytest.raises(TypeError, match="cfg must be a division.DivisionConfig, got NoneType"):
+        division.compress(x, None)  # type: ignore[arg-type]
+    packed = division.compress(x, division.DivisionConfig())
+    assert all(t.grad_fn is None and not t.requires_grad for t in packed.tensors() if t is not None)
