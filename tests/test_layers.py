@@ -345,3 +345,15 @@ def test_public_compress_checks_its_config_and_keeps_no_history() -> None:
         division.compress(x, None)  # type: ignore[arg-type]
     packed = division.compress(x, division.DivisionConfig())
     assert all(t.grad_fn is None and not t.requires_grad for t in packed.tensors() if t is not None)
+
+
+def test_which_gradients_are_unbiased() -> None:
+    """Linear in the reconstruction (conv weight): the mean of many draws stays within its noise;
+    BatchNorm's input gradient (not linear in it) keeps a small bias, as the README states."""
+    from benchmarks.gradient_bias import CASES, measure
+
+    cfg = division.DivisionConfig()
+    conv = measure(*CASES["Conv2d weight, 32 per channel"], draws=1000, cfg=cfg)
+    assert conv["bias"] < 2 * conv["noise_floor"]
+    bn_input = measure(*CASES["BatchNorm2d input, 32 per channel"], draws=1000, cfg=cfg)
+    assert 2 * bn_input["noise_floor"] < bn_input["bias"] < 0.03
