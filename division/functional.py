@@ -26,6 +26,9 @@ from .masks import (
     relu_forward,
 )
 
+# aten._batch_norm_impl_index's answer: which kernel ran a batch norm
+NATIVE_BATCH_NORM, CUDNN_BATCH_NORM, MIOPEN_BATCH_NORM = 0, 1, 2
+
 
 def _save(ctx: Any, packed: CompressedActivation | None, *others: torch.Tensor | None) -> None:
     """Save a record's tensors (and others) through autograd; keep its metadata on ctx."""
@@ -78,34 +81,51 @@ class ConvFn(Function):
 
 
 class BatchNormFn(Function):
-    """Training-mode batch norm: exact batch statistics from forward, reused by backward. Forward and
-    backward go through the kernels stock chooses (aten._batch_norm_impl_index: cuDNN where it
-    applies, the native kernel otherwise), so exact mode matches stock bit for bit."""
+    """Training-mode batch norm: exact batch statistics from forward, reused by backward. Forward
+    runs the kernel stock chooses (aten._batch_norm_impl_index on CUDA: cuDNN where it applies;
+    the native kernel on the CPU, as stock does there) and backward that kernel's own backward, as
+    stock's autograd does, so exact mode matches stock bit for bit."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, compressor: Compressor, mode):
-        y, save_mean, save_var, reserve, impl = torch.ops.aten._batch_norm_impl_index(
-            x, weight, bias, running_mean, running_var, True, momentum, eps,
-            torch.backends.cudnn.enabled,
-        )
+        if x.is_cuda:
+            y, save_mean, save_var, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+                x, weight, bias, running_mean, running_var, True, momentum, eps,
+                torch.backends.cudnn.enabled,
+            )
+        else:
+            y, save_mean, save_var = torch.ops.aten.native_batch_norm(
+                x, weight, bias, running_mean, running_var, True, momentum, eps
+            )
+            reserve, impl = None, NATIVE_BATCH_NORM
         packed = compressor.compress(x, mode) if any(ctx.needs_input_grad[:3]) else None
         _save(ctx, packed, weight, save_mean, save_var, reserve)
-        ctx.eps, ctx.impl = eps, impl
+        ctx.eps, ctx.impl, ctx.x_format = eps, impl, memory_format_of(x)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
         packed, (weight, save_mean, save_var, reserve) = _load(ctx)
-        mask = [
-            ctx.needs_input_grad[0],
-            ctx.has_weight and ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2],
-        ]
-        gx, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
-            ctx.impl, decompress(packed), gy, weight, None, None, save_mean, save_var, True,
-            ctx.eps, mask, reserve,
-        )
+        x_hat = decompress(packed)
+        if ctx.impl == CUDNN_BATCH_NORM:  # stock's derivative of cudnn_batch_norm
+            gx, gw, gb = torch.ops.aten.cudnn_batch_norm_backward(
+                x_hat, gy.contiguous(memory_format=ctx.x_format), weight, None, None, save_mean,
+                save_var, ctx.eps, reserve,
+            )
+        elif ctx.impl == MIOPEN_BATCH_NORM:
+            gx, gw, gb = torch.ops.aten.miopen_batch_norm_backward(
+                x_hat, gy.contiguous(), weight, None, None, save_mean, save_var, ctx.eps
+            )
+        else:
+            mask = [
+                ctx.needs_input_grad[0],
+                ctx.has_weight and ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2],
+            ]
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                gy, x_hat, weight, None, None, save_mean, save_var, True, ctx.eps, mask
+            )
         return gx, gw, gb, None, None, None, None, None, None
 
 

@@ -165,3 +165,25 @@ def test_a_lone_converted_layer_draws_anew_each_call_and_reverts() -> None:
     assert type(stock) is nn.Conv2d and stock.weight is layer.weight
     with pytest.raises(ValueError, match="already converted"):
         division.convert_model(layer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "resnet50"])
+def test_exact_mode_is_the_stock_model_bit_for_bit_on_cuda(name: str) -> None:
+    """On a GPU too (cuDNN batch norm, fused dropout); deterministic cuDNN, or stock itself would
+    not repeat bit for bit."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    stock = torchvision.models.get_model(name, num_classes=10).cuda()
+    converted = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    x, y = torch.randn(4, 3, 64, 64, device="cuda"), torch.tensor([1, 2, 3, 4], device="cuda")
+    results = []
+    for model in (stock, converted):
+        torch.manual_seed(1)
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    (out0, grads0), (out1, grads1) = results
+    assert torch.equal(out0, out1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
