@@ -159,9 +159,11 @@ def max_pool2d_backward(
     fmt: torch.memory_format, kernels: bool,
 ) -> torch.Tensor:
     """The input gradient from the output gradient and the offsets (fmt: the input's layout, which
-    the output and the gradient returned share, as stock)."""
+    the output and the gradient returned share, as stock). The kernel sums overlapping windows in
+    float32 and rounds once, as stock's CUDA kernel; stock's CPU kernel rounds every add of a
+    half-precision gradient, so there stock's own backward runs (on indices rebuilt from offsets)."""
     gy = gy.contiguous(memory_format=fmt)
-    if use_kernels(gy, kernels):
+    if use_kernels(gy, kernels) and (gy.is_cuda or gy.dtype == torch.float32):
         return torch.ops.division.max_pool2d_backward(
             gy, offsets, list(input_shape), kernel, stride, padding, dilation, ceil_mode,
             fmt == torch.channels_last,

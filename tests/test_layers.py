@@ -357,3 +357,21 @@ def test_which_gradients_are_unbiased() -> None:
     assert conv["bias"] < 2 * conv["noise_floor"]
     bn_input = measure(*CASES["BatchNorm2d input, 32 per channel"], draws=1000, cfg=cfg)
     assert 2 * bn_input["noise_floor"] < bn_input["bias"] < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_overlapping_max_pool_gradients_are_stock_bit_for_bit(dtype: torch.dtype) -> None:
+    """3x3 windows at stride 1 overlap: each input sums up to 9 gradients in stock's order and
+    precision (on the CPU stock rounds each add of a half-precision gradient; so does the layer)."""
+    stock, layer = converted_pair(lambda: nn.MaxPool2d(3, 1, 1), division.DivisionConfig())
+    x = torch.randn(2, 3, 9, 9).to(dtype)
+    x[:, :, ::2, ::2] = 3.0  # maxima shared by up to nine windows
+    upstream = torch.randn(2, 3, 9, 9).to(dtype)
+    outs = []
+    for m in (stock, layer):
+        leaf = x.clone().requires_grad_(True)
+        y = m(leaf * 1.0)
+        y.backward(upstream)
+        outs.append((y.detach(), leaf.grad))
+    (y0, g0), (y1, g1) = outs
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
