@@ -11,11 +11,15 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
 install: .install-stamp
 
-.install-stamp: requirements.txt requirements-dev.txt setup.py $(wildcard cuda_ext/*)
+# pyproject.toml is the one list of requirements: its build requirements (torch among them) first,
+# then the package with its dependencies and the dev and bench extras, built against that torch.
+BUILD_REQUIRES = $(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))"
+
+.install-stamp: pyproject.toml setup.py $(wildcard cuda_ext/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q $$($(BUILD_REQUIRES))
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,bench]"
 	$(PY) -c "import division; print('division', division.__version__, '| CUDA kernels built:', division.cuda_extension_available())"
 	touch $@
 

@@ -1,6 +1,7 @@
-"""Installs the `division` package and, when a CUDA toolkit is present, its kernels as division._C.
+"""Builds the `division` kernels as division._C when a CUDA toolkit is present (the package metadata
+and dependencies are in pyproject.toml).
 
-    CUDA_HOME=/usr/local/cuda pip install --no-deps --no-build-isolation -e .
+    pip install <pyproject's build-system requires>; pip install --no-build-isolation -e ".[dev]"
 
 The extension is built whenever a CUDA toolkit (bin/nvcc and include/cuda_runtime.h) is found, also
 on a machine without a GPU: from CUDA_HOME, CUDA_PATH, torch's own guess, then /usr/local/cuda. An
@@ -13,7 +14,6 @@ pure-PyTorch reference codec (one warning when a CUDA tensor has to take it).
 from __future__ import annotations
 
 import os
-import re
 from glob import glob
 from pathlib import Path
 
@@ -21,14 +21,6 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;8.6;9.0"
-
-
-def version() -> str:
-    text = (HERE / "division" / "__init__.py").read_text()
-    match = re.search(r'^__version__ = "([^"]+)"', text, re.M)
-    if match is None:
-        raise RuntimeError("setup.py: no __version__ = \"...\" line in division/__init__.py")
-    return match.group(1)
 
 
 def is_toolkit(path: str | None) -> bool:
@@ -93,12 +85,9 @@ def extensions() -> tuple[list, dict]:
 ext_modules, cmdclass = extensions()
 
 setup(
-    name="division",
-    version=version(),
-    description="DIVISION (Dual Activation Precision, ICML 2023): memory-efficient training for PyTorch",
-    packages=find_packages(include=["division", "division.*"]),
-    python_requires=">=3.10",
-    install_requires=[],  # requirements.txt pins the environment
+    # the library and the experiment harness around it: `import division, harness, data, models`
+    # works from anywhere after `pip install -e .`
+    packages=find_packages(include=["division", "harness", "data", "models", "benchmarks"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-
-from benchmarks.common import ROOT, run_info  # noqa: E402
-from harness.schema import register_configs  # noqa: E402
+from benchmarks.common import ROOT, run_info
+from harness.schema import register_configs
 
 # name -> overrides selecting the method
 VARIANTS: dict[str, list[str]] = {

@@ -17,18 +17,15 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import division  # noqa: E402
-import models  # noqa: E402
-from benchmarks.common import run_info  # noqa: E402
+import division
+import models
+from benchmarks.common import run_info
 
 
 def saved_bytes(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:

@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import division  # noqa: E402
-from benchmarks.common import run_info  # noqa: E402
+import division
+from benchmarks.common import run_info
 
 # name -> (layer factory, input shape, which gradient)
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {

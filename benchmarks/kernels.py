@@ -32,11 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import division  # noqa: E402
-from benchmarks.common import run_info  # noqa: E402
-from division.backend import load_extension  # noqa: E402
+import division
+from benchmarks.common import run_info
+from division.backend import load_extension
 
 RESNET50_SHAPES = [
     (256, 3, 224, 224),  # the input batch (the stem conv's saved input)

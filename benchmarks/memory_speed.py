@@ -24,7 +24,6 @@ import gc
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import division  # noqa: E402
-import models  # noqa: E402
-from benchmarks.common import run_info  # noqa: E402
-from harness.measure import GIB, ActivationProbe  # noqa: E402
-from harness.methods import METHODS, prepare  # noqa: E402
+import division
+import models
+from benchmarks.common import run_info
+from harness.measure import GIB, ActivationProbe
+from harness.methods import METHODS, prepare
 
 
 def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, device: torch.device):

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import data  # noqa: E402
-import division  # noqa: E402
-import models  # noqa: E402
-from benchmarks.common import run_info  # noqa: E402
-from division.format import lfc_shape, plane_bytes  # noqa: E402
+import data
+import division
+import models
+from benchmarks.common import run_info
+from division.format import lfc_shape, plane_bytes
 
 MODES = ("lfc_only", "hfc_only", "division")
 

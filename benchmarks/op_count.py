@@ -16,19 +16,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import division  # noqa: E402
-import models  # noqa: E402
-from benchmarks.common import run_info  # noqa: E402
-from harness.methods import prepare  # noqa: E402
+import division
+import models
+from benchmarks.common import run_info
+from harness.methods import prepare
 
 
 class OpCounter(TorchDispatchMode):

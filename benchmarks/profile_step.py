@@ -26,12 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import division  # noqa: E402
-import models  # noqa: E402
-from benchmarks.common import run_info  # noqa: E402
-from harness.methods import prepare  # noqa: E402
+import division
+import models
+from benchmarks.common import run_info
+from harness.methods import prepare
 
 # group -> substrings of a kernel or operator name (lower case), tried in this order
 GROUPS: list[tuple[str, tuple[str, ...]]] = [

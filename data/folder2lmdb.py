@@ -31,10 +31,7 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: make `data` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.lmdb_format import META_KEY, encode_meta, encode_record, record_key  # noqa: E402
+from data.lmdb_format import META_KEY, encode_meta, encode_record, record_key
 
 # torchvision ImageFolder's extensions, matched case-insensitively
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
