@@ -26,20 +26,16 @@ import torch.nn.functional as F
 import division
 import models
 from benchmarks.common import run_info
+from division.saved import SavedBytes
 
 
 def saved_bytes(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd keeps for one step (backward is run)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    saved = SavedBytes()
+    with saved.counting():
         loss = F.cross_entropy(run(x), y)
     loss.backward()
-    return sum(seen.values())
+    return saved.total
 
 
 def allocated_before_backward(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:

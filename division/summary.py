@@ -16,6 +16,7 @@ from torch import nn
 
 from .convert import STATE_ATTR, conversion_for
 from .layers import CONVERSIONS, DivisionLayer
+from .saved import SavedBytes
 
 
 @dataclass
@@ -113,9 +114,7 @@ def revert_model(model: nn.Module) -> nn.Module:
 def _measure(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], dict[str, tuple[int, ...]], int]:
     """Bytes autograd saves per module name (innermost running module) for one forward."""
     stack: list[str] = []
-    per_module: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    seen: set[int] = set()
     handles = []
     for name, module in model.named_modules():
         def pre(mod, args, name=name):
@@ -128,27 +127,16 @@ def _measure(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, i
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in seen and not isinstance(t, nn.Parameter) and storage.nbytes() > 0:
-            seen.add(key)
-            owner = stack[-1] if stack else ""
-            per_module[owner] = per_module.get(owner, 0) + storage.nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen |= params  # weights are not activations
+    saved = SavedBytes(exclude=model.parameters(), owner=lambda: stack[-1] if stack else "")
     model.train()
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), saved.counting():
             out = model(example_input)
         del out
     finally:
         for h in handles:
             h.remove()
-    return per_module, shapes, sum(per_module.values())
+    return saved.per_owner, shapes, saved.total
 
 
 def summary(model: nn.Module, example_input: torch.Tensor | None = None) -> ModelSummary:

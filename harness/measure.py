@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from division.saved import SavedBytes
+
 GIB = 2.0**30
 
 
@@ -35,8 +37,7 @@ class ActivationProbe:
         self.start = 0
         self.activation_bytes: int | None = None
         self.peak_bytes: int | None = None
-        self._saved: dict[int, int] = {}
-        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._saved = SavedBytes(exclude=model.parameters())
 
     def before_fetch(self) -> None:
         if self.cuda:
@@ -50,15 +51,7 @@ class ActivationProbe:
         if self.cuda:
             yield
             return
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in self._params:
-                self._saved[ptr] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with self._saved.counting():
             yield
 
     def before_backward(self, output: torch.Tensor, loss: torch.Tensor) -> None:
@@ -67,7 +60,7 @@ class ActivationProbe:
             held = torch.cuda.memory_allocated(self.device) - self.start
             self.activation_bytes = held - tensor_bytes(output, loss)
         else:
-            self.activation_bytes = sum(self._saved.values())
+            self.activation_bytes = self._saved.total
 
     def after_step(self) -> None:
         if self.cuda:
