@@ -30,8 +30,8 @@ def build_datasets(
     *,
     num_train: int = 2048,
     num_val: int = 512,
-    image_size: int = 32,
-    num_classes: int = 10,
+    image_size: int | None = None,
+    num_classes: int | None = None,
     in_channels: int = 3,
     seed: int = 0,
     download: bool = False,
@@ -40,27 +40,37 @@ def build_datasets(
 
     `root`: CIFAR's parent folder of cifar-10-batches-py/ (default ./datasets), Fashion-MNIST's IDX
     folder (default /usr/share/datasets/fashion-mnist), ImageNet's folder of train.lmdb and val.lmdb
-    (default ./datasets/imagenet); unused by synthetic. `num_train`, `num_val`, `image_size`,
-    `num_classes`, `in_channels` and `seed` shape the synthetic data only; `download` lets CIFAR
-    fetch its archive through torchvision.
+    (default ./datasets/imagenet); an explicit root must hold the data (no fallback elsewhere).
+    `num_train`, `num_val`, `in_channels` and `seed` shape the synthetic data only; `image_size` and
+    `num_classes` shape it (default 32 and 10) and, for a real data set, must agree with it when
+    given. `download` lets CIFAR fetch its archive through torchvision.
     """
-    if name in ("cifar10", "cifar100"):
-        from .cifar import build_cifar
-
-        return build_cifar(name, root or "datasets", download=download)
-    if name == "fashion_mnist":
-        from .fashion_mnist import build_fashion_mnist
-
-        return build_fashion_mnist(root)
     if name == "synthetic":
         from .synthetic import build_synthetic
 
-        return build_synthetic(num_train, num_val, image_size, num_classes, seed, in_channels)
-    if name == "imagenet":
+        return build_synthetic(num_train, num_val, image_size or 32, num_classes or 10, seed, in_channels)
+    if name in ("cifar10", "cifar100"):
+        from .cifar import build_cifar
+
+        sets = build_cifar(name, root or "datasets", download=download)
+    elif name == "fashion_mnist":
+        from .fashion_mnist import build_fashion_mnist
+
+        sets = build_fashion_mnist(root)
+    elif name == "imagenet":
         from .imagenet import build_imagenet
 
-        return build_imagenet(root or "datasets/imagenet")
-    raise ValueError(f"unknown data set {name!r}: expected one of {', '.join(DATASETS)}")
+        sets = build_imagenet(root or "datasets/imagenet")
+    else:
+        raise ValueError(f"unknown data set {name!r}: expected one of {', '.join(DATASETS)}")
+    info = sets[2]
+    for key, given, actual in (("num_classes", num_classes, info.num_classes), ("image_size", image_size, info.image_size)):
+        if given is not None and given != actual:
+            raise ValueError(
+                f"data.{key}={given} contradicts {name}, which has {actual}; leave data.{key} unset "
+                "for a real data set (it shapes the synthetic one)"
+            )
+    return sets
 
 
 __all__ = ["DATASETS", "DatasetInfo", "build_datasets", "list_datasets"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,22 +101,19 @@ def load_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def locate(root: str | Path | None) -> Path:
-    """The first of `root` and the Debian folder that holds all four IDX files."""
-    candidates = ([Path(root)] if root else []) + [DEBIAN_DIR]
-    for folder in candidates:
-        if all(_find(folder, stem) for stem in FILES.values()):
-            if root and folder != Path(root):
-                warnings.warn(
-                    f"Fashion-MNIST: {root} lacks the IDX files; using {folder}", stacklevel=3
-                )
-            return folder
-    raise FileNotFoundError(
-        "Fashion-MNIST not found: looked for the four IDX files (train-images-idx3-ubyte[.gz], "
-        "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
-        "t10k-labels-idx1-ubyte[.gz]) in "
-        + ", ".join(str(c) for c in candidates)
-        + ". Install them with `sudo apt-get install dataset-fashion-mnist` or pass data.root=DIR."
-    )
+    """`root` when given (it must hold the four IDX files), else the Debian package's folder."""
+    folder = Path(root) if root else DEBIAN_DIR
+    missing = [stem for stem in FILES.values() if _find(folder, stem) is None]
+    if missing:
+        where = f"data.root={root}" if root else f"{DEBIAN_DIR} (the Debian package's folder)"
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {where}: it lacks "
+            + ", ".join(f"{m}[.gz]" for m in missing)
+            + ". Install the data with `sudo apt-get install dataset-fashion-mnist`"
+            + (" (or leave data.root unset to read its folder)" if root else "")
+            + ", or pass data.root=DIR of a folder holding the four IDX files."
+        )
+    return folder
 
 
 def build_fashion_mnist(root: str | Path | None) -> tuple[Dataset, Dataset, DatasetInfo]:

@@ -1,4 +1,5 @@
-"""Batches from a data set held on the device, augmented there a whole batch at a time.
+"""Batches from a data set held in memory (on the GPU or the CPU), augmented a whole batch at a time:
+the one augmentation recipe of the small data sets (CIFAR, Fashion-MNIST, synthetic).
 
 A CIFAR-size ResNet-18 trains at about 18k img/s on an H100; a CPU loader with per-image transforms
 cannot feed that. Small data sets (CIFAR: 150 MB as uint8) fit on the GPU, so this loader keeps them
@@ -15,6 +16,29 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The one source of an epoch's randomness (order, crops, flips): a function of (seed, epoch)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_order(
+    n: int, *, train: bool, seed: int, epoch: int, rank: int, world_size: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """This rank's sample ids for an epoch, in order: both loaders take them from here.
+
+    Training: a permutation drawn from (seed, epoch), cut to a multiple of world_size so every rank
+    runs the same number of steps. Evaluation: every sample once, in order. Ranks take every
+    world_size-th id, so they see disjoint samples.
+    """
+    if train:
+        g = generator if generator is not None else epoch_generator(seed, epoch)
+        order = torch.randperm(n, generator=g)[: n // world_size * world_size]
+    else:
+        order = torch.arange(n)
+    return order[rank::world_size]
 
 
 class TensorBatchLoader:
@@ -99,11 +123,9 @@ class TensorBatchLoader:
     def _plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This rank's sample ids in order, their crop offsets and flips, on the device."""
         n = self.num_samples
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.train:
-            order = torch.randperm(n, generator=g)[: n // self.world_size * self.world_size]
-        else:
-            order = torch.arange(n)
+        g = epoch_generator(self.seed, self.epoch)
+        local = epoch_order(n, train=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                            world_size=self.world_size, generator=g)
         # drawn per sample id, so a sample's augmentation does not depend on the rank count
         offsets = (
             torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
@@ -111,7 +133,6 @@ class TensorBatchLoader:
             else None
         )
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else None
-        local = order[self.rank :: self.world_size]
         offsets = None if offsets is None else offsets[local].to(self.device)
         flips = None if flips is None else flips[local].to(self.device)
         return local.to(self.device), offsets, flips

@@ -1,10 +1,12 @@
-"""Batches for train.py: on the device for small data sets, DataLoader workers for the rest.
+"""Batches for the training loop: in-memory batches for small data sets, DataLoader workers for ImageNet.
 
 An H100 trains a CIFAR-size ResNet-18 at about 18k img/s, far beyond what a CPU loader with per-image
-transforms feeds, so data sets that fit (CIFAR, Fashion-MNIST, synthetic) sit on the device and are
-augmented there a batch at a time (`data.on_gpu=true`, data/gpu_loader.py). ImageNet reads its LMDB
-with DataLoader workers and pinned memory. Both shard by rank and reshuffle per epoch from
-(seed, epoch) alone, so a resumed run sees the same batches.
+transforms feeds, so the data sets that fit (CIFAR, Fashion-MNIST, synthetic) are held in memory and
+augmented a whole batch at a time by data/gpu_loader.TensorBatchLoader, their one augmentation
+recipe: on the device with `data.on_gpu=true`, on the CPU otherwise (the loop moves the batches).
+ImageNet reads its LMDB with DataLoader workers and pinned memory. Both take each epoch's order and
+shard from gpu_loader.epoch_order, a function of (seed, epoch) alone, so a resumed run sees the same
+batches.
 """
 
 from __future__ import annotations
@@ -18,31 +20,26 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from data import DatasetInfo
-from data.gpu_loader import TensorBatchLoader
+from data.gpu_loader import TensorBatchLoader, epoch_order
 
 from .distributed import DistInfo
 
 
 class EpochShardSampler(Sampler[int]):
-    """This rank's share of a permutation drawn from (seed, epoch); equal counts on every rank."""
+    """This rank's share of the epoch's order (gpu_loader.epoch_order): training shuffles and gives
+    every rank the same count, evaluation covers each sample once."""
 
-    def __init__(self, length: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
+    def __init__(self, length: int, *, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
         self.length, self.shuffle, self.seed = length, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.length, generator=g).tolist()
-        else:
-            order = list(range(self.length))
-        if self.drop_last:
-            order = order[: self.length // self.world_size * self.world_size]
-        return order[self.rank :: self.world_size]
+        return epoch_order(self.length, train=self.shuffle, seed=self.seed, epoch=self.epoch,
+                           rank=self.rank, world_size=self.world_size).tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -94,11 +91,11 @@ def build_loaders(
             f"{info.name} has {len(train_set)} training images: too few for a batch of "  # type: ignore[arg-type]
             f"{batch_size} per process; lower trainer.batch_size or raise data.train_subset"
         )
-    tensors = (_tensors(train_set), _tensors(val_set)) if data_cfg.on_gpu else (None, None)
+    tensors = (_tensors(train_set), _tensors(val_set))
     if tensors[0] is not None and tensors[1] is not None:
         common = dict(
-            mean=info.mean, std=info.std, device=device, rank=dist.rank, world_size=dist.world_size,
-            seed=seed, pad_mode=info.pad_mode,
+            mean=info.mean, std=info.std, device=device if data_cfg.on_gpu else torch.device("cpu"),
+            rank=dist.rank, world_size=dist.world_size, seed=seed, pad_mode=info.pad_mode,
         )
         return Loaders(
             TensorBatchLoader(*tensors[0], batch_size, train=True, drop_last=True, **common),
@@ -111,7 +108,6 @@ def build_loaders(
     def loader(ds: Dataset, bs: int, train: bool) -> Iterable:
         sampler = EpochShardSampler(
             len(ds), shuffle=train, seed=seed, rank=dist.rank, world_size=dist.world_size,  # type: ignore[arg-type]
-            drop_last=train,
         )
         return DataLoader(
             ds, batch_size=bs, sampler=sampler, num_workers=workers, pin_memory=pin,

@@ -212,6 +212,7 @@ def _write_idx(path: Path, array: np.ndarray, magic: int, gz: bool = True) -> No
 
 
 def _fake_fashion(folder: Path, gz: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     suffix = ".gz" if gz else ""
     for split, n in (("train", 20), ("t10k", 8)):
@@ -262,69 +263,110 @@ def test_fashion_mnist_corrupt_truncated_or_swapped_files(tmp_path: Path) -> Non
 def test_fashion_mnist_missing_names_the_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("data.fashion_mnist.DEBIAN_DIR", tmp_path / "nowhere")
+    debian = tmp_path / "debian"
+    _fake_fashion(debian, True)  # present, but an explicit data.root must not fall back to it
+    monkeypatch.setattr("data.fashion_mnist.DEBIAN_DIR", debian)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
-        data.build_datasets("fashion_mnist", str(tmp_path))
-    assert str(tmp_path) in str(err.value) and str(tmp_path / "nowhere") in str(err.value)
+        data.build_datasets("fashion_mnist", str(tmp_path / "typo"))
+    assert f"data.root={tmp_path / 'typo'}" in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
+    monkeypatch.setattr("data.fashion_mnist.DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="Debian package's folder") as err:
+        data.build_datasets("fashion_mnist", None)
+    assert str(tmp_path / "nowhere") in str(err.value)
 
 
-def _fake_cifar(root: Path, name: str = "cifar10", per_batch: int = 5) -> None:
-    """Batches pickled exactly like the python-version archives (bytes keys, uint8 rows of 3072)."""
-    folder_name, files, label_key, classes = {
-        "cifar10": (
-            "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-            b"labels",
-            10,
-        ),
-        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+def test_given_class_count_or_size_must_agree_with_a_real_data_set(tmp_path: Path) -> None:
+    _fake_fashion(tmp_path, True)
+    assert data.build_datasets("fashion_mnist", str(tmp_path), num_classes=10, image_size=32)[2].num_classes == 10
+    with pytest.raises(ValueError, match="data.num_classes=5 contradicts fashion_mnist, which has 10"):
+        data.build_datasets("fashion_mnist", str(tmp_path), num_classes=5)
+    with pytest.raises(ValueError, match="data.image_size=64 contradicts"):
+        data.build_datasets("fashion_mnist", str(tmp_path), image_size=64)
+
+
+def _fake_cifar(root: Path, monkeypatch: pytest.MonkeyPatch, name: str = "cifar10", per_batch: int = 5) -> None:
+    """Batches pickled like the python-version archives (str keys, uint8 rows of 3072) with their
+    meta file; torchvision's md5 list is pointed at these files, so its integrity check runs."""
+    import hashlib
+
+    import torchvision
+
+    folder_name, train_files, test_files, label_key, meta, classes = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                    "labels", ("batches.meta", "label_names"), 10),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", ("meta", "fine_label_names"), 100),
     }[name]
     folder = root / folder_name
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    for file in files:
+    for file in train_files + test_files:
         batch = {
-            b"batch_label": file.encode(),
-            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "batch_label": file,
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
             label_key: rng.integers(0, classes, per_batch).tolist(),
-            b"filenames": [b"img_%d.png" % i for i in range(per_batch)],
+            "filenames": [f"img_{i}.png" for i in range(per_batch)],
         }
         with open(folder / file, "wb") as f:
             pickle.dump(batch, f, protocol=2)
+    with open(folder / meta[0], "wb") as f:
+        pickle.dump({meta[1]: [f"class{i}" for i in range(classes)]}, f, protocol=2)
+
+    def md5(file: str) -> str:
+        return hashlib.md5((folder / file).read_bytes()).hexdigest()
+
+    cls = getattr(torchvision.datasets, {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}[name])
+    monkeypatch.setattr(cls, "train_list", [[f, md5(f)] for f in train_files])
+    monkeypatch.setattr(cls, "test_list", [[f, md5(f)] for f in test_files])
+    monkeypatch.setattr(cls, "meta", {"filename": meta[0], "key": meta[1], "md5": md5(meta[0])})
 
 
-def test_cifar_reads_the_torchvision_layout(tmp_path: Path) -> None:
-    _fake_cifar(tmp_path)
+def test_cifar_reads_the_torchvision_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cifar(tmp_path, monkeypatch)
     train, val, info = data.build_datasets("cifar10", str(tmp_path))
     assert (len(train), len(val)) == (25, 5) and (info.num_train, info.num_val) == (25, 5)
     x, y = train.as_tensors()
     assert x.shape == (25, 3, 32, 32) and info.mean[0] == 0.4914 and info.pad_mode == "constant"
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
-        first = pickle.load(f, encoding="bytes")
-    assert torch.equal(x[0], torch.from_numpy(first[b"data"][0].reshape(3, 32, 32)))
-    assert int(y[0]) == first[b"labels"][0]
+        first = pickle.load(f)
+    assert torch.equal(x[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
+    assert int(y[0]) == first["labels"][0]
     nhwc, labels = train.as_arrays()
     assert nhwc.shape == (25, 32, 32, 3) and np.array_equal(
-        nhwc[0], first[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+        nhwc[0], first["data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
     )
     sample, label = train[0]
     assert sample.shape == (3, 32, 32) and sample.dtype == torch.float32 and label == labels[0]
 
 
-def test_cifar100_uses_its_own_normalisation_and_reflect_fill(tmp_path: Path) -> None:
-    _fake_cifar(tmp_path, "cifar100", per_batch=7)
+def test_cifar100_uses_its_own_normalisation_and_reflect_fill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cifar(tmp_path, monkeypatch, "cifar100", per_batch=7)
     train, val, info = data.build_datasets("cifar100", str(tmp_path))
     assert (len(train), len(val), info.num_classes) == (7, 7, 100)
     assert info.pad_mode == "reflect" and info.mean[0] == pytest.approx(125.3 / 255)
 
 
-def test_cifar_missing_or_corrupt(tmp_path: Path) -> None:
-    with pytest.raises(
-        FileNotFoundError, match=r"cifar-100-python lacks train, test.*data.download=true"
-    ) as err:
+def test_cifar_missing_or_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match=r"cifar100 not found or corrupt in .*cifar-100-python.*data.download=true") as err:
         data.build_datasets("cifar100", str(tmp_path))
     assert "cifar-100-python.tar.gz" in str(err.value)
-    _fake_cifar(tmp_path)
-    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="test_batch is unreadable or corrupt"):
+    _fake_cifar(tmp_path, monkeypatch)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")  # fails its md5 check
+    with pytest.raises(FileNotFoundError, match="cifar10 not found or corrupt"):
         data.build_datasets("cifar10", str(tmp_path))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_both_loaders_take_one_epoch_order(train: bool) -> None:
+    """The DataLoader sampler (ImageNet) and the batch loader (small data sets) shard and shuffle
+    alike, from (seed, epoch) alone."""
+    from harness.loaders import EpochShardSampler
+
+    images = torch.zeros(23, 1, 4, 4, dtype=torch.uint8)
+    for rank in range(3):
+        for epoch in (0, 5):
+            loader = TensorBatchLoader(images, torch.arange(23), 2, train=train, mean=(0.0,), std=(1.0,),
+                                       seed=4, rank=rank, world_size=3)
+            loader.set_epoch(epoch)
+            sampler = EpochShardSampler(23, shuffle=train, seed=4, rank=rank, world_size=3)
+            sampler.set_epoch(epoch)
+            assert loader._plan()[0].tolist() == list(sampler)
