@@ -79,7 +79,7 @@ class CifarDenseNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model
+@register_model(image_size=32)
 def densenet121(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """CIFAR DenseNet-121 (kuangliu's definition): 6.96M parameters for 10 classes."""
     return CifarDenseNet([6, 12, 24, 16], growth=32, num_classes=num_classes, in_channels=in_channels)

@@ -124,13 +124,13 @@ class PreActResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model
+@register_model(image_size=32)
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """CIFAR ResNet-18: 11.17M parameters for 10 classes."""
     return CifarResNet([2, 2, 2, 2], num_classes, in_channels)
 
 
-@register_model
+@register_model(image_size=32)
 def resnet164(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Pre-activation ResNet-164 (18 bottleneck blocks per stage): 1.71M parameters for 10 classes."""
     return PreActResNet(164, num_classes, in_channels)

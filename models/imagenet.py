@@ -26,7 +26,7 @@ def _stem_with_channels(conv: nn.Conv2d, in_channels: int, fan_mode: str) -> nn.
     return new
 
 
-@register_model
+@register_model(image_size=224)
 def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     """torchvision ResNet-50: 25.557M parameters for 1000 classes."""
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
@@ -34,7 +34,7 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     return model
 
 
-@register_model
+@register_model(image_size=224)
 def wrn50_2(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     """torchvision Wide ResNet-50-2: 68.88M parameters for 1000 classes."""
     model = torchvision.models.wide_resnet50_2(weights=None, num_classes=num_classes)
@@ -42,7 +42,7 @@ def wrn50_2(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     return model
 
 
-@register_model
+@register_model(image_size=224)
 def densenet161(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     """torchvision DenseNet-161: 28.68M parameters for 1000 classes."""
     model = torchvision.models.densenet161(weights=None, num_classes=num_classes)

@@ -169,6 +169,20 @@ def test_torchvision_names_build() -> None:
 def test_registered_names_shadow_torchvision_ones() -> None:
     stem = models.build_model("resnet18").conv1
     assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)  # the CIFAR variant, not 7x7/2
+    tv_stem = models.build_model("torchvision.resnet18").conv1
+    assert tv_stem.kernel_size == (7, 7) and tv_stem.stride == (2, 2)
+
+
+def test_image_size_check_refuses_what_would_fail_or_mislead() -> None:
+    with pytest.raises(ValueError, match=r"resnet18 is the variant built for 32x32 images.*torchvision.resnet18"):
+        models.check_image_size("resnet18", 224, 3, 10)
+    with pytest.raises(ValueError, match=r"model=densenet161 cannot take 8x8 images: .*too small"):
+        models.check_image_size("densenet161", 8, 3, 10)
+    models.check_image_size("resnet18", 64, 3, 10)  # up to twice the designed size is fine
+    models.check_image_size("torchvision.resnet18", 224, 3, 10)
+    models.check_image_size("densenet161", 29, 3, 1000)  # the smallest its pooling takes
+    with pytest.raises(ValueError, match=r"cannot take 28x28"):
+        models.check_image_size("densenet161", 28, 3, 10)
 
 
 def test_bad_names_and_arguments_say_what_is_accepted() -> None:
