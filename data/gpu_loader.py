@@ -105,10 +105,12 @@ class TensorBatchLoader:
         self.scale, self.shift = 1 / (255 * std_t), -mean_t / std_t  # (x / 255 - mean) / std
         self.channels = torch.arange(c, device=self.device).view(1, c, 1, 1)
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Pick the epoch whose order, crops and flips the next iteration uses."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Pick the epoch whose order, crops and flips the next iteration uses, and the batch it
+        starts from (a run resumed mid-epoch: the batches before it are not built at all)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _local_count(self) -> int:
         n = self.num_samples
@@ -160,7 +162,7 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         local, offsets, flips = self._plan()
-        for i in range(len(self)):
+        for i in range(self.start_batch, len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             ids = local[sl]
             x = self.augment(

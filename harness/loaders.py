@@ -32,14 +32,15 @@ class EpochShardSampler(Sampler[int]):
     def __init__(self, length: int, *, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to draw, and how many of its samples to leave out (a mid-epoch resume)."""
+        self.epoch, self.start = epoch, start
 
     def _indices(self) -> list[int]:
         return epoch_order(self.length, train=self.shuffle, seed=self.seed, epoch=self.epoch,
-                           rank=self.rank, world_size=self.world_size).tolist()
+                           rank=self.rank, world_size=self.world_size)[self.start:].tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -55,11 +56,15 @@ class Loaders:
     train_size: int = 0  # samples, after data.train_subset / data.val_subset
     val_size: int = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        for loader in (self.train, self.val):
-            target = loader.sampler if isinstance(loader, DataLoader) else loader
-            if hasattr(target, "set_epoch"):
-                target.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch both loaders draw; training starts at `start_batch` (a mid-epoch resume),
+        without reading or augmenting the batches before it."""
+        if isinstance(self.train, DataLoader):
+            self.train.sampler.set_epoch(epoch, start_batch * self.train.batch_size)  # type: ignore[attr-defined]
+        else:
+            self.train.set_epoch(epoch, start_batch)
+        target = self.val.sampler if isinstance(self.val, DataLoader) else self.val
+        target.set_epoch(epoch)
 
 
 def _subset(ds: Dataset, n: int | None) -> Dataset:

@@ -370,3 +370,28 @@ def test_both_loaders_take_one_epoch_order(train: bool) -> None:
             sampler = EpochShardSampler(23, shuffle=train, seed=4, rank=rank, world_size=3)
             sampler.set_epoch(epoch)
             assert loader._plan()[0].tolist() == list(sampler)
+
+
+def test_a_mid_epoch_start_gives_the_rest_of_that_epoch() -> None:
+    """A run resumed at batch k sees batches k.. of the epoch, augmentation included, from both
+    loaders (the batches before k are not built)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from harness.loaders import EpochShardSampler, Loaders
+
+    images = torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8)
+    labels = torch.arange(20)
+    batch_loader = TensorBatchLoader(images, labels, 3, train=True, mean=(0.5,), std=(0.2,), seed=1)
+    sampler = EpochShardSampler(20, shuffle=True, seed=1, rank=0, world_size=1)
+    data_loader = DataLoader(TensorDataset(images, labels), batch_size=3, sampler=sampler, drop_last=True)
+    for train_loader in (batch_loader, data_loader):
+        loaders = Loaders(train_loader, TensorBatchLoader(images, labels, 5, train=False, mean=(0.5,), std=(0.2,)))
+        loaders.set_epoch(2)
+        full = list(loaders.train)
+        loaders.set_epoch(2, start_batch=4)
+        rest = list(loaders.train)
+        assert len(full) == 6 and len(rest) == 2
+        for (xa, ya), (xb, yb) in zip(full[4:], rest):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        loaders.set_epoch(3)
+        assert len(list(loaders.train)) == 6  # the next epoch starts at its beginning again
