@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = parser.parse_args(argv)
-    from train import train  # the harness: the same code path users run
+    from harness.run import train  # the harness: the same code path users run
 
     base = ["experiment=demo", *(TINY if args.tiny else FULL), *args.overrides]
     runs = []
     for name in args.variants:
         for seed in args.seeds:
-            cfg = compose_cfg([*base, *VARIANTS[name], f"seed={seed}", "trainer.checkpoint=false"])
+            cfg = compose_cfg([*base, *VARIANTS[name], f"seed={seed}", "trainer.save_last=false"])
             slug = name.replace(" ", "_")
             result = train(cfg, Path(f"{args.out}_runs") / f"{slug}_seed{seed}")
             runs.append({"variant": name, "seed": seed, **{k: result.get(k) for k in (

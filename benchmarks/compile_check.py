@@ -27,6 +27,8 @@ import division
 import models
 from benchmarks.common import run_info
 from division.saved import SavedBytes
+from harness.loop import train_step
+from harness.measure import synchronize
 
 
 def saved_bytes(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -68,9 +70,8 @@ def measure(base: torch.nn.Module, method: str, compiled: bool, x, y, exact: tor
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(run(x), y).backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
+        train_step(run, x, y, None)
+        synchronize(x.device)
 
     t0 = time.perf_counter()
     step()

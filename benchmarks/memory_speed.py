@@ -19,7 +19,6 @@ hash, command), <out>.md and <out>.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import json
@@ -29,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import division
 import models
 from benchmarks.common import run_info
+from harness.build import AMP_DTYPES
+from harness.loop import train_step
 from harness.measure import GIB, ActivationProbe
-from harness.methods import METHODS, prepare
+from harness.methods import method_names, prepare
 
 
 def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, device: torch.device):
@@ -53,21 +53,11 @@ def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, de
 
 
 def step(model, prepared, opt, x, y, amp: str, probe: ActivationProbe | None = None) -> None:
-    dtype = torch.bfloat16 if amp == "bf16" else None
-    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+    """One training step: the harness's own (harness.loop.train_step)."""
     if probe:
         probe.before_fetch()
         x = x.clone()  # the batch counts as the paper counted it: it arrives after the start reading
-    with prepared.forward_context(), autocast, (probe.forward() if probe else contextlib.nullcontext()):
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-    if probe:
-        probe.before_backward(out, loss)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if probe:
-        probe.after_step()
+    train_step(model, x, y, opt, None, AMP_DTYPES.get(amp), prepared.forward_context, probe)
 
 
 def free(device: torch.device) -> None:
@@ -180,7 +170,7 @@ def plot(rows: list[dict[str, Any]], mode: str, path: Path) -> None:
     panels = sorted({(r["model"], r["amp"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (model_name, amp) in zip(axes[0], panels):
-        for method in METHODS:
+        for method in method_names():
             pts = [(r["batch"], r[key]) for r in rows if r["model"] == model_name and r["amp"] == amp
                    and r["method"] == method and r.get(key) is not None]
             if pts:
@@ -201,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("memory", "speed"), required=True)
     parser.add_argument("--models", nargs="+", default=["resnet50", "wrn50_2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128, 256, 512])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=("off", "bf16"))
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--channels-last", action="store_true")

@@ -19,12 +19,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import division
 import models
 from benchmarks.common import run_info
+from harness.loop import train_step
 from harness.methods import prepare
 
 
@@ -45,12 +45,12 @@ def count_step(model_name: str, method: str, batch: int, size: int) -> collectio
     model = prepared.model
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
-    with prepared.forward_context():  # one untimed step: lazy initialisation stays out of the count
-        F.cross_entropy(model(x), y).backward()
+    # one untimed step first: lazy initialisation stays out of the count
+    train_step(model, x, y, None, forward_context=prepared.forward_context)
     model.zero_grad(set_to_none=True)
     counter = OpCounter()
-    with counter, prepared.forward_context():
-        F.cross_entropy(model(x), y).backward()
+    with counter:
+        train_step(model, x, y, None, forward_context=prepared.forward_context)
     return counter.counts
 
 

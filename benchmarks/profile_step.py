@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import division
 import models
 from benchmarks.common import run_info
+from harness.build import AMP_DTYPES
+from harness.loop import train_step
 from harness.methods import prepare
 
 # group -> substrings of a kernel or operator name (lower case), tried in this order
@@ -58,14 +59,8 @@ def build(model_name: str, method: str, args: argparse.Namespace, device: torch.
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    dtype = torch.bfloat16 if args.amp == "bf16" else None
-
     def step() -> None:
-        with prepared.forward_context(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, x, y, opt, None, AMP_DTYPES.get(args.amp), prepared.forward_context)
 
     return step
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_VERSION = 1
-REQUIRED_KEYS = ("version", "model", "optimizer", "scheduler", "epoch", "step", "rng")
+CHECKPOINT_VERSION = 2  # 2: the history, the current epoch's totals and the config are part of it
+REQUIRED_KEYS = ("version", "model", "optimizer", "scheduler", "epoch", "batch_in_epoch", "step",
+                 "history", "epoch_totals", "rng", "config")
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
@@ -38,9 +39,14 @@ def load(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or not a division checkpoint ({type(err).__name__}: "
             f"{err}); resume from another file or start afresh without trainer.resume"
         ) from err
-    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"checkpoint {path} is not a division training checkpoint: missing {missing}")
+    if not isinstance(state, dict) or "version" not in state:
+        raise ValueError(f"checkpoint {path} is not a division training checkpoint")
     if state["version"] != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has version {state['version']}, expected {CHECKPOINT_VERSION}")
+        raise ValueError(
+            f"checkpoint {path} has version {state['version']}, this harness reads version "
+            f"{CHECKPOINT_VERSION}; resume it with the version of division that wrote it"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is not a complete division training checkpoint: missing {missing}")
     return state

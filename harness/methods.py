@@ -1,5 +1,8 @@
 """Memory-saving methods applied to a model, so that train.py and the benchmarks compare them alike.
 
+One registry: a method is one decorated function here, and nothing else names the list. The Hydra
+group `method=NAME` (harness/schema.py) and the benchmarks' choices are generated from it.
+
 vanilla: the model as it is. division: `division.convert_model`. checkpoint: torch.utils.checkpoint
 around every block of the model's block sequences (recompute in backward). swap: saved tensors go
 to host memory (`torch.autograd.graph.save_on_cpu`). actnn: the same layers as DIVISION saving a
@@ -11,14 +14,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import division
-
-METHODS = ("vanilla", "division", "checkpoint", "swap", "actnn")
 
 
 @dataclass
@@ -31,6 +33,59 @@ class PreparedModel:
         default=contextlib.nullcontext
     )
     settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The method section's options (harness/schema.MethodConfig), as plain values."""
+
+    actnn_bits: int = 2
+    actnn_group_size: int = 256
+    swap_pin_memory: bool = True
+
+
+Prepare = Callable[[nn.Module, division.DivisionConfig, MethodOptions], PreparedModel]
+_METHODS: dict[str, Prepare] = {}
+
+
+def register_method(fn: Prepare) -> Prepare:
+    """Register `fn(model, division_config, options) -> PreparedModel` under its name (without a
+    leading underscore)."""
+    _METHODS[fn.__name__.strip("_")] = fn
+    return fn
+
+
+def method_names() -> list[str]:
+    """The registered methods, in registration order (vanilla first)."""
+    return list(_METHODS)
+
+
+def prepare(
+    model: nn.Module, method: str, division_cfg: division.DivisionConfig,
+    options: MethodOptions | None = None,
+) -> PreparedModel:
+    if method not in _METHODS:
+        raise ValueError(f"method={method!r} is invalid: expected one of {', '.join(_METHODS)}")
+    return _METHODS[method](model, division_cfg, options or MethodOptions())
+
+
+def options_of(section: Any) -> MethodOptions:
+    """MethodOptions from a config's method section (an OmegaConf node or anything with the fields)."""
+    return MethodOptions(**{k: getattr(section, k) for k in MethodOptions.__dataclass_fields__})
+
+
+# ---- the methods ------------------------------------------------------------------------------
+
+
+@register_method
+def vanilla(model: nn.Module, cfg: division.DivisionConfig, opts: MethodOptions) -> PreparedModel:
+    return PreparedModel(model, "vanilla")
+
+
+@register_method
+def _division(model: nn.Module, cfg: division.DivisionConfig, opts: MethodOptions) -> PreparedModel:
+    division.convert_model(model, cfg)
+    return PreparedModel(model, "division", settings=cfg.to_dict())
 
 
 def block_sequences(model: nn.Module) -> list[nn.Sequential]:
@@ -71,33 +126,23 @@ def apply_checkpointing(model: nn.Module) -> int:
     return len(blocks)
 
 
-def prepare(
-    model: nn.Module,
-    method: str,
-    division_cfg: division.DivisionConfig,
-    *,
-    actnn_bits: int = 2,
-    actnn_group_size: int = 256,
-    swap_pin_memory: bool = True,
-) -> PreparedModel:
-    if method == "vanilla":
-        return PreparedModel(model, method)
-    if method == "division":
-        division.convert_model(model, division_cfg)
-        return PreparedModel(model, method, settings=division_cfg.to_dict())
-    if method == "checkpoint":
-        count = apply_checkpointing(model)
-        return PreparedModel(model, method, settings={"blocks": count})
-    if method == "swap":
-        pin = swap_pin_memory and torch.cuda.is_available()
-        return PreparedModel(
-            model, method,
-            forward_context=lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin),
-            settings={"pin_memory": pin},
-        )
-    if method == "actnn":
-        from division.groupquant import convert_model_actnn
+@register_method
+def _checkpoint(model: nn.Module, cfg: division.DivisionConfig, opts: MethodOptions) -> PreparedModel:
+    return PreparedModel(model, "checkpoint", settings={"blocks": apply_checkpointing(model)})
 
-        convert_model_actnn(model, bits=actnn_bits, group_size=actnn_group_size)
-        return PreparedModel(model, method, settings={"bits": actnn_bits, "group_size": actnn_group_size})
-    raise ValueError(f"method={method!r} is invalid: expected one of {METHODS}")
+
+@register_method
+def swap(model: nn.Module, cfg: division.DivisionConfig, opts: MethodOptions) -> PreparedModel:
+    pin = opts.swap_pin_memory and torch.cuda.is_available()
+    return PreparedModel(
+        model, "swap", forward_context=lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin),
+        settings={"pin_memory": pin},
+    )
+
+
+@register_method
+def actnn(model: nn.Module, cfg: division.DivisionConfig, opts: MethodOptions) -> PreparedModel:
+    from division.groupquant import convert_model_actnn
+
+    convert_model_actnn(model, bits=opts.actnn_bits, group_size=opts.actnn_group_size)
+    return PreparedModel(model, "actnn", settings={"bits": opts.actnn_bits, "group_size": opts.actnn_group_size})

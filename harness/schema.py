@@ -2,13 +2,16 @@
 
 `configs/train.yaml` starts from `train_schema`, so every key a YAML file or an override sets is
 checked against these fields when the config is composed: an unknown key or a value of the wrong
-type stops the run before anything starts. Choices among names are Enums (Hydra lists the valid
-ones in its error); ranges Hydra cannot express are checked by `validate` as train() starts.
+type stops the run before anything starts. The `division` section is generated from
+division.DivisionConfig (its fields, types and defaults: one source), the `method` group from the
+method registry (harness/methods.py). Ranges Hydra cannot express are checked by `validate`, which
+train() calls before it touches data, model or run folder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
@@ -16,13 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import division
 
-
-class Method(str, Enum):
-    vanilla = "vanilla"
-    division = "division"
-    checkpoint = "checkpoint"
-    swap = "swap"
-    actnn = "actnn"
+from .methods import method_names, options_of
 
 
 class Amp(str, Enum):
@@ -39,28 +36,29 @@ class Schedule(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # models.list_models() or any torchvision classification model
+    # models.list_models(), any torchvision classification model, or torchvision.NAME
+    name: str = "resnet18"
 
 
 @dataclass
 class DataConfig:
     name: str = "synthetic"  # cifar10 | cifar100 | fashion_mnist | imagenet | synthetic
-    root: str | None = None
+    root: str | None = None  # an explicit root must hold the data: no fallback elsewhere
     download: bool = False  # CIFAR only: fetch from the internet when the folder is empty
     on_gpu: bool = True  # small data sets: keep them on the device, augment there in batches
-    workers: int = 4  # DataLoader workers per process (ImageNet, or on_gpu=false)
+    workers: int = 4  # DataLoader workers per process (ImageNet)
     train_subset: int | None = None  # first N training images only (CPU demos)
     val_subset: int | None = None
-    # synthetic data only
-    num_train: int = 2048
+    # the synthetic data's shape (default 32 px, 10 classes); for a real data set, must agree with it
+    image_size: int | None = None
+    num_classes: int | None = None
+    num_train: int = 2048  # synthetic only
     num_val: int = 512
-    image_size: int = 32
-    num_classes: int = 10
 
 
 @dataclass
 class MethodConfig:
-    name: Method = Method.division
+    name: str = "division"  # harness.methods.method_names()
     # actnn: bits and group size of the per-group quantization (ActNN's 2-bit default)
     actnn_bits: int = 2
     actnn_group_size: int = 256
@@ -68,17 +66,17 @@ class MethodConfig:
     swap_pin_memory: bool = True
 
 
-@dataclass
-class DivisionSection:
-    """Mirrors division.DivisionConfig; `python train.py division.hfc_bits=4` sets these."""
+def _section_of(config_class: type) -> type:
+    """A mutable dataclass with `config_class`'s fields, types and defaults (Hydra cannot fill a
+    frozen one), so the `division` section never drifts from the library's config."""
+    hints = typing.get_type_hints(config_class)
+    return make_dataclass(
+        "DivisionSection",
+        [(f.name, hints[f.name], field(default=f.default)) for f in fields(config_class)],
+    )
 
-    block_size: int = 8
-    hfc_bits: int = 2
-    lfc_dtype: str = "bfloat16"
-    backend: str = "auto"
-    backward_mode: str = "division"
-    compress_linear: bool = False
-    share_inputs: bool = True
+
+DivisionSection = _section_of(division.DivisionConfig)
 
 
 @dataclass
@@ -113,7 +111,9 @@ class TrainerConfig:
     cudnn_benchmark: bool = True
     deterministic: bool = False
     log_every: int = 50  # TensorBoard step scalars every N steps
-    checkpoint: bool = True  # write last.pt after every epoch and at the end
+    save_last: bool = True  # write last.pt after every epoch (what trainer.resume continues)
+    save_every_steps: int | None = None  # also every N steps, so a kill loses at most N steps
+    compare_with_vanilla: bool = False  # at the end: activation memory and img/s of the same model unconverted
 
 
 @dataclass
@@ -121,7 +121,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    division: DivisionSection = field(default_factory=DivisionSection)
+    division: DivisionSection = field(default_factory=DivisionSection)  # type: ignore[valid-type]
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -132,6 +132,8 @@ class TrainConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for name in method_names():  # `method=NAME` for every registered method
+        cs.store(group="method", name=name, node=MethodConfig(name=name))
 
 
 def division_config(cfg: DictConfig) -> division.DivisionConfig:
@@ -146,22 +148,37 @@ def _positive(name: str, value: int | float | None, allow_none: bool = False) ->
         raise ValueError(f"{name}={value!r} is invalid: expected a positive number")
 
 
+def _not_negative(name: str, value: int | float) -> None:
+    if value < 0:
+        raise ValueError(f"{name}={value!r} is invalid: expected zero or more")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range checks Hydra's types cannot express; raises ValueError naming key, value and fix."""
     division_config(cfg)
-    _positive("trainer.epochs", cfg.trainer.epochs)
-    _positive("trainer.batch_size", cfg.trainer.batch_size)
-    _positive("trainer.max_steps", cfg.trainer.max_steps, allow_none=True)
-    _positive("trainer.eval_batch_size", cfg.trainer.eval_batch_size, allow_none=True)
-    _positive("trainer.max_val_steps", cfg.trainer.max_val_steps, allow_none=True)
-    _positive("data.train_subset", cfg.data.train_subset, allow_none=True)
-    _positive("data.val_subset", cfg.data.val_subset, allow_none=True)
+    if cfg.method.name not in method_names():
+        raise ValueError(f"method.name={cfg.method.name!r} is invalid: expected one of {', '.join(method_names())}")
+    tr = cfg.trainer
+    for key in ("epochs", "batch_size", "log_every"):
+        _positive(f"trainer.{key}", tr[key])
+    for key in ("max_steps", "eval_batch_size", "max_val_steps", "save_every_steps"):
+        _positive(f"trainer.{key}", tr[key], allow_none=True)
+    for key in ("train_subset", "val_subset", "image_size", "num_classes"):
+        _positive(f"data.{key}", cfg.data[key], allow_none=True)
+    _positive("data.num_train", cfg.data.num_train)
+    _positive("data.num_val", cfg.data.num_val)
+    _not_negative("data.workers", cfg.data.workers)
     _positive("optim.lr", cfg.optim.lr)
+    _not_negative("optim.momentum", cfg.optim.momentum)
+    _not_negative("optim.weight_decay", cfg.optim.weight_decay)
+    _not_negative("sched.warmup_epochs", cfg.sched.warmup_epochs)
+    _not_negative("sched.eta_min", cfg.sched.eta_min)
     if cfg.optim.name != "sgd":
         raise ValueError(f"optim.name={cfg.optim.name!r} is invalid: only 'sgd' (the paper's) is implemented")
-    device = cfg.trainer.device
+    device = tr.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ValueError(f"trainer.device={device!r} is invalid: expected auto, cpu, cuda or cuda:N")
-    if cfg.method.actnn_bits not in (1, 2, 4, 8):
-        raise ValueError(f"method.actnn_bits={cfg.method.actnn_bits} is invalid: expected 1, 2, 4 or 8")
-    _positive("method.actnn_group_size", cfg.method.actnn_group_size)
+    opts = options_of(cfg.method)
+    if opts.actnn_bits not in (1, 2, 4, 8):
+        raise ValueError(f"method.actnn_bits={opts.actnn_bits} is invalid: expected 1, 2, 4 or 8")
+    _positive("method.actnn_group_size", opts.actnn_group_size)

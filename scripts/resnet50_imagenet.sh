@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python)}
 RUN_DIR=${RUN_DIR:-logs/runs/resnet50_imagenet/$(date +%Y-%m-%d_%H-%M-%S)}
-exec "$PY" -m torch.distributed.run --nproc_per_node="${NPROC:-4}" train.py experiment=resnet50_imagenet hydra.run.dir="$RUN_DIR" "$@"
+exec "$PY" -m torch.distributed.run --nproc_per_node="${NPROC:-4}" --log-dir="$RUN_DIR/torchrun" train.py experiment=resnet50_imagenet hydra.run.dir="$RUN_DIR" "$@"

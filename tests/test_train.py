@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
+from torch import nn
 
-from harness import checkpoints
+from harness import build, checkpoints, loop
+from harness.run import train
 from harness.schema import register_configs
-from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -46,7 +51,9 @@ def test_experiment_composes_and_runs_two_steps(experiment: str, tmp_path: Path)
     cfg = make_cfg(f"experiment={experiment}")
     assert cfg.experiment_name == experiment
     assert cfg.division.block_size == 8 and cfg.division.hfc_bits == 2
-    cfg = make_cfg(f"experiment={experiment}", *TINY, "trainer.max_steps=2")
+    # two steps of batch 4 at the paper's lr 0.1 can leave ResNet-50's eval-mode BatchNorm
+    # statistics overflowing the validation loss, which (rightly) stops the run
+    cfg = make_cfg(f"experiment={experiment}", *TINY, "trainer.max_steps=2", "optim.lr=0.001")
     result = train(cfg, tmp_path / "run")
     assert result["step"] == 2 and result["model"] == cfg.model.name
 
@@ -80,9 +87,23 @@ def test_run_writes_metrics_tensorboard_checkpoint_and_config(tmp_path: Path) ->
 def test_division_saves_less_than_vanilla(tmp_path: Path) -> None:
     acts = {}
     for method in ("vanilla", "division"):
-        cfg = make_cfg(*TINY, f"method={method}", "trainer.max_steps=1", "trainer.checkpoint=false")
+        cfg = make_cfg(*TINY, f"method={method}", "trainer.max_steps=1", "trainer.save_last=false")
         acts[method] = train(cfg, tmp_path / method)["act_mem_gib"]
     assert acts["vanilla"] > 5 * acts["division"]
+
+
+TIMING = ("img_per_s", "data_wait_fraction", "epoch_time_s", "peak_mem_gib", "act_peak_gib", "act_mem_gib")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in lines]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = checkpoints.load(a / "last.pt")["model"], checkpoints.load(b / "last.pt")["model"]
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
 
 
 def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
@@ -90,11 +111,87 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     straight = train(make_cfg(*common, "trainer.max_steps=6"), tmp_path / "straight")
     train(make_cfg(*common, "trainer.max_steps=3"), tmp_path / "split")
     resumed = train(make_cfg(*common, "trainer.max_steps=6", "trainer.resume=auto"), tmp_path / "split")
-    a = checkpoints.load(tmp_path / "straight" / "last.pt")["model"]
-    b = checkpoints.load(tmp_path / "split" / "last.pt")["model"]
     assert resumed["step"] == straight["step"] == 6
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _same_weights(tmp_path / "straight", tmp_path / "split")
+    # the epoch the first part left unfinished is reported once, over all its batches
+    assert _metrics(tmp_path / "split") == _metrics(tmp_path / "straight")
+    assert [m["epoch_complete"] for m in _metrics(tmp_path / "split")] == [True, False]
+
+
+class Killed(BaseException):
+    """Stands for a kill: nothing after it runs in the process's own code."""
+
+
+def _kill_before_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    real, calls = loop.train_step, [0]
+
+    def step_or_die(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls[0] += 1
+        if calls[0] == step:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_or_die)
+
+
+def test_kill_mid_epoch_resumes_bit_for_bit_and_logs_each_epoch_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = [*TINY, "trainer.epochs=3", "trainer.save_every_steps=1"]
+    train(make_cfg(*common), tmp_path / "straight")
+    with monkeypatch.context() as m:
+        _kill_before_step(m, 7)  # steps 1-6 done: epoch 1 and half of epoch 2
+        with pytest.raises(Killed):
+            train(make_cfg(*common), tmp_path / "split")
+    assert checkpoints.load(tmp_path / "split" / "last.pt")["step"] == 6
+    assert [m["epoch"] for m in _metrics(tmp_path / "split")] == [1]
+    assert json.loads((tmp_path / "split" / "status.json").read_text())["status"] == "failed"
+    result = train(make_cfg(*common, "trainer.resume=auto"), tmp_path / "split")
+    assert result["step"] == 12
+    _same_weights(tmp_path / "straight", tmp_path / "split")
+    assert _metrics(tmp_path / "split") == _metrics(tmp_path / "straight")  # epoch 2's loss over all 4 batches
+    assert json.loads((tmp_path / "split" / "status.json").read_text())["status"] == "finished"
+    assert not list((tmp_path / "split").glob(".*tmp*"))
+
+
+def test_resume_under_other_settings_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    train(make_cfg(*TINY, "trainer.max_steps=2"), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"optim.lr: 0.1 -> 0.05.*start a new run"):
+        train(make_cfg(*TINY, "trainer.max_steps=4", "optim.lr=0.05", "trainer.resume=auto"), tmp_path)
+    with pytest.raises(ValueError, match=r"division.hfc_bits: 2 -> 4"):
+        train(make_cfg(*TINY, "division.hfc_bits=4", "trainer.resume=auto"), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # where things are, and how much is trained or logged, may change
+    assert train(make_cfg(*TINY, "trainer.max_steps=3", "trainer.log_every=2", "trainer.resume=auto"), tmp_path)["step"] == 3
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume(tmp_path: Path) -> None:
+    """A real kill -9 of the command line run, wherever it lands; the resumed run ends complete."""
+    args = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.epochs=6", "trainer.save_every_steps=1",
+            f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = tmp_path / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.3)  # somewhere in epoch 3 or 4
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoints.load(tmp_path / "last.pt")["step"]
+    assert 8 <= killed_at < 24
+    assert _summarize().read_run(tmp_path)[0]["status"] == "running?"  # killed: status.json never updated
+    done = _cli([*args, "trainer.resume=auto"], ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [m["epoch"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert checkpoints.load(tmp_path / "last.pt")["step"] == 24
+    assert not list(tmp_path.glob(".*tmp*"))
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "finished"
 
 
 def test_bad_values_fail_before_anything_is_written(tmp_path: Path) -> None:
@@ -131,6 +228,94 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
     with pytest.raises(FloatingPointError, match="training loss became"):
         train(make_cfg(*TINY, "optim.lr=1e30", "trainer.epochs=3"), tmp_path)
     assert not (tmp_path / "last.pt").exists()
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+
+
+def test_non_finite_batchnorm_statistics_stop_before_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = build.build_state
+
+    def poisoned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        state, prepared = real(*args, **kwargs)
+        bn = next(m for m in state.model.modules() if getattr(m, "running_var", None) is not None)
+        def poison(module: nn.Module, inputs: object, output: object) -> None:
+            if module.training:
+                module.running_var.fill_(float("nan"))
+
+        bn.register_forward_hook(poison)
+        return state, prepared
+
+    monkeypatch.setattr(build, "build_state", poisoned)
+    with pytest.raises(FloatingPointError, match=r"buffers became non-finite after epoch 1 \(bn1.running_var"):
+        train(make_cfg(*TINY), tmp_path)  # the training loss stays finite: batch statistics in train mode
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_non_finite_validation_loss_stops_before_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda run: {**real(run), "val_loss": float("inf")})
+    with pytest.raises(FloatingPointError, match="the validation loss became inf after epoch 1"):
+        train(make_cfg(*TINY, "trainer.epochs=2"), tmp_path)
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def _summarize():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "scripts" / "summarize.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_summary_marks_failed_runs_and_writes_every_epoch_as_parquet(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    train(make_cfg(*TINY, "trainer.epochs=2", "experiment_name=ok"), runs / "a")
+    with pytest.raises(FloatingPointError):
+        train(make_cfg(*TINY, "optim.lr=1e30", "experiment_name=diverged"), runs / "b")
+    md, parquet = tmp_path / "table.md", tmp_path / "epochs.parquet"
+    assert _summarize().main([str(runs), "--markdown", str(md), "--parquet", str(parquet)]) == 0
+    table = md.read_text()
+    row = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:]] for line in table.splitlines()
+           if line.startswith("| ok/") or line.startswith("| diverged/")}
+    assert row["ok/a"][:1] == ["finished"] and row["ok/a"][6] == "2/2"
+    assert row["diverged/b"][:1] == ["failed"] and row["diverged/b"][6] == "0/1"
+    assert "- diverged/b failed: FloatingPointError: the training loss became" in table
+    epochs = pq.read_table(parquet).to_pylist()
+    assert [(e["run"], e["epoch"], e["status"]) for e in epochs] == [("ok/a", 1, "finished"), ("ok/a", 2, "finished")]
+    assert epochs[0]["cfg.division.hfc_bits"] == 2 and epochs[0]["method_settings.block_size"] == 8
+    assert epochs[1]["val_acc1"] == json.loads((runs / "a" / "metrics.jsonl").read_text().splitlines()[1])["val_acc1"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.log_every=0"], r"trainer.log_every=0 is invalid: expected a positive number"),
+        (["sched.warmup_epochs=-1"], r"sched.warmup_epochs=-1 is invalid: expected zero or more"),
+        (["trainer.save_every_steps=0"], r"trainer.save_every_steps=0 is invalid"),
+        (["model=densenet161", "data.image_size=8"], r"model=densenet161 cannot take 8x8 images"),
+        (["model=resnet18", "data.image_size=224"], r"built for 32x32 images.*model.name=torchvision.resnet18"),
+        (["data=cifar10", "data.root=/no/such/folder"], r"/no/such/folder"),
+    ],
+)
+def test_what_cannot_train_fails_before_the_run_folder_exists(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train(make_cfg(*TINY, *overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_with_vanilla_reports_both_on_one_batch(tmp_path: Path) -> None:
+    cfg = make_cfg(*TINY, "trainer.max_steps=1", "trainer.compare_with_vanilla=true")
+    comparison = train(cfg, tmp_path)["comparison"]
+    assert set(comparison) == {"division", "vanilla", "activation_ratio"}
+    ours, stock = comparison["division"], comparison["vanilla"]
+    assert stock["activation_mib"] > 5 * ours["activation_mib"] > 0
+    assert comparison["activation_ratio"] == pytest.approx(stock["activation_mib"] / ours["activation_mib"])
+    assert ours["img_per_s"] > 0 and stock["img_per_s"] > 0
+    assert "x smaller); forward + backward division" in (tmp_path / "train.log").read_text()
 
 
 def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -150,14 +335,18 @@ def test_command_line_run_and_bad_override(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
-    run_dir = tmp_path / "ddp"
+    run_dir, scratch = tmp_path / "ddp", tmp_path / "scratch"
+    scratch.mkdir()
     res = _cli(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(ROOT / "train.py"), *TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"],
-        ROOT, OMP_NUM_THREADS="1",
+        ROOT, OMP_NUM_THREADS="1", TMPDIR=str(scratch),
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "scratch"]
+    # rank 1's throw-away Hydra folder is gone; torchrun keeps its own per-rank error files in a
+    # torchelastic_* folder unless given --log-dir (as scripts/resnet50_imagenet.sh does)
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchelastic_")] == []
     metrics = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["world_size"] == 2 and metrics[0]["step"] == 2
     assert (run_dir / "last.pt").is_file()
@@ -183,5 +372,7 @@ def test_multirun_sweep_and_summary_table(tmp_path: Path) -> None:
     assert len(folders) == 2 and all("division.hfc_bits=" in f for f in folders)
     table = _cli([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep), "--markdown", str(tmp_path / "t.md")], ROOT)
     assert table.returncode == 0, table.stderr
-    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| default/")]
-    assert sorted(line.split("|")[6].strip() for line in rows) == ["1", "4"]  # the Q column
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    q = [c.strip() for c in lines[0].split("|")].index("Q")
+    rows = [line for line in lines if line.startswith("| default/")]
+    assert sorted(line.split("|")[q].strip() for line in rows) == ["1", "4"]
