@@ -7,7 +7,7 @@ Several GPUs:  torchrun --nproc_per_node=4 train.py experiment=resnet50_imagenet
 Sweep:         python train.py -m experiment=demo division.block_size=4,8,16 division.hfc_bits=1,2
 
 Everything a run writes lives in its Hydra run folder (logs/runs/<experiment>/<date_time> by
-default): the resolved config.yaml, train.log, metrics.jsonl (one line per epoch), status.json,
+default): the resolved config.yaml, the command line's overrides.yaml, train.log, metrics.jsonl (one line per epoch), status.json,
 tensorboard/ and last.pt. `trainer.resume=auto` continues the run in the given folder exactly where
 last.pt left it. The training itself is harness.train(cfg) (harness/run.py); this file is the
 command line around it.
@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 from harness.run import train
 from harness.schema import register_configs
@@ -32,9 +33,16 @@ def _rank_run_dir() -> str | None:
     if int(os.environ.get("RANK", "0")) == 0:
         return None
     folder = tempfile.mkdtemp(prefix="division-rank-")
-    sys.argv = [a for a in sys.argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-    sys.argv += [f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
+    sys.argv = [a for a in sys.argv if not a.startswith("hydra.run.dir=")]
+    sys.argv += [f"hydra.run.dir={folder}"]
     return folder
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the run folder before the config is checked; a run that failed its checks
+    leaves no empty folder behind."""
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def main() -> None:
@@ -47,7 +55,13 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="configs", config_name="train")
     def run(cfg: DictConfig) -> float | None:
-        result = train(cfg, HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        try:
+            result = train(cfg, run_dir, overrides=list(hydra_cfg.overrides.task))
+        except BaseException:
+            _remove_if_empty(run_dir)
+            raise
         return result.get("val_acc1")
 
     try:

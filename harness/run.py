@@ -29,8 +29,11 @@ def default_run_dir(cfg: DictConfig) -> Path:
     return Path("logs/runs") / cfg.experiment_name / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run the configured training; returns the last epoch's metrics and the run folder."""
+def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the configured training; returns the last epoch's metrics and the run folder.
+
+    `overrides` (the command line's, from train.py) are kept in the run folder's overrides.yaml.
+    """
     validate(cfg)
     launched = distributed.launched_by_torchrun()
     device = resolve_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", 0)) if launched else 0)
@@ -49,6 +52,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(run_dir)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            if overrides is not None:
+                OmegaConf.save(OmegaConf.create(overrides), run_dir / "overrides.yaml")
         log = RunLog(run_dir, dist)
         log.status("running")
         apply_determinism(cfg, device)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
@@ -327,10 +328,19 @@ def test_command_line_run_and_bad_override(tmp_path: Path) -> None:
     run_dir = tmp_path / "cli"
     ok = _cli([sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], ROOT)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "config.yaml").is_file()
+    overrides = yaml.safe_load((run_dir / "overrides.yaml").read_text())
+    assert overrides == [*TINY, "trainer.max_steps=2"]  # hydra.* ones are not the run's
     bad = _cli([sys.executable, str(ROOT / "train.py"), "division.hfc_bits=3", f"hydra.run.dir={tmp_path / 'bad'}"], ROOT)
     assert bad.returncode != 0
     assert "DivisionConfig.hfc_bits=3 is invalid" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # Hydra made it, the failed checks removed it again
+    # a refused resume leaves the run folder as it was (Hydra writes nothing into it either)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused = _cli([sys.executable, str(ROOT / "train.py"), *TINY, "optim.lr=0.5", "trainer.resume=auto",
+                    f"hydra.run.dir={run_dir}"], ROOT)
+    assert refused.returncode != 0 and "optim.lr: 0.1 -> 0.5" in refused.stderr
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow
