@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py --out logs/bench/accuracy                  # ResNet-18, Fashion-MNIST
     python benchmarks/accuracy.py --tiny --out /tmp/acc                      # CPU smoke test (synthetic)
     python benchmarks/accuracy.py --overrides trainer.epochs=30 --seeds 0 1 2 --out ...
+    python benchmarks/accuracy.py --jobs 3 ...                               # three runs at a time
 
 Each (method, seed) is one train.py run (experiment=demo without its CPU subset unless --overrides
 says otherwise), its folder under <out>_runs/. Writes <out>.json (every run's final metrics, then
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ VARIANTS: dict[str, list[str]] = {
     "division B8 Q4": ["method=division", "division.block_size=8", "division.hfc_bits=4"],
     "actnn Q2": ["method=actnn", "method.actnn_bits=2"],
 }
-FULL = ["data.train_subset=null", "data.val_subset=null", "trainer.epochs=10", "trainer.batch_size=256", "optim.lr=0.1"]
+FULL = ["data.train_subset=null", "data.val_subset=null", "trainer.epochs=10", "trainer.batch_size=256", "optim.lr=0.1",
+        "trainer.compare_with_vanilla=false"]
 TINY = ["data=synthetic", "data.num_train=32", "data.num_val=16", "trainer.device=cpu", "trainer.batch_size=8",
         "trainer.max_steps=2", "trainer.epochs=1"]
 
@@ -43,6 +47,17 @@ def compose_cfg(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=overrides)
+
+
+def run_one(base: list[str], name: str, seed: int, out: Path) -> dict[str, Any]:
+    """One train.py run of a variant and seed, through the harness users run."""
+    from harness.run import train
+
+    cfg = compose_cfg([*base, *VARIANTS[name], f"seed={seed}", "trainer.save_last=false"])
+    result = train(cfg, Path(f"{out}_runs") / f"{name.replace(' ', '_')}_seed{seed}")
+    print(f"{name} seed {seed}: top-1 {result['val_acc1']:.2f}", flush=True)
+    return {"variant": name, "seed": seed, **{k: result.get(k) for k in (
+        "val_acc1", "val_acc5", "val_loss", "train_loss", "act_mem_gib", "img_per_s", "epoch", "run_dir")}}
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,32 +110,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (processes sharing the device)")
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = parser.parse_args(argv)
-    from harness.run import train  # the harness: the same code path users run
-
     base = ["experiment=demo", *(TINY if args.tiny else FULL), *args.overrides]
-    runs = []
-    for name in args.variants:
-        for seed in args.seeds:
-            cfg = compose_cfg([*base, *VARIANTS[name], f"seed={seed}", "trainer.save_last=false"])
-            slug = name.replace(" ", "_")
-            result = train(cfg, Path(f"{args.out}_runs") / f"{slug}_seed{seed}")
-            runs.append({"variant": name, "seed": seed, **{k: result.get(k) for k in (
-                "val_acc1", "val_acc5", "val_loss", "train_loss", "act_mem_gib", "img_per_s", "epoch", "run_dir")}})
-            print(f"{name} seed {seed}: top-1 {result['val_acc1']:.2f}", flush=True)
+    jobs = [(base, name, seed, args.out) for name in args.variants for seed in args.seeds]
+    if args.jobs == 1:
+        runs = [run_one(*job) for job in jobs]
+    else:  # several runs share one GPU: a small model at batch 256 leaves most of it idle
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            runs = list(pool.map(run_one, *zip(*jobs)))
     summary = summarize(runs)
     table = markdown(summary)
     print(table)
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    info = {**run_info(device), "overrides": base}
+    info = {**run_info(device), "overrides": base, "jobs": args.jobs}
+    shared = f"\nimg/s with {args.jobs} runs sharing the device at a time.\n" if args.jobs > 1 else ""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({**info, "runs": runs, "summary": summary}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"accuracy benchmark on {info['device']}, git {info['git']}, {info['date']}\n\n`{info['command']}`\n\n"
-        f"overrides: `{' '.join(base)}`\n\n{table}\n")
+        f"overrides: `{' '.join(base)}`\n\n{table}\n{shared}")
     plot(summary, args.out.with_suffix(".png"))
     return 0
 

@@ -1,64 +1,86 @@
 #!/usr/bin/env bash
-# What a session with a GPU runs, in four parts of under 10 minutes each (one device call each):
-#   bash scripts/gpu_checks.sh 1   # build, every GPU test, kernel bandwidth table         (~7 min)
-#   bash scripts/gpu_checks.sh 2   # ResNet-50 bs 256: memory and speed of all 5 methods,
-#                                  #   fp32 and bf16 + channels_last, largest batch          (~8 min)
-#   bash scripts/gpu_checks.sh 3   # the same for vanilla and DIVISION under torch.compile,
-#                                  #   and where a step's time goes (profiler)              (~8 min)
-#   bash scripts/gpu_checks.sh 4   # accuracy: ResNet-18, full Fashion-MNIST, 3 seeds each   (~8 min)
-# Results go to $RESULTS (default logs/bench/gpu); each part ends by packing them into
-# $OUT/part<N>.tgz when OUT is set (the device tool returns at most 8 files per call).
-# On the lent machine first run ../shared/tools/gpu-prep.sh here, carry .whl and .data, and start
-# the command with the install line of its header; Fashion-MNIST is then read from .data.
-set -euo pipefail
+# What a session with a GPU runs, as named steps that fit device calls of under 10 minutes:
+#   bash scripts/gpu_checks.sh tests kernels profile   # every GPU test, kernel bandwidth, profile fp32
+#   bash scripts/gpu_checks.sh speed                   # ResNet-50 bs 256: memory and speed of all 5
+#                                                      #   methods, fp32 and bf16 + channels_last,
+#                                                      #   largest batch
+#   bash scripts/gpu_checks.sh accuracy                # ResNet-18, full Fashion-MNIST, 3 seeds each
+#   bash scripts/gpu_checks.sh compile profile_bf16    # vanilla and DIVISION under torch.compile
+# Each step has its own time limit and log ($RESULTS/<step>.log); a failing step is recorded in
+# $RESULTS/steps.tsv and the next one still runs. Results go to $RESULTS (default logs/bench/gpu).
+# On the lent machine first run ../shared/tools/gpu-prep.sh here, carry .whl and .data: the wheels
+# are installed to /tmp/site when hydra is missing, and Fashion-MNIST is read from .data.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: scripts/gpu_checks.sh 1|2|3|4}
+[ $# -gt 0 ] || { echo "usage: scripts/gpu_checks.sh STEP..." >&2; exit 2; }
 PY=${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python3)}
 RESULTS=${RESULTS:-logs/bench/gpu}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
+START=$SECONDS
 
+if ! "$PY" -c "import hydra, lmdb" 2>/dev/null && [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
 # build for this GPU only (about a minute on 16 cores)
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$RESULTS/build$PART.log" 2>&1 \
-  || { tail -50 "$RESULTS/build$PART.log"; exit 1; }
-"$PY" -c "import division, torch; assert torch.cuda.is_available(), 'no GPU'; assert division.cuda_extension_available(), 'division._C missing'; print(torch.cuda.get_device_name(), torch.__version__)"
+if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$RESULTS/build.log" 2>&1; then
+  tail -50 "$RESULTS/build.log"; exit 1
+fi
+"$PY" -c "import division, torch; assert torch.cuda.is_available(), 'no GPU'; assert division.cuda_extension_available(), 'division._C missing'; print(torch.cuda.get_device_name(), torch.__version__)" \
+  || exit 1
+nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1 || true
 
-pack() {
-  if [ -n "${OUT:-}" ]; then tar czf "$OUT/part$PART.tgz" "$RESULTS"; fi
+# step NAME SECONDS COMMAND...: run with a time limit, log, record the exit status
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s, at $((SECONDS - START))s)"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+  local rc=$?
+  printf '%s\t%s\t%ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$RESULTS/steps.tsv"
 }
-trap pack EXIT
 
-case "$PART" in
-  1)
-    "$PY" -m pytest -q -m gpu -rs --durations=15 tests 2>&1 | tee "$RESULTS/gpu_tests.log"
-    "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 --out "$RESULTS/kernels"
-    ;;
-  2)
-    for cfg in "off:" "bf16:--channels-last"; do
-      amp=${cfg%%:*}; extra=${cfg#*:}; tag=$([ "$amp" = off ] && echo fp32 || echo bf16_cl)
-      "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 --amp "$amp" $extra \
-        --out "$RESULTS/memory_resnet50_$tag"
-      "$PY" benchmarks/memory_speed.py --mode speed --models resnet50 --batches 256 --amp "$amp" $extra \
-        --warmup 3 --steps 5 --repeats 3 --out "$RESULTS/speed_resnet50_$tag"
-    done
-    "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 --amp off \
-      --methods vanilla division --find-max --max-search 4096 --out "$RESULTS/largest_batch_resnet50_fp32"
-    ;;
-  3)
-    for cfg in "off:" "bf16:--channels-last"; do
-      amp=${cfg%%:*}; extra=${cfg#*:}; tag=$([ "$amp" = off ] && echo fp32 || echo bf16_cl)
-      "$PY" benchmarks/memory_speed.py --mode speed --compile --models resnet50 --batches 256 --amp "$amp" \
-        $extra --methods vanilla division --warmup 3 --steps 5 --repeats 3 --out "$RESULTS/compiled_speed_resnet50_$tag"
-      "$PY" benchmarks/memory_speed.py --mode memory --compile --models resnet50 --batches 256 --amp "$amp" \
-        $extra --methods vanilla division --out "$RESULTS/compiled_memory_resnet50_$tag"
-      "$PY" benchmarks/profile_step.py --amp "$amp" $extra --out "$RESULTS/profile_resnet50_$tag"
-    done
-    ;;
-  4)
-    DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /usr/share/datasets/fashion-mnist)}
-    "$PY" benchmarks/accuracy.py --variants vanilla "division B8 Q2" "actnn Q2" --seeds 0 1 2 \
-      --overrides trainer.epochs=15 data.root="$DATA" --out "$RESULTS/accuracy_fashion_mnist"
-    ;;
-  *) echo "unknown part $PART" >&2; exit 2 ;;
-esac
+speed_pair() {  # tag amp extra...: memory and speed of every method
+  local tag=$1 amp=$2; shift 2
+  step "memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 \
+    --amp "$amp" "$@" --out "$RESULTS/memory_resnet50_$tag"
+  step "speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --models resnet50 --batches 256 \
+    --amp "$amp" "$@" --warmup 3 --steps 5 --repeats 3 --out "$RESULTS/speed_resnet50_$tag"
+}
+
+compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile
+  local tag=$1 amp=$2; shift 2
+  step "compiled_speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --compile --models resnet50 \
+    --batches 256 --amp "$amp" "$@" --methods vanilla division --warmup 3 --steps 5 --repeats 3 \
+    --out "$RESULTS/compiled_speed_resnet50_$tag"
+  step "compiled_memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --compile --models resnet50 \
+    --batches 256 --amp "$amp" "$@" --methods vanilla division --out "$RESULTS/compiled_memory_resnet50_$tag"
+}
+
+DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /usr/share/datasets/fashion-mnist)}
+for s in "$@"; do
+  case "$s" in
+    tests) step gpu_tests 300 "$PY" -m pytest -q -m gpu -rs --durations=15 -p no:cacheprovider tests ;;
+    kernels) step kernels 200 "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 \
+      --out "$RESULTS/kernels" ;;
+    profile) step profile_fp32 120 "$PY" benchmarks/profile_step.py --out "$RESULTS/profile_resnet50_fp32" ;;
+    profile_bf16) step profile_bf16 120 "$PY" benchmarks/profile_step.py --amp bf16 --channels-last \
+      --out "$RESULTS/profile_resnet50_bf16_cl" ;;
+    speed)
+      speed_pair fp32 off
+      speed_pair bf16_cl bf16 --channels-last
+      step largest_batch 200 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 \
+        --amp off --methods vanilla division --find-max --max-search 4096 --out "$RESULTS/largest_batch_resnet50_fp32" ;;
+    compile)
+      compiled_pair fp32 off
+      compiled_pair bf16_cl bf16 --channels-last ;;
+    accuracy) step accuracy 480 "$PY" benchmarks/accuracy.py --variants vanilla "division B8 Q2" --seeds 0 1 2 \
+      --jobs 6 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" --out "$RESULTS/accuracy_fashion_mnist" ;;
+    accuracy_actnn) step accuracy_actnn 300 "$PY" benchmarks/accuracy.py --variants "actnn Q2" --seeds 0 1 2 \
+      --jobs 3 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" --out "$RESULTS/accuracy_fashion_mnist_actnn" ;;
+    *) echo "unknown step $s" >&2 ;;
+  esac
+done
+echo "=== done in $((SECONDS - START))s"; cat "$RESULTS/steps.tsv"
