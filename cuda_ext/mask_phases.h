@@ -20,11 +20,17 @@ namespace division {
 constexpr int kMaskThreads = 256;
 constexpr int kMaskWarps = kMaskThreads / 32;
 
-// torch.relu: x < 0 ? 0 : x (NaN and -0 pass through); threshold_backward lets the gradient
-// through where !(y <= 0).
+// torch.relu, as stock on each device: NaN passes; on the CPU -0 passes too (x < 0 ? 0 : x), on
+// CUDA -0 becomes +0 (clamp_min takes fmaxf). threshold_backward lets the gradient through where
+// !(y <= 0), the same on both.
 template <typename scalar_t>
 DIV_HD scalar_t relu_of(scalar_t v) {
-  return static_cast<float>(v) < 0.f ? static_cast<scalar_t>(0.f) : v;
+  const float f = static_cast<float>(v);
+#ifdef __CUDA_ARCH__
+  return (f > 0.f || f != f) ? v : static_cast<scalar_t>(0.f);
+#else
+  return f < 0.f ? static_cast<scalar_t>(0.f) : v;
+#endif
 }
 
 DIV_HD bool relu_passes(float y) { return !(y <= 0.f); }

@@ -95,7 +95,9 @@ def use_kernels(t: torch.Tensor, allowed: bool) -> bool:
 def relu_forward(x: torch.Tensor, inplace: bool, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(relu(x), its mask); in place (x is returned) when `inplace` and x is dense."""
     if use_kernels(x, kernels):
-        if inplace and x is dense(x):
+        # not under torch.compile: inductor fuses and reuses buffers itself, and torch 2.11's
+        # scheduler fails on the in-place op's mutation (pytorch/pytorch#189271)
+        if inplace and x is dense(x) and not torch.compiler.is_compiling():
             return x, torch.ops.division.relu_pack_(x)
         return torch.ops.division.relu_pack(dense(x))
     y = x.relu_() if inplace else torch.relu(x)

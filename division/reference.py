@@ -160,7 +160,7 @@ def compress_reference(
         scale = torch.full_like(r, levels) / r  # a true division: `levels / r` is r.reciprocal() * levels
         nan = torch.full_like(r, math.nan)
         lo_all[n0:n1] = torch.where(finite, lo, nan)
-        step_all[n0:n1] = torch.where(finite, r / levels, nan)
+        step_all[n0:n1] = torch.where(finite, r / torch.full_like(r, levels), nan)  # true division too
         shift_all[n0:n1] = e.to(torch.int8)
         p = power_of_two(e)[expand]
         v = (((xs * p) - (up * p)) - lo[expand]) * scale[expand]
