@@ -10,6 +10,7 @@
 # $RESULTS/steps.tsv and the next one still runs. Results go to $RESULTS (default logs/bench/gpu).
 # On the lent machine first run ../shared/tools/gpu-prep.sh here, carry .whl and .data: the wheels
 # are installed to /tmp/site when hydra is missing, and Fashion-MNIST is read from .data.
+# ACCURACY_OVERRIDES adds Hydra overrides to the accuracy runs (e.g. "trainer.amp=bf16").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/gpu_checks.sh STEP..." >&2; exit 2; }
@@ -77,9 +78,9 @@ for s in "$@"; do
       compiled_pair fp32 off
       compiled_pair bf16_cl bf16 --channels-last ;;
     accuracy) step accuracy 480 "$PY" benchmarks/accuracy.py --variants vanilla "division B8 Q2" --seeds 0 1 2 \
-      --jobs 6 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" --out "$RESULTS/accuracy_fashion_mnist" ;;
+      --jobs 6 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" ${ACCURACY_OVERRIDES:-} --out "$RESULTS/accuracy_fashion_mnist" ;;
     accuracy_actnn) step accuracy_actnn 300 "$PY" benchmarks/accuracy.py --variants "actnn Q2" --seeds 0 1 2 \
-      --jobs 3 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" --out "$RESULTS/accuracy_fashion_mnist_actnn" ;;
+      --jobs 3 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" ${ACCURACY_OVERRIDES:-} --out "$RESULTS/accuracy_fashion_mnist_actnn" ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done
