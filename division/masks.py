@@ -151,6 +151,9 @@ def max_pool2d_forward(
     col = _window_origins(ow, stride[1], padding[1], x.device).view(1, ow)
     ih, iw = indices // width, indices % width
     local = ((ih - row) // dilation[0]) * kernel[1] + (iw - col) // dilation[1]
+    # stock's CUDA channels_last kernel points a window whose maximum is -inf at element 0 of the
+    # plane, outside the window: the first position of the window, as every other stock kernel
+    local = torch.where((local >= 0) & (local < kernel[0] * kernel[1]), local, 0)
     flat = _to_memory_order(local, memory_format_of(y)).to(torch.uint8)
     return y, pack_codes(flat.view(1, -1), offset_bits(kernel[0] * kernel[1])).view(-1)
 

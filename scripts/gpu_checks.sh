@@ -2,8 +2,8 @@
 # What a session with a GPU runs, as named steps that fit device calls of under 10 minutes:
 #   bash scripts/gpu_checks.sh tests kernels profile   # every GPU test, kernel bandwidth, profile fp32
 #   bash scripts/gpu_checks.sh speed                   # ResNet-50 bs 256: memory and speed of all 5
-#                                                      #   methods, fp32 and bf16 + channels_last,
-#                                                      #   largest batch
+#                                                      #   methods, fp32 and bf16 + channels_last
+#   bash scripts/gpu_checks.sh largest_batch           # the largest batch vanilla and DIVISION fit
 #   bash scripts/gpu_checks.sh accuracy                # ResNet-18, full Fashion-MNIST, 3 seeds each
 #   bash scripts/gpu_checks.sh compile profile_bf16    # vanilla and DIVISION under torch.compile
 # Each step has its own time limit and log ($RESULTS/<step>.log); a failing step is recorded in
@@ -71,9 +71,13 @@ for s in "$@"; do
       --out "$RESULTS/profile_resnet50_bf16_cl" ;;
     speed)
       speed_pair fp32 off
-      speed_pair bf16_cl bf16 --channels-last
-      step largest_batch 200 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 \
-        --amp off --methods vanilla division --find-max --max-search 4096 --out "$RESULTS/largest_batch_resnet50_fp32" ;;
+      speed_pair bf16_cl bf16 --channels-last ;;
+    compile_speed_fp32) step compiled_speed_fp32 200 "$PY" benchmarks/memory_speed.py --mode speed --compile \
+      --models resnet50 --batches 256 --amp off --methods vanilla division --warmup 3 --steps 5 --repeats 3 \
+      --out "$RESULTS/compiled_speed_resnet50_fp32" ;;
+    largest_batch) step largest_batch 200 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 \
+      --batches 256 --amp off --methods vanilla division --find-max --max-search 4096 \
+      --out "$RESULTS/largest_batch_resnet50_fp32" ;;
     compile)
       compiled_pair fp32 off
       compiled_pair bf16_cl bf16 --channels-last ;;
