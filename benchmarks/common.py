@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -25,7 +26,10 @@ def git_hash() -> str:
         return "unknown"
 
 
-GIT_AT_START = git_hash()  # the code that ran: taken when the benchmark starts, not when it ends
+# the code that ran: taken when the benchmark starts, not when it ends; DIVISION_GIT_COMMIT names it
+# where the checkout's .git is not the code's (the lent GPU machine gets a copy of the working tree
+# with the session's starting .git)
+GIT_AT_START = os.environ.get("DIVISION_GIT_COMMIT") or git_hash()
 
 
 def device_name(device: torch.device) -> str:

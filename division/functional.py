@@ -72,6 +72,12 @@ class ConvFn(Function):
             x_hat = decompress(packed)
         else:  # only grad_input is needed: its shape suffices (as torch.nn.grad.conv2d_input)
             x_hat = gy.new_empty(1).expand(ctx.x_shape)
+        if torch.compiler.is_compiling() and x_hat.dim() == 4:
+            # inductor's layout optimization makes the weight and gy channels_last around an input
+            # saved contiguous, and torch 2.11's fake convolution_backward then predicts other
+            # strides than cuDNN returns (pytorch/pytorch#171622): give all three one layout
+            fmt = memory_format_of(x_hat)
+            gy, weight = gy.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             gy, x_hat, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,

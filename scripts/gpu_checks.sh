@@ -10,6 +10,8 @@
 # $RESULTS/steps.tsv and the next one still runs. Results go to $RESULTS (default logs/bench/gpu).
 # On the lent machine first run ../shared/tools/gpu-prep.sh here, carry .whl and .data: the wheels
 # are installed to /tmp/site when hydra is missing, and Fashion-MNIST is read from .data.
+# The lent machine's copy of .git is the session's starting one: start the command with
+# `export DIVISION_GIT_COMMIT=<git rev-parse --short HEAD here>` so the results name the code that ran.
 # ACCURACY_OVERRIDES adds Hydra overrides to the accuracy runs (e.g. "trainer.amp=bf16").
 set -uo pipefail
 cd "$(dirname "$0")/.."
