@@ -9,10 +9,12 @@ from .backend import cuda_extension_available, load_extension
 from .codec import compress, decompress
 from .config import DivisionConfig
 from .format import CompressedActivation
+from .tokens import TokenGrid
 
 __all__ = [
     "CompressedActivation",
     "DivisionConfig",
+    "TokenGrid",
     "compress",
     "cuda_extension_available",
     "decompress",

@@ -22,6 +22,7 @@ from .backend import check_tensor, kernels_allowed
 from .codec import encode
 from .config import DivisionConfig
 from .format import CompressedActivation
+from .tokens import TokenGrid
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Compressor:
         self.generation = 0
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.shared_hits = 0  # how many compressions sharing saved (for tests and summaries)
+        self.token_grid: TokenGrid | None = None  # the patch grid of (N, T, D) inputs (tokens.py)
 
     def new_forward(self) -> None:
         """Called before each forward of the root module: earlier records stop being reusable."""
@@ -75,10 +77,13 @@ class Compressor:
             self.new_forward()
 
     def __deepcopy__(self, memo: dict) -> Compressor:
-        return Compressor(self.cfg)  # a copied model starts with an empty cache
+        new = Compressor(self.cfg)  # a copied model starts with an empty cache
+        new.token_grid = self.token_grid
+        return new
 
     def __getstate__(self) -> dict:
-        return {"cfg": self.cfg}
+        return {"cfg": self.cfg, "token_grid": self.token_grid}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["cfg"])
+        self.token_grid = state.get("token_grid")

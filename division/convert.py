@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .compressor import Compressor
 from .config import DivisionConfig
 from .layers import CONVERSIONS, DivisionLayer
+from .tokens import TokenGrid, infer_token_grid
 
 STATE_ATTR = "_division_compressor"
 
@@ -24,16 +26,21 @@ KNOWN_UNCONVERTED: dict[type[nn.Module], str] = {
     nn.AdaptiveAvgPool3d: "average pooling saves only shapes: nothing to compress",
     nn.Flatten: "a view: saves nothing",
     nn.Identity: "saves nothing",
+    NonDynamicallyQuantizableLinear: "MultiheadAttention's output projection: the attention layer runs it",
 }
 
 
-def conversion_for(module: nn.Module, cfg: DivisionConfig) -> tuple[type[nn.Module] | None, str]:
-    """(converted class, "") or (None, why this module stays as it is)."""
+def conversion_for(
+    module: nn.Module, cfg: DivisionConfig, token_grid: TokenGrid | None = None
+) -> tuple[type[nn.Module] | None, str]:
+    """(converted class, "") or (None, why this module stays as it is). Linear layers are converted
+    in a model with a token grid (a transformer, whose Linear inputs are token sequences) or when
+    compress_linear says so."""
     if isinstance(module, DivisionLayer):
         return None, "already converted"
     kind = type(module)
     if kind in CONVERSIONS:
-        if kind is nn.Linear and not cfg.compress_linear:
+        if kind is nn.Linear and not cfg.compress_linear and token_grid is None:
             return None, "Linear inputs are kept exact as in the paper (compress_linear=False)"
         if kind is nn.MaxPool2d and module.return_indices:
             return None, "MaxPool2d(return_indices=True) is not converted"
@@ -49,14 +56,18 @@ def conversion_for(module: nn.Module, cfg: DivisionConfig) -> tuple[type[nn.Modu
 
 
 def convert_model(
-    model: nn.Module, cfg: DivisionConfig | None = None, *, compressor: Compressor | None = None
+    model: nn.Module, cfg: DivisionConfig | None = None, *, compressor: Compressor | None = None,
+    token_grid: TokenGrid | None = None,
 ) -> nn.Module:
     """Patch every convertible layer of `model` in place and return the model.
 
     Parameters and buffers move into the new layers untouched (pretrained weights survive, the
     state_dict keys and optimizer references stay valid). If `model` itself is a single layer, a
     converted layer sharing its parameters is returned instead. `compressor` replaces the DIVISION
-    codec by another one (the ActNN baseline of groupquant.py).
+    codec by another one (the ActNN baseline of groupquant.py). `token_grid` says how a
+    transformer's (N, T, D) tokens lie on its patch grid (tokens.py); by default it is read from
+    the model (torchvision's VisionTransformer and models.vit say it), and token inputs of unknown
+    grid are compressed in blocks of B consecutive tokens.
     """
     cfg = DivisionConfig() if cfg is None else cfg
     if not isinstance(cfg, DivisionConfig):
@@ -65,12 +76,17 @@ def convert_model(
         raise TypeError(f"convert_model: expected an nn.Module, got {type(model).__name__}")
     if hasattr(model, STATE_ATTR) or isinstance(model, DivisionLayer):
         raise ValueError("convert_model: this model is already converted; convert a fresh copy instead")
-    new_cls, _ = conversion_for(model, cfg)
+    if token_grid is not None and not isinstance(token_grid, TokenGrid):
+        raise TypeError(f"convert_model: token_grid must be a division.TokenGrid, got {type(token_grid).__name__}")
+    token_grid = infer_token_grid(model) if token_grid is None else token_grid
+    new_cls, _ = conversion_for(model, cfg, token_grid)
     if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share,
         # and no root forward to reset a sharing cache, which would hand back an old draw
         single = compressor or Compressor(cfg.replace(share_inputs=False))
+        single.token_grid = token_grid
         return new_cls.from_module(model, single)
     compressor = Compressor(cfg) if compressor is None else compressor
+    compressor.token_grid = token_grid
     _convert_children(model, cfg, compressor)
     setattr(model, STATE_ATTR, compressor)
     model.register_forward_pre_hook(compressor)
@@ -79,7 +95,7 @@ def convert_model(
 
 def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
     for name, child in list(module.named_children()):
-        new_cls, _ = conversion_for(child, cfg)
+        new_cls, _ = conversion_for(child, cfg, compressor.token_grid)
         if new_cls is not None:
             setattr(module, name, new_cls.from_module(child, compressor))
         else:

@@ -25,6 +25,7 @@ from .masks import (
     relu_backward,
     relu_forward,
 )
+from .tokens import compress_tokens, decompress_tokens
 
 # aten._batch_norm_impl_index's answer: which kernel ran a batch norm
 NATIVE_BATCH_NORM, CUDNN_BATCH_NORM, MIOPEN_BATCH_NORM = 0, 1, 2
@@ -229,3 +230,74 @@ class LinearFn(Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)
         return gx, gw, gb, None
+
+
+# ---- transformer layers: inputs saved as token records (tokens.py) ----------------------------
+
+
+class TokenLinearFn(Function):
+    """Linear layer on (N, T, D) tokens (or (T, N, D) with seq_first, as MultiheadAttention runs
+    its projections), saving its input as a token record. Backward computes what stock's linear
+    backward computes, in the same order: gx = gy @ W, gW = gy^T @ x, gb = gy summed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, compressor: Compressor, seq_first: bool):
+        y = F.linear(x, weight, bias)
+        packed = None
+        if ctx.needs_input_grad[1]:
+            packed = compress_tokens(compressor, x.transpose(0, 1) if seq_first else x, compressor.token_grid)
+        _save(ctx, packed, weight)
+        ctx.x_shape, ctx.seq_first, ctx.has_bias = x.shape, seq_first, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight,) = _load(ctx)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy2.mm(weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            x_hat = decompress_tokens(packed)
+            x_hat = x_hat.transpose(0, 1) if ctx.seq_first else x_hat
+            gw = gy2.t().mm(x_hat.reshape(gy2.shape[0], -1))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        return gx, gw, gb, None, None
+
+
+class LayerNormFn(Function):
+    """Layer norm over the last dimension of (N, T, D) tokens: exact per-token statistics from
+    forward, the input saved as a token record; aten's own backward, as stock's autograd runs."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, compressor: Compressor):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        _save(ctx, compress_tokens(compressor, x, compressor.token_grid), weight, bias, mean, rstd)
+        ctx.normalized_shape = list(normalized_shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight, bias, mean, rstd) = _load(ctx)
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
+                bias is not None and ctx.needs_input_grad[3]]
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            gy, decompress_tokens(packed), ctx.normalized_shape, mean, rstd, weight, bias, mask
+        )
+        return gx, None, gw, gb, None, None
+
+
+class GELUFn(Function):
+    """GELU on (N, T, D) tokens, its input saved as a token record."""
+
+    @staticmethod
+    def forward(ctx, x, approximate: str, compressor: Compressor):
+        _save(ctx, compress_tokens(compressor, x, compressor.token_grid))
+        ctx.approximate = approximate
+        return torch.ops.aten.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, _ = _load(ctx)
+        return torch.ops.aten.gelu_backward(gy, decompress_tokens(packed), approximate=ctx.approximate), None, None

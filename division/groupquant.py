@@ -98,13 +98,16 @@ class GroupQuantCompressor(Compressor):
         return group_compress(x, self.bits, self.group_size)
 
     def __deepcopy__(self, memo: dict) -> GroupQuantCompressor:
-        return GroupQuantCompressor(self.bits, self.group_size)
+        new = GroupQuantCompressor(self.bits, self.group_size)
+        new.token_grid = self.token_grid
+        return new
 
     def __getstate__(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size}
+        return {"bits": self.bits, "group_size": self.group_size, "token_grid": self.token_grid}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["bits"], state["group_size"])
+        self.token_grid = state.get("token_grid")
 
 
 def convert_model_actnn(model: nn.Module, bits: int = 2, group_size: int = 256) -> nn.Module:

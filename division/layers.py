@@ -16,7 +16,17 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .compressor import Compressor
-from .functional import BatchNormFn, ConvFn, DropoutFn, LinearFn, MaxPool2dFn, ReLUFn
+from .functional import (
+    BatchNormFn,
+    ConvFn,
+    DropoutFn,
+    GELUFn,
+    LayerNormFn,
+    LinearFn,
+    MaxPool2dFn,
+    ReLUFn,
+    TokenLinearFn,
+)
 
 
 def _needs_saving(module: nn.Module, x: torch.Tensor) -> bool:
@@ -174,12 +184,83 @@ class DivisionMaxPool2d(DivisionLayer, nn.MaxPool2d):
 
 
 class DivisionLinear(DivisionLayer, nn.Linear):
+    """(N, T, D) token inputs are saved as token records (over the patch grid when the model has
+    one); other inputs along their last dimension when compress_linear, else exactly as stock."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x) or x.dim() < 2:
             return super().forward(x)
+        tokens = x.dim() == 3
+        if not (tokens or self.compressor.cfg.compress_linear):
+            return super().forward(x)
         (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
         with autocast_off:
+            if tokens:
+                return TokenLinearFn.apply(x, weight, bias, self.compressor, False)
             return LinearFn.apply(x, weight, bias, self.compressor)
+
+
+def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any], contextlib.AbstractContextManager]:
+    """layer_norm is on CUDA autocast's float32 list (CPU autocast leaves it alone): cast as stock."""
+    if not (tensors[0].is_cuda and torch.is_autocast_enabled("cuda")):
+        return list(tensors), contextlib.nullcontext()
+    cast = [t.float() if t is not None and t.is_floating_point() else t for t in tensors]
+    return cast, torch.autocast("cuda", enabled=False)
+
+
+class DivisionLayerNorm(DivisionLayer, nn.LayerNorm):
+    """(N, T, D) token inputs normalized over D are saved as token records; others as stock."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_saving(self, x) or x.dim() != 3 or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x, self.weight, self.bias)
+        with autocast_off:
+            return LayerNormFn.apply(x, list(self.normalized_shape), weight, bias, self.eps, self.compressor)
+
+
+class DivisionGELU(DivisionLayer, nn.GELU):
+    """(N, T, D) token inputs are saved as token records; others as stock."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_saving(self, x) or x.dim() != 3:
+            return super().forward(x)
+        return GELUFn.apply(x, self.approximate, self.compressor)
+
+
+class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
+    """Self-attention on batch-first (N, T, E) tokens without weights returned (what torchvision's
+    ViT runs): the input and output projections save their inputs as token records; the op order
+    is stock's (F.multi_head_attention_forward), so exact mode is stock bit for bit. What
+    scaled_dot_product_attention saves (q, k, v, its output and statistics) stays as it is. Other
+    calls (masks, attention weights, cross-attention) run stock's forward."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plain = (
+            self.batch_first and query is key and key is value and query.dim() == 3
+            and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
+            and not need_weights and key_padding_mask is None and attn_mask is None and not is_causal
+        )
+        if not (plain and _needs_saving(self, query)):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        n, t, e = query.shape
+        heads = self.num_heads
+        (x, w_in, b_in, w_out, b_out), autocast_off = _autocast(
+            query.transpose(1, 0), self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias
+        )
+        with autocast_off:
+            proj = TokenLinearFn.apply(x, w_in, b_in, self.compressor, True)
+        proj = proj.unflatten(-1, (3, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        q, k, v = (p.view(t, n * heads, -1).transpose(0, 1).view(n, heads, t, -1) for p in proj)
+        out = F.scaled_dot_product_attention(q, k, v, None, self.dropout if self.training else 0.0, False)
+        out = out.permute(2, 0, 1, 3).contiguous().view(t, n, e)
+        with autocast_off:
+            out = TokenLinearFn.apply(out, w_out, b_out, self.compressor, True)
+        return out.transpose(1, 0), None
 
 
 CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
@@ -193,4 +274,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Dropout: DivisionDropout,
     nn.MaxPool2d: DivisionMaxPool2d,
     nn.Linear: DivisionLinear,
+    nn.LayerNorm: DivisionLayerNorm,
+    nn.GELU: DivisionGELU,
+    nn.MultiheadAttention: DivisionMultiheadAttention,
 }

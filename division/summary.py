@@ -153,7 +153,7 @@ def summary(model: nn.Module, example_input: torch.Tensor | None = None) -> Mode
             continue
         if next(module.children(), None) is not None:
             continue
-        _, reason = conversion_for(module, probe_cfg)
+        _, reason = conversion_for(module, probe_cfg, getattr(compressor, "token_grid", None))
         if cfg is None and type(module) in CONVERSIONS and not reason:
             reason = "model not converted"
         result.rows.append(LayerRow(name, type(module).__name__, False, reason))

@@ -1,0 +1,115 @@
+"""Token sequences as DIVISION maps: a transformer's (N, T, D) activations over its patch grid.
+
+A Vision Transformer's T = P + H x W tokens are P prefix tokens (class, register) followed by the
+patch tokens in row-major grid order. The patch tokens of a contiguous (N, T, D) tensor are, in
+memory, exactly a channels_last (N, D, H, W) map: every feature d of every sample is a plane over
+the patch grid, and neighbouring patches are correlated as neighbouring pixels are. So a token
+record is the ordinary DIVISION record of that map (LFC = B x B patch blocks, HFC per (sample,
+feature) plane) plus the few prefix tokens kept exact. Without a grid, or when T does not match it
+(another image size), the whole sequence is one column: (N, D, T, 1), blocks of B tokens.
+
+The grid comes from `convert_model(..., token_grid=...)` or from the model: torchvision's
+VisionTransformer and models.vit say it through `image_size`, `patch_size` and `class_token`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """P prefix tokens, then H x W patch tokens in row-major order."""
+
+    height: int
+    width: int
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TokenGrid.{name}={value!r} is invalid: expected an integer >= 1")
+        if isinstance(self.prefix, bool) or not isinstance(self.prefix, int) or self.prefix < 0:
+            raise ValueError(f"TokenGrid.prefix={self.prefix!r} is invalid: expected an integer >= 0")
+
+    @property
+    def length(self) -> int:
+        return self.prefix + self.height * self.width
+
+
+def infer_token_grid(model: nn.Module) -> TokenGrid | None:
+    """The grid of a model that says it (torchvision's VisionTransformer, models.vit), else None."""
+    image, patch = getattr(model, "image_size", None), getattr(model, "patch_size", None)
+    if not isinstance(image, int) or not isinstance(patch, int) or patch < 1 or image < patch:
+        return None
+    prefix = 1 if isinstance(getattr(model, "class_token", None), torch.Tensor) else 0
+    return TokenGrid(image // patch, image // patch, prefix)
+
+
+@dataclass
+class TokenRecord:
+    """A saved (N, T, D) token tensor: the record of its patch map (or of its 1-d column) and the
+    prefix tokens kept exact."""
+
+    shape: torch.Size
+    grid: TokenGrid | None  # None: the whole sequence as one column of blocks of B tokens
+    inner: Any  # the codec's record (CompressedActivation, or another codec's)
+    prefix: torch.Tensor | None = None
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (*self.inner.tensors(), self.prefix)
+
+    def with_tensors(self, tensors: tuple[torch.Tensor | None, ...]) -> TokenRecord:
+        return TokenRecord(self.shape, self.grid, self.inner.with_tensors(tensors[:-1]), tensors[-1])
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.prefix is None else self.prefix.numel() * self.prefix.element_size()
+        return self.inner.nbytes + extra
+
+
+def grid_for(x: torch.Tensor, grid: TokenGrid | None) -> TokenGrid | None:
+    """The grid that applies to this (N, T, D) input: None when T does not match it."""
+    return grid if grid is not None and x.shape[1] == grid.length else None
+
+
+def as_map(x: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
+    """The patch tokens of (N, T, D) x as a channels_last (N, D, H, W) map (a view when x is
+    contiguous and has no prefix), or the whole sequence as (N, D, T, 1) without a grid."""
+    n, t, d = x.shape
+    if grid is None:
+        return x.contiguous().view(n, t, 1, d).permute(0, 3, 1, 2)
+    patches = x[:, grid.prefix :] if grid.prefix else x
+    return patches.contiguous().view(n, grid.height, grid.width, d).permute(0, 3, 1, 2)
+
+
+def from_map(m: torch.Tensor, prefix: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    """Inverse of as_map: (N, T, D) from the map (channels_last) and the prefix tokens."""
+    n, t, d = shape
+    patches = m.permute(0, 2, 3, 1).reshape(n, -1, d)
+    return patches if prefix is None else torch.cat([prefix, patches], dim=1)
+
+
+def compress_tokens(compressor: Any, x: torch.Tensor, grid: TokenGrid | None, mode: str | None = None) -> TokenRecord:
+    """Compress a (N, T, D) token tensor with `compressor` (a division Compressor)."""
+    if x.dim() != 3:
+        raise ValueError(f"compress_tokens: expected an (N, T, D) tensor, got shape {tuple(x.shape)}")
+    x = x.detach()
+    if (compressor.cfg.backward_mode if mode is None else mode) == "exact":  # x itself, as stock
+        return TokenRecord(x.shape, None, compressor.compress(x, "exact"))
+    grid = grid_for(x, grid)
+    prefix = x[:, : grid.prefix].clone() if grid is not None and grid.prefix else None
+    return TokenRecord(x.shape, grid, compressor.compress(as_map(x, grid), mode), prefix)
+
+
+def decompress_tokens(record: TokenRecord) -> torch.Tensor:
+    """The (N, T, D) reconstruction of a TokenRecord."""
+    from .codec import decompress
+
+    out = decompress(record.inner)
+    return out if out.dim() == 3 else from_map(out, record.prefix, record.shape)

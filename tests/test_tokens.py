@@ -1,0 +1,215 @@
+"""Transformer layers: token records over the patch grid, converted Linear / LayerNorm / GELU /
+MultiheadAttention against stock and autograd, torchvision's ViT end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+import division
+import division.functional as functional
+from division.compressor import Compressor
+from division.layers import DivisionLayerNorm, DivisionLinear, DivisionMultiheadAttention
+from division.tokens import TokenGrid, as_map, compress_tokens, decompress_tokens, infer_token_grid
+
+
+def small_vit(dropout: float = 0.1, grid: int = 8) -> VisionTransformer:
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=4 * grid, patch_size=4, num_layers=2, num_heads=3, hidden_dim=48,
+                              mlp_dim=96, num_classes=10, dropout=dropout, attention_dropout=dropout)
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision's zero head passes no gradient
+    return model
+
+
+def loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 1) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(seed)
+    model.train()
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_patch_tokens_are_a_channels_last_map_of_their_grid() -> None:
+    x = torch.randn(2, 3 + 5 * 7, 16)
+    grid = TokenGrid(5, 7, prefix=3)
+    m = as_map(x, grid)
+    assert m.shape == (2, 16, 5, 7) and m.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(m, x[:, 3:].reshape(2, 5, 7, 16).permute(0, 3, 1, 2))
+    plain = torch.randn(2, 5 * 7, 16)
+    assert as_map(plain, TokenGrid(5, 7)).data_ptr() == plain.data_ptr()  # no copy without a prefix
+
+
+def test_token_record_is_the_division_record_of_the_map_plus_exact_prefix() -> None:
+    x = torch.randn(3, 2 + 5 * 7, 16)
+    grid = TokenGrid(5, 7, prefix=2)
+    cfg = division.DivisionConfig(block_size=4)
+    torch.manual_seed(5)
+    record = compress_tokens(Compressor(cfg), x, grid)
+    torch.manual_seed(5)  # the same seed drawn for the map compressed on its own
+    alone = division.decompress(division.compress(as_map(x, grid), cfg))
+    out = decompress_tokens(record)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out[:, :2], x[:, :2])
+    assert torch.equal(out[:, 2:], alone.permute(0, 2, 3, 1).reshape(3, 35, 16))
+    assert tuple(record.inner.shape) == (3, 16, 5, 7) and record.nbytes < x.numel() * 4 / 3
+
+
+def test_a_sequence_off_the_grid_is_one_column_of_token_blocks() -> None:
+    x = torch.randn(2, 20, 8)  # 20 tokens: not 1 + 8 x 8
+    record = compress_tokens(Compressor(division.DivisionConfig()), x, TokenGrid(8, 8, prefix=1))
+    assert record.grid is None and record.prefix is None and record.inner.shape == (2, 8, 20, 1)
+    out = decompress_tokens(record)
+    assert out.shape == x.shape
+    step = record.inner.quantization_step.view(2, 8, 1).transpose(1, 2)  # per (sample, feature)
+    assert bool(((out - x).abs() <= step * 1.01 + 1e-2 * x.abs().amax()).all())
+
+
+def test_grid_is_read_from_torchvisions_vit() -> None:
+    assert infer_token_grid(small_vit()) == TokenGrid(8, 8, prefix=1)
+    assert infer_token_grid(nn.Linear(3, 4)) is None
+    with pytest.raises(TypeError, match="token_grid must be a division.TokenGrid"):
+        division.convert_model(small_vit(), token_grid=(8, 8))
+    with pytest.raises(ValueError, match="TokenGrid.height=0"):
+        TokenGrid(0, 4)
+
+
+def test_vit_layers_are_converted_and_cnn_linears_are_not() -> None:
+    model = division.convert_model(small_vit())
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"DivisionLinear", "DivisionLayerNorm", "DivisionGELU", "DivisionMultiheadAttention"} <= kinds
+    cnn = division.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)))
+    assert not isinstance(cnn[2], DivisionLinear)  # no grid: heads stay exact as in the paper
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_exact_mode_is_stock_vit_bit_for_bit(autocast: bool) -> None:
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    stock = small_vit()
+    exact = division.convert_model(small_vit(), division.DivisionConfig(backward_mode="exact"))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss_s, grads_s = loss_and_grads(stock, x, y)
+        loss_e, grads_e = loss_and_grads(exact, x, y)
+    assert torch.equal(loss_s, loss_e)
+    assert [n for n in grads_s if not torch.equal(grads_s[n], grads_e[n])] == []
+
+
+def test_revert_gives_back_stock_layers() -> None:
+    model = division.revert_model(division.convert_model(small_vit()))
+    assert not any(isinstance(m, division.layers.DivisionLayer) for m in model.modules())
+    assert type(model.encoder.layers[0].self_attention) is nn.MultiheadAttention
+
+
+@pytest.fixture
+def captured_reconstructions(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Every reconstruction a converted layer's backward uses."""
+    seen: list[torch.Tensor] = []
+    real = functional.decompress_tokens
+
+    def spy(record):  # type: ignore[no-untyped-def]
+        out = real(record)
+        seen.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(functional, "decompress_tokens", spy)
+    return seen
+
+
+def test_layer_gradients_are_autograds_on_the_reconstruction(captured_reconstructions: list) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 1 + 4 * 4, 12, requires_grad=True)
+    gy = torch.randn(3, 17, 12)
+    grid = TokenGrid(4, 4, prefix=1)
+    for stock in (nn.GELU(), nn.Linear(12, 12)):
+        with torch.no_grad():
+            for p in stock.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        layer = division.convert_model(copy.deepcopy(stock), token_grid=grid)
+        captured_reconstructions.clear()
+        layer(x).backward(gy)
+        (x_hat,) = captured_reconstructions
+        assert not torch.equal(x_hat, x) and (x_hat - x).abs().max() < 0.5 * x.abs().max()
+        leaf = x_hat.clone().requires_grad_(True)
+        stock.zero_grad()
+        stock(leaf).backward(gy)
+        for p_stock, p in zip(stock.parameters(), layer.parameters()):
+            torch.testing.assert_close(p.grad, p_stock.grad, rtol=1e-5, atol=1e-5)
+        if not isinstance(stock, nn.Linear):  # Linear's input gradient needs only W and gy
+            torch.testing.assert_close(x.grad, leaf.grad, rtol=1e-5, atol=1e-5)
+        x.grad = None
+
+
+def test_layer_norm_backward_is_atens_on_the_reconstruction_with_the_exact_statistics(
+    captured_reconstructions: list,
+) -> None:
+    """As batch norm: the per-token mean and 1/std come exact from forward; backward is stock's
+    native_layer_norm_backward on the reconstruction with them (exact mode: stock bit for bit)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1 + 4 * 4, 12, requires_grad=True)
+    gy = torch.randn(3, 17, 12)
+    stock = nn.LayerNorm(12)
+    with torch.no_grad():
+        stock.weight.add_(torch.randn(12) * 0.1)
+    layer = division.convert_model(copy.deepcopy(stock), token_grid=TokenGrid(4, 4, prefix=1))
+    layer(x).backward(gy)
+    (x_hat,) = captured_reconstructions
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x.detach(), [12], stock.weight, stock.bias, stock.eps)
+    gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+        gy, x_hat, [12], mean, rstd, stock.weight, stock.bias, [True, True, True]
+    )
+    assert torch.equal(x.grad, gx) and torch.equal(layer.weight.grad, gw) and torch.equal(layer.bias.grad, gb)
+    (gx_stock,) = torch.autograd.grad(stock(x), x, gy)  # the exact input's gradient, for scale
+    assert 0 < (x.grad - gx_stock).norm() < 0.5 * gx_stock.norm()
+
+
+def test_mean_of_many_division_gradients_converges_to_the_exact_one() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 1 + 8 * 8, 16).cumsum(dim=1) / 4  # neighbouring tokens correlated
+    gy = torch.randn(4, 65, 8)
+    layer = division.convert_model(nn.Linear(16, 8), token_grid=TokenGrid(8, 8, prefix=1))
+    exact = gy.reshape(-1, 8).t() @ x.reshape(-1, 16)
+    draws = []
+    for _ in range(400):
+        layer.zero_grad()
+        layer(x).backward(gy)
+        draws.append(layer.weight.grad.clone())
+    one = (draws[0] - exact).norm() / exact.norm()
+    mean = (torch.stack(draws).mean(0) - exact).norm() / exact.norm()
+    assert one > 1e-3 and mean < one / 10  # noise shrinks as 1/sqrt(400) = 1/20
+
+
+def test_attention_falls_back_to_stock_where_it_does_not_apply() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    conv = division.convert_model(copy.deepcopy(mha))
+    assert isinstance(conv, DivisionMultiheadAttention)
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    for args, kwargs in [((q, q, q), {"need_weights": True}), ((q, kv, kv), {"need_weights": False}),
+                         ((q, q, q), {"need_weights": False, "attn_mask": torch.zeros(5, 5, dtype=torch.bool)})]:
+        out_s, w_s = mha(*args, **kwargs)
+        out_c, w_c = conv(*args, **kwargs)
+        assert torch.equal(out_s, out_c)
+        assert (w_s is None and w_c is None) or torch.equal(w_s, w_c)
+
+
+def test_layer_norm_of_other_shapes_runs_stock() -> None:
+    ln = division.convert_model(nn.LayerNorm([4, 4]))
+    assert isinstance(ln, DivisionLayerNorm)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ref = nn.LayerNorm([4, 4])
+    assert torch.equal(ln(x), ref(x))
+
+
+def test_summary_reports_every_transformer_layer_and_the_saving() -> None:
+    model = division.convert_model(small_vit(dropout=0.0))
+    s = division.summary(model, torch.randn(2, 3, 32, 32))
+    kinds = {r.kind for r in s.converted}
+    assert {"DivisionLinear", "DivisionLayerNorm", "DivisionGELU", "DivisionMultiheadAttention"} <= kinds
+    mlp = next(r for r in s.rows if r.name.endswith("layer_0.mlp.1"))  # GELU on 65 x 96 tokens
+    assert mlp.input_shape == (2, 65, 96) and mlp.vanilla_bytes > 6 * mlp.saved_bytes
+    assert s.ratio > 2
