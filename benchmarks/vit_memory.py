@@ -6,8 +6,8 @@
 One training-mode forward of the stock model and one of the converted model (same weights, same
 input) under saved-tensor hooks (division.saved.SavedBytes: each storage once, parameters left
 out). Each saved tensor is attributed to a layer kind: the innermost module running when it was
-saved, and within attention, what scaled_dot_product_attention saves (q, k, v, its output and
-statistics) apart from the projections' inputs. Writes <out>.json and <out>.md.
+saved; attention counts its projections' inputs and what scaled_dot_product_attention saves
+(q, k, v, its output and statistics; given apart too). Writes <out>.json and <out>.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from division.saved import SavedBytes
 
 MIB = 2**20
 KINDS = {nn.Linear: "Linear", nn.LayerNorm: "LayerNorm", nn.GELU: "GELU", nn.Dropout: "Dropout",
-         nn.MultiheadAttention: "attention projections", nn.Conv2d: "patch embedding (Conv2d)"}
+         nn.MultiheadAttention: "attention", nn.Conv2d: "patch embedding (Conv2d)"}
 INTERNALS = "attention internals (SDPA)"
 
 
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     converted = division.convert_model(copy.deepcopy(stock), cfg)
     x = torch.randn(args.batch, 3, args.size, args.size)
     before, after = saved_per_kind(stock, x), saved_per_kind(converted, x)
+    internals = {"stock": before.get(INTERNALS, 0), "division": after.get(INTERNALS, 0)}
+    for per_kind in (before, after):  # one attention row: its projections and what SDPA keeps
+        per_kind["attention"] = per_kind.get("attention", 0) + per_kind.pop(INTERNALS, 0)
     kinds = sorted(set(before) | set(after), key=lambda k: -before.get(k, 0))
     rows = [{"kind": k, "stock_bytes": before.get(k, 0), "division_bytes": after.get(k, 0)} for k in kinds]
     total = {"kind": "total", "stock_bytes": sum(before.values()), "division_bytes": sum(after.values())}
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in [*rows, total]:
         ratio = r["stock_bytes"] / r["division_bytes"] if r["division_bytes"] else float("inf")
         lines.append(f"| {r['kind']} | {r['stock_bytes'] / MIB:.2f} | {r['division_bytes'] / MIB:.2f} | {ratio:.1f} |")
+    lines += ["", f"Of the attention rows, what scaled_dot_product_attention itself saves (q, k, v, its output "
+              f"and statistics): stock {internals['stock'] / MIB:.2f} MiB, DIVISION {internals['division'] / MIB:.2f} "
+              "MiB (DIVISION keeps q, k and v as token records instead and recomputes the attention in backward)."]
     table = "\n".join(lines)
     print(table)
     if args.out:
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(
             {**info, "model": args.model, "batch": args.batch, "size": args.size, "config": cfg.to_dict(),
-             "rows": rows, "total": total}, indent=2) + "\n")
+             "rows": rows, "total": total, "sdpa_internals_bytes": internals}, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(
             f"Activation memory of {args.model}, batch {args.batch}, {args.size}x{args.size}, fp32, B={args.block_size} "
             f"Q={args.bits}, on {info['device']}, git {info['git']}, {info['date']}\n\n`{info['command']}`\n\n{table}\n")

@@ -17,6 +17,7 @@ from torch.nn.modules.utils import _pair
 
 from .compressor import Compressor
 from .functional import (
+    AttentionFn,
     BatchNormFn,
     ConvFn,
     DropoutFn,
@@ -192,6 +193,10 @@ class DivisionLinear(DivisionLayer, nn.Linear):
             return super().forward(x)
         tokens = x.dim() == 3
         if not (tokens or self.compressor.cfg.compress_linear):
+            # kept exact, as stock; but a view such as a ViT head's x[:, 0] would keep its whole
+            # token tensor alive for backward: save a copy of just the view (same values)
+            if x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
+                x = x.clone()
             return super().forward(x)
         (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
         with autocast_off:
@@ -230,10 +235,11 @@ class DivisionGELU(DivisionLayer, nn.GELU):
 
 class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
     """Self-attention on batch-first (N, T, E) tokens without weights returned (what torchvision's
-    ViT runs): the input and output projections save their inputs as token records; the op order
-    is stock's (F.multi_head_attention_forward), so exact mode is stock bit for bit. What
-    scaled_dot_product_attention saves (q, k, v, its output and statistics) stays as it is. Other
-    calls (masks, attention weights, cross-attention) run stock's forward."""
+    ViT runs): the input and output projections save their inputs as token records, and without
+    attention dropout q, k and v are saved as token records in place of what
+    scaled_dot_product_attention keeps (AttentionFn: recomputed in backward). The op order is
+    stock's (F.multi_head_attention_forward), so exact mode is stock bit for bit. Other calls
+    (masks, attention weights, cross-attention) run stock's forward."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
@@ -256,7 +262,11 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
             proj = TokenLinearFn.apply(x, w_in, b_in, self.compressor, True)
         proj = proj.unflatten(-1, (3, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
         q, k, v = (p.view(t, n * heads, -1).transpose(0, 1).view(n, heads, t, -1) for p in proj)
-        out = F.scaled_dot_product_attention(q, k, v, None, self.dropout if self.training else 0.0, False)
+        dropout = self.dropout if self.training else 0.0
+        if dropout == 0.0:  # q, k, v saved as token records, attention recomputed in backward
+            out = AttentionFn.apply(q, k, v, self.compressor)
+        else:  # dropout's mask cannot be redrawn in backward: stock's attention saves what it saves
+            out = F.scaled_dot_product_attention(q, k, v, None, dropout, False)
         out = out.permute(2, 0, 1, 3).contiguous().view(t, n, e)
         with autocast_off:
             out = TokenLinearFn.apply(out, w_out, b_out, self.compressor, True)

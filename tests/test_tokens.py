@@ -87,11 +87,12 @@ def test_vit_layers_are_converted_and_cnn_linears_are_not() -> None:
     assert not isinstance(cnn[2], DivisionLinear)  # no grid: heads stay exact as in the paper
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # without attention dropout AttentionFn runs
 @pytest.mark.parametrize("autocast", [False, True])
-def test_exact_mode_is_stock_vit_bit_for_bit(autocast: bool) -> None:
+def test_exact_mode_is_stock_vit_bit_for_bit(autocast: bool, dropout: float) -> None:
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
-    stock = small_vit()
-    exact = division.convert_model(small_vit(), division.DivisionConfig(backward_mode="exact"))
+    stock = small_vit(dropout)
+    exact = division.convert_model(small_vit(dropout), division.DivisionConfig(backward_mode="exact"))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss_s, grads_s = loss_and_grads(stock, x, y)
         loss_e, grads_e = loss_and_grads(exact, x, y)
@@ -213,3 +214,31 @@ def test_summary_reports_every_transformer_layer_and_the_saving() -> None:
     mlp = next(r for r in s.rows if r.name.endswith("layer_0.mlp.1"))  # GELU on 65 x 96 tokens
     assert mlp.input_shape == (2, 65, 96) and mlp.vanilla_bytes > 6 * mlp.saved_bytes
     assert s.ratio > 2
+
+
+def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(captured_reconstructions: list) -> None:
+    torch.manual_seed(0)
+    n, heads, grid = 2, 3, TokenGrid(4, 4, prefix=1)
+    q, k, v = (torch.randn(n, heads, 17, 8).cumsum(2).div(4).requires_grad_(True) for _ in range(3))
+    gy = torch.randn(n, heads, 17, 8)
+    compressor = Compressor(division.DivisionConfig())
+    compressor.token_grid = grid
+    functional.AttentionFn.apply(q, k, v, compressor).backward(gy)
+    assert len(captured_reconstructions) == 3
+    hats = [t.view(n, 17, heads, 8).transpose(1, 2).clone().requires_grad_(True) for t in captured_reconstructions]
+    for hat, exact in zip(hats, (q, k, v)):
+        assert 0 < (hat - exact).abs().max() < 0.5 * exact.abs().max()
+    F.scaled_dot_product_attention(*hats).backward(gy)
+    for hat, exact in zip(hats, (q, k, v)):
+        torch.testing.assert_close(exact.grad, hat.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_heads_view_is_saved_as_a_copy_of_itself() -> None:
+    head = division.convert_model(nn.Linear(16, 4), token_grid=TokenGrid(2, 2, prefix=1))
+    tokens = torch.randn(3, 5, 16)
+    counter = division.saved.SavedBytes(exclude=list(head.parameters()))
+    x = tokens[:, 0]
+    with counter.counting():
+        out = head(x)
+    assert counter.total == x.numel() * 4  # the view's 3 x 16 values, not the 3 x 5 x 16 tensor
+    assert torch.equal(out, F.linear(x, head.weight, head.bias))
