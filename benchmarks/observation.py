@@ -4,9 +4,9 @@ alone, or DIVISION's reconstruction to the exact one, per layer and for the whol
     python benchmarks/observation.py --checkpoint logs/runs/demo/.../last.pt --out logs/bench/observation
     python benchmarks/observation.py --tiny --out /tmp/obs            # CPU smoke test, synthetic data
 
-On one batch of real images (Fashion-MNIST, ResNet-18 CIFAR variant), at initialisation and with the
-weights of a trained checkpoint: forward is exact in every mode; backward reconstructs each saved
-conv/BN input from the LFC only (backward_mode=lfc_only), the quantized HFC only (hfc_only), or both
+On one batch of real images (Fashion-MNIST, ResNet-18 CIFAR variant or --model, e.g. vit_small), at
+initialisation and with the weights of a trained checkpoint: forward is exact in every mode; backward
+reconstructs each saved conv/BN input (for a ViT, each token input over the patch grid) from the LFC only (backward_mode=lfc_only), the quantized HFC only (hfc_only), or both
 (division), for B in --blocks. Reported against the exact gradient (same batch, weights and batch
 statistics): relative error |g' - g| / |g| and cosine, per layer and for all parameters together;
 DIVISION's single draw and the mean of --draws draws; and the bytes the LFC and the HFC of those
@@ -31,6 +31,7 @@ import division
 import models
 from benchmarks.common import run_info
 from division.format import lfc_shape, plane_bytes
+from division.tokens import infer_token_grid
 
 MODES = ("lfc_only", "hfc_only", "division")
 
@@ -54,21 +55,27 @@ def compare(approx: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> 
 
 
 def part_bytes(model: nn.Module, x: torch.Tensor, block: int, bits: int) -> dict[str, int]:
-    """Bytes of the LFC (bf16) and of the HFC (codes + lo + step) of every conv/BN input."""
+    """Bytes of the LFC (bf16) and of the HFC (codes + lo + step) of every conv/BN input, and of
+    every transformer layer's token input over its patch grid (prefix tokens not counted)."""
     sizes = {"lfc": 0, "hfc": 0, "input_fp32": 0}
     handles = []
+    grid = infer_token_grid(model)
 
     def hook(mod: nn.Module, args: tuple) -> None:
         t = args[0]
-        if t.dim() != 4:
+        if t.dim() == 4:
+            (n, c), spatial = t.shape[:2], tuple(t.shape[2:])
+        elif t.dim() == 3 and grid is not None and t.shape[1] == grid.length:
+            (n, c), spatial = (t.shape[0], t.shape[2]), (grid.height, grid.width)
+        else:
             return
-        n, c = t.shape[:2]
-        sizes["lfc"] += n * c * math.prod(lfc_shape(tuple(t.shape[2:]), block)) * 2
-        sizes["hfc"] += n * c * (plane_bytes(math.prod(t.shape[2:]), bits) + 8)
-        sizes["input_fp32"] += t.numel() * 4
+        sizes["lfc"] += n * c * math.prod(lfc_shape(spatial, block)) * 2
+        sizes["hfc"] += n * c * (plane_bytes(math.prod(spatial), bits) + 8)
+        sizes["input_fp32"] += n * c * math.prod(spatial) * 4
 
+    kinds = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm, nn.GELU, nn.MultiheadAttention)
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+        if type(m) in kinds:
             handles.append(m.register_forward_pre_hook(hook))
     with torch.no_grad():
         model(x)
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--skip-initial", action="store_true",
+                        help="only the checkpoint's weights (a ViT's zero-initialised head passes no gradient at init)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     x, y, info = load_batch(args)
     torch.manual_seed(0)
     model = models.build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels)
-    results = {"initial": measure(model, x, y, args.blocks, args.bits, args.draws)}
+    results = {} if args.skip_initial else {"initial": measure(model, x, y, args.blocks, args.bits, args.draws)}
     if args.checkpoint:
         from harness import checkpoints
 

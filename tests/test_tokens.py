@@ -242,3 +242,15 @@ def test_a_heads_view_is_saved_as_a_copy_of_itself() -> None:
         out = head(x)
     assert counter.total == x.numel() * 4  # the view's 3 x 16 values, not the 3 x 5 x 16 tensor
     assert torch.equal(out, F.linear(x, head.weight, head.bias))
+
+
+def test_division_vit_trains_under_bf16_autocast() -> None:
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    model = division.convert_model(small_vit(dropout=0.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, x, y)
+    _, exact = loss_and_grads(small_vit(dropout=0.0), x, y)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    ref = torch.cat([g.flatten() for g in exact.values()])
+    assert F.cosine_similarity(flat, ref, dim=0) > 0.5  # bf16 and 2-bit noise, the same direction
