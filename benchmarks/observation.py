@@ -84,12 +84,14 @@ def part_bytes(model: nn.Module, x: torch.Tensor, block: int, bits: int) -> dict
     return sizes
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[int], bits: int, draws: int) -> dict[str, Any]:
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[int], bits: int, draws: int,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    extra = extra or {}
     exact = gradients(model, x, y)
     result: dict[str, Any] = {}
     for block in blocks:
         for mode in MODES:
-            cfg = division.DivisionConfig(block_size=block, hfc_bits=bits, backward_mode=mode, backend="torch")
+            cfg = division.DivisionConfig(block_size=block, hfc_bits=bits, backward_mode=mode, backend="torch", **extra)
             converted = division.convert_model(copy.deepcopy(model), cfg)
             torch.manual_seed(block)
             single = gradients(converted, x, y)
@@ -168,24 +170,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--skip-initial", action="store_true",
                         help="only the checkpoint's weights (a ViT's zero-initialised head passes no gradient at init)")
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="other DivisionConfig fields (true/false for booleans), e.g. compress_attention=false")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    extra = {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in (kv.split("=", 1) for kv in args.config)}
     if args.tiny:
         args.batch, args.blocks, args.draws = 4, [4, 8], 2
     x, y, info = load_batch(args)
     torch.manual_seed(0)
     model = models.build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels)
-    results = {} if args.skip_initial else {"initial": measure(model, x, y, args.blocks, args.bits, args.draws)}
+    results = {} if args.skip_initial else {"initial": measure(model, x, y, args.blocks, args.bits, args.draws, extra)}
     if args.checkpoint:
         from harness import checkpoints
 
         state = checkpoints.load(args.checkpoint)
         model.load_state_dict(state["model"])
-        results[f"trained ({state['epoch']} epochs, {state['step']} steps)"] = measure(model, x, y, args.blocks, args.bits, args.draws)
+        results[f"trained ({state['epoch']} epochs, {state['step']} steps)"] = measure(model, x, y, args.blocks, args.bits, args.draws, extra)
     table = markdown(results, args.blocks)
     print(table)
     info_run = {**run_info(torch.device("cpu")), "data": info.name, "model": args.model, "batch": args.batch, "bits": args.bits,
-                "checkpoint": str(args.checkpoint) if args.checkpoint else None}
+                "checkpoint": str(args.checkpoint) if args.checkpoint else None, "config": extra}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({**info_run, "results": results}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(

@@ -41,6 +41,9 @@ class DivisionConfig:
     compress_linear: also compress nn.Linear inputs along their last dimension (off in the paper).
     share_inputs: a tensor read by several converted layers in one forward (a block input read by
         conv1 and the downsample conv) is compressed once and shared.
+    compress_attention: a converted MultiheadAttention saves q, k and v as token records and
+        recomputes the attention in backward (eager, without attention dropout), in place of what
+        scaled_dot_product_attention keeps; False keeps that, as stock.
     """
 
     block_size: int = 8
@@ -50,6 +53,7 @@ class DivisionConfig:
     backward_mode: str = "division"
     compress_linear: bool = False
     share_inputs: bool = True
+    compress_attention: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -312,15 +312,13 @@ def _heads_to_tokens(t: torch.Tensor) -> torch.Tensor:
 class AttentionFn(Function):
     """scaled_dot_product_attention without mask or dropout, saving q, k and v as token records
     instead of what SDPA saves (q, k, v, its output and statistics): backward recomputes the
-    attention on their reconstructions and differentiates it there, one more attention forward
-    for a tenth of the memory. In exact mode q, k and v are saved as they are (stock's values)."""
+    attention on their reconstructions and differentiates it there (stock's SDPA backward), one
+    more attention forward for a tenth of the memory."""
 
     @staticmethod
     def forward(ctx, q, k, v, compressor: Compressor):
         out = F.scaled_dot_product_attention(q, k, v)
-        exact = compressor.cfg.backward_mode == "exact"
-        records = [compressor.compress(t, "exact") if exact else
-                   compress_tokens(compressor, _heads_to_tokens(t), compressor.token_grid) for t in (q, k, v)]
+        records = [compress_tokens(compressor, _heads_to_tokens(t), compressor.token_grid) for t in (q, k, v)]
         tensors: list[torch.Tensor | None] = []
         ctx.records = []
         for r in records:
@@ -336,13 +334,9 @@ class AttentionFn(Function):
         saved, start, qkv = ctx.saved_tensors, 0, []
         n, h, t, d = ctx.shape
         for record, size in ctx.records:
-            r = record.with_tensors(saved[start : start + size])
+            x_hat = decompress_tokens(record.with_tensors(saved[start : start + size]))
             start += size
-            if isinstance(r, CompressedActivation):  # exact: the tensor itself
-                qkv.append(decompress(r).detach().requires_grad_(True))
-            else:
-                x_hat = decompress_tokens(r).view(n, t, h, d).transpose(1, 2)
-                qkv.append(x_hat.detach().requires_grad_(True))
+            qkv.append(x_hat.view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True))
         with torch.enable_grad():
             out = F.scaled_dot_product_attention(*qkv)
         return (*torch.autograd.grad(out, qkv, gy), None)

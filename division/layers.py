@@ -194,8 +194,9 @@ class DivisionLinear(DivisionLayer, nn.Linear):
         tokens = x.dim() == 3
         if not (tokens or self.compressor.cfg.compress_linear):
             # kept exact, as stock; but a view such as a ViT head's x[:, 0] would keep its whole
-            # token tensor alive for backward: save a copy of just the view (same values)
-            if x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
+            # token tensor alive for backward: save a copy of just the view (same values; under
+            # torch.compile the partitioner chooses what is saved)
+            if not torch.compiler.is_compiling() and x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
                 x = x.clone()
             return super().forward(x)
         (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
@@ -235,8 +236,8 @@ class DivisionGELU(DivisionLayer, nn.GELU):
 
 class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
     """Self-attention on batch-first (N, T, E) tokens without weights returned (what torchvision's
-    ViT runs): the input and output projections save their inputs as token records, and without
-    attention dropout q, k and v are saved as token records in place of what
+    ViT runs): the input and output projections save their inputs as token records, and (eager,
+    without attention dropout) q, k and v are saved as token records in place of what
     scaled_dot_product_attention keeps (AttentionFn: recomputed in backward). The op order is
     stock's (F.multi_head_attention_forward), so exact mode is stock bit for bit. Other calls
     (masks, attention weights, cross-attention) run stock's forward."""
@@ -263,9 +264,12 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
         proj = proj.unflatten(-1, (3, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
         q, k, v = (p.view(t, n * heads, -1).transpose(0, 1).view(n, heads, t, -1) for p in proj)
         dropout = self.dropout if self.training else 0.0
-        if dropout == 0.0:  # q, k, v saved as token records, attention recomputed in backward
-            out = AttentionFn.apply(q, k, v, self.compressor)
-        else:  # dropout's mask cannot be redrawn in backward: stock's attention saves what it saves
+        cfg = self.compressor.cfg
+        if dropout == 0.0 and cfg.compress_attention and cfg.backward_mode != "exact" and not torch.compiler.is_compiling():
+            out = AttentionFn.apply(q, k, v, self.compressor)  # q, k, v as token records
+        else:  # stock's attention saves what it saves: when asked, in exact mode; under dropout,
+            # whose mask cannot be redrawn in backward; under torch.compile, which cannot trace the
+            # recomputation's nested autograd
             out = F.scaled_dot_product_attention(q, k, v, None, dropout, False)
         out = out.permute(2, 0, 1, 3).contiguous().view(t, n, e)
         with autocast_off:

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_checks.sh largest_batch           # the largest batch vanilla and DIVISION fit
 #   bash scripts/gpu_checks.sh accuracy                # ResNet-18, full Fashion-MNIST, 3 seeds each
 #   bash scripts/gpu_checks.sh compile profile_bf16    # vanilla and DIVISION under torch.compile
+#   bash scripts/gpu_checks.sh vit                     # ViT-B/16 bs 64: memory and speed, fp32 and bf16
 # Each step has its own time limit and log ($RESULTS/<step>.log); a failing step is recorded in
 # $RESULTS/steps.tsv and the next one still runs. Results go to $RESULTS (default logs/bench/gpu).
 # On the lent machine first run ../shared/tools/gpu-prep.sh here, carry .whl and .data: the wheels
@@ -83,6 +84,14 @@ for s in "$@"; do
     compile)
       compiled_pair fp32 off
       compiled_pair bf16_cl bf16 --channels-last ;;
+    vit)
+      for amp in off bf16; do
+        step "vit_memory_$amp" 150 "$PY" benchmarks/memory_speed.py --mode memory --models vit_b_16 --batches 64 \
+          --amp "$amp" --methods vanilla division checkpoint --out "$RESULTS/memory_vit_b_16_$amp"
+        step "vit_speed_$amp" 200 "$PY" benchmarks/memory_speed.py --mode speed --models vit_b_16 --batches 64 \
+          --amp "$amp" --methods vanilla division checkpoint --warmup 3 --steps 5 --repeats 3 \
+          --out "$RESULTS/speed_vit_b_16_$amp"
+      done ;;
     accuracy) step accuracy 480 "$PY" benchmarks/accuracy.py --variants vanilla "division B8 Q2" --seeds 0 1 2 \
       --jobs 6 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" ${ACCURACY_OVERRIDES:-} --out "$RESULTS/accuracy_fashion_mnist" ;;
     accuracy_actnn) step accuracy_actnn 300 "$PY" benchmarks/accuracy.py --variants "actnn Q2" --seeds 0 1 2 \

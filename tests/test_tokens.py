@@ -254,3 +254,17 @@ def test_division_vit_trains_under_bf16_autocast() -> None:
     flat = torch.cat([g.flatten() for g in grads.values()])
     ref = torch.cat([g.flatten() for g in exact.values()])
     assert F.cosine_similarity(flat, ref, dim=0) > 0.5  # bf16 and 2-bit noise, the same direction
+
+
+def test_attention_keeps_what_sdpa_saves_when_asked() -> None:
+    saved = {}
+    for compress in (True, False):
+        model = division.convert_model(small_vit(dropout=0.0), division.DivisionConfig(compress_attention=compress))
+        attention = model.encoder.layers[0].self_attention
+        counter = division.saved.SavedBytes(exclude=list(model.parameters()))
+        tokens = torch.randn(2, 65, 48)
+        with counter.counting():
+            attention(tokens, tokens, tokens, need_weights=False)
+        saved[compress] = counter.total
+    # SDPA keeps q, k, v and its output (4 x 2 x 65 x 48 floats): far above their three records
+    assert saved[False] - saved[True] > 3 * tokens.numel() * 4
