@@ -2,6 +2,7 @@
 
     python benchmarks/vit_memory.py --out logs/bench/vit_memory                # vit_b_16, bs 8, 224 px
     python benchmarks/vit_memory.py --model vit_small --size 32 --out /tmp/vm  # the small ViT
+    python benchmarks/vit_memory.py --keep-attention --out ...                # compress_attention=False
 
 One training-mode forward of the stock model and one of the converted model (same weights, same
 input) under saved-tensor hooks (division.saved.SavedBytes: each storage once, parameters left
@@ -87,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--keep-attention", action="store_true",
+                        help="compress_attention=False: attention keeps what SDPA saves")
     parser.add_argument("--out", type=Path, help="output path without extension")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     stock = models.build_model(args.model, num_classes=1000)
-    cfg = division.DivisionConfig(block_size=args.block_size, hfc_bits=args.bits)
+    cfg = division.DivisionConfig(block_size=args.block_size, hfc_bits=args.bits,
+                                  compress_attention=not args.keep_attention)
     converted = division.convert_model(copy.deepcopy(stock), cfg)
     x = torch.randn(args.batch, 3, args.size, args.size)
     before, after = saved_per_kind(stock, x), saved_per_kind(converted, x)
