@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['kind']} | {r['stock_bytes'] / MIB:.2f} | {r['division_bytes'] / MIB:.2f} | {ratio:.1f} |")
     lines += ["", f"Of the attention rows, what scaled_dot_product_attention itself saves (q, k, v, its output "
               f"and statistics): stock {internals['stock'] / MIB:.2f} MiB, DIVISION {internals['division'] / MIB:.2f} "
-              "MiB (DIVISION keeps q, k and v as token records instead and recomputes the attention in backward)."]
+              + ("MiB (compress_attention=False: as stock)." if args.keep_attention else
+                 "MiB (DIVISION keeps q, k and v as token records instead and recomputes the attention in backward).")]
     table = "\n".join(lines)
     print(table)
     if args.out:
