@@ -33,22 +33,31 @@ NATIVE_BATCH_NORM, CUDNN_BATCH_NORM, MIOPEN_BATCH_NORM = 0, 1, 2
 
 def _save(ctx: Any, packed: CompressedActivation | None, *others: torch.Tensor | None) -> None:
     """Save a record's tensors (and others) through autograd; keep its metadata on ctx."""
-    if packed is None:
-        ctx.packed = None
-        ctx.save_for_backward(*others)
-        return
-    tensors = packed.tensors()
-    ctx.packed = packed.with_tensors((None,) * len(tensors))
-    ctx.record_size = len(tensors)
-    ctx.save_for_backward(*tensors, *others)
+    _save_records(ctx, [packed], *others)
 
 
 def _load(ctx: Any) -> tuple[CompressedActivation | None, tuple[torch.Tensor | None, ...]]:
-    saved = ctx.saved_tensors
-    if ctx.packed is None:
-        return None, saved
-    n = ctx.record_size
-    return ctx.packed.with_tensors(saved[:n]), saved[n:]
+    (packed,), others = _load_records(ctx)
+    return packed, others
+
+
+def _save_records(ctx: Any, records: list[Any], *others: torch.Tensor | None) -> None:
+    """Save several records' tensors (None: no record) and others; their metadata stays on ctx."""
+    tensors: list[torch.Tensor | None] = []
+    ctx.records = []
+    for r in records:
+        ts = () if r is None else r.tensors()
+        ctx.records.append((None if r is None else r.with_tensors((None,) * len(ts)), len(ts)))
+        tensors += ts
+    ctx.save_for_backward(*tensors, *others)
+
+
+def _load_records(ctx: Any) -> tuple[list[Any], tuple[torch.Tensor | None, ...]]:
+    saved, start, records = ctx.saved_tensors, 0, []
+    for record, size in ctx.records:
+        records.append(None if record is None else record.with_tensors(saved[start : start + size]))
+        start += size
+    return records, saved[start:]
 
 
 class ConvFn(Function):
@@ -204,50 +213,27 @@ class MaxPool2dFn(Function):
         return gx, None, None, None, None, None, None
 
 
+ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
+
+
 class LinearFn(Function):
-    """Linear layer compressing its input along the last dimension (rows as 1-d planes)."""
+    """Linear layer saving its input compressed: along the last dimension (ROWS: rows as 1-d
+    planes), or as a token record of (N, T, D) tokens (TOKENS; TOKENS_SEQ_FIRST for (T, N, D), as
+    MultiheadAttention runs its projections). Backward computes what stock's linear backward
+    computes, in the same order: gx = gy @ W, gW = gy^T @ x, gb = gy summed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, compressor: Compressor):
+    def forward(ctx, x, weight, bias, compressor: Compressor, layout: str):
         y = F.linear(x, weight, bias)
         packed = None
         if ctx.needs_input_grad[1]:
-            packed = compressor.compress(x.reshape(-1, 1, x.shape[-1]))
+            if layout == ROWS:
+                packed = compressor.compress(x.reshape(-1, 1, x.shape[-1]))
+            else:
+                batch_first = x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x
+                packed = compress_tokens(compressor, batch_first, compressor.token_grid)
         _save(ctx, packed, weight)
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        packed, (weight,) = _load(ctx)
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = (gy2 @ weight).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            gw = gy2.t() @ decompress(packed).view(gy2.shape[0], -1)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy2.sum(0)
-        return gx, gw, gb, None
-
-
-# ---- transformer layers: inputs saved as token records (tokens.py) ----------------------------
-
-
-class TokenLinearFn(Function):
-    """Linear layer on (N, T, D) tokens (or (T, N, D) with seq_first, as MultiheadAttention runs
-    its projections), saving its input as a token record. Backward computes what stock's linear
-    backward computes, in the same order: gx = gy @ W, gW = gy^T @ x, gb = gy summed."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, compressor: Compressor, seq_first: bool):
-        y = F.linear(x, weight, bias)
-        packed = None
-        if ctx.needs_input_grad[1]:
-            packed = compress_tokens(compressor, x.transpose(0, 1) if seq_first else x, compressor.token_grid)
-        _save(ctx, packed, weight)
-        ctx.x_shape, ctx.seq_first, ctx.has_bias = x.shape, seq_first, bias is not None
+        ctx.x_shape, ctx.layout, ctx.has_bias = x.shape, layout, bias is not None
         return y
 
     @staticmethod
@@ -258,12 +244,18 @@ class TokenLinearFn(Function):
         if ctx.needs_input_grad[0]:
             gx = gy2.mm(weight).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x_hat = decompress_tokens(packed)
-            x_hat = x_hat.transpose(0, 1) if ctx.seq_first else x_hat
+            if ctx.layout == ROWS:
+                x_hat = decompress(packed)
+            else:
+                x_hat = decompress_tokens(packed)
+                x_hat = x_hat.transpose(0, 1) if ctx.layout == TOKENS_SEQ_FIRST else x_hat
             gw = gy2.t().mm(x_hat.reshape(gy2.shape[0], -1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)
         return gx, gw, gb, None, None
+
+
+# ---- transformer layers: inputs saved as token records (tokens.py) ----------------------------
 
 
 class LayerNormFn(Function):
@@ -319,24 +311,15 @@ class AttentionFn(Function):
     def forward(ctx, q, k, v, compressor: Compressor):
         out = F.scaled_dot_product_attention(q, k, v)
         records = [compress_tokens(compressor, _heads_to_tokens(t), compressor.token_grid) for t in (q, k, v)]
-        tensors: list[torch.Tensor | None] = []
-        ctx.records = []
-        for r in records:
-            ts = r.tensors()
-            ctx.records.append((r.with_tensors((None,) * len(ts)), len(ts)))
-            tensors += ts
-        ctx.save_for_backward(*tensors)
+        _save_records(ctx, records)
         ctx.shape = q.shape
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        saved, start, qkv = ctx.saved_tensors, 0, []
+        records, _ = _load_records(ctx)
         n, h, t, d = ctx.shape
-        for record, size in ctx.records:
-            x_hat = decompress_tokens(record.with_tensors(saved[start : start + size]))
-            start += size
-            qkv.append(x_hat.view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True))
+        qkv = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True) for r in records]
         with torch.enable_grad():
             out = F.scaled_dot_product_attention(*qkv)
         return (*torch.autograd.grad(out, qkv, gy), None)

@@ -17,6 +17,9 @@ from torch.nn.modules.utils import _pair
 
 from .compressor import Compressor
 from .functional import (
+    ROWS,
+    TOKENS,
+    TOKENS_SEQ_FIRST,
     AttentionFn,
     BatchNormFn,
     ConvFn,
@@ -26,7 +29,6 @@ from .functional import (
     LinearFn,
     MaxPool2dFn,
     ReLUFn,
-    TokenLinearFn,
 )
 
 
@@ -202,8 +204,8 @@ class DivisionLinear(DivisionLayer, nn.Linear):
         (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
         with autocast_off:
             if tokens:
-                return TokenLinearFn.apply(x, weight, bias, self.compressor, False)
-            return LinearFn.apply(x, weight, bias, self.compressor)
+                return LinearFn.apply(x, weight, bias, self.compressor, TOKENS)
+            return LinearFn.apply(x, weight, bias, self.compressor, ROWS)
 
 
 def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any], contextlib.AbstractContextManager]:
@@ -260,7 +262,7 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
             query.transpose(1, 0), self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias
         )
         with autocast_off:
-            proj = TokenLinearFn.apply(x, w_in, b_in, self.compressor, True)
+            proj = LinearFn.apply(x, w_in, b_in, self.compressor, TOKENS_SEQ_FIRST)
         proj = proj.unflatten(-1, (3, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
         q, k, v = (p.view(t, n * heads, -1).transpose(0, 1).view(n, heads, t, -1) for p in proj)
         dropout = self.dropout if self.training else 0.0
@@ -273,7 +275,7 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
             out = F.scaled_dot_product_attention(q, k, v, None, dropout, False)
         out = out.permute(2, 0, 1, 3).contiguous().view(t, n, e)
         with autocast_off:
-            out = TokenLinearFn.apply(out, w_out, b_out, self.compressor, True)
+            out = LinearFn.apply(out, w_out, b_out, self.compressor, TOKENS_SEQ_FIRST)
         return out.transpose(1, 0), None
 
 

@@ -129,6 +129,16 @@ class TrainConfig:
     experiment_name: str = "default"
 
 
+def flatten(tree: typing.Any, prefix: str = "") -> dict[str, typing.Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings as dotted keys (checkpoint checks, summaries)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, typing.Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

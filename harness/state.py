@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoints, distributed
+from .schema import flatten
 
 # keys a resumed run may change: where things are and how much is logged, evaluated or saved,
 # never what is trained or how
@@ -87,19 +88,10 @@ class TrainState:
         set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def check_resume(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Refuse a checkpoint that does not belong to this config, naming what differs."""
-    saved = _flatten(ckpt["config"])
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    saved = flatten(ckpt["config"])
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(
         k for k in set(saved) | set(now)
         if k not in RESUMABLE_CHANGES and saved.get(k, "<absent>") != now.get(k, "<absent>")

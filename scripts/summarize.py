@@ -23,20 +23,12 @@ from typing import Any
 
 import yaml
 
+from harness.schema import flatten
+
 COLUMNS = ("run", "status", "model", "data", "method", "B", "Q", "epochs", "top1", "best_top1", "top5",
            "img_per_s", "act_mem_gib")
 # a status.json that says "running" belongs to a run still going, or to one that was killed
 STATUS_SHOWN = {"finished": "finished", "failed": "failed", "running": "running?"}
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings as columns."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
