@@ -231,7 +231,7 @@ class LinearFn(Function):
                 packed = compressor.compress(x.reshape(-1, 1, x.shape[-1]))
             else:
                 batch_first = x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x
-                packed = compress_tokens(compressor, batch_first, compressor.token_grid)
+                packed = compress_tokens(compressor, batch_first)
         _save(ctx, packed, weight)
         ctx.x_shape, ctx.layout, ctx.has_bias = x.shape, layout, bias is not None
         return y
@@ -265,7 +265,7 @@ class LayerNormFn(Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps, compressor: Compressor):
         y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
-        _save(ctx, compress_tokens(compressor, x, compressor.token_grid), weight, bias, mean, rstd)
+        _save(ctx, compress_tokens(compressor, x), weight, bias, mean, rstd)
         ctx.normalized_shape = list(normalized_shape)
         return y
 
@@ -285,7 +285,7 @@ class GELUFn(Function):
 
     @staticmethod
     def forward(ctx, x, approximate: str, compressor: Compressor):
-        _save(ctx, compress_tokens(compressor, x, compressor.token_grid))
+        _save(ctx, compress_tokens(compressor, x))
         ctx.approximate = approximate
         return torch.ops.aten.gelu(x, approximate=approximate)
 
@@ -310,7 +310,7 @@ class AttentionFn(Function):
     @staticmethod
     def forward(ctx, q, k, v, compressor: Compressor):
         out = F.scaled_dot_product_attention(q, k, v)
-        records = [compress_tokens(compressor, _heads_to_tokens(t), compressor.token_grid) for t in (q, k, v)]
+        records = [compress_tokens(compressor, _heads_to_tokens(t)) for t in (q, k, v)]
         _save_records(ctx, records)
         ctx.shape = q.shape
         return out

@@ -95,16 +95,17 @@ def from_map(m: torch.Tensor, prefix: torch.Tensor | None, shape: torch.Size) ->
     return patches if prefix is None else torch.cat([prefix, patches], dim=1)
 
 
-def compress_tokens(compressor: Any, x: torch.Tensor, grid: TokenGrid | None, mode: str | None = None) -> TokenRecord:
-    """Compress a (N, T, D) token tensor with `compressor` (a division Compressor)."""
+def compress_tokens(compressor: Any, x: torch.Tensor) -> TokenRecord:
+    """Compress a (N, T, D) token tensor with `compressor` (a division Compressor) over its
+    token_grid."""
     if x.dim() != 3:
         raise ValueError(f"compress_tokens: expected an (N, T, D) tensor, got shape {tuple(x.shape)}")
     x = x.detach()
-    if (compressor.cfg.backward_mode if mode is None else mode) == "exact":  # x itself, as stock
+    if compressor.cfg.backward_mode == "exact":  # x itself, as stock
         return TokenRecord(x.shape, None, compressor.compress(x, "exact"))
-    grid = grid_for(x, grid)
+    grid = grid_for(x, compressor.token_grid)
     prefix = x[:, : grid.prefix].clone() if grid is not None and grid.prefix else None
-    return TokenRecord(x.shape, grid, compressor.compress(as_map(x, grid), mode), prefix)
+    return TokenRecord(x.shape, grid, compressor.compress(as_map(x, grid)), prefix)
 
 
 def decompress_tokens(record: TokenRecord) -> torch.Tensor:

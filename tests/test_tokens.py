@@ -49,8 +49,10 @@ def test_token_record_is_the_division_record_of_the_map_plus_exact_prefix() -> N
     x = torch.randn(3, 2 + 5 * 7, 16)
     grid = TokenGrid(5, 7, prefix=2)
     cfg = division.DivisionConfig(block_size=4)
+    compressor = Compressor(cfg)
+    compressor.token_grid = grid
     torch.manual_seed(5)
-    record = compress_tokens(Compressor(cfg), x, grid)
+    record = compress_tokens(compressor, x)
     torch.manual_seed(5)  # the same seed drawn for the map compressed on its own
     alone = division.decompress(division.compress(as_map(x, grid), cfg))
     out = decompress_tokens(record)
@@ -62,7 +64,9 @@ def test_token_record_is_the_division_record_of_the_map_plus_exact_prefix() -> N
 
 def test_a_sequence_off_the_grid_is_one_column_of_token_blocks() -> None:
     x = torch.randn(2, 20, 8)  # 20 tokens: not 1 + 8 x 8
-    record = compress_tokens(Compressor(division.DivisionConfig()), x, TokenGrid(8, 8, prefix=1))
+    compressor = Compressor(division.DivisionConfig())
+    compressor.token_grid = TokenGrid(8, 8, prefix=1)
+    record = compress_tokens(compressor, x)
     assert record.grid is None and record.prefix is None and record.inner.shape == (2, 8, 20, 1)
     out = decompress_tokens(record)
     assert out.shape == x.shape
