@@ -79,7 +79,7 @@ def plan(x: torch.Tensor, cfg: division.DivisionConfig) -> str:
     module, _ = load_extension()
     if module is None:
         return "reference"
-    path, a, b, _, vec = module.compress_plan(x, cfg.block_size, cfg.hfc_bits)
+    path, a, b, _, vec, _ = module.compress_plan(x, cfg.block_size, cfg.hfc_bits)
     if path == "staged":
         return f"staged G={a} {b / 1024:.0f}KB v{vec}"
     return f"generic {a}x{b}"
@@ -162,7 +162,7 @@ def target_rows(
     moved = x.numel() * x.element_size() + division.compress(x, cfg, seed=seed).nbytes
     rows = []
     for target in targets:
-        path, planes, smem, _, _ = module.compress_plan(x, cfg.block_size, cfg.hfc_bits, smem_target=target)
+        path, planes, smem, _, _, _ = module.compress_plan(x, cfg.block_size, cfg.hfc_bits, smem_target=target)
         if path != "staged":
             continue
         t = timed(lambda target=target: module._compress_with(*args, path="staged", smem_target=target), device, repeats)

@@ -1,6 +1,6 @@
 // The fast kernels: a compress that reads x from device memory once, and decompress kernels that
 // write 16 contiguous bytes per thread (NCHW) or go through an on-chip transpose tile
-// (channels_last). Written once for the GPU and its CPU twin (see exec.h); bit format v2.
+// (channels_last). Written once for the GPU and its CPU twin (see exec.h); bit format v3.
 //
 // Staged compress, one thread block of kStagedThreads threads per G planes of 1-D or 2-D shape:
 //   load   x of the G planes -> shared memory, once (16-byte loads where aligned). NCHW: the planes
@@ -11,11 +11,13 @@
 //          neighbouring threads over the banks); the rounded block mean goes to `lfc` and to
 //          shared memory, float64 min - up and max - up into the plane's range with 64-bit
 //          integer atomics on order-preserving bits (format v3: these are the plane's lo, hi).
+//          The threads of the first plane also note, per run of elements, its LFC block (a table
+//          every plane shares: the codes then look up up with one shared-memory load per run).
 //   scale  thread per plane: shift, lo, scale, step, the plane's hash key; then every block's
 //          up is multiplied by its plane's 2^shift.
-//   codes  warp per 64 consecutive elements of a plane: lane l quantizes the pair (2l, 2l + 1)
-//          with one hash, the 2Q-bit fields of 16 / Q lanes are ORed into a word with shuffles,
-//          and the words go out coalesced.
+//   codes  thread per 32-bit code word (32 / Q elements): runs of 4 elements in one LFC block
+//          (one aligned load, one lookup, two pair hashes) where the geometry allows, pairs
+//          otherwise; consecutive threads write consecutive words, no lanes exchange bits.
 // Planes larger than shared memory and 3-D planes take the generic kernels (codec_generic.h).
 #pragma once
 
@@ -28,8 +30,6 @@
 namespace division {
 
 constexpr int kStagedThreads = 256;
-constexpr int kStagedWarps = kStagedThreads / 32;
-constexpr int kStepElements = 64;  // elements of a plane one warp quantizes per step
 
 // Sixteen bytes moved with one load or store.
 struct alignas(16) Vec16 {
@@ -49,19 +49,30 @@ struct StagedPlan {
   int32_t groups;     // channels_last: C / G thread blocks per sample
   int64_t blocks;     // thread blocks of the launch
   int32_t smem_bytes;
-  int32_t off_up, off_slots;  // byte offsets of up[G * L] (float) and PlaneSlot[G]
+  int32_t off_up, off_slots, off_table;  // byte offsets of up[G * L] (float), PlaneSlot[G] and
+                                         // the LFC block of every run of the plane (uint16)
   int32_t vec;        // elements per global load of x: a 16-byte load, or 1
-  int32_t steps;      // ceil(P / 64): code steps per plane
+  int32_t run;        // elements per table entry: 4 where every aligned run of 4 lies in one LFC
+                      // block and one row (and P % 4 == 0), else 1
+  int32_t quads;      // 1: every LFC block row is whole aligned runs of 4 (W and its width % 4 == 0)
   FastDiv div_lfc;    // by L: LFC item -> (plane, block)
-  FastDiv div_steps;  // by steps: code item -> (plane, step)
+  FastDiv div_words;  // by words per plane: code item -> (plane, word)
   FastDiv div_units;  // channels_last: by G / vec, load item -> (pixel, unit of vec channels)
 };
 
 inline int64_t round_up16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
+// 4 when every run of 4 elements starting at a multiple of 4 lies in one LFC block (so one
+// lookup and one aligned load serve it), else 1.
+inline int32_t staged_run(const Geometry& g) {
+  if (g.numel % 4 != 0) return 1;
+  return (g.lfc_numel == 1 || (g.w % 4 == 0 && g.bw % 4 == 0)) ? 4 : 1;
+}
+
 inline int64_t staged_bytes(const Geometry& g, int64_t esize, int64_t planes) {
   return round_up16(planes * g.numel * esize) + round_up16(planes * g.lfc_numel * 4) +
-         planes * static_cast<int64_t>(sizeof(PlaneSlot));
+         round_up16(planes * static_cast<int64_t>(sizeof(PlaneSlot))) +
+         round_up16(g.numel / staged_run(g) * 2);
 }
 
 // How many planes a block stages: as many as fit in `target` bytes (at least one, at most `limit`
@@ -72,7 +83,7 @@ inline int64_t staged_bytes(const Geometry& g, int64_t esize, int64_t planes) {
 inline StagedPlan staged_plan(const Geometry& g, int64_t esize, int64_t target, int64_t limit,
                               bool x_aligned16) {
   StagedPlan s{};
-  if (g.d != 1 || g.planes == 0 || staged_bytes(g, esize, 1) > limit) return s;
+  if (g.d != 1 || g.planes == 0 || g.lfc_numel > 65535 || staged_bytes(g, esize, 1) > limit) return s;
   const int64_t per16 = 16 / esize;
   if (g.channels_last && g.channels % per16 == 0 && staged_bytes(g, esize, per16) <= limit)
     target = std::max(target, staged_bytes(g, esize, per16));
@@ -91,14 +102,16 @@ inline StagedPlan staged_plan(const Geometry& g, int64_t esize, int64_t target, 
   s.blocks = g.channels_last ? (g.planes / g.channels) * s.groups : (g.planes + planes - 1) / planes;
   s.off_up = static_cast<int32_t>(round_up16(planes * g.numel * esize));
   s.off_slots = static_cast<int32_t>(s.off_up + round_up16(planes * g.lfc_numel * 4));
+  s.off_table = static_cast<int32_t>(s.off_slots + round_up16(planes * static_cast<int64_t>(sizeof(PlaneSlot))));
   s.smem_bytes = static_cast<int32_t>(staged_bytes(g, esize, planes));
   const bool vec_ok = g.channels_last
                           ? (planes % per16 == 0 && g.channels % per16 == 0)
                           : (planes * g.numel * esize) % 16 == 0;
   s.vec = x_aligned16 && vec_ok ? static_cast<int32_t>(per16) : 1;
-  s.steps = (g.numel + kStepElements - 1) / kStepElements;
+  s.run = staged_run(g);
+  s.quads = g.w % 4 == 0 && g.bw % 4 == 0;
   s.div_lfc = FastDiv::make(static_cast<uint32_t>(g.lfc_numel));
-  s.div_steps = FastDiv::make(static_cast<uint32_t>(s.steps));
+  s.div_words = FastDiv::make(static_cast<uint32_t>(g.words));
   s.div_units = FastDiv::make(static_cast<uint32_t>(planes / s.vec > 0 ? planes / s.vec : 1));
   return s;
 }
@@ -131,11 +144,13 @@ struct StagedSmem {
   scalar_t* xs;     // the staged planes, plane-major, P elements each
   float* up;        // rounded LFC of every (plane, block), as float
   PlaneSlot* slot;  // per plane
+  uint16_t* table;  // LFC block of each run of `run` elements (the same for every plane)
 
   DIV_HD StagedSmem(unsigned char* base, const StagedPlan& s)
       : xs(reinterpret_cast<scalar_t*>(base)),
         up(reinterpret_cast<float*>(base + s.off_up)),
-        slot(reinterpret_cast<PlaneSlot*>(base + s.off_slots)) {}
+        slot(reinterpret_cast<PlaneSlot*>(base + s.off_slots)),
+        table(reinterpret_cast<uint16_t*>(base + s.off_table)) {}
 };
 
 template <typename scalar_t>
@@ -214,6 +229,91 @@ DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const Staged
   }
 }
 
+// The runs of `run` elements of LFC block j (each inside it; see staged_run) -> j.
+// With run 4 and L = 1 the writes at multiples of 4 of each row are at most 4 elements apart, so
+// they reach every run even when W % 4 != 0.
+DIV_HD void fill_table(const Geometry& g, int32_t run, const BlockRange& br, uint16_t j, uint16_t* table) {
+  for (int32_t y = br.y0; y < br.y1; ++y)
+    for (int32_t x = br.x0; x < br.x1; x += run) table[(y * g.w + x) / run] = j;
+}
+
+// Elements read from shared memory at once: 4 (aligned: 16 or 8 bytes) or 1.
+struct alignas(8) Vec8 {
+  uint32_t w[2];
+};
+
+template <typename scalar_t, int N>
+DIV_HD void load_elements(const scalar_t* src, float (&out)[N]) {
+  scalar_t e[N];
+  if (N * sizeof(scalar_t) == 16) {
+    const Vec16 v = *reinterpret_cast<const Vec16*>(src);
+    memcpy(e, &v, sizeof(e));
+  } else if (N * sizeof(scalar_t) == 8) {
+    const Vec8 v = *reinterpret_cast<const Vec8*>(src);
+    memcpy(e, &v, sizeof(e));
+  } else {
+    for (int k = 0; k < N; ++k) e[k] = src[k];
+  }
+  for (int k = 0; k < N; ++k) out[k] = static_cast<float>(e[k]);
+}
+
+// The float64 sum and the float min and max of x over LFC block `br` of a staged plane. Each thread
+// starts at a lane-dependent element (any order gives the same exact sum, format.py), which
+// spreads neighbouring threads over the banks.
+template <typename scalar_t>
+DIV_HD void block_stats_any(const scalar_t* plane, int32_t W, const BlockRange& br, int lane,
+                            double& sum, float& lo, float& hi) {
+  const int32_t rows = br.y1 - br.y0, cols = br.x1 - br.x0, count = rows * cols;
+  const scalar_t* corner = plane + br.y0 * W + br.x0;
+  const int32_t e0 = lane % count;
+  int32_t r = e0 / cols, c = e0 - r * cols;
+  double sum0 = 0.0, sum1 = 0.0;  // two chains for latency
+  lo = infinity();
+  hi = -infinity();
+  for (int32_t k = 0; k < count; ++k) {
+    const float v = static_cast<float>(corner[r * W + c]);
+    if (k & 1) {
+      sum1 += static_cast<double>(v);
+    } else {
+      sum0 += static_cast<double>(v);
+    }
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+    if (++c == cols) {
+      c = 0;
+      if (++r == rows) r = 0;
+    }
+  }
+  sum = sum0 + sum1;
+}
+
+// The same where every row of the block is whole aligned runs of 4 (StagedPlan::quads): one
+// 16- or 8-byte load per 4 elements, rows from a lane-dependent start.
+template <typename scalar_t>
+DIV_HD void block_stats_quads(const scalar_t* plane, int32_t W, const BlockRange& br, int lane,
+                              double& sum, float& lo, float& hi) {
+  const int32_t rows = br.y1 - br.y0, quads = (br.x1 - br.x0) >> 2;
+  int32_t r = lane % rows;
+  double sum0 = 0.0, sum1 = 0.0;
+  lo = infinity();
+  hi = -infinity();
+  for (int32_t k = 0; k < rows; ++k) {
+    const scalar_t* row = plane + (br.y0 + r) * W + br.x0;
+    for (int32_t c = 0; c < quads; ++c) {
+      float v[4];
+      load_elements<scalar_t, 4>(row + 4 * c, v);
+      sum0 += static_cast<double>(v[0]);
+      sum1 += static_cast<double>(v[1]);
+      sum0 += static_cast<double>(v[2]);
+      sum1 += static_cast<double>(v[3]);
+      lo = fminf(lo, fminf(fminf(v[0], v[1]), fminf(v[2], v[3])));
+      hi = fmaxf(hi, fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3])));
+    }
+    if (++r == rows) r = 0;
+  }
+  sum = sum0 + sum1;
+}
+
 template <typename scalar_t>
 DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                        const StagedSmem<scalar_t>& m, int tid) {
@@ -224,30 +324,20 @@ DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedB
     const int32_t gi = static_cast<int32_t>(s.div_lfc.div(static_cast<uint32_t>(it)));
     const int32_t j = it - gi * L;
     const BlockRange br = block_range(g, static_cast<uint32_t>(j));
-    const int32_t rows = br.y1 - br.y0, cols = br.x1 - br.x0, count = rows * cols;
-    const scalar_t* corner = m.xs + gi * P + br.y0 * g.w + br.x0;
-    const int32_t e0 = (tid & 31) % count;
-    int32_t r = e0 / cols, c = e0 - r * cols;
-    double sum0 = 0.0, sum1 = 0.0;  // exact either way (format.py): two chains for latency
-    float lo = infinity(), hi = -infinity();
-    for (int32_t k = 0; k < count; ++k) {
-      const float v = static_cast<float>(corner[r * g.w + c]);
-      if (k & 1) {
-        sum1 += static_cast<double>(v);
-      } else {
-        sum0 += static_cast<double>(v);
-      }
-      lo = fminf(lo, v);
-      hi = fmaxf(hi, v);
-      if (++c == cols) {
-        c = 0;
-        if (++r == rows) r = 0;
-      }
+    const scalar_t* plane = m.xs + gi * P;
+    double sum;
+    float lo, hi;
+    if (s.quads) {
+      block_stats_quads(plane, g.w, br, tid & 31, sum, lo, hi);
+    } else {
+      block_stats_any(plane, g.w, br, tid & 31, sum, lo, hi);
     }
-    const float up = round_lfc((sum0 + sum1) / static_cast<double>(count), a.lfc_kind);
+    const int32_t count = br.count();
+    const float up = round_lfc(sum / static_cast<double>(count), a.lfc_kind);
     store_lfc(a.lfc, a.lfc_kind, (b.p0 + gi) * L + j, up);
     m.up[it] = up;
     if (!keep_hfc) continue;
+    if (gi == 0) fill_table(g, s.run, br, static_cast<uint16_t>(j), m.table);
     PlaneSlot& slot = m.slot[gi];
     if (is_nan(up)) {  // a non-finite block: the plane's constants are NaN (format v3)
       shared_or(&slot.nan, 1u);
@@ -279,49 +369,81 @@ DIV_HD void staged_scale_up(const CompressArgs& a, const StagedPlan& s, const St
     m.up[it] = fmul(m.up[it], m.slot[s.div_lfc.div(static_cast<uint32_t>(it))].p);
 }
 
-// One warp step: elements 64 * step .. 64 * step + 63 of staged plane gi -> 2Q code words.
-template <typename scalar_t, typename Lanes>
-DIV_HD void staged_code_step(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
-                             const StagedSmem<scalar_t>& m, int32_t item, Lanes& lanes) {
+// One plane's quantization constants, read once per word.
+struct CodeConsts {
+  float lo, scale, p, levels;
+  uint32_t key;
+};
+
+// The codes of elements q .. q + RUN - 1 as a field of RUN * BITS bits. RUN = 4: one LFC block,
+// q % 4 == 0, one aligned load. RUN = 2: a pair (q even), each element looked up; unless FULL,
+// the second only when q + 1 < P. `up` is the plane's (scaled) LFC.
+template <typename scalar_t, int BITS, int RUN, bool FULL>
+DIV_HD uint32_t code_run(const scalar_t* plane, const float* up, const uint16_t* table, int32_t q,
+                         int32_t P, const CodeConsts& c) {
+  float v[RUN];
+  float u[RUN];
+  for (int k = 0; k < RUN; k += 2) {
+    const uint32_t h = pair_hash(c.key, static_cast<uint32_t>((q + k) >> 1));
+    u[k] = uniform_even(h);
+    u[k + 1] = uniform_odd(h);
+  }
+  uint32_t field = 0;
+  if (RUN == 4) {
+    load_elements<scalar_t, RUN>(plane + q, v);
+    const float up_p = up[table[q >> 2]];
+    for (int k = 0; k < RUN; ++k) field |= quantize(v[k], up_p, c.p, c.lo, c.scale, u[k], c.levels) << (k * BITS);
+  } else {
+    field = quantize(static_cast<float>(plane[q]), up[table[q]], c.p, c.lo, c.scale, u[0], c.levels);
+    if (FULL || q + 1 < P)
+      field |= quantize(static_cast<float>(plane[q + 1]), up[table[q + 1]], c.p, c.lo, c.scale, u[1], c.levels) << BITS;
+  }
+  return field;
+}
+
+// Thread per code word: word w of staged plane gi from its 32 / BITS elements, in runs of RUN
+// (see staged_run). Consecutive threads take consecutive words, so the stores are coalesced and
+// no lanes exchange bits; each thread starts at a lane-dependent run, which spreads the shared
+// memory loads of a warp over the banks.
+template <typename scalar_t, int BITS, int RUN>
+DIV_HD void staged_codes(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
+                         const StagedSmem<scalar_t>& m, int tid) {
+  constexpr int kElements = 32 / BITS;
+  constexpr int kRuns = kElements / RUN;  // a power of two
   const Geometry& g = a.g;
-  const int32_t gi = static_cast<int32_t>(s.div_steps.div(static_cast<uint32_t>(item)));
-  const int32_t step = item - gi * s.steps;
-  const PlaneSlot& slot = m.slot[gi];
-  const scalar_t* plane = m.xs + gi * g.numel;
-  const float* up = m.up + gi * g.lfc_numel;
-  const float lo = slot.lo_value, scale = slot.scale, pow2 = slot.p, levels = static_cast<float>(a.levels);
-  const uint32_t key = slot.key;
-  const int bits = a.bits;
-  const int32_t first = step * kStepElements;
-  uint32_t* out = a.codes + (b.p0 + gi) * g.words;
-  lanes.words(
-      16 / bits,
-      [&](int lane) -> uint32_t {
-        const int32_t q = first + 2 * lane;
-        if (q >= g.numel) return 0u;
-        const uint32_t hash = pair_hash(key, static_cast<uint32_t>(q >> 1));
-        const uint32_t y = g.div_w.div(static_cast<uint32_t>(q));
-        const uint32_t x = static_cast<uint32_t>(q) - y * static_cast<uint32_t>(g.w);
-        const float* up_row = up + g.div_bh.div(y) * g.lw;  // the (scaled) LFC of y's block row
-        const uint32_t bx = g.div_bw.div(x);
-        uint32_t field = quantize(static_cast<float>(plane[q]), up_row[bx], pow2, lo, scale,
-                                  uniform_even(hash), levels);
-        if (q + 1 < g.numel) {
-          float up1;
-          if (x + 1 == static_cast<uint32_t>(g.w)) {  // odd W: the pair spans two rows
-            up1 = up[g.div_bh.div(y + 1) * g.lw];
-          } else {  // the next column: the same block unless x + 1 starts one
-            up1 = up_row[x + 1 == (bx + 1) * static_cast<uint32_t>(g.bw) ? bx + 1 : bx];
-          }
-          field |= quantize(static_cast<float>(plane[q + 1]), up1, pow2, lo, scale,
-                            uniform_odd(hash), levels) << bits;
-        }
-        return field << ((2 * lane * bits) & 31);
-      },
-      [&](int w, uint32_t word) {
-        const int32_t wi = step * 2 * bits + w;
-        if (wi < g.words) out[wi] = word;
-      });
+  const int32_t P = g.numel, L = g.lfc_numel, W = g.words;
+  const int rot = ((tid & 31) * kElements * static_cast<int>(sizeof(scalar_t))) >> 7;
+  for (int32_t it = tid; it < b.count * W; it += kStagedThreads) {
+    const int32_t gi = static_cast<int32_t>(s.div_words.div(static_cast<uint32_t>(it)));
+    const int32_t w = it - gi * W;
+    const PlaneSlot& slot = m.slot[gi];
+    const CodeConsts c{slot.lo_value, slot.scale, slot.p, static_cast<float>(a.levels), slot.key};
+    const scalar_t* plane = m.xs + gi * P;
+    const float* up = m.up + gi * L;
+    const int32_t q0 = w * kElements;
+    uint32_t word = 0;
+    if (q0 + kElements <= P) {
+DIV_UNROLL
+      for (int k = 0; k < kRuns; ++k) {
+        const int r = (k + rot) & (kRuns - 1);
+        word |= code_run<scalar_t, BITS, RUN, true>(plane, up, m.table, q0 + r * RUN, P, c) << (r * RUN * BITS);
+      }
+    } else {  // the plane's last word: its runs past P stay 0
+      for (int r = 0; r < kRuns && q0 + r * RUN < P; ++r)
+        word |= code_run<scalar_t, BITS, RUN, false>(plane, up, m.table, q0 + r * RUN, P, c) << (r * RUN * BITS);
+    }
+    a.codes[(b.p0 + gi) * W + w] = word;
+  }
+}
+
+template <typename scalar_t, int BITS>
+DIV_HD void staged_codes_bits(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
+                              const StagedSmem<scalar_t>& m, int tid) {
+  if (s.run == 4) {
+    staged_codes<scalar_t, BITS, 4>(a, s, b, m, tid);
+  } else {
+    staged_codes<scalar_t, BITS, 2>(a, s, b, m, tid);
+  }
 }
 
 template <typename scalar_t, typename Exec>
@@ -338,9 +460,13 @@ DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedP
   ex.sync();
   ex.each([&](int tid) { staged_scale_up<scalar_t>(a, s, b, m, tid); });
   ex.sync();
-  ex.each_warp([&](int warp, auto& lanes) {
-    for (int32_t item = warp; item < b.count * s.steps; item += kStagedWarps)
-      staged_code_step<scalar_t>(a, s, b, m, item, lanes);
+  ex.each([&](int tid) {
+    switch (a.bits) {
+      case 1: staged_codes_bits<scalar_t, 1>(a, s, b, m, tid); break;
+      case 2: staged_codes_bits<scalar_t, 2>(a, s, b, m, tid); break;
+      case 4: staged_codes_bits<scalar_t, 4>(a, s, b, m, tid); break;
+      default: staged_codes_bits<scalar_t, 8>(a, s, b, m, tid); break;
+    }
   });
 }
 

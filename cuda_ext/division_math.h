@@ -17,8 +17,10 @@
 
 #ifdef __CUDACC__
 #define DIV_HD __host__ __device__ __forceinline__
+#define DIV_UNROLL _Pragma("unroll")
 #else
 #define DIV_HD inline
+#define DIV_UNROLL
 #endif
 
 namespace division {
@@ -206,9 +208,10 @@ DIV_HD uint32_t plane_key(uint64_t seed, uint64_t plane) {
 DIV_HD uint32_t pair_hash(uint32_t key, uint32_t m) { return mix32(m ^ key); }
 
 // u = k * 2^-16 + 2^-17 for the 16-bit half k of a pair hash: 1 + u is built from its bits and
-// 1 subtracted, both exact, so no int -> float conversion is needed.
+// 1 subtracted, both exact, so no int -> float conversion is needed. (An add of disjoint bits,
+// not an or: the GPU does shift and add in one instruction.)
 DIV_HD float uniform16(uint32_t half) {
-  return fsub(float_from_bits(0x3F800040u | (half << 7)), 1.0f);
+  return fsub(float_from_bits(0x3F800040u + (half << 7)), 1.0f);
 }
 
 DIV_HD float uniform_even(uint32_t hash) { return uniform16(hash & 0xFFFFu); }

@@ -640,16 +640,17 @@ CodecOptions options(const std::string& path, int64_t threads_per_plane, bool pl
   return CodecOptions{path, threads_per_plane, plane_minor, smem_target, smem_limit};
 }
 
-// What compress would run for x: ("staged", G, shared bytes, blocks, vec) or ("generic", T, G, blocks, 0).
-std::tuple<std::string, int64_t, int64_t, int64_t, int64_t> compress_plan(
+// What compress would run for x: ("staged", G, shared bytes, blocks, vec, run) or
+// ("generic", T, G, blocks, 0, 0).
+std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t> compress_plan(
     const at::Tensor& x, int64_t block_size, int64_t bits, int64_t smem_target, int64_t smem_limit) {
   const auto [xc, cl] = kernel_layout(x);
   const Geometry g = make_geometry(xc.sizes(), block_size, bits, cl, "division._C.compress_plan");
   const CodecOptions o{"auto", 0, false, smem_target, smem_limit};
   const StagedPlan s = make_staged_plan(g, xc, o);
-  if (s.planes > 0) return {"staged", s.planes, s.smem_bytes, s.blocks, s.vec};
+  if (s.planes > 0) return {"staged", s.planes, s.smem_bytes, s.blocks, s.vec, s.run};
   const Launch l = compress_launch(g);
-  return {"generic", l.threads_per_plane, l.planes_per_block, blocks_for(g, l), 0};
+  return {"generic", l.threads_per_plane, l.planes_per_block, blocks_for(g, l), 0, 0};
 }
 
 // The kernels' uniforms of elements 0 .. numel-1 of planes first .. first + planes - 1, on the CPU.

@@ -213,6 +213,32 @@ def test_generic_kernels_do_not_depend_on_the_launch_shape(shape: tuple, layout:
         check_against_reference(x, 4, 2, "division", torch.bfloat16, seed=7, launch=(threads, minor))
 
 
+# (shape, B, run): the staged codes phase takes runs of 4 when each aligned run of 4 lies in one
+# LFC block (W and B multiples of 4, or one block per plane, and P % 4 == 0), pairs otherwise
+STAGED_RUN_SHAPES = [
+    ((2, 5, 16, 24), 8, 4),
+    ((2, 3, 12, 20), 4, 4),  # partial last block columns, still whole runs
+    ((2, 3, 4, 6), 8, 4),  # one LFC block per plane, W % 4 != 0: runs cross rows
+    ((2, 3, 2, 2), 8, 4),  # one run per plane
+    ((2, 5, 14, 14), 8, 1),  # the block edge at 8 splits the run 12..15 across rows
+    ((2, 3, 16, 16), 2, 1),  # B = 2 splits every run
+    ((2, 3, 7, 7), 8, 1),  # P % 4 != 0
+    ((2, 3, 40), 8, 4),  # 1-D
+    ((2, 3, 42), 8, 1),  # 1-D, the last block 40..41 shares a run
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape, block, run", STAGED_RUN_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cpu_twin_staged_code_runs(shape: tuple, block: int, run: int, bits: int) -> None:
+    for dtype, layout, mode in zip(DTYPES, ["contiguous", "channels_last", "contiguous"], ["division", "hfc_only", "division"]):
+        x = make_input(shape, dtype, layout if len(shape) == 4 else "contiguous", "cpu", seed=bits)
+        plan = _C.compress_plan(x, block, bits)
+        assert plan[0] == "staged" and plan[5] == run, plan
+        check_against_reference(x, block, bits, mode, torch.bfloat16, seed=777 + bits)
+
+
 @needs_ext
 def test_compress_plans() -> None:
     """ResNet-50's activations are staged (one read of x); what cannot be is generic."""
@@ -221,7 +247,7 @@ def test_compress_plans() -> None:
         for dtype, layout in itertools.product([torch.float32, torch.bfloat16], ["contiguous", "channels_last"]):
             x = torch.empty(shape, dtype=dtype).contiguous(
                 memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-            path, planes, smem, blocks, vec = _C.compress_plan(x, 8, 2)
+            path, planes, smem, blocks, vec, run = _C.compress_plan(x, 8, 2)
             assert path == "staged", (shape, dtype, layout)
             per16 = 16 // x.element_size()
             assert 1 <= planes and smem <= 227 * 1024
@@ -230,6 +256,8 @@ def test_compress_plans() -> None:
             else:  # a block's planes are whole 16-byte vectors
                 assert vec == per16 and (planes * math.prod(shape[2:]) * x.element_size()) % 16 == 0
             assert blocks * planes >= shape[0] * shape[1]
+            # codes in runs of 4 (one load and one LFC lookup each) where W and B allow
+            assert run == (4 if shape[-1] % 4 == 0 and shape[-1] != 14 else 1), (shape, run)
     big = torch.empty(1, 1, 300, 300)  # 360 KB: more than a block's shared memory
     assert _C.compress_plan(big, 8, 2)[0] == "generic"
     assert _C.compress_plan(torch.empty(2, 3, 4, 5, 6), 8, 2)[0] == "generic"  # 3-D
