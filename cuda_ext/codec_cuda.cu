@@ -32,17 +32,17 @@ __global__ void __launch_bounds__(kBlockThreads) generic_decompress_kernel(const
   generic_decompress_block<scalar_t>(ex, a, l, static_cast<int64_t>(blockIdx.x));
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool RUNS>
 __global__ void __launch_bounds__(kStagedThreads) vec_decompress_kernel(const DecompressArgs a, const VecPlan v) {
   DeviceExec ex;
-  vec_decompress_block<scalar_t, VEC>(ex, a, v, static_cast<int64_t>(blockIdx.x));
+  vec_decompress_block<scalar_t, VEC, RUNS>(ex, a, v, static_cast<int64_t>(blockIdx.x));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool RUNS>
 __global__ void __launch_bounds__(kStagedThreads) tile_decompress_kernel(const DecompressArgs a, const TilePlan t) {
   extern __shared__ __align__(16) unsigned char smem[];
   DeviceExec ex;
-  tile_decompress_block<scalar_t>(ex, a, t, smem, static_cast<int64_t>(blockIdx.x));
+  tile_decompress_block<scalar_t, RUNS>(ex, a, t, smem, static_cast<int64_t>(blockIdx.x));
 }
 
 unsigned grid(int64_t blocks, const char* what) {
@@ -109,10 +109,12 @@ void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::Scalar
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   DIVISION_DISPATCH(dtype, "division_vec_decompress", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
-    if (v.vec == kVec) {
-      vec_decompress_kernel<scalar_t, kVec><<<blocks, kStagedThreads, 0, stream>>>(a, v);
+    if (v.vec == kVec && v.runs) {
+      vec_decompress_kernel<scalar_t, kVec, true><<<blocks, kStagedThreads, 0, stream>>>(a, v);
+    } else if (v.vec == kVec) {
+      vec_decompress_kernel<scalar_t, kVec, false><<<blocks, kStagedThreads, 0, stream>>>(a, v);
     } else {
-      vec_decompress_kernel<scalar_t, 1><<<blocks, kStagedThreads, 0, stream>>>(a, v);
+      vec_decompress_kernel<scalar_t, 1, false><<<blocks, kStagedThreads, 0, stream>>>(a, v);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -124,8 +126,13 @@ void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::Scal
   if (blocks == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   DIVISION_DISPATCH(dtype, "division_tile_decompress", [&] {
-    allow_shared(tile_decompress_kernel<scalar_t>, t.smem_bytes);
-    tile_decompress_kernel<scalar_t><<<blocks, kStagedThreads, t.smem_bytes, stream>>>(a, t);
+    if (t.runs) {
+      allow_shared(tile_decompress_kernel<scalar_t, true>, t.smem_bytes);
+      tile_decompress_kernel<scalar_t, true><<<blocks, kStagedThreads, t.smem_bytes, stream>>>(a, t);
+    } else {
+      allow_shared(tile_decompress_kernel<scalar_t, false>, t.smem_bytes);
+      tile_decompress_kernel<scalar_t, false><<<blocks, kStagedThreads, t.smem_bytes, stream>>>(a, t);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -62,12 +62,8 @@ struct StagedPlan {
 
 inline int64_t round_up16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// 4 when every run of 4 elements starting at a multiple of 4 lies in one LFC block (so one
-// lookup and one aligned load serve it), else 1.
-inline int32_t staged_run(const Geometry& g) {
-  if (g.numel % 4 != 0) return 1;
-  return (g.lfc_numel == 1 || (g.w % 4 == 0 && g.bw % 4 == 0)) ? 4 : 1;
-}
+// Elements per entry of the codes phase's LFC block table: 4 where runs of four allow, else 1.
+inline int32_t staged_run(const Geometry& g) { return runs_of_four(g) ? 4 : 1; }
 
 inline int64_t staged_bytes(const Geometry& g, int64_t esize, int64_t planes) {
   return round_up16(planes * g.numel * esize) + round_up16(planes * g.lfc_numel * 4) +
@@ -470,6 +466,23 @@ DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedP
   });
 }
 
+// ---- decompress: runs of four ------------------------------------------------------------
+
+// x_hat of elements q .. q + 3 of plane p, where runs of four allow (runs_of_four; q % 4 == 0):
+// one LFC load, and their 4Q code bits from one word.
+template <typename scalar_t>
+DIV_HD void decode_run4(const DecompressArgs& a, int64_t p, const PlaneDecode& d, int32_t q, float (&out)[4]) {
+  const Geometry& g = a.g;
+  uint32_t codes = 0;
+  if (a.mode != kLfcOnly) {
+    const int32_t bit = q << a.bits_log2;
+    codes = a.codes[p * g.words + (bit >> 5)] >> (bit & 31);
+  }
+  const float up = a.mode != kHfcOnly ? load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + block_of(g, static_cast<uint32_t>(q))) : 0.f;
+  const uint32_t mask = (1u << a.bits) - 1u;
+  for (int k = 0; k < 4; ++k) out[k] = reconstruct(a.mode, up, (codes >> (k << a.bits_log2)) & mask, d);
+}
+
 // ---- decompress, NCHW: one thread per 16 output bytes --------------------------------------
 //
 // Thread t rebuilds `vec` consecutive elements of one plane (vec = 16 bytes' worth when the plane
@@ -478,6 +491,7 @@ DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedP
 
 struct VecPlan {
   int32_t vec;            // elements per thread
+  int32_t runs;           // 1: vec is 4 or 8 and runs of four allow (one LFC load per run)
   int32_t chunks_per_plane;
   int64_t chunks;         // planes * chunks_per_plane
   int64_t blocks;         // of kStagedThreads threads
@@ -488,6 +502,7 @@ inline VecPlan vec_plan(const Geometry& g, int64_t esize, int bits) {
   VecPlan v{};
   const int32_t per16 = static_cast<int32_t>(16 / esize);
   v.vec = (g.numel % per16 == 0 && per16 * bits <= 64) ? per16 : 1;
+  v.runs = v.vec > 1 && runs_of_four(g);
   v.chunks_per_plane = g.numel / v.vec;
   v.chunks = g.planes * v.chunks_per_plane;
   v.blocks = (v.chunks + kStagedThreads - 1) / kStagedThreads;
@@ -495,34 +510,42 @@ inline VecPlan vec_plan(const Geometry& g, int64_t esize, int bits) {
   return v;
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool RUNS>
 DIV_HD void vec_decompress_chunk(const DecompressArgs& a, const VecPlan& v, int64_t chunk) {
   if (chunk >= v.chunks) return;
   const Geometry& g = a.g;
   const int64_t p = static_cast<int64_t>(v.div_chunks.div(static_cast<uint64_t>(chunk)));
   const int32_t q0 = static_cast<int32_t>(chunk - p * v.chunks_per_plane) * VEC;
-  uint64_t codes = 0;
-  if (a.mode != kLfcOnly) {
-    const int64_t bit = static_cast<int64_t>(q0) * a.bits;
-    const uint32_t* words = a.codes + p * g.words + (bit >> 5);
-    codes = words[0] >> (bit & 31);
-    if (VEC * a.bits > 32) codes |= static_cast<uint64_t>(words[1]) << 32;  // aligned: bit % 32 == 0
-  }
   const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
-  const uint32_t mask = (1u << a.bits) - 1u;
-  Cursor cur;
-  cur.seek(g, static_cast<uint32_t>(q0));
-  int32_t j = -1;
-  float up = 0.f;
   scalar_t out[VEC];
-  for (int k = 0; k < VEC; ++k) {
-    if (a.mode != kHfcOnly && cur.block() != j) {
-      j = cur.block();
-      up = load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + j);
+  if (RUNS) {  // VEC is 4 or 8 and runs of four allow: one LFC load per run
+    for (int r = 0; r < VEC; r += 4) {
+      float run[4];
+      decode_run4<scalar_t>(a, p, d, q0 + r, run);
+      for (int k = 0; k < 4; ++k) out[r + k] = static_cast<scalar_t>(run[k]);
     }
-    const uint32_t code = static_cast<uint32_t>(codes >> (k * a.bits)) & mask;
-    out[k] = static_cast<scalar_t>(reconstruct(a.mode, up, code, d));
-    cur.next(g, static_cast<uint32_t>(q0 + k + 1));
+  } else {
+    uint64_t codes = 0;
+    if (a.mode != kLfcOnly) {
+      const int64_t bit = static_cast<int64_t>(q0) * a.bits;
+      const uint32_t* words = a.codes + p * g.words + (bit >> 5);
+      codes = words[0] >> (bit & 31);
+      if (VEC * a.bits > 32) codes |= static_cast<uint64_t>(words[1]) << 32;  // aligned: bit % 32 == 0
+    }
+    const uint32_t mask = (1u << a.bits) - 1u;
+    Cursor cur;
+    cur.seek(g, static_cast<uint32_t>(q0));
+    int32_t j = -1;
+    float up = 0.f;
+    for (int k = 0; k < VEC; ++k) {
+      if (a.mode != kHfcOnly && cur.block() != j) {
+        j = cur.block();
+        up = load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + j);
+      }
+      const uint32_t code = static_cast<uint32_t>(codes >> (k * a.bits)) & mask;
+      out[k] = static_cast<scalar_t>(reconstruct(a.mode, up, code, d));
+      cur.next(g, static_cast<uint32_t>(q0 + k + 1));
+    }
   }
   scalar_t* dst = static_cast<scalar_t*>(a.out) + p * g.numel + q0;
   if (VEC * sizeof(scalar_t) == 16) {
@@ -534,9 +557,9 @@ DIV_HD void vec_decompress_chunk(const DecompressArgs& a, const VecPlan& v, int6
   }
 }
 
-template <typename scalar_t, int VEC, typename Exec>
+template <typename scalar_t, int VEC, bool RUNS, typename Exec>
 DIV_HD void vec_decompress_block(Exec& ex, const DecompressArgs& a, const VecPlan& v, int64_t block) {
-  ex.each([&](int tid) { vec_decompress_chunk<scalar_t, VEC>(a, v, block * kStagedThreads + tid); });
+  ex.each([&](int tid) { vec_decompress_chunk<scalar_t, VEC, RUNS>(a, v, block * kStagedThreads + tid); });
 }
 
 // ---- decompress, channels_last: through a transpose tile -----------------------------------
@@ -554,6 +577,7 @@ struct TilePlan {
   int32_t pixel_tiles;     // ceil(P / Tq)
   int64_t blocks;
   int32_t smem_bytes;      // float tile[Tq][Gc + 1]
+  int32_t runs;            // 1: runs of four allow (one LFC load and code word per run)
   FastDiv div_tiles;       // by channel_groups * pixel_tiles
   FastDiv div_pixel_tiles; // by pixel_tiles
   FastDiv div_channels;    // by Gc
@@ -570,6 +594,7 @@ inline TilePlan tile_plan(const Geometry& g) {
   t.pixel_tiles = (g.numel + t.pixels - 1) / t.pixels;
   t.blocks = (g.planes / g.channels) * t.channel_groups * t.pixel_tiles;
   t.smem_bytes = t.pixels * (gc + 1) * 4;
+  t.runs = runs_of_four(g);
   t.div_tiles = FastDiv::make(static_cast<uint32_t>(t.channel_groups * t.pixel_tiles));
   t.div_pixel_tiles = FastDiv::make(static_cast<uint32_t>(t.pixel_tiles));
   t.div_channels = FastDiv::make(static_cast<uint32_t>(gc));
@@ -577,7 +602,7 @@ inline TilePlan tile_plan(const Geometry& g) {
   return t;
 }
 
-template <typename scalar_t, typename Exec>
+template <typename scalar_t, bool RUNS, typename Exec>
 DIV_HD void tile_decompress_block(Exec& ex, const DecompressArgs& a, const TilePlan& t,
                                   unsigned char* smem, int64_t block) {
   const Geometry& g = a.g;
@@ -595,7 +620,17 @@ DIV_HD void tile_decompress_block(Exec& ex, const DecompressArgs& a, const TileP
       const int32_t gi = static_cast<int32_t>(t.div_runs.div(static_cast<uint32_t>(it)));
       const int32_t first = (it - gi * runs) * kTileRun;
       if (first >= tq) continue;
-      ElementWriter<scalar_t> w(a, n * g.channels + c0 + gi);
+      const int64_t p = n * g.channels + c0 + gi;
+      if (RUNS) {  // tq % 4 == 0 (P % 4 == 0, q0 % 8 == 0): whole runs
+        const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
+        for (int32_t k = first; k < min32(first + kTileRun, tq); k += 4) {
+          float run[4];
+          decode_run4<scalar_t>(a, p, d, q0 + k, run);
+          for (int e = 0; e < 4; ++e) tile[(k + e) * pitch + gi] = run[e];
+        }
+        continue;
+      }
+      ElementWriter<scalar_t> w(a, p);
       Cursor cur;
       cur.seek(g, static_cast<uint32_t>(q0 + first));
       for (int32_t k = first; k < min32(first + kTileRun, tq); ++k) {

@@ -413,9 +413,18 @@ DIV_HD PlaneView plane_view(const Geometry& g, int64_t plane) {
 DIV_HD int32_t block_of(const Geometry& g, uint32_t q) {
   const uint32_t rows = g.div_w.div(q);
   const uint32_t x = q - rows * g.div_w.divisor;
+  if (g.d == 1) return static_cast<int32_t>(g.div_bh.div(rows) * g.lw + g.div_bw.div(x));
   const uint32_t z = g.div_h.div(rows);
   const uint32_t y = rows - z * g.div_h.divisor;
   return static_cast<int32_t>((g.div_bd.div(z) * g.lh + g.div_bh.div(y)) * g.lw + g.div_bw.div(x));
+}
+
+// Whether every run of 4 elements starting at a multiple of 4 lies in one LFC block: W and the
+// block width are multiples of 4 (a run stays in one row and one block column), or the plane is
+// one block; and P % 4 == 0 (no run is cut by the plane's end). Such a run then takes one LFC
+// lookup and, Q bits a code, 4Q bits of one code word.
+DIV_HD bool runs_of_four(const Geometry& g) {
+  return g.numel % 4 == 0 && (g.lfc_numel == 1 || (g.w % 4 == 0 && g.bw % 4 == 0));
 }
 
 // The element ranges [z0, z1) x [y0, y1) x [x0, x1) that LFC block j covers.

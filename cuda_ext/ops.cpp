@@ -200,10 +200,12 @@ void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   HostExec<kStagedThreads> ex;
   for_blocks(v.blocks, [&](int64_t b) {
-    if (v.vec == kVec) {
-      vec_decompress_block<scalar_t, kVec>(ex, a, v, b);
+    if (v.vec == kVec && v.runs) {
+      vec_decompress_block<scalar_t, kVec, true>(ex, a, v, b);
+    } else if (v.vec == kVec) {
+      vec_decompress_block<scalar_t, kVec, false>(ex, a, v, b);
     } else {
-      vec_decompress_block<scalar_t, 1>(ex, a, v, b);
+      vec_decompress_block<scalar_t, 1, false>(ex, a, v, b);
     }
   });
 }
@@ -213,7 +215,13 @@ void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
   at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
     HostExec<kStagedThreads> ex;
     HostSmem smem(t.smem_bytes);
-    for (int64_t b = begin; b < end; ++b) tile_decompress_block<scalar_t>(ex, a, t, smem.data(), b);
+    for (int64_t b = begin; b < end; ++b) {
+      if (t.runs) {
+        tile_decompress_block<scalar_t, true>(ex, a, t, smem.data(), b);
+      } else {
+        tile_decompress_block<scalar_t, false>(ex, a, t, smem.data(), b);
+      }
+    }
   });
 }
 
