@@ -90,3 +90,29 @@ def test_op_count_benchmark(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     totals = json.loads((tmp_path / "ops.json").read_text())["totals"]
     assert totals["vanilla"] > 100 and totals["division"] > totals["vanilla"]
+
+
+def test_kernel_sass_walks_the_hot_path_and_counts_elements() -> None:
+    """The SASS reader follows fall-through and unconditional branches to the back branch, and
+    counts the elements from the marker instructions on that path only."""
+    from benchmarks.kernel_sass import Probe, functions, measure
+
+    sass = """
+        Function : probe_x
+        /*0000*/                   MOV R1, RZ ;
+        /*0010*/                   ISETP.GT.AND P0, PT, R2, R3, PT ;
+        /*0020*/              @P0 BRA 0x70 ;
+        /*0030*/                   FADD.RM R4, R4, 12582912 ;
+        /*0040*/                   FADD.RM R5, R5, 12582912 ;
+        /*0050*/                   BRA 0x90 ;
+        /*0060*/                   NOP ;
+        /*0070*/                   FADD.RM R6, R6, 12582912 ;
+        /*0080*/                   NOP ;
+        /*0090*/                   STG.E desc[UR4][R8.64], R4 ;
+        /*00a0*/              @!P1 BRA 0x10 ;
+        /*00b0*/                   EXIT ;
+    """
+    code = functions(sass)["probe_x"]
+    row = measure(code, Probe("p", "x", "float32", "probe_x", r"^FADD\.RM", 1, False))
+    # ISETP, @P0 BRA (not taken), 2 x FADD.RM, BRA -> STG, back branch: 7 instructions, 2 elements
+    assert row["instructions"] == 7 and row["elements"] == 2 and row["per_element"] == 3.5

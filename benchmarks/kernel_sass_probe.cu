@@ -1,0 +1,43 @@
+// Probe kernels for benchmarks/kernel_sass.py: each wraps one hot phase of the codec kernels so that
+// its machine code (SASS) can be read apart from the rest. Never launched.
+#include "codec_staged.h"
+
+using namespace division;
+
+template <typename T, int BITS, int RUN>
+__global__ void probe_codes(CompressArgs a, StagedPlan s, StagedBlock b) {
+  extern __shared__ __align__(16) unsigned char base[];
+  const StagedSmem<T> m(base, s);
+  staged_codes<T, BITS, RUN>(a, s, b, m, static_cast<int>(threadIdx.x));
+}
+
+template <typename T, bool QUADS>
+__global__ void probe_block_stats(int W, BlockRange br, double* sums, float* ranges) {
+  extern __shared__ __align__(16) unsigned char base[];
+  const T* plane = reinterpret_cast<const T*>(base);
+  double sum;
+  float lo, hi;
+  if (QUADS) {
+    block_stats_quads(plane, W, br, threadIdx.x & 31, sum, lo, hi);
+  } else {
+    block_stats_any(plane, W, br, threadIdx.x & 31, sum, lo, hi);
+  }
+  sums[threadIdx.x] = sum;
+  ranges[threadIdx.x] = hi - lo;
+}
+
+template <typename T, int VEC, bool RUNS>
+__global__ void probe_vec_decompress(DecompressArgs a, VecPlan v) {
+  for (int64_t c = blockIdx.x * kStagedThreads + threadIdx.x; c < v.chunks; c += int64_t{1} << 24)
+    vec_decompress_chunk<T, VEC, RUNS>(a, v, c);
+}
+
+template __global__ void probe_codes<float, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<c10::BFloat16, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<float, 2, 2>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_block_stats<float, true>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<c10::BFloat16, true>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<float, false>(int, BlockRange, double*, float*);
+template __global__ void probe_vec_decompress<float, 4, true>(DecompressArgs, VecPlan);
+template __global__ void probe_vec_decompress<c10::BFloat16, 8, true>(DecompressArgs, VecPlan);
+template __global__ void probe_vec_decompress<float, 4, false>(DecompressArgs, VecPlan);
