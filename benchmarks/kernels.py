@@ -75,13 +75,14 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
 
 
 def plan(x: torch.Tensor, cfg: division.DivisionConfig) -> str:
-    """The compress kernel and its shape for x: 'staged G=.. S=..KB' or 'generic T x G'."""
+    """The compress kernel and its shape for x: 'staged G=.. S=..KB v.. r..' (planes per block,
+    shared memory, elements per global load, elements per code-phase run) or 'generic T x G'."""
     module, _ = load_extension()
     if module is None:
         return "reference"
-    path, a, b, _, vec, _ = module.compress_plan(x, cfg.block_size, cfg.hfc_bits)
+    path, a, b, _, vec, run = module.compress_plan(x, cfg.block_size, cfg.hfc_bits)
     if path == "staged":
-        return f"staged G={a} {b / 1024:.0f}KB v{vec}"
+        return f"staged G={a} {b / 1024:.0f}KB v{vec} r{run}"
     return f"generic {a}x{b}"
 
 
