@@ -54,7 +54,7 @@ struct StagedPlan {
   int32_t vec;        // elements per global load of x: a 16-byte load, or 1
   int32_t run;        // elements per table entry: 4 where every aligned run of 4 lies in one LFC
                       // block and one row (and P % 4 == 0), else 1
-  int32_t quads;      // 1: every LFC block row is whole aligned runs of 4 (W and its width % 4 == 0)
+  int32_t quads;      // 1: every LFC block row is whole aligned runs of 4 (rows_of_four)
   FastDiv div_lfc;    // by L: LFC item -> (plane, block)
   FastDiv div_words;  // by words per plane: code item -> (plane, word)
   FastDiv div_units;  // channels_last: by G / vec, load item -> (pixel, unit of vec channels)
@@ -105,7 +105,7 @@ inline StagedPlan staged_plan(const Geometry& g, int64_t esize, int64_t target, 
                           : (planes * g.numel * esize) % 16 == 0;
   s.vec = x_aligned16 && vec_ok ? static_cast<int32_t>(per16) : 1;
   s.run = staged_run(g);
-  s.quads = g.w % 4 == 0 && g.bw % 4 == 0;
+  s.quads = rows_of_four(g);
   s.div_lfc = FastDiv::make(static_cast<uint32_t>(g.lfc_numel));
   s.div_words = FastDiv::make(static_cast<uint32_t>(g.words));
   s.div_units = FastDiv::make(static_cast<uint32_t>(planes / s.vec > 0 ? planes / s.vec : 1));
@@ -233,11 +233,13 @@ DIV_HD void fill_table(const Geometry& g, int32_t run, const BlockRange& br, uin
     for (int32_t x = br.x0; x < br.x1; x += run) table[(y * g.w + x) / run] = j;
 }
 
-// Elements read from shared memory at once: 4 (aligned: 16 or 8 bytes) or 1.
+// Eight bytes moved with one load.
 struct alignas(8) Vec8 {
   uint32_t w[2];
 };
 
+// N elements from shared memory as float: one 16- or 8-byte load where N elements are that many
+// bytes (src then aligned to them), else one load each.
 template <typename scalar_t, int N>
 DIV_HD void load_elements(const scalar_t* src, float (&out)[N]) {
   scalar_t e[N];

@@ -419,12 +419,16 @@ DIV_HD int32_t block_of(const Geometry& g, uint32_t q) {
   return static_cast<int32_t>((g.div_bd.div(z) * g.lh + g.div_bh.div(y)) * g.lw + g.div_bw.div(x));
 }
 
-// Whether every run of 4 elements starting at a multiple of 4 lies in one LFC block: W and the
-// block width are multiples of 4 (a run stays in one row and one block column), or the plane is
-// one block; and P % 4 == 0 (no run is cut by the plane's end). Such a run then takes one LFC
-// lookup and, Q bits a code, 4Q bits of one code word.
+// Whether every row of every LFC block is whole runs of 4 elements starting at multiples of 4:
+// W and the block width are multiples of 4.
+DIV_HD bool rows_of_four(const Geometry& g) { return g.w % 4 == 0 && g.bw % 4 == 0; }
+
+// Whether every run of 4 elements starting at a multiple of 4 lies in one LFC block: its rows are
+// runs of four (a run stays in one row and one block column), or the plane is one block; and
+// P % 4 == 0 (no run is cut by the plane's end). Such a run then takes one LFC lookup and, Q bits
+// a code, 4Q bits of one code word.
 DIV_HD bool runs_of_four(const Geometry& g) {
-  return g.numel % 4 == 0 && (g.lfc_numel == 1 || (g.w % 4 == 0 && g.bw % 4 == 0));
+  return g.numel % 4 == 0 && (g.lfc_numel == 1 || rows_of_four(g));
 }
 
 // The element ranges [z0, z1) x [y0, y1) x [x0, x1) that LFC block j covers.
