@@ -46,8 +46,14 @@ class Probe:
     marker: str  # regex of an instruction that occurs `per_element` times per element
     per_element: int
     innermost: bool  # walk the innermost loop holding the marker, else the outermost
+    # a thread of three nested loops (work items, segments, elements): counted as one thread's
+    # setup + `segments` segment heads + `iterations` passes of the innermost loop
+    segments: int = 0
+    iterations: int = 0
 
 
+# channels_last decompress: a thread of 16 pixels (Q = 2) in 2 segments (B = 8 and W a multiple of
+# 8); the innermost loop is one pixel (bfloat16: 8 channels) or, unrolled, two (float32: 4 each)
 PROBES = [
     Probe("compress: codes", "runs of 4 (W, B multiples of 4)", "float32", "probe_codesIfLi2ELi4E", r"^FADD\.RM", 1, False),
     Probe("compress: codes", "runs of 4 (W, B multiples of 4)", "bfloat16", "probe_codesIN3c108BFloat16ELi2ELi4E", r"^FADD\.RM", 1, False),
@@ -58,6 +64,8 @@ PROBES = [
     Probe("decompress NCHW", "runs of 4", "float32", "probe_vec_decompressIfLi4ELb1E", r"^FMUL", 2, False),
     Probe("decompress NCHW", "runs of 4", "bfloat16", "probe_vec_decompressIN3c108BFloat16ELi8ELb1E", r"^FMUL", 2, False),
     Probe("decompress NCHW", "element walk (other W, B)", "float32", "probe_vec_decompressIfLi4ELb0E", r"^FMUL", 2, False),
+    Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "float32", "probe_channel_decompressIfLi4ELi2E", r"^FMUL", 2, False, 2, 8),
+    Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "bfloat16", "probe_channel_decompressIN3c108BFloat16ELi8ELi2E", r"^FMUL", 2, False, 2, 16),
 ]
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
@@ -116,19 +124,35 @@ def loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     return found
 
 
-def hot_path(code: list[tuple[int, str]], head: int, back: int) -> list[str]:
-    """The instructions from `head` to `back` along the fall-through of conditional branches."""
+def hot_path(code: list[tuple[int, str]], head: int, back: int) -> list[int]:
+    """The indices of the instructions from `head` to `back` along the fall-through of
+    conditional branches."""
     index = {a: i for i, (a, _) in enumerate(code)}
     path, i = [], head
     while head <= i <= back and len(path) < 20000:
         t = code[i][1]
-        path.append(t)
+        path.append(i)
         m = BRANCH.match(t)
         if m and not m.group(1) and i != back:  # unconditional: follow it
             i = index[int(m.group(2), 16)]
             continue
         i += 1
     return path
+
+
+def thread_path(code: list[tuple[int, str]], loops_: list[tuple[int, int]], probe: Probe) -> list[str]:
+    """One thread of a three-level probe: the outer hot path (setup, one segment, one pass of the
+    innermost loop), with the segment part repeated `segments` times and the innermost pass
+    `iterations` times."""
+    nested = sorted(loops_, key=lambda hb: hb[1] - hb[0], reverse=True)[:3]
+    if len(nested) < 3:
+        raise SystemExit(f"kernel_sass: {probe.symbol} has no three nested loops")
+    (h0, b0), (h1, b1), (h2, b2) = nested
+    path = hot_path(code, h0, b0)
+    inner = [code[i][1] for i in path if h2 <= i <= b2]
+    segment = [code[i][1] for i in path if h1 <= i <= b1 and not h2 <= i <= b2]
+    setup = [code[i][1] for i in path if not h1 <= i <= b1]
+    return setup + segment * probe.segments + inner * probe.iterations
 
 
 def measure(code: list[tuple[int, str]], probe: Probe) -> dict:
@@ -142,7 +166,10 @@ def measure(code: list[tuple[int, str]], probe: Probe) -> dict:
         head, back = max(inner, key=lambda hb: sum(1 for _, t in code[hb[0] : hb[1] + 1] if marker.search(opcode(t))))
     else:
         head, back = max(candidates, key=lambda hb: hb[1] - hb[0])
-    path = hot_path(code, head, back)
+    if probe.segments:
+        path = thread_path(code, candidates, probe)
+    else:
+        path = [code[i][1] for i in hot_path(code, head, back)]
     elements = sum(1 for t in path if marker.search(opcode(t))) / probe.per_element
     ops = Counter(opcode(t).split(".")[0] for t in path)
     return {

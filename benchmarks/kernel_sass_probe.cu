@@ -32,6 +32,12 @@ __global__ void probe_vec_decompress(DecompressArgs a, VecPlan v) {
     vec_decompress_chunk<T, VEC, RUNS>(a, v, c);
 }
 
+template <typename T, int VEC, int BITS>
+__global__ void probe_channel_decompress(DecompressArgs a, ChannelPlan c) {
+  for (int64_t t = blockIdx.x * kStagedThreads + threadIdx.x; t < c.threads; t += int64_t{1} << 24)
+    channel_decompress_thread<T, VEC, BITS>(a, c, t);
+}
+
 template __global__ void probe_codes<float, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
 template __global__ void probe_codes<c10::BFloat16, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
 template __global__ void probe_codes<float, 2, 2>(CompressArgs, StagedPlan, StagedBlock);
@@ -41,3 +47,5 @@ template __global__ void probe_block_stats<float, false>(int, BlockRange, double
 template __global__ void probe_vec_decompress<float, 4, true>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<c10::BFloat16, 8, true>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<float, 4, false>(DecompressArgs, VecPlan);
+template __global__ void probe_channel_decompress<float, 4, 2>(DecompressArgs, ChannelPlan);
+template __global__ void probe_channel_decompress<c10::BFloat16, 8, 2>(DecompressArgs, ChannelPlan);

@@ -45,6 +45,12 @@ __global__ void __launch_bounds__(kStagedThreads) tile_decompress_kernel(const D
   tile_decompress_block<scalar_t, RUNS>(ex, a, t, smem, static_cast<int64_t>(blockIdx.x));
 }
 
+template <typename scalar_t, int BITS>
+__global__ void __launch_bounds__(kStagedThreads) channel_decompress_kernel(const DecompressArgs a, const ChannelPlan c) {
+  DeviceExec ex;
+  channel_decompress_block<scalar_t, 16 / sizeof(scalar_t), BITS>(ex, a, c, static_cast<int64_t>(blockIdx.x));
+}
+
 unsigned grid(int64_t blocks, const char* what) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), what, ": ", blocks,
               " thread blocks are too many for one launch");
@@ -132,6 +138,22 @@ void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::Scal
     } else {
       allow_shared(tile_decompress_kernel<scalar_t, false>, t.smem_bytes);
       tile_decompress_kernel<scalar_t, false><<<blocks, kStagedThreads, t.smem_bytes, stream>>>(a, t);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at::ScalarType dtype, const at::Tensor& on) {
+  const c10::cuda::CUDAGuard guard(on.device());
+  const unsigned blocks = grid(c.blocks, "division.decompress");
+  if (blocks == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  DIVISION_DISPATCH(dtype, "division_channel_decompress", [&] {
+    switch (a.bits) {
+      case 1: channel_decompress_kernel<scalar_t, 1><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
+      case 2: channel_decompress_kernel<scalar_t, 2><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
+      case 4: channel_decompress_kernel<scalar_t, 4><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
+      default: channel_decompress_kernel<scalar_t, 8><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -226,7 +226,7 @@ struct DecompressArgs {
 // Plane p's reconstruction constants for output dtype scalar_t.
 template <typename scalar_t>
 DIV_HD PlaneDecode plane_decode_of(const DecompressArgs& a, int64_t p) {
-  if (a.mode == kLfcOnly) return plane_decode(0.f, 0.f, 0, finite_top<scalar_t>());
+  if (a.mode == kLfcOnly) return plane_decode(-0.f, -0.f, 0, finite_top<scalar_t>());  // HFC term -0
   return plane_decode(a.lo[p], a.step[p], a.shift[p], finite_top<scalar_t>());
 }
 
@@ -242,7 +242,7 @@ struct ElementWriter {
   PlaneDecode d;
   int32_t word_index = -1, block = -1;
   uint32_t word = 0;
-  float up = 0.f;
+  float up = kNoLfc;
 
   DIV_HD ElementWriter(const DecompressArgs& args, int64_t p)
       : a(args), out(static_cast<scalar_t*>(args.out)), v(plane_view(args.g, p)),
@@ -265,7 +265,7 @@ struct ElementWriter {
       block = j;
       up = load_lfc(a.lfc, a.lfc_kind, lfc_base + j);
     }
-    return reconstruct(a.mode, up, code, d);
+    return reconstruct(up, code, d);
   }
 
   DIV_HD void write(int32_t q, int32_t j) { out[v.base + q * v.stride] = static_cast<scalar_t>(value(q, j)); }

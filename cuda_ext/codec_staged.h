@@ -480,9 +480,9 @@ DIV_HD void decode_run4(const DecompressArgs& a, int64_t p, const PlaneDecode& d
     const int32_t bit = q << a.bits_log2;
     codes = a.codes[p * g.words + (bit >> 5)] >> (bit & 31);
   }
-  const float up = a.mode != kHfcOnly ? load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + block_of(g, static_cast<uint32_t>(q))) : 0.f;
+  const float up = a.mode != kHfcOnly ? load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + block_of(g, static_cast<uint32_t>(q))) : kNoLfc;
   const uint32_t mask = (1u << a.bits) - 1u;
-  for (int k = 0; k < 4; ++k) out[k] = reconstruct(a.mode, up, (codes >> (k << a.bits_log2)) & mask, d);
+  for (int k = 0; k < 4; ++k) out[k] = reconstruct(up, (codes >> (k << a.bits_log2)) & mask, d);
 }
 
 // ---- decompress, NCHW: one thread per 16 output bytes --------------------------------------
@@ -538,14 +538,14 @@ DIV_HD void vec_decompress_chunk(const DecompressArgs& a, const VecPlan& v, int6
     Cursor cur;
     cur.seek(g, static_cast<uint32_t>(q0));
     int32_t j = -1;
-    float up = 0.f;
+    float up = kNoLfc;
     for (int k = 0; k < VEC; ++k) {
       if (a.mode != kHfcOnly && cur.block() != j) {
         j = cur.block();
         up = load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + j);
       }
       const uint32_t code = static_cast<uint32_t>(codes >> (k * a.bits)) & mask;
-      out[k] = static_cast<scalar_t>(reconstruct(a.mode, up, code, d));
+      out[k] = static_cast<scalar_t>(reconstruct(up, code, d));
       cur.next(g, static_cast<uint32_t>(q0 + k + 1));
     }
   }
@@ -650,6 +650,116 @@ DIV_HD void tile_decompress_block(Exec& ex, const DecompressArgs& a, const TileP
       out[static_cast<int64_t>(k) * g.channels + gi] = static_cast<scalar_t>(tile[k * pitch + gi]);
     }
   });
+}
+
+
+// ---- decompress, channels_last: 16 bytes of channels per store, straight from the codes ------
+//
+// Thread t rebuilds `VEC` consecutive channels (16 bytes) of the 32 / BITS consecutive pixels that
+// one code word of each of those planes holds: it loads each channel's code word and constants once
+// and an LFC value per channel when the pixels enter a new block, then writes each pixel's VEC
+// channels with one 16-byte store. Consecutive threads take consecutive channel groups of the same
+// pixels, so a warp's stores are whole C * element-size pieces of the output. No shared memory and
+// no transpose: the channels_last pieces are assembled in registers. Needs C % VEC == 0.
+
+struct ChannelPlan {
+  int32_t vec;          // channels per thread: 16 bytes' worth, or 0 when C does not allow it
+  int32_t run;          // pixels per thread: the elements of one code word, 32 / Q
+  int32_t groups;       // C / vec
+  int32_t runs;         // code words per plane that hold pixels: ceil(P / run)
+  int64_t threads;      // N * runs * groups
+  int64_t blocks;       // of kStagedThreads threads
+  FastDiv64 div_groups; // by groups
+  FastDiv64 div_runs;   // by runs
+};
+
+inline ChannelPlan channel_plan(const Geometry& g, int64_t esize, int bits) {
+  ChannelPlan c{};
+  const int32_t per16 = static_cast<int32_t>(16 / esize);
+  if (!g.channels_last || g.channels % per16 != 0) return c;
+  c.vec = per16;
+  c.run = 32 / bits;
+  c.groups = static_cast<int32_t>(g.channels / per16);
+  c.runs = (g.numel + c.run - 1) / c.run;
+  c.threads = (g.planes / g.channels) * c.runs * c.groups;
+  c.blocks = (c.threads + kStagedThreads - 1) / kStagedThreads;
+  c.div_groups = FastDiv64::make(static_cast<uint64_t>(c.groups));
+  c.div_runs = FastDiv64::make(static_cast<uint64_t>(c.runs));
+  return c;
+}
+
+// VEC values as one 16-byte store (dst 16-byte aligned: C % VEC == 0).
+template <typename scalar_t, int VEC>
+DIV_HD void store16(scalar_t* dst, const scalar_t (&e)[VEC]) {
+  static_assert(VEC * sizeof(scalar_t) == 16, "16 bytes");
+  Vec16 packed;
+  memcpy(&packed, e, sizeof(packed));
+  *reinterpret_cast<Vec16*>(dst) = packed;
+}
+
+// up[i] = the LFC of block j of planes p0 .. p0 + VEC - 1 (the dtype's branch taken once).
+template <int VEC>
+DIV_HD void load_lfc_planes(const DecompressArgs& a, int64_t p0, int32_t j, float (&up)[VEC]) {
+  const int64_t L = a.g.lfc_numel, first = p0 * L + j;
+  if (a.lfc_kind == kLfcBFloat16) {
+    const c10::BFloat16* l = static_cast<const c10::BFloat16*>(a.lfc) + first;
+    for (int i = 0; i < VEC; ++i) up[i] = static_cast<float>(l[i * L]);
+  } else if (a.lfc_kind == kLfcFloat16) {
+    const c10::Half* l = static_cast<const c10::Half*>(a.lfc) + first;
+    for (int i = 0; i < VEC; ++i) up[i] = static_cast<float>(l[i * L]);
+  } else {
+    const float* l = static_cast<const float*>(a.lfc) + first;
+    for (int i = 0; i < VEC; ++i) up[i] = l[i * L];
+  }
+}
+
+// Pixels q0 .. q0 + count - 1 walk in segments, each inside one LFC block and one row: the LFC
+// values are loaded once per segment, and the per-pixel loop does only the arithmetic and the store.
+template <typename scalar_t, int VEC, int BITS>
+DIV_HD void channel_decompress_thread(const DecompressArgs& a, const ChannelPlan& c, int64_t t) {
+  constexpr int kRun = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  if (t >= c.threads) return;
+  const Geometry& g = a.g;
+  const int64_t nr = static_cast<int64_t>(c.div_groups.div(static_cast<uint64_t>(t)));
+  const int32_t cg = static_cast<int32_t>(t - nr * c.groups);
+  const int64_t n = static_cast<int64_t>(c.div_runs.div(static_cast<uint64_t>(nr)));
+  const int32_t r = static_cast<int32_t>(nr - n * c.runs);
+  const int64_t p0 = n * g.channels + static_cast<int64_t>(cg) * VEC;  // plane of the first channel
+  const int32_t q0 = r * kRun;
+  const bool use_lfc = a.mode != kHfcOnly;
+  uint32_t words[VEC];
+  PlaneDecode d[VEC];
+  float up[VEC];
+  for (int i = 0; i < VEC; ++i) {
+    words[i] = a.mode != kLfcOnly ? a.codes[(p0 + i) * g.words + r] : 0u;
+    d[i] = plane_decode_of<scalar_t>(a, p0 + i);
+    up[i] = kNoLfc;
+  }
+  scalar_t* out = static_cast<scalar_t*>(a.out) + (n * g.numel + q0) * g.channels + cg * VEC;
+  const int32_t count = min32(kRun, g.numel - q0);
+  Cursor cur;
+  cur.seek(g, static_cast<uint32_t>(q0));
+  for (int32_t k = 0; k < count;) {
+    const int32_t len = min32(min32(g.bw - cur.xr, g.w - cur.x), count - k);
+    if (use_lfc) load_lfc_planes<VEC>(a, p0, cur.block(), up);
+    for (int32_t m = 0; m < len; ++m) {
+      scalar_t e[VEC];
+      for (int i = 0; i < VEC; ++i) {
+        e[i] = static_cast<scalar_t>(reconstruct(up[i], words[i] & kMask, d[i]));
+        words[i] >>= BITS;
+      }
+      store16<scalar_t, VEC>(out, e);
+      out += g.channels;
+    }
+    k += len;
+    cur.skip(g, static_cast<uint32_t>(q0 + k), len);
+  }
+}
+
+template <typename scalar_t, int VEC, int BITS, typename Exec>
+DIV_HD void channel_decompress_block(Exec& ex, const DecompressArgs& a, const ChannelPlan& c, int64_t block) {
+  ex.each([&](int tid) { channel_decompress_thread<scalar_t, VEC, BITS>(a, c, block * kStagedThreads + tid); });
 }
 
 }  // namespace division

@@ -252,14 +252,27 @@ DIV_HD PlaneDecode plane_decode(float lo, float step, int shift, float top) {
 }
 
 // NaN-propagating clamp, as torch.clamp.
-DIV_HD float clamp_top(float v, float top) { return v < -top ? -top : (v > top ? top : v); }
+DIV_HD float clamp_top(float v, float top) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // min/max that return NaN when an operand is NaN: two instructions instead of compares and selects
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(v), "f"(-top));
+  asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(top));
+  return r;
+#else
+  return v < -top ? -top : (v > top ? top : v);
+#endif
+}
 
-// division: up + ((code * step + lo) * q); lfc_only: up; hfc_only: (code * step + lo) * q; then
-// clamped to the output dtype's finite range.
-DIV_HD float reconstruct(int mode, float up, uint32_t code, const PlaneDecode& d) {
-  if (mode == kLfcOnly) return clamp_top(up, d.top);
+// The LFC that hfc_only mode adds: x + (-0) == x for every x, -0 and NaN included.
+constexpr float kNoLfc = -0.0f;
+
+// up + ((code * step + lo) * q), clamped to the output dtype's finite range. One expression for
+// every mode, so the hot loops do not branch on it: hfc_only passes up = kNoLfc, and lfc_only
+// planes decode with step = lo = -0 and q = 1, which make the HFC term -0.
+DIV_HD float reconstruct(float up, uint32_t code, const PlaneDecode& d) {
   const float hfc = fmul(fadd(fmul(code_value(code), d.step), d.lo), d.q);
-  return clamp_top(mode == kHfcOnly ? hfc : fadd(up, hfc), d.top);
+  return clamp_top(fadd(up, hfc), d.top);
 }
 
 // The largest finite value of an output dtype, as float.
@@ -471,6 +484,17 @@ struct Cursor {
   }
 
   DIV_HD int32_t block() const { return row_block + bx; }
+
+  // From element q to q_next = q + len, where q .. q_next - 1 lie in one block and one row.
+  DIV_HD void skip(const Geometry& g, uint32_t q_next, int32_t len) {
+    x += len;
+    if (x == g.w) {
+      seek(g, q_next);
+    } else if ((xr += len) == g.bw) {
+      xr = 0;
+      ++bx;
+    }
+  }
 
   // From element q to q + 1 (q + 1 <= numel < 2^31).
   DIV_HD void next(const Geometry& g, uint32_t q_next) {

@@ -25,6 +25,7 @@ void launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::Scal
 void launch_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on);
 void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::ScalarType dtype, const at::Tensor& on);
 void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on);
+void launch_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at::ScalarType dtype, const at::Tensor& on);
 
 void launch_relu_pack(const PackArgs& a, int vec, at::ScalarType dtype, const at::Tensor& on);
 void launch_pack_bool(const PackArgs& a, int vec, const at::Tensor& on);

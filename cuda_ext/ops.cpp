@@ -122,7 +122,7 @@ std::vector<int64_t> lfc_sizes(at::IntArrayRef shape, int64_t block) {
 // Which kernel and launch shape; the defaults are what the ops use, tests sweep the others (the
 // results must not depend on them).
 struct CodecOptions {
-  std::string path = "auto";      // compress: auto | staged | generic; decompress: auto | vec | tile | generic
+  std::string path = "auto";      // compress: auto | staged | generic; decompress: auto | vec | tile | channel | generic
   int64_t threads_per_plane = 0;  // generic kernels: 0 = automatic
   bool plane_minor = false;
   int64_t smem_target = 0;        // staged compress: 0 = kSharedTarget
@@ -225,6 +225,20 @@ void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
   });
 }
 
+template <typename scalar_t>
+void twin_channel_decompress(const DecompressArgs& a, const ChannelPlan& c) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  HostExec<kStagedThreads> ex;
+  for_blocks(c.blocks, [&](int64_t b) {
+    switch (a.bits) {
+      case 1: channel_decompress_block<scalar_t, kVec, 1>(ex, a, c, b); break;
+      case 2: channel_decompress_block<scalar_t, kVec, 2>(ex, a, c, b); break;
+      case 4: channel_decompress_block<scalar_t, kVec, 4>(ex, a, c, b); break;
+      default: channel_decompress_block<scalar_t, kVec, 8>(ex, a, c, b); break;
+    }
+  });
+}
+
 // ---- compress / decompress ---------------------------------------------------------------------
 
 using Compressed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -302,6 +316,14 @@ Compressed compress_op(const at::Tensor& x, const at::Tensor& seed, int64_t bloc
   return compress_with(x, seed, block_size, bits, lfc_dtype, mode, CodecOptions{});
 }
 
+// NCHW: vec; channels_last: channel where C allows 16-byte stores of channels, else the tile
+// transpose (4-D) or the generic kernel (5-D).
+std::string decompress_path(const Geometry& g, const ChannelPlan& c, size_t dims) {
+  if (!g.channels_last) return "vec";
+  if (c.vec > 0) return "channel";
+  return dims == 4 ? "tile" : "generic";
+}
+
 at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
                            const at::Tensor& lo_in, const at::Tensor& step_in,
                            const at::Tensor& shift_in, at::IntArrayRef shape, at::ScalarType dtype, bool channels_last,
@@ -361,14 +383,24 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
   a.bits_log2 = log2_of_bits(bits);
   a.mode = mode;
   a.out = out.data_ptr();
+  const ChannelPlan c = channel_plan(g, out.element_size(), a.bits);
   std::string path = o.path;
-  if (path == "auto") path = !channels_last ? "vec" : shape.size() == 4 ? "tile" : "generic";
-  TORCH_CHECK(path == "vec" || path == "tile" || path == "generic", what,
-              ": path must be auto, vec, tile or generic, got ", path);
+  if (path == "auto") path = decompress_path(g, c, shape.size());
+  TORCH_CHECK(path == "vec" || path == "tile" || path == "channel" || path == "generic", what,
+              ": path must be auto, vec, tile, channel or generic, got ", path);
   TORCH_CHECK(path != "vec" || !channels_last, what, ": the vec kernel writes NCHW outputs");
   TORCH_CHECK(path != "tile" || (channels_last && shape.size() == 4), what,
               ": the tile kernel writes 4-D channels_last outputs");
-  if (path == "vec") {
+  TORCH_CHECK(path != "channel" || c.vec > 0, what,
+              ": the channel kernel writes channels_last outputs whose C is a multiple of 16 bytes' "
+              "worth of elements, got C = ", g.channels, " (", channels_last ? "channels_last" : "NCHW", ")");
+  if (path == "channel") {
+    if (out.is_cuda()) {
+      launch_channel_decompress(a, c, dtype, out);
+    } else {
+      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_channel_decompress<scalar_t>(a, c); });
+    }
+  } else if (path == "vec") {
     const VecPlan v = vec_plan(g, out.element_size(), a.bits);
     if (out.is_cuda()) {
       launch_vec_decompress(a, v, dtype, out);
@@ -735,11 +767,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return division::decompress_with(lfc, codes, lo, step, shift, shape, dtype, channels_last, block_size,
                                            bits, mode, division::options(path, threads_per_plane, plane_minor, 0, 0));
         },
-        "decompress with a chosen kernel (path: auto | vec | tile | generic) and launch shape",
+        "decompress with a chosen kernel (path: auto | vec | tile | channel | generic) and launch shape",
         py::arg("lfc"), py::arg("codes"), py::arg("lo"), py::arg("step"), py::arg("shift"), py::arg("shape"),
         py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"),
         py::arg("mode"), py::arg("path") = "auto", py::arg("threads_per_plane") = 0,
         py::arg("plane_minor") = false);
+  m.def("decompress_path",
+        [](std::vector<int64_t> shape, at::ScalarType dtype, bool channels_last, int64_t block_size, int64_t bits) {
+          const division::Geometry g = division::make_geometry(shape, block_size, bits, channels_last, "division.decompress_path");
+          const division::ChannelPlan c = division::channel_plan(g, at::elementSize(dtype), static_cast<int>(bits));
+          return division::decompress_path(g, c, shape.size());
+        },
+        "the kernel decompress takes by default: vec (NCHW), channel, tile or generic (channels_last)",
+        py::arg("shape"), py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"));
   m.def("compress_plan", &division::compress_plan,
         "('staged', planes per block, shared bytes, blocks, vec) or ('generic', T, G, blocks, 0)",
         py::arg("x"), py::arg("block_size"), py::arg("bits"), py::arg("smem_target") = 0,

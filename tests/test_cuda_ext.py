@@ -6,7 +6,7 @@ The CPU twin runs the kernels' own phase functions (cuda_ext/exec.h) thread by t
 block, so the CPU tests check the kernels' indexing, work split, staging, reductions and bit
 packing, not a rewrite of them; the tests marked `gpu` run the CUDA kernels on CUDA tensors against
 the reference run on the same tensors. Every kernel path is forced in turn (staged and generic
-compress; vec, tile and generic decompress), with several staging budgets. Tolerance: none. lfc,
+compress; vec, tile, channel and generic decompress), with several staging budgets. Tolerance: none. lfc,
 codes, lo, step and the reconstruction must be bit-identical: the LFC's float64 block sums are exact
 for these inputs (magnitudes within a block span far less than 2^20), so the backends' different
 summation orders cannot show. Known, documented differences: NaN payloads, and the sign of `lo` when
@@ -96,12 +96,15 @@ def compress_options(x: torch.Tensor, block: int = 8, bits: int = 2) -> list[dic
 
 
 def decompress_paths(x: torch.Tensor) -> list[str]:
+    """Every decompress kernel that can write x's layout: channel needs 16 bytes of channels."""
     fmt = memory_format_of(x)
     paths = ["auto", "generic"]
     if fmt == torch.contiguous_format:
-        paths.append("vec")
-    elif x.dim() == 4:
+        return paths + ["vec"]
+    if x.dim() == 4:
         paths.append("tile")
+    if x.shape[1] % (16 // x.element_size()) == 0:
+        paths.append("channel")
     return paths
 
 
@@ -264,6 +267,26 @@ def test_compress_plans() -> None:
     assert _C.compress_plan(torch.empty(2, 3, 8, 8), 8, 2, smem_limit=64)[0] == "generic"
     with pytest.raises(RuntimeError, match="staged kernel cannot take"):
         _C._compress_with(big, as_seed(0, "cpu"), 8, 2, torch.bfloat16, "division", path="staged")
+
+
+@needs_ext
+def test_decompress_paths() -> None:
+    """NCHW: vec; channels_last: 16-byte stores of channels straight from the codes where C allows
+    (every ResNet-50 activation but the 3-channel input), else the transpose tile (4-D) or the
+    generic kernel (5-D)."""
+    for shape in [(2, 64, 112, 112), (2, 256, 56, 56), (2, 1024, 14, 14), (2, 2048, 7, 7)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert _C.decompress_path(list(shape), dtype, False, 8, 2) == "vec"
+            assert _C.decompress_path(list(shape), dtype, True, 8, 2) == "channel"
+    assert _C.decompress_path([2, 3, 224, 224], torch.bfloat16, True, 8, 2) == "tile"
+    assert _C.decompress_path([2, 4, 9, 9], torch.float32, True, 8, 1) == "channel"
+    assert _C.decompress_path([2, 4, 9, 9], torch.bfloat16, True, 8, 1) == "tile"
+    assert _C.decompress_path([2, 4, 3, 9, 9], torch.bfloat16, True, 8, 1) == "generic"
+    x = make_input((2, 12, 5, 5), torch.bfloat16, "channels_last", "cpu")
+    ref = compress_reference(x, 8, 2, torch.bfloat16, "division", as_seed(0, "cpu"), torch.channels_last)
+    with pytest.raises(RuntimeError, match="channel kernel writes channels_last outputs whose C"):
+        _C._decompress_with(ref.lfc, ref.codes, ref.lo, ref.step, ref.shift, [2, 12, 5, 5], torch.bfloat16,
+                            True, 8, 2, "division", path="channel")
 
 
 def special_values(dtype: torch.dtype = torch.float32) -> torch.Tensor:
