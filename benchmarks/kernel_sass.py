@@ -63,7 +63,8 @@ PROBES = [
     Probe("compress: LFC sums", "element walk (other W, B)", "float32", "probe_block_statsIfLb0E", r"^F2F\.F64", 1, True),
     Probe("decompress NCHW", "runs of 4", "float32", "probe_vec_decompressIfLi4ELb1E", r"^FMUL", 2, False),
     Probe("decompress NCHW", "runs of 4", "bfloat16", "probe_vec_decompressIN3c108BFloat16ELi8ELb1E", r"^FMUL", 2, False),
-    Probe("decompress NCHW", "element walk (other W, B)", "float32", "probe_vec_decompressIfLi4ELb0E", r"^FMUL", 2, False),
+    Probe("decompress NCHW", "element walk (other W, B; every reload taken)", "float32", "probe_vec_decompressIfLi4ELb0E", r"^FMUL", 2, False),
+    Probe("decompress NCHW", "element walk (other W, B; every reload taken)", "bfloat16", "probe_vec_decompressIN3c108BFloat16ELi8ELb0E", r"^FMUL", 2, False),
     Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "float32", "probe_channel_decompressIfLi4ELi2E", r"^FMUL", 2, False, 2, 8),
     Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "bfloat16", "probe_channel_decompressIN3c108BFloat16ELi8ELi2E", r"^FMUL", 2, False, 2, 16),
 ]

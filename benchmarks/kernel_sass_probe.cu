@@ -47,5 +47,6 @@ template __global__ void probe_block_stats<float, false>(int, BlockRange, double
 template __global__ void probe_vec_decompress<float, 4, true>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<c10::BFloat16, 8, true>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<float, 4, false>(DecompressArgs, VecPlan);
+template __global__ void probe_vec_decompress<c10::BFloat16, 8, false>(DecompressArgs, VecPlan);
 template __global__ void probe_channel_decompress<float, 4, 2>(DecompressArgs, ChannelPlan);
 template __global__ void probe_channel_decompress<c10::BFloat16, 8, 2>(DecompressArgs, ChannelPlan);

@@ -86,6 +86,16 @@ def plan(x: torch.Tensor, cfg: division.DivisionConfig) -> str:
     return f"generic {a}x{b}"
 
 
+def decompress_plan(x: torch.Tensor, cfg: division.DivisionConfig) -> str:
+    """The decompress kernel for x's shape and layout: 'vec 8 runs', 'channel 128', 'tile', ..."""
+    module, _ = load_extension()
+    if module is None:
+        return "reference"
+    channels_last = x.dim() >= 4 and not x.is_contiguous()
+    path, per_thread, runs = module.decompress_plan(list(x.shape), x.dtype, channels_last, cfg.block_size, cfg.hfc_bits)
+    return f"{path} {per_thread}" + (" runs" if runs else "")
+
+
 def codec_row(
     shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: torch.device,
     repeats: int, cfg: division.DivisionConfig,
@@ -100,7 +110,7 @@ def codec_row(
     t_decomp = timed(lambda: division.decompress(packed), device, repeats)
     row = {
         "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "layout": layout,
-        "codec": packed.backend, "plan": plan(x, cfg),
+        "codec": packed.backend, "plan": plan(x, cfg), "decompress_plan": decompress_plan(x, cfg),
         "input_mb": in_bytes / 1e6, "packed_mb": packed.nbytes / 1e6, "ratio": in_bytes / packed.nbytes,
         "copy_ms": t_copy * 1e3, "compress_ms": t_comp * 1e3, "decompress_ms": t_decomp * 1e3,
         "copy_gbs": 2 * in_bytes / t_copy / 1e9,
@@ -187,13 +197,15 @@ def gbs(value: float) -> str:
 
 
 def codec_table(rows: list[dict]) -> str:
-    out = ["| shape | dtype | layout | ratio | copy GB/s | compress GB/s (x copy) | decompress GB/s (x copy) | compress plan |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| shape | dtype | layout | ratio | copy GB/s | compress GB/s (x copy) | decompress GB/s (x copy) "
+           "| compress plan | decompress plan |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(
             f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['layout']} | {r['ratio']:.1f} "
             f"| {gbs(r['copy_gbs'])} | {gbs(r['compress_gbs'])} ({r['compress_vs_copy']:.2f}) "
-            f"| {gbs(r['decompress_gbs'])} ({r['decompress_vs_copy']:.2f}) | {r['plan']} |"
+            f"| {gbs(r['decompress_gbs'])} ({r['decompress_vs_copy']:.2f}) | {r['plan']} "
+            f"| {r.get('decompress_plan', '')} |"
         )
     return "\n".join(out)
 

@@ -234,7 +234,7 @@ DIV_HD PlaneDecode plane_decode_of(const DecompressArgs& a, int64_t p) {
 // stays in its LFC block) and writes x_hat in the output's dtype.
 template <typename scalar_t>
 struct ElementWriter {
-  const DecompressArgs& a;
+  const DecompressArgs* a;  // a pointer, so that a writer can be reassigned to another plane
   scalar_t* out;
   PlaneView v;
   const uint32_t* words;
@@ -245,25 +245,25 @@ struct ElementWriter {
   float up = kNoLfc;
 
   DIV_HD ElementWriter(const DecompressArgs& args, int64_t p)
-      : a(args), out(static_cast<scalar_t*>(args.out)), v(plane_view(args.g, p)),
+      : a(&args), out(static_cast<scalar_t*>(args.out)), v(plane_view(args.g, p)),
         words(args.mode != kLfcOnly ? args.codes + p * args.g.words : nullptr),
         lfc_base(p * args.g.lfc_numel), d(plane_decode_of<scalar_t>(args, p)) {}
 
   // x_hat of element q, in block j, as float32.
   DIV_HD float value(int32_t q, int32_t j) {
     uint32_t code = 0;
-    if (a.mode != kLfcOnly) {
-      const int32_t wi = q >> (5 - a.bits_log2);
+    if (a->mode != kLfcOnly) {
+      const int32_t wi = q >> (5 - a->bits_log2);
       if (wi != word_index) {
         word_index = wi;
         word = words[wi];
       }
-      const int32_t k = q & ((32 >> a.bits_log2) - 1);  // position of q in its word
-      code = (word >> (k << a.bits_log2)) & ((1u << a.bits) - 1u);
+      const int32_t k = q & ((32 >> a->bits_log2) - 1);  // position of q in its word
+      code = (word >> (k << a->bits_log2)) & ((1u << a->bits) - 1u);
     }
-    if (a.mode != kHfcOnly && j != block) {
+    if (a->mode != kHfcOnly && j != block) {
       block = j;
-      up = load_lfc(a.lfc, a.lfc_kind, lfc_base + j);
+      up = load_lfc(a->lfc, a->lfc_kind, lfc_base + j);
     }
     return reconstruct(up, code, d);
   }

@@ -487,28 +487,29 @@ DIV_HD void decode_run4(const DecompressArgs& a, int64_t p, const PlaneDecode& d
 
 // ---- decompress, NCHW: one thread per 16 output bytes --------------------------------------
 //
-// Thread t rebuilds `vec` consecutive elements of one plane (vec = 16 bytes' worth when the plane
-// size allows, else 1): one load of the code word(s) that hold them, an LFC load per block they
-// touch, one 16-byte store.
+// Thread t rebuilds elements t * vec .. t * vec + vec - 1 of the flat output (vec = 16 bytes'
+// worth where N * C * P allows, else 1) and writes them with one 16-byte store. A chunk may span
+// planes where P % vec != 0 (7x7, bfloat16 14x14). Where runs of four allow, it is vec / 4 runs,
+// each with one LFC load and its 4Q code bits from one word (P % 4 == 0: a run never spans
+// planes); otherwise it walks its elements, reloading the code word, LFC value and plane constants
+// only when they change.
 
 struct VecPlan {
   int32_t vec;            // elements per thread
   int32_t runs;           // 1: vec is 4 or 8 and runs of four allow (one LFC load per run)
-  int32_t chunks_per_plane;
-  int64_t chunks;         // planes * chunks_per_plane
+  int64_t chunks;         // N * C * P / vec
   int64_t blocks;         // of kStagedThreads threads
-  FastDiv64 div_chunks;   // by chunks_per_plane
+  FastDiv64 div_numel;    // by P: flat element -> plane
 };
 
-inline VecPlan vec_plan(const Geometry& g, int64_t esize, int bits) {
+inline VecPlan vec_plan(const Geometry& g, int64_t esize) {
   VecPlan v{};
   const int32_t per16 = static_cast<int32_t>(16 / esize);
-  v.vec = (g.numel % per16 == 0 && per16 * bits <= 64) ? per16 : 1;
-  v.runs = v.vec > 1 && runs_of_four(g);
-  v.chunks_per_plane = g.numel / v.vec;
-  v.chunks = g.planes * v.chunks_per_plane;
+  v.vec = (g.planes * g.numel) % per16 == 0 ? per16 : 1;
+  v.runs = v.vec > 1 && runs_of_four(g);  // a run's 4Q bits lie in one code word
+  v.chunks = g.planes * g.numel / v.vec;
   v.blocks = (v.chunks + kStagedThreads - 1) / kStagedThreads;
-  v.div_chunks = FastDiv64::make(static_cast<uint64_t>(v.chunks_per_plane));
+  v.div_numel = FastDiv64::make(static_cast<uint64_t>(g.numel));
   return v;
 }
 
@@ -516,40 +517,37 @@ template <typename scalar_t, int VEC, bool RUNS>
 DIV_HD void vec_decompress_chunk(const DecompressArgs& a, const VecPlan& v, int64_t chunk) {
   if (chunk >= v.chunks) return;
   const Geometry& g = a.g;
-  const int64_t p = static_cast<int64_t>(v.div_chunks.div(static_cast<uint64_t>(chunk)));
-  const int32_t q0 = static_cast<int32_t>(chunk - p * v.chunks_per_plane) * VEC;
-  const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
+  const int64_t e0 = chunk * VEC;
+  int64_t p = static_cast<int64_t>(v.div_numel.div(static_cast<uint64_t>(e0)));
+  int32_t q = static_cast<int32_t>(e0 - p * g.numel);
   scalar_t out[VEC];
   if (RUNS) {  // VEC is 4 or 8 and runs of four allow: one LFC load per run
+    PlaneDecode d = plane_decode_of<scalar_t>(a, p);
     for (int r = 0; r < VEC; r += 4) {
+      if (r > 0 && (q += 4) == g.numel) {  // the chunk's next run starts the next plane
+        q = 0;
+        d = plane_decode_of<scalar_t>(a, ++p);
+      }
       float run[4];
-      decode_run4<scalar_t>(a, p, d, q0 + r, run);
+      decode_run4<scalar_t>(a, p, d, q, run);
       for (int k = 0; k < 4; ++k) out[r + k] = static_cast<scalar_t>(run[k]);
     }
   } else {
-    uint64_t codes = 0;
-    if (a.mode != kLfcOnly) {
-      const int64_t bit = static_cast<int64_t>(q0) * a.bits;
-      const uint32_t* words = a.codes + p * g.words + (bit >> 5);
-      codes = words[0] >> (bit & 31);
-      if (VEC * a.bits > 32) codes |= static_cast<uint64_t>(words[1]) << 32;  // aligned: bit % 32 == 0
-    }
-    const uint32_t mask = (1u << a.bits) - 1u;
+    ElementWriter<scalar_t> w(a, p);
     Cursor cur;
-    cur.seek(g, static_cast<uint32_t>(q0));
-    int32_t j = -1;
-    float up = kNoLfc;
+    cur.seek(g, static_cast<uint32_t>(q));
+DIV_UNROLL
     for (int k = 0; k < VEC; ++k) {
-      if (a.mode != kHfcOnly && cur.block() != j) {
-        j = cur.block();
-        up = load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + j);
+      if (q == g.numel) {  // the chunk goes on in the next plane
+        q = 0;
+        w = ElementWriter<scalar_t>(a, ++p);
+        cur.seek(g, 0u);
       }
-      const uint32_t code = static_cast<uint32_t>(codes >> (k * a.bits)) & mask;
-      out[k] = static_cast<scalar_t>(reconstruct(up, code, d));
-      cur.next(g, static_cast<uint32_t>(q0 + k + 1));
+      out[k] = static_cast<scalar_t>(w.value(q, cur.block()));
+      cur.next(g, static_cast<uint32_t>(++q));
     }
   }
-  scalar_t* dst = static_cast<scalar_t*>(a.out) + p * g.numel + q0;
+  scalar_t* dst = static_cast<scalar_t*>(a.out) + e0;
   if (VEC * sizeof(scalar_t) == 16) {
     Vec16 packed;
     memcpy(&packed, out, sizeof(packed));

@@ -401,7 +401,7 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
       DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_channel_decompress<scalar_t>(a, c); });
     }
   } else if (path == "vec") {
-    const VecPlan v = vec_plan(g, out.element_size(), a.bits);
+    const VecPlan v = vec_plan(g, out.element_size());
     if (out.is_cuda()) {
       launch_vec_decompress(a, v, dtype, out);
     } else {
@@ -772,13 +772,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"),
         py::arg("mode"), py::arg("path") = "auto", py::arg("threads_per_plane") = 0,
         py::arg("plane_minor") = false);
-  m.def("decompress_path",
-        [](std::vector<int64_t> shape, at::ScalarType dtype, bool channels_last, int64_t block_size, int64_t bits) {
-          const division::Geometry g = division::make_geometry(shape, block_size, bits, channels_last, "division.decompress_path");
-          const division::ChannelPlan c = division::channel_plan(g, at::elementSize(dtype), static_cast<int>(bits));
-          return division::decompress_path(g, c, shape.size());
+  m.def("decompress_plan",
+        [](std::vector<int64_t> shape, at::ScalarType dtype, bool channels_last, int64_t block_size,
+           int64_t bits) -> py::tuple {
+          const division::Geometry g = division::make_geometry(shape, block_size, bits, channels_last, "division.decompress_plan");
+          const int64_t esize = at::elementSize(dtype);
+          const division::ChannelPlan c = division::channel_plan(g, esize, static_cast<int>(bits));
+          const std::string path = division::decompress_path(g, c, shape.size());
+          if (path == "vec") {
+            const division::VecPlan v = division::vec_plan(g, esize);
+            return py::make_tuple(path, static_cast<int>(v.vec), v.runs != 0);
+          }
+          if (path == "channel") return py::make_tuple(path, static_cast<int>(c.vec * c.run), true);
+          return py::make_tuple(path, 1, path == "tile" && division::runs_of_four(g));
         },
-        "the kernel decompress takes by default: vec (NCHW), channel, tile or generic (channels_last)",
+        "the kernel decompress takes by default and its work per thread: (path, elements per thread, runs of "
+        "four), path vec (NCHW), channel, tile or generic (channels_last)",
         py::arg("shape"), py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"));
   m.def("compress_plan", &division::compress_plan,
         "('staged', planes per block, shared bytes, blocks, vec) or ('generic', T, G, blocks, 0)",

@@ -116,3 +116,28 @@ def test_kernel_sass_walks_the_hot_path_and_counts_elements() -> None:
     row = measure(code, Probe("p", "x", "float32", "probe_x", r"^FADD\.RM", 1, False))
     # ISETP, @P0 BRA (not taken), 2 x FADD.RM, BRA -> STG, back branch: 7 instructions, 2 elements
     assert row["instructions"] == 7 and row["elements"] == 2 and row["per_element"] == 3.5
+
+
+def test_kernel_sass_counts_a_three_level_thread() -> None:
+    """A probe of nested loops (work items, segments, elements) counts one thread as its setup,
+    `segments` segment heads and `iterations` passes of the innermost loop."""
+    from benchmarks.kernel_sass import Probe, functions, measure
+
+    sass = """
+        Function : probe_y
+        /*0000*/                   MOV R1, RZ ;
+        /*0010*/                   IMAD R2, R2, R3, RZ ;
+        /*0020*/                   LDG.E R4, desc[UR4][R8.64] ;
+        /*0030*/                   FMUL R5, R5, R6 ;
+        /*0040*/                   STG.E desc[UR4][R8.64], R5 ;
+        /*0050*/              @!P1 BRA 0x30 ;
+        /*0060*/                   IADD3 R7, R7, 0x1, RZ ;
+        /*0070*/              @!P2 BRA 0x20 ;
+        /*0080*/              @!P3 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+    """
+    code = functions(sass)["probe_y"]
+    row = measure(code, Probe("p", "y", "float32", "probe_y", r"^FMUL", 1, False, segments=2, iterations=8))
+    # setup: IMAD, outer back branch (2); segment: LDG, IADD3, its back branch (3); element: FMUL,
+    # STG, back branch (3): 2 + 2 * 3 + 8 * 3 = 32 instructions for 8 elements
+    assert row["instructions"] == 32 and row["elements"] == 8 and row["per_element"] == 4.0

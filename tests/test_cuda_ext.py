@@ -170,6 +170,9 @@ EDGE_SHAPES = [
     (1, 2, 300, 257),  # more LFC blocks than a thread block: several per thread
     (2, 600, 1, 1),  # more planes than threads in one staged block
     (4, 96, 2, 3),  # channels_last: planes per block must divide C
+    (2, 8, 7, 7),  # NCHW: 16-byte chunks span planes (P = 49)
+    (2, 4, 14, 14),  # the same for 16-bit dtypes (P % 8 == 4), blocks of 8 and 6
+    (2, 6, 3, 4),  # runs of four in one-block planes of P % 8 == 4: bfloat16 chunks span planes
 ]
 
 
@@ -270,18 +273,22 @@ def test_compress_plans() -> None:
 
 
 @needs_ext
-def test_decompress_paths() -> None:
-    """NCHW: vec; channels_last: 16-byte stores of channels straight from the codes where C allows
-    (every ResNet-50 activation but the 3-channel input), else the transpose tile (4-D) or the
-    generic kernel (5-D)."""
+def test_decompress_plans() -> None:
+    """NCHW: vec, a 16-byte store per thread wherever N * C * P allows (a chunk may span planes:
+    7x7, bfloat16 14x14), in runs of four where W and B allow; channels_last: 16-byte stores of
+    channels straight from the codes where C allows (every ResNet-50 activation but the 3-channel
+    input), else the transpose tile (4-D) or the generic kernel (5-D)."""
     for shape in [(2, 64, 112, 112), (2, 256, 56, 56), (2, 1024, 14, 14), (2, 2048, 7, 7)]:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            assert _C.decompress_path(list(shape), dtype, False, 8, 2) == "vec"
-            assert _C.decompress_path(list(shape), dtype, True, 8, 2) == "channel"
-    assert _C.decompress_path([2, 3, 224, 224], torch.bfloat16, True, 8, 2) == "tile"
-    assert _C.decompress_path([2, 4, 9, 9], torch.float32, True, 8, 1) == "channel"
-    assert _C.decompress_path([2, 4, 9, 9], torch.bfloat16, True, 8, 1) == "tile"
-    assert _C.decompress_path([2, 4, 3, 9, 9], torch.bfloat16, True, 8, 1) == "generic"
+            per16 = 16 // torch.empty(0, dtype=dtype).element_size()
+            runs = shape[-1] in (112, 56)
+            assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("vec", per16, runs)
+            assert _C.decompress_plan(list(shape), dtype, True, 8, 2) == ("channel", per16 * 16, True)
+    assert _C.decompress_plan([1, 3, 7, 7], torch.float32, False, 8, 2) == ("vec", 1, False)  # 147 elements
+    assert _C.decompress_plan([2, 3, 224, 224], torch.bfloat16, True, 8, 2) == ("tile", 1, True)
+    assert _C.decompress_plan([2, 4, 9, 9], torch.float32, True, 8, 1) == ("channel", 128, True)
+    assert _C.decompress_plan([2, 4, 9, 9], torch.bfloat16, True, 8, 1) == ("tile", 1, False)
+    assert _C.decompress_plan([2, 4, 3, 9, 9], torch.bfloat16, True, 8, 1) == ("generic", 1, False)
     x = make_input((2, 12, 5, 5), torch.bfloat16, "channels_last", "cpu")
     ref = compress_reference(x, 8, 2, torch.bfloat16, "division", as_seed(0, "cpu"), torch.channels_last)
     with pytest.raises(RuntimeError, match="channel kernel writes channels_last outputs whose C"):
