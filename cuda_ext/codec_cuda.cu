@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "exec_device.cuh"
 #include "kernels.h"
@@ -57,20 +60,36 @@ unsigned grid(int64_t blocks, const char* what) {
   return static_cast<unsigned>(blocks);
 }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KB needs the opt-in).
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device (above 48 KB needs the
+// opt-in). The attribute call costs host time on every launch, so the largest size already
+// allowed is remembered per (kernel, device).
 template <typename Kernel>
 void allow_shared(Kernel kernel, int32_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int32_t> allowed;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  int32_t& done = allowed[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= done) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done = bytes;
 }
 
 }  // namespace
 
+// Queried once per device: the plan of every compress call asks for it.
 int64_t max_shared_bytes(const at::Tensor& on) {
-  const c10::cuda::CUDAGuard guard(on.device());
+  static std::mutex mutex;
+  static std::map<int, int> known;
+  const int device = on.device().index();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(device);
+  if (it != known.end()) return it->second;
   int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        on.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  known[device] = value;
   return value;
 }
 
