@@ -183,6 +183,39 @@ def target_rows(
     return rows
 
 
+def decompress_path_rows(
+    shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: torch.device, repeats: int,
+    cfg: division.DivisionConfig,
+) -> list[dict]:
+    """decompress GB/s of every kernel that can write the layout (vec, or channel and the tile
+    transpose it replaced, and generic), so that a GPU run compares them on the same data."""
+    module, _ = load_extension()
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
+    packed = division.compress(x, cfg, seed=torch.tensor(1, device=device))
+    moved = x.numel() * x.element_size() + packed.nbytes
+    channels_last = layout != "NCHW"
+    parts = packed.tensors()[:5]  # mode division: all present
+    paths = ["tile", "channel", "generic"] if channels_last else ["vec", "generic"]
+    if channels_last and shape[1] % (16 // x.element_size()) != 0:
+        paths.remove("channel")
+    rows = []
+    for path in paths:
+        call = lambda path=path: module._decompress_with(*parts, list(shape), dtype, channels_last, cfg.block_size,
+                                                         cfg.hfc_bits, "division", path=path)
+        t = timed(call, device, repeats)
+        rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "layout": layout,
+                     "path": path, "decompress_gbs": moved / t / 1e9})
+    return rows
+
+
+def decompress_path_table(rows: list[dict]) -> str:
+    out = ["| shape | dtype | layout | decompress path | GB/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['layout']} | {r['path']} "
+                   f"| {gbs(r['decompress_gbs'])} |")
+    return "\n".join(out)
+
+
 def target_table(rows: list[dict]) -> str:
     out = ["| shape | dtype | layout | target KB | planes per block | shared KB | compress GB/s |",
            "|---|---|---|---|---|---|---|"]
@@ -255,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--smem-targets", nargs="*", type=int, default=[],
                         help="also time the staged compress with these shared-memory targets (bytes per block)")
+    parser.add_argument("--decompress-paths", action="store_true",
+                        help="also time every decompress kernel that can write each shape's layout")
     parser.add_argument("--out", type=Path, help="output path without extension")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -279,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             targets += target_rows(shape, DTYPES[dtype], layout, device, args.repeats, cfg, args.smem_targets)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    paths: list[dict] = []
+    if args.decompress_paths and load_extension()[0] is not None:
+        for shape, dtype, layout in itertools.product(shapes, args.dtypes, args.layouts):
+            paths += decompress_path_rows(shape, DTYPES[dtype], layout, device, args.repeats, cfg)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     codecs = sorted({r["codec"] for r in rows})
     text = (f"device: {run_info(device)['device']}; codec: {', '.join(codecs)}; B={cfg.block_size}, "
             f"Q={cfg.hfc_bits}, LFC {cfg.lfc_dtype}\n\n{codec_table(rows)}\n")
@@ -286,13 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         text += f"\n{mask_table(masks)}\n"
     if targets:
         text += f"\n{target_table(targets)}\n"
+    if paths:
+        text += f"\n{decompress_path_table(paths)}\n"
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         info = run_info(device)
         result = {**info, "config": cfg.to_dict(), "repeats": args.repeats,
                   "bytes": "compress: input + packed; decompress: packed + output; copy: 2x input",
-                  "rows": rows, "mask_rows": masks, "smem_target_rows": targets}
+                  "rows": rows, "mask_rows": masks, "smem_target_rows": targets,
+                  "decompress_path_rows": paths}
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(
             f"Kernel bandwidth on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}\n\n"

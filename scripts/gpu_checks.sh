@@ -67,8 +67,8 @@ DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /
 for s in "$@"; do
   case "$s" in
     tests) step gpu_tests 300 "$PY" -m pytest -q -m gpu -rs --durations=15 -p no:cacheprovider tests ;;
-    kernels) step kernels 200 "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 \
-      --out "$RESULTS/kernels" ;;
+    kernels) step kernels 240 "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 \
+      --decompress-paths --out "$RESULTS/kernels" ;;
     profile) step profile_fp32 120 "$PY" benchmarks/profile_step.py --out "$RESULTS/profile_resnet50_fp32" ;;
     profile_bf16) step profile_bf16 120 "$PY" benchmarks/profile_step.py --amp bf16 --channels-last \
       --out "$RESULTS/profile_resnet50_bf16_cl" ;;

@@ -72,7 +72,8 @@ def test_observation_smoke(tmp_path: Path) -> None:
 
 def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--device", "cpu", "--tiny",
-                          "--repeats", "2", "--out", str(tmp_path / "kernels")], capture_output=True, text=True, timeout=600)
+                          "--repeats", "2", "--decompress-paths", "--out", str(tmp_path / "kernels")],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     result = check_outputs(tmp_path / "kernels")
     rows = result["rows"]
@@ -82,6 +83,9 @@ def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
         assert all(r["plan"].startswith(("staged", "generic")) for r in rows)
         ops = {r["op"] for r in result["mask_rows"]}
         assert len(ops) == 4 and all(r["ms"] > 0 and r["stock_ms"] > 0 for r in result["mask_rows"])
+        paths = {(r["layout"], r["path"]) for r in result["decompress_path_rows"]}
+        assert paths >= {("NCHW", "vec"), ("NHWC", "tile"), ("NHWC", "channel"), ("NHWC", "generic")}
+        assert all(r["plan"] and r["decompress_plan"].split()[0] in ("vec", "channel", "tile") for r in rows)
 
 
 def test_op_count_benchmark(tmp_path: Path) -> None:
