@@ -75,14 +75,15 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
 
 
 def plan(x: torch.Tensor, cfg: division.DivisionConfig) -> str:
-    """The compress kernel and its shape for x: 'staged G=.. S=..KB v.. r..' (planes per block,
-    shared memory, elements per global load, elements per code-phase run) or 'generic T x G'."""
+    """The compress kernel and its shape for x: 'staged G=.. S=..KB v.. r.. [split K]' (planes per
+    block, shared memory, elements per global load, elements per code-phase run, blocks of a
+    cluster that splits the planes) or 'generic T x G'."""
     module, _ = load_extension()
     if module is None:
         return "reference"
-    path, a, b, _, vec, run = module.compress_plan(x, cfg.block_size, cfg.hfc_bits)
+    path, a, b, _, vec, run, ranks = module.compress_plan(x, cfg.block_size, cfg.hfc_bits)
     if path == "staged":
-        return f"staged G={a} {b / 1024:.0f}KB v{vec} r{run}"
+        return f"staged G={a} {b / 1024:.0f}KB v{vec} r{run}" + (f" split {ranks}" if ranks > 1 else "")
     return f"generic {a}x{b}"
 
 
@@ -173,7 +174,7 @@ def target_rows(
     moved = x.numel() * x.element_size() + division.compress(x, cfg, seed=seed).nbytes
     rows = []
     for target in targets:
-        path, planes, smem, _, _, _ = module.compress_plan(x, cfg.block_size, cfg.hfc_bits, smem_target=target)
+        path, planes, smem, _, _, _, _ = module.compress_plan(x, cfg.block_size, cfg.hfc_bits, smem_target=target)
         if path != "staged":
             continue
         t = timed(lambda target=target: module._compress_with(*args, path="staged", smem_target=target), device, repeats)

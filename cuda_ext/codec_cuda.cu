@@ -4,9 +4,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cooperative_groups.h>
+
 #include <limits>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "exec_device.cuh"
@@ -27,6 +30,29 @@ __global__ void __launch_bounds__(kStagedThreads) staged_compress_kernel(const C
   extern __shared__ __align__(16) unsigned char smem[];
   DeviceExec ex;
   staged_compress_block<scalar_t>(ex, a, s, smem, static_cast<int64_t>(blockIdx.x));
+}
+
+// A plane group split over a cluster of s.ranks blocks, one strip each: the blocks exchange their
+// strips' ranges through distributed shared memory between two cluster barriers (the second keeps
+// every block's shared memory alive until no peer reads it).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kStagedThreads) staged_split_compress_kernel(const CompressArgs a, const StagedPlan s) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem[];
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  DeviceExec ex;
+  const int64_t block = static_cast<int64_t>(blockIdx.x);
+  staged_first<scalar_t>(ex, a, s, smem, block);
+  if (a.mode == kLfcOnly) return;  // uniform over the grid
+  cluster.sync();
+  PlaneSlot* const own = StagedSmem<scalar_t>(smem, s).slot;
+  PlaneSlot* peers[kMaxRanks];
+  for (int r = 0; r < s.ranks; ++r) peers[r] = cluster.map_shared_rank(own, r);
+  staged_second<scalar_t>(ex, a, s, smem, peers, block);
+  cluster.sync();
+  staged_third<scalar_t>(ex, a, s, smem, block);
+#endif
 }
 
 template <typename scalar_t>
@@ -77,6 +103,25 @@ void allow_shared(Kernel kernel, int32_t bytes) {
   done = bytes;
 }
 
+// Whether one cluster of `config`'s shape fits on the device (asked once per kernel, device,
+// cluster size and shared memory).
+template <typename Kernel>
+bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, unsigned, size_t>, bool> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, config.attrs[0].val.clusterDim.x,
+                                   config.dynamicSmemBytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int clusters = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // no answer: launch without clusters
+  return known[key] = err == cudaSuccess && clusters > 0;
+}
+
 }  // namespace
 
 // Queried once per device: the plan of every compress call asks for it.
@@ -104,16 +149,49 @@ void launch_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarT
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on) {
+bool supports_clusters(const at::Tensor& on) {
+  static std::mutex mutex;
+  static std::map<int, bool> known;
+  const int device = on.device().index();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrClusterLaunch, device));
+  known[device] = value != 0;
+  return value != 0;
+}
+
+bool launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on) {
   const c10::cuda::CUDAGuard guard(on.device());
   const unsigned blocks = grid(s.blocks, "division.compress");
-  if (blocks == 0) return;
+  if (blocks == 0) return true;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  bool launched = true;
   DIVISION_DISPATCH(dtype, "division_staged_compress", [&] {
-    allow_shared(staged_compress_kernel<scalar_t>, s.smem_bytes);
-    staged_compress_kernel<scalar_t><<<blocks, kStagedThreads, s.smem_bytes, stream>>>(a, s);
+    if (s.ranks == 1) {
+      allow_shared(staged_compress_kernel<scalar_t>, s.smem_bytes);
+      staged_compress_kernel<scalar_t><<<blocks, kStagedThreads, s.smem_bytes, stream>>>(a, s);
+      return;
+    }
+    allow_shared(staged_split_compress_kernel<scalar_t>, s.smem_bytes);
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(kStagedThreads);
+    config.dynamicSmemBytes = static_cast<size_t>(s.smem_bytes);
+    config.stream = stream;
+    cudaLaunchAttribute cluster[1];
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim.x = static_cast<unsigned>(s.ranks);
+    cluster[0].val.clusterDim.y = 1;
+    cluster[0].val.clusterDim.z = 1;
+    config.attrs = cluster;
+    config.numAttrs = 1;
+    launched = cluster_fits(staged_split_compress_kernel<scalar_t>, config);
+    if (launched) C10_CUDA_CHECK(cudaLaunchKernelEx(&config, staged_split_compress_kernel<scalar_t>, a, s));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (launched) C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return launched;
 }
 
 void launch_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on) {

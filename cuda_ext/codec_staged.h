@@ -44,19 +44,27 @@ struct PlaneSlot {
   float lo_value, scale, p;   // the plane's lo, scale and 2^shift (format v3)
 };
 
+constexpr int kMaxRanks = 8;  // blocks of a cluster that splits a plane (the portable cluster size)
+
 struct StagedPlan {
   int32_t planes;     // G; 0: the staged kernel does not take this shape
-  int32_t groups;     // channels_last: C / G thread blocks per sample
-  int64_t blocks;     // thread blocks of the launch
+  int32_t groups;     // channels_last: C / G plane groups per sample
+  int64_t blocks;     // thread blocks of the launch: plane groups x ranks
   int32_t smem_bytes;
-  int32_t off_up, off_slots, off_table;  // byte offsets of up[G * L] (float), PlaneSlot[G] and
-                                         // the LFC block of every run of the plane (uint16)
+  int32_t off_up, off_slots, off_table;  // byte offsets of up[G * strip_lfc] (float), PlaneSlot[G]
+                                         // and the LFC block of every run of the strip (uint16)
   int32_t vec;        // elements per global load of x: a 16-byte load, or 1
   int32_t run;        // elements per table entry: 4 where every aligned run of 4 lies in one LFC
                       // block and one row (and P % 4 == 0), else 1
   int32_t quads;      // 1: every LFC block row is whole aligned runs of 4 (rows_of_four)
-  FastDiv div_lfc;    // by L: LFC item -> (plane, block)
-  FastDiv div_words;  // by words per plane: code item -> (plane, word)
+  int32_t ranks;      // blocks per plane group: 1, or a cluster of 2..kMaxRanks blocks, each one
+                      // strip of rows (whole LFC block rows, whole code words) of the G planes
+  int32_t strip_rows;   // rows per strip (H when ranks == 1); the last strip may have fewer
+  int32_t strip_numel;  // elements of a full strip: strip_rows * W, the planes' stride in shared memory
+  int32_t strip_lfc;    // LFC blocks of a full strip
+  int32_t strip_words;  // code words of a full strip (g.words when ranks == 1)
+  FastDiv div_lfc;    // by strip_lfc: LFC item -> (plane, block)
+  FastDiv div_words;  // by strip_words: code item -> (plane, word)
   FastDiv div_units;  // channels_last: by G / vec, load item -> (pixel, unit of vec channels)
 };
 
@@ -65,73 +73,131 @@ inline int64_t round_up16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 // Elements per entry of the codes phase's LFC block table: 4 where runs of four allow, else 1.
 inline int32_t staged_run(const Geometry& g) { return runs_of_four(g) ? 4 : 1; }
 
+// Shared memory of a block staging `planes` strips of `numel` elements and `lfc` LFC blocks each.
+inline int64_t strip_bytes(const Geometry& g, int64_t esize, int64_t planes, int64_t numel, int64_t lfc) {
+  return round_up16(planes * numel * esize) + round_up16(planes * lfc * 4) +
+         round_up16(planes * static_cast<int64_t>(sizeof(PlaneSlot))) + round_up16(numel / staged_run(g) * 2);
+}
+
 inline int64_t staged_bytes(const Geometry& g, int64_t esize, int64_t planes) {
-  return round_up16(planes * g.numel * esize) + round_up16(planes * g.lfc_numel * 4) +
-         round_up16(planes * static_cast<int64_t>(sizeof(PlaneSlot))) +
-         round_up16(g.numel / staged_run(g) * 2);
+  return strip_bytes(g, esize, planes, g.numel, g.lfc_numel);
+}
+
+// The strips of a cluster of `ranks` blocks over G planes: whole LFC block rows and whole code
+// words each, none empty; their shared bytes, or 0 where `ranks` cannot split the plane so.
+inline int64_t split_bytes(const Geometry& g, int64_t esize, int64_t planes, int ranks, int32_t& rows) {
+  const int32_t per_strip = (g.lh + ranks - 1) / ranks;  // LFC block rows
+  if (g.lh < 2 || (g.lh + per_strip - 1) / per_strip != ranks) return 0;
+  rows = per_strip * g.bh;
+  if ((static_cast<int64_t>(rows) * g.w * g.bits) % 32 != 0) return 0;
+  return strip_bytes(g, esize, planes, static_cast<int64_t>(rows) * g.w, static_cast<int64_t>(per_strip) * g.lw);
 }
 
 // How many planes a block stages: as many as fit in `target` bytes (at least one, at most `limit`
 // bytes), all of one sample for channels_last, where G also divides C so that every block is full.
 // channels_last reads G * element size contiguous bytes per pixel: the target grows, within the
-// limit, to 16 of them (one vector load; fewer would waste most of each 32-byte sector read).
+// limit, to 16 of them (one vector load; fewer would waste most of each 32-byte sector read)
+// unless `grow` is false. Where that leaves one block per multiprocessor (more than half the
+// limit) and `clusters` allows, the planes are split in strips over a cluster of 2..8 blocks: the
+// fewest that bring a block within the target, else within half the limit.
 // planes == 0 when even one plane does not fit, or the planes are 3-D.
 inline StagedPlan staged_plan(const Geometry& g, int64_t esize, int64_t target, int64_t limit,
-                              bool x_aligned16) {
+                              bool x_aligned16, bool grow, bool clusters) {
   StagedPlan s{};
-  if (g.d != 1 || g.planes == 0 || g.lfc_numel > 65535 || staged_bytes(g, esize, 1) > limit) return s;
+  if (g.d != 1 || g.planes == 0 || g.lfc_numel > 65535) return s;
   const int64_t per16 = 16 / esize;
-  if (g.channels_last && g.channels % per16 == 0 && staged_bytes(g, esize, per16) <= limit)
-    target = std::max(target, staged_bytes(g, esize, per16));
+  const bool wide = g.channels_last && g.channels % per16 == 0;
   int64_t planes = 1;
-  const int64_t cap = g.channels_last ? g.channels : g.planes;
-  while (planes < cap && staged_bytes(g, esize, planes + 1) <= target) ++planes;
-  if (g.channels_last) {
-    while (g.channels % planes != 0) --planes;
-  } else {  // whole 16-byte vectors per block: G * P * esize a multiple of 16 where G allows
-    int64_t m = 1;
-    while ((m * g.numel * esize) % 16 != 0) ++m;
-    if (planes >= m) planes -= planes % m;
+  int ranks = 1;
+  int32_t rows = g.h;
+  const int64_t want = wide && grow ? per16 : 1;  // planes a block should stage at least
+  if (clusters && staged_bytes(g, esize, want) > limit / 2) {
+    for (int k = 2; k <= kMaxRanks && ranks == 1; ++k) {
+      int32_t r = 0;
+      const int64_t bytes = split_bytes(g, esize, want, k, r);
+      if (bytes > 0 && bytes <= target) ranks = k, rows = r;
+    }
+    for (int k = kMaxRanks; k >= 2 && ranks == 1; --k) {  // none within the target: the largest within half
+      int32_t r = 0;
+      const int64_t bytes = split_bytes(g, esize, want, k, r);
+      if (bytes > 0 && bytes <= limit / 2) ranks = k, rows = r;
+    }
+  }
+  if (ranks > 1) {
+    planes = want;
+  } else {
+    if (staged_bytes(g, esize, 1) > limit) return s;
+    if (wide && grow && staged_bytes(g, esize, per16) <= limit) target = std::max(target, staged_bytes(g, esize, per16));
+    const int64_t cap = g.channels_last ? g.channels : g.planes;
+    while (planes < cap && staged_bytes(g, esize, planes + 1) <= target) ++planes;
+    if (g.channels_last) {
+      while (g.channels % planes != 0) --planes;
+    } else {  // whole 16-byte vectors per block: G * P * esize a multiple of 16 where G allows
+      int64_t m = 1;
+      while ((m * g.numel * esize) % 16 != 0) ++m;
+      if (planes >= m) planes -= planes % m;
+    }
   }
   s.planes = static_cast<int32_t>(planes);
+  s.ranks = ranks;
+  s.strip_rows = rows;
+  s.strip_numel = rows * g.w;
+  s.strip_lfc = ranks > 1 ? rows / g.bh * g.lw : g.lfc_numel;
+  s.strip_words = ranks > 1 ? static_cast<int32_t>(static_cast<int64_t>(s.strip_numel) * g.bits / 32) : g.words;
   s.groups = g.channels_last ? static_cast<int32_t>(g.channels / planes) : 1;
-  s.blocks = g.channels_last ? (g.planes / g.channels) * s.groups : (g.planes + planes - 1) / planes;
-  s.off_up = static_cast<int32_t>(round_up16(planes * g.numel * esize));
-  s.off_slots = static_cast<int32_t>(s.off_up + round_up16(planes * g.lfc_numel * 4));
+  s.blocks = (g.channels_last ? (g.planes / g.channels) * s.groups : (g.planes + planes - 1) / planes) * ranks;
+  s.off_up = static_cast<int32_t>(round_up16(planes * s.strip_numel * esize));
+  s.off_slots = static_cast<int32_t>(s.off_up + round_up16(planes * s.strip_lfc * 4));
   s.off_table = static_cast<int32_t>(s.off_slots + round_up16(planes * static_cast<int64_t>(sizeof(PlaneSlot))));
-  s.smem_bytes = static_cast<int32_t>(staged_bytes(g, esize, planes));
+  s.smem_bytes = static_cast<int32_t>(strip_bytes(g, esize, planes, s.strip_numel, s.strip_lfc));
   const bool vec_ok = g.channels_last
                           ? (planes % per16 == 0 && g.channels % per16 == 0)
-                          : (planes * g.numel * esize) % 16 == 0;
+                          : (planes * g.numel * esize) % 16 == 0 && (ranks == 1 || (int64_t{s.strip_numel} * esize) % 16 == 0);
   s.vec = x_aligned16 && vec_ok ? static_cast<int32_t>(per16) : 1;
   s.run = staged_run(g);
   s.quads = rows_of_four(g);
-  s.div_lfc = FastDiv::make(static_cast<uint32_t>(g.lfc_numel));
-  s.div_words = FastDiv::make(static_cast<uint32_t>(g.words));
+  s.div_lfc = FastDiv::make(static_cast<uint32_t>(s.strip_lfc));
+  s.div_words = FastDiv::make(static_cast<uint32_t>(s.strip_words));
   s.div_units = FastDiv::make(static_cast<uint32_t>(planes / s.vec > 0 ? planes / s.vec : 1));
   return s;
 }
 
-// The planes of one thread block: p0 .. p0 + count - 1 (consecutive plane indices either way).
+// The planes and the strip of one thread block: planes p0 .. p0 + count - 1 (consecutive plane
+// indices either way), rows y0 .. y0 + rows - 1 of each.
 struct StagedBlock {
   int64_t p0;
   int64_t sample;  // channels_last: n
   int32_t c0;      // channels_last: the first channel
   int32_t count;
+  int32_t rank;    // strip index, 0 .. ranks - 1
+  int32_t q0;      // first element of the strip: y0 * W
+  int32_t numel;   // elements of the strip
+  int32_t j0;      // first LFC block of the strip
+  int32_t lfc;     // LFC blocks of the strip
+  int32_t w0;      // first code word of the strip
 };
 
 DIV_HD StagedBlock staged_block(const Geometry& g, const StagedPlan& s, int64_t block) {
   StagedBlock b{};
+  const int64_t group = block / s.ranks;
+  b.rank = static_cast<int32_t>(block - group * s.ranks);
   if (g.channels_last) {
-    b.sample = block / s.groups;
-    b.c0 = static_cast<int32_t>((block - b.sample * s.groups) * s.planes);
+    b.sample = group / s.groups;
+    b.c0 = static_cast<int32_t>((group - b.sample * s.groups) * s.planes);
     b.p0 = b.sample * g.channels + b.c0;
     b.count = s.planes;
   } else {
-    b.p0 = block * s.planes;
+    b.p0 = group * s.planes;
     const int64_t left = g.planes - b.p0;
     b.count = static_cast<int32_t>(left < s.planes ? left : s.planes);
   }
+  const int32_t y0 = b.rank * s.strip_rows;
+  const int32_t rows = min32(s.strip_rows, g.h - y0);
+  b.q0 = y0 * g.w;
+  b.numel = rows * g.w;
+  b.j0 = y0 / g.bh * g.lw;
+  b.lfc = (rows + g.bh - 1) / g.bh * g.lw;
+  b.w0 = b.rank * s.strip_words;
   return b;
 }
 
@@ -181,10 +247,10 @@ DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const Staged
                            ordered_bits_d(-static_cast<double>(infinity())), 0u, 0u, 0.f, 0.f, 1.f};
   }
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
-  const int32_t P = a.g.numel;
-  if (!a.g.channels_last) {  // the planes are one contiguous range of x
-    const scalar_t* src = x + b.p0 * P;
-    const int32_t count = b.count * P;
+  const int32_t P = a.g.numel, S = s.strip_numel;  // plane size; planes' stride in shared memory
+  if (!a.g.channels_last) {  // the strips are one contiguous range of x: whole planes, or G = 1
+    const scalar_t* src = x + b.p0 * P + b.q0;
+    const int32_t count = s.ranks > 1 ? b.numel : b.count * P;
     const int32_t vectors = s.vec > 1 ? count / s.vec : 0;  // only the last block has a tail
     copy_vectors(reinterpret_cast<Vec16*>(m.xs), reinterpret_cast<const Vec16*>(src), vectors, tid);
     for (int32_t i = vectors * s.vec + tid; i < count; i += kStagedThreads) m.xs[i] = src[i];
@@ -193,7 +259,8 @@ DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const Staged
   // channels_last: element (q, c0 + g) at x[(n * P + q) * C + c0 + g]; threads on consecutive
   // channels of a pixel, so each pixel's G values are read as one contiguous piece
   const int64_t C = a.g.channels;
-  const scalar_t* src = x + b.sample * P * C + b.c0;
+  const scalar_t* src = x + (b.sample * P + b.q0) * C + b.c0;
+  const int32_t pixels = b.numel;
   if (s.vec > 1) {
     const int32_t units = b.count / s.vec;
     const auto load = [&](int32_t i, Vec16& v) -> int32_t {  // the pixel of item i
@@ -202,25 +269,25 @@ DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const Staged
       return q;
     };
     const auto store = [&](int32_t i, int32_t q, const Vec16& v) {
-      scatter_vec(m.xs + ((i - q * units) * s.vec) * P + q, P, v);
+      scatter_vec(m.xs + ((i - q * units) * s.vec) * S + q, S, v);
     };
     int32_t i = tid;
-    for (; i + kStagedThreads < P * units; i += 2 * kStagedThreads) {  // two loads in flight
+    for (; i + kStagedThreads < pixels * units; i += 2 * kStagedThreads) {  // two loads in flight
       Vec16 a, b2;
       const int32_t qa = load(i, a), qb = load(i + kStagedThreads, b2);
       store(i, qa, a);
       store(i + kStagedThreads, qb, b2);
     }
-    for (; i < P * units; i += kStagedThreads) {
+    for (; i < pixels * units; i += kStagedThreads) {
       Vec16 a;
       const int32_t qa = load(i, a);
       store(i, qa, a);
     }
   } else {
-    for (int32_t i = tid; i < P * b.count; i += kStagedThreads) {
+    for (int32_t i = tid; i < pixels * b.count; i += kStagedThreads) {
       const int32_t q = static_cast<int32_t>(s.div_units.div(static_cast<uint32_t>(i)));
       const int32_t gi = i - q * b.count;
-      m.xs[gi * P + q] = src[q * C + gi];
+      m.xs[gi * S + q] = src[q * C + gi];
     }
   }
 }
@@ -312,17 +379,24 @@ DIV_HD void block_stats_quads(const scalar_t* plane, int32_t W, const BlockRange
   sum = sum0 + sum1;
 }
 
+// Thread per (plane, LFC block of the strip). Block rows are whole in a strip, so a block's
+// element range, made relative to the strip, indexes the staged strip; its LFC goes to `lfc` at
+// its plane-wide index and to up[gi * strip_lfc + jr], and the table holds jr.
 template <typename scalar_t>
 DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                        const StagedSmem<scalar_t>& m, int tid) {
   const Geometry& g = a.g;
-  const int32_t L = g.lfc_numel, P = g.numel;
+  const int32_t L = g.lfc_numel, Ls = s.strip_lfc, y0 = b.q0 / g.w;
   const bool keep_hfc = a.mode != kLfcOnly;
-  for (int32_t it = tid; it < b.count * L; it += kStagedThreads) {
+  for (int32_t it = tid; it < b.count * Ls; it += kStagedThreads) {
     const int32_t gi = static_cast<int32_t>(s.div_lfc.div(static_cast<uint32_t>(it)));
-    const int32_t j = it - gi * L;
-    const BlockRange br = block_range(g, static_cast<uint32_t>(j));
-    const scalar_t* plane = m.xs + gi * P;
+    const int32_t jr = it - gi * Ls;
+    if (jr >= b.lfc) continue;  // the last strip's missing rows
+    const int32_t j = b.j0 + jr;
+    BlockRange br = block_range(g, static_cast<uint32_t>(j));
+    br.y0 -= y0;
+    br.y1 -= y0;
+    const scalar_t* plane = m.xs + gi * s.strip_numel;
     double sum;
     float lo, hi;
     if (s.quads) {
@@ -335,7 +409,7 @@ DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedB
     store_lfc(a.lfc, a.lfc_kind, (b.p0 + gi) * L + j, up);
     m.up[it] = up;
     if (!keep_hfc) continue;
-    if (gi == 0) fill_table(g, s.run, br, static_cast<uint16_t>(j), m.table);
+    if (gi == 0) fill_table(g, s.run, br, static_cast<uint16_t>(jr), m.table);
     PlaneSlot& slot = m.slot[gi];
     if (is_nan(up)) {  // a non-finite block: the plane's constants are NaN (format v3)
       shared_or(&slot.nan, 1u);
@@ -346,12 +420,24 @@ DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedB
   }
 }
 
-DIV_HD void staged_scale(const CompressArgs& a, const StagedBlock& b, PlaneSlot* slots, int tid) {
+// Thread per plane: the plane's range from the strips' partial ranges (`peers`: the PlaneSlot
+// arrays of the cluster's blocks, this block's own when ranks == 1), then its constants; the
+// first strip's block writes them out.
+DIV_HD void staged_scale(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b, PlaneSlot* slots,
+                         PlaneSlot* const* peers, int tid) {
   for (int32_t gi = tid; gi < b.count; gi += kStagedThreads) {
+    unsigned long long lo = peers[0][gi].lo, hi = peers[0][gi].hi;
+    uint32_t nan = peers[0][gi].nan;
+    for (int r = 1; r < s.ranks; ++r) {
+      const PlaneSlot& other = peers[r][gi];
+      lo = other.lo < lo ? other.lo : lo;
+      hi = other.hi > hi ? other.hi : hi;
+      nan |= other.nan;
+    }
     PlaneSlot& slot = slots[gi];
     const int64_t p = b.p0 + gi;
-    const RangeAcc acc{from_ordered_bits_d(slot.lo), from_ordered_bits_d(slot.hi), slot.nan != 0};
-    const PlaneScale ps = store_plane_scale(a, acc, p);
+    const RangeAcc acc{from_ordered_bits_d(lo), from_ordered_bits_d(hi), nan != 0};
+    const PlaneScale ps = b.rank == 0 ? store_plane_scale(a, acc, p) : plane_scale(acc, a.levels);
     slot.lo_value = ps.lo;
     slot.scale = ps.scale;
     slot.p = ps.p;
@@ -363,7 +449,7 @@ DIV_HD void staged_scale(const CompressArgs& a, const StagedBlock& b, PlaneSlot*
 template <typename scalar_t>
 DIV_HD void staged_scale_up(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                             const StagedSmem<scalar_t>& m, int tid) {
-  for (int32_t it = tid; it < b.count * a.g.lfc_numel; it += kStagedThreads)
+  for (int32_t it = tid; it < b.count * s.strip_lfc; it += kStagedThreads)
     m.up[it] = fmul(m.up[it], m.slot[s.div_lfc.div(static_cast<uint32_t>(it))].p);
 }
 
@@ -373,16 +459,17 @@ struct CodeConsts {
   uint32_t key;
 };
 
-// The codes of elements q .. q + RUN - 1 as a field of RUN * BITS bits. RUN = 4: one LFC block,
-// q % 4 == 0, one aligned load. RUN = 2: a pair (q even), each element looked up; unless FULL,
-// the second only when q + 1 < P. `up` is the plane's (scaled) LFC.
+// The codes of elements q .. q + RUN - 1 of a staged strip as a field of RUN * BITS bits; the
+// strip starts at element `base` of its plane (the hash takes plane-wide indices). RUN = 4: one
+// LFC block, q % 4 == 0, one aligned load. RUN = 2: a pair (q even), each element looked up;
+// unless FULL, the second only when q + 1 < P, the strip's size. `up` is the strip's (scaled) LFC.
 template <typename scalar_t, int BITS, int RUN, bool FULL>
 DIV_HD uint32_t code_run(const scalar_t* plane, const float* up, const uint16_t* table, int32_t q,
-                         int32_t P, const CodeConsts& c) {
+                         int32_t base, int32_t P, const CodeConsts& c) {
   float v[RUN];
   float u[RUN];
   for (int k = 0; k < RUN; k += 2) {
-    const uint32_t h = pair_hash(c.key, static_cast<uint32_t>((q + k) >> 1));
+    const uint32_t h = pair_hash(c.key, static_cast<uint32_t>((base + q + k) >> 1));
     u[k] = uniform_even(h);
     u[k + 1] = uniform_odd(h);
   }
@@ -399,36 +486,37 @@ DIV_HD uint32_t code_run(const scalar_t* plane, const float* up, const uint16_t*
   return field;
 }
 
-// Thread per code word: word w of staged plane gi from its 32 / BITS elements, in runs of RUN
-// (see staged_run). Consecutive threads take consecutive words, so the stores are coalesced and
-// no lanes exchange bits; each thread starts at a lane-dependent run, which spreads the shared
-// memory loads of a warp over the banks.
+// Thread per code word: word w of the strip of staged plane gi from its 32 / BITS elements, in
+// runs of RUN (see staged_run); strips are whole words. Consecutive threads take consecutive words,
+// so the stores are coalesced and no lanes exchange bits; each thread starts at a lane-dependent
+// run, which spreads the shared memory loads of a warp over the banks.
 template <typename scalar_t, int BITS, int RUN>
 DIV_HD void staged_codes(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                          const StagedSmem<scalar_t>& m, int tid) {
   constexpr int kElements = 32 / BITS;
   constexpr int kRuns = kElements / RUN;  // a power of two
   const Geometry& g = a.g;
-  const int32_t P = g.numel, L = g.lfc_numel, W = g.words;
+  const int32_t P = g.numel, W = g.words, Ws = s.strip_words, left = P - b.q0;
   const int rot = ((tid & 31) * kElements * static_cast<int>(sizeof(scalar_t))) >> 7;
-  for (int32_t it = tid; it < b.count * W; it += kStagedThreads) {
+  for (int32_t it = tid; it < b.count * Ws; it += kStagedThreads) {
     const int32_t gi = static_cast<int32_t>(s.div_words.div(static_cast<uint32_t>(it)));
-    const int32_t w = it - gi * W;
+    const int32_t w = b.w0 + (it - gi * Ws);
+    if (w >= W) continue;  // the last strip's missing words
     const PlaneSlot& slot = m.slot[gi];
     const CodeConsts c{slot.lo_value, slot.scale, slot.p, static_cast<float>(a.levels), slot.key};
-    const scalar_t* plane = m.xs + gi * P;
-    const float* up = m.up + gi * L;
-    const int32_t q0 = w * kElements;
+    const scalar_t* plane = m.xs + gi * s.strip_numel;
+    const float* up = m.up + gi * s.strip_lfc;
+    const int32_t q0 = w * kElements - b.q0;  // in the strip
     uint32_t word = 0;
-    if (q0 + kElements <= P) {
+    if (q0 + kElements <= left) {
 DIV_UNROLL
       for (int k = 0; k < kRuns; ++k) {
         const int r = (k + rot) & (kRuns - 1);
-        word |= code_run<scalar_t, BITS, RUN, true>(plane, up, m.table, q0 + r * RUN, P, c) << (r * RUN * BITS);
+        word |= code_run<scalar_t, BITS, RUN, true>(plane, up, m.table, q0 + r * RUN, b.q0, left, c) << (r * RUN * BITS);
       }
     } else {  // the plane's last word: its runs past P stay 0
-      for (int r = 0; r < kRuns && q0 + r * RUN < P; ++r)
-        word |= code_run<scalar_t, BITS, RUN, false>(plane, up, m.table, q0 + r * RUN, P, c) << (r * RUN * BITS);
+      for (int r = 0; r < kRuns && q0 + r * RUN < left; ++r)
+        word |= code_run<scalar_t, BITS, RUN, false>(plane, up, m.table, q0 + r * RUN, b.q0, left, c) << (r * RUN * BITS);
     }
     a.codes[(b.p0 + gi) * W + w] = word;
   }
@@ -444,18 +532,31 @@ DIV_HD void staged_codes_bits(const CompressArgs& a, const StagedPlan& s, const 
   }
 }
 
+// The staged compress of one block in three stages, between which the blocks of a cluster that
+// split a plane wait for each other (ranks > 1): first each strip's load and LFC blocks with its
+// partial ranges; then the planes' constants from every strip's range (`peers`); then, once no
+// block reads another's shared memory any more, the codes.
 template <typename scalar_t, typename Exec>
-DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedPlan& s,
-                                  unsigned char* smem, int64_t block) {
+DIV_HD void staged_first(Exec& ex, const CompressArgs& a, const StagedPlan& s, unsigned char* smem, int64_t block) {
   const StagedSmem<scalar_t> m(smem, s);
   const StagedBlock b = staged_block(a.g, s, block);
   ex.each([&](int tid) { staged_load<scalar_t>(a, s, b, m, tid); });
   ex.sync();
   ex.each([&](int tid) { staged_lfc<scalar_t>(a, s, b, m, tid); });
-  if (a.mode == kLfcOnly) return;  // uniform over the block: no thread skips a barrier alone
-  ex.sync();
-  ex.each([&](int tid) { staged_scale(a, b, m.slot, tid); });
-  ex.sync();
+}
+
+template <typename scalar_t, typename Exec>
+DIV_HD void staged_second(Exec& ex, const CompressArgs& a, const StagedPlan& s, unsigned char* smem,
+                          PlaneSlot* const* peers, int64_t block) {
+  const StagedSmem<scalar_t> m(smem, s);
+  const StagedBlock b = staged_block(a.g, s, block);
+  ex.each([&](int tid) { staged_scale(a, s, b, m.slot, peers, tid); });
+}
+
+template <typename scalar_t, typename Exec>
+DIV_HD void staged_third(Exec& ex, const CompressArgs& a, const StagedPlan& s, unsigned char* smem, int64_t block) {
+  const StagedSmem<scalar_t> m(smem, s);
+  const StagedBlock b = staged_block(a.g, s, block);
   ex.each([&](int tid) { staged_scale_up<scalar_t>(a, s, b, m, tid); });
   ex.sync();
   ex.each([&](int tid) {
@@ -466,6 +567,19 @@ DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedP
       default: staged_codes_bits<scalar_t, 8>(a, s, b, m, tid); break;
     }
   });
+}
+
+// A block of a plan with ranks == 1: the three stages with block barriers between them.
+template <typename scalar_t, typename Exec>
+DIV_HD void staged_compress_block(Exec& ex, const CompressArgs& a, const StagedPlan& s,
+                                  unsigned char* smem, int64_t block) {
+  staged_first<scalar_t>(ex, a, s, smem, block);
+  if (a.mode == kLfcOnly) return;  // uniform over the block: no thread skips a barrier alone
+  ex.sync();
+  PlaneSlot* const self[1] = {StagedSmem<scalar_t>(smem, s).slot};
+  staged_second<scalar_t>(ex, a, s, smem, self, block);
+  ex.sync();
+  staged_third<scalar_t>(ex, a, s, smem, block);
 }
 
 // ---- decompress: runs of four ------------------------------------------------------------

@@ -407,6 +407,7 @@ struct Geometry {
   int32_t numel;       // d * h * w
   int32_t lfc_numel;   // ld * lh * lw
   int32_t words;       // 32-bit words of packed codes per plane: plane_bytes / 4
+  int32_t bits;        // Q
   FastDiv div_w, div_h, div_bd, div_bh, div_bw, div_lw, div_lh;
   bool channels_last;  // NHWC / NDHWC: element (n, c, q) at (n * numel + q) * C + c
 };

@@ -21,7 +21,12 @@ namespace division {
 int64_t max_shared_bytes(const at::Tensor& on);
 
 void launch_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on);
-void launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on);
+// Whether the device launches thread-block clusters (compute capability 9.0 and later).
+bool supports_clusters(const at::Tensor& on);
+
+// false where a cluster plan (ranks > 1) could not be launched (no room for the cluster): the
+// caller then plans without clusters.
+bool launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on);
 void launch_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on);
 void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::ScalarType dtype, const at::Tensor& on);
 void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on);

@@ -99,6 +99,7 @@ Geometry make_geometry(at::IntArrayRef shape, int64_t block, int64_t bits, bool 
   g.numel = static_cast<int32_t>(numel);
   g.lfc_numel = static_cast<int32_t>(lfc_numel);
   g.words = static_cast<int32_t>(g.plane_bytes / 4);
+  g.bits = static_cast<int32_t>(bits);
   g.div_w = FastDiv::make(g.w);
   g.div_h = FastDiv::make(g.h);
   g.div_bd = FastDiv::make(g.bd);
@@ -147,12 +148,16 @@ std::pair<at::Tensor, bool> kernel_layout(const at::Tensor& x) {
   return {x.contiguous(), false};
 }
 
-StagedPlan make_staged_plan(const Geometry& g, const at::Tensor& x, const CodecOptions& o) {
+// An explicit smem_target is taken as it is (channels_last planes per block are not grown to
+// 16-byte loads), so that a sweep of targets measures each choice. The twin plans as an H100:
+// clusters allowed (`clusters` false forbids them, the fallback when a cluster launch fails).
+StagedPlan make_staged_plan(const Geometry& g, const at::Tensor& x, const CodecOptions& o, bool clusters = true) {
   const int64_t limit = o.smem_limit > 0 ? o.smem_limit
                         : x.is_cuda()    ? max_shared_bytes(x)
                                          : kTwinSharedLimit;
   const int64_t target = std::min(o.smem_target > 0 ? o.smem_target : kSharedTarget, limit);
-  return staged_plan(g, x.element_size(), target, limit, aligned16(x.data_ptr()));
+  clusters = clusters && (!x.is_cuda() || supports_clusters(x));
+  return staged_plan(g, x.element_size(), target, limit, aligned16(x.data_ptr()), o.smem_target == 0, clusters);
 }
 
 // ---- the CPU twin: each block's phases run thread by thread, blocks in parallel ----------------
@@ -180,12 +185,26 @@ void twin_generic_compress(const CompressArgs& a, const Launch& l) {
   });
 }
 
+// A cluster's blocks (ranks > 1) run each stage in turn, as the device's cluster barriers order
+// them, each with its own shared memory.
 template <typename scalar_t>
 void twin_staged_compress(const CompressArgs& a, const StagedPlan& s) {
-  at::parallel_for(0, s.blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.blocks / s.ranks, 1, [&](int64_t begin, int64_t end) {
     HostExec<kStagedThreads> ex;
-    HostSmem smem(s.smem_bytes);
-    for (int64_t b = begin; b < end; ++b) staged_compress_block<scalar_t>(ex, a, s, smem.data(), b);
+    std::vector<HostSmem> smem;
+    for (int r = 0; r < s.ranks; ++r) smem.emplace_back(s.smem_bytes);
+    PlaneSlot* peers[kMaxRanks];
+    for (int r = 0; r < s.ranks; ++r) peers[r] = StagedSmem<scalar_t>(smem[r].data(), s).slot;
+    for (int64_t c = begin; c < end; ++c) {
+      if (s.ranks == 1) {
+        staged_compress_block<scalar_t>(ex, a, s, smem[0].data(), c);
+        continue;
+      }
+      for (int r = 0; r < s.ranks; ++r) staged_first<scalar_t>(ex, a, s, smem[r].data(), c * s.ranks + r);
+      if (a.mode == kLfcOnly) continue;
+      for (int r = 0; r < s.ranks; ++r) staged_second<scalar_t>(ex, a, s, smem[r].data(), peers, c * s.ranks + r);
+      for (int r = 0; r < s.ranks; ++r) staged_third<scalar_t>(ex, a, s, smem[r].data(), c * s.ranks + r);
+    }
   });
 }
 
@@ -294,7 +313,11 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
                 x.sizes(), " in the shared memory allowed");
     if (s.planes > 0) {
       if (x.is_cuda()) {
-        launch_staged_compress(a, s, x.scalar_type(), x);
+        if (!launch_staged_compress(a, s, x.scalar_type(), x)) {  // no room for the cluster
+          const StagedPlan one = make_staged_plan(g, x, o, false);
+          TORCH_CHECK(one.planes > 0, what, ": no staged plan without a cluster for shape ", x.sizes());
+          launch_staged_compress(a, one, x.scalar_type(), x);
+        }
       } else {
         DIVISION_DISPATCH(x.scalar_type(), "division_compress_cpu", [&] { twin_staged_compress<scalar_t>(a, s); });
       }
@@ -682,15 +705,15 @@ CodecOptions options(const std::string& path, int64_t threads_per_plane, bool pl
 
 // What compress would run for x: ("staged", G, shared bytes, blocks, vec, run) or
 // ("generic", T, G, blocks, 0, 0).
-std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t> compress_plan(
+std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> compress_plan(
     const at::Tensor& x, int64_t block_size, int64_t bits, int64_t smem_target, int64_t smem_limit) {
   const auto [xc, cl] = kernel_layout(x);
   const Geometry g = make_geometry(xc.sizes(), block_size, bits, cl, "division._C.compress_plan");
   const CodecOptions o{"auto", 0, false, smem_target, smem_limit};
   const StagedPlan s = make_staged_plan(g, xc, o);
-  if (s.planes > 0) return {"staged", s.planes, s.smem_bytes, s.blocks, s.vec, s.run};
+  if (s.planes > 0) return {"staged", s.planes, s.smem_bytes, s.blocks, s.vec, s.run, s.ranks};
   const Launch l = compress_launch(g);
-  return {"generic", l.threads_per_plane, l.planes_per_block, blocks_for(g, l), 0, 0};
+  return {"generic", l.threads_per_plane, l.planes_per_block, blocks_for(g, l), 0, 0, 0};
 }
 
 // The kernels' uniforms of elements 0 .. numel-1 of planes first .. first + planes - 1, on the CPU.

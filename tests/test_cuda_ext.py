@@ -247,13 +247,15 @@ def test_cpu_twin_staged_code_runs(shape: tuple, block: int, run: int, bits: int
 
 @needs_ext
 def test_compress_plans() -> None:
-    """ResNet-50's activations are staged (one read of x); what cannot be is generic."""
+    """ResNet-50's activations are staged (one read of x); planes that would leave one block per
+    multiprocessor (the 224x224 input, channels_last 112x112 at 16-byte pixel loads) are split
+    in strips over a cluster of blocks; what cannot be staged is generic."""
     for shape in [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2, 1024, 14, 14),
                   (2, 2048, 7, 7), (2, 3, 224, 224)]:
         for dtype, layout in itertools.product([torch.float32, torch.bfloat16], ["contiguous", "channels_last"]):
             x = torch.empty(shape, dtype=dtype).contiguous(
                 memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-            path, planes, smem, blocks, vec, run = _C.compress_plan(x, 8, 2)
+            path, planes, smem, blocks, vec, run, ranks = _C.compress_plan(x, 8, 2)
             assert path == "staged", (shape, dtype, layout)
             per16 = 16 // x.element_size()
             assert 1 <= planes and smem <= 227 * 1024
@@ -261,15 +263,53 @@ def test_compress_plans() -> None:
                 assert shape[1] % planes == 0 and vec == (per16 if shape[1] % per16 == 0 else 1)
             else:  # a block's planes are whole 16-byte vectors
                 assert vec == per16 and (planes * math.prod(shape[2:]) * x.element_size()) % 16 == 0
-            assert blocks * planes >= shape[0] * shape[1]
+            assert blocks // ranks * planes >= shape[0] * shape[1] and blocks % ranks == 0
             # codes in runs of 4 (one load and one LFC lookup each) where W and B allow
             assert run == (4 if shape[-1] % 4 == 0 and shape[-1] != 14 else 1), (shape, run)
-    big = torch.empty(1, 1, 300, 300)  # 360 KB: more than a block's shared memory
-    assert _C.compress_plan(big, 8, 2)[0] == "generic"
+            split = shape[-1] == 224 or (shape[-1] == 112 and layout == "channels_last")
+            assert (ranks > 1) == split, (shape, dtype, layout, ranks)
+            assert smem <= (48 * 1024 if split else 227 * 1024) and 1 <= ranks <= 8
+    big = torch.empty(1, 1, 300, 300)  # 360 KB: more than a block's shared memory, split in 8
+    assert _C.compress_plan(big, 8, 2)[0] == "staged" and _C.compress_plan(big, 8, 2)[6] == 8
+    huge = torch.empty(1, 1, 1200, 1200)  # strips of 730 KB even in a cluster of 8
+    assert _C.compress_plan(huge, 8, 2)[0] == "generic"
     assert _C.compress_plan(torch.empty(2, 3, 4, 5, 6), 8, 2)[0] == "generic"  # 3-D
     assert _C.compress_plan(torch.empty(2, 3, 8, 8), 8, 2, smem_limit=64)[0] == "generic"
     with pytest.raises(RuntimeError, match="staged kernel cannot take"):
-        _C._compress_with(big, as_seed(0, "cpu"), 8, 2, torch.bfloat16, "division", path="staged")
+        _C._compress_with(huge, as_seed(0, "cpu"), 8, 2, torch.bfloat16, "division", path="staged")
+
+
+SPLIT_CASES = [  # (shape, layout, block, shared-memory limit that forces a split)
+    ((2, 3, 40, 24), "contiguous", 8, 4096),
+    ((1, 2, 37, 20), "contiguous", 4, 2048),  # a shorter last strip
+    ((2, 8, 24, 16), "channels_last", 8, 8192),
+    ((1, 16, 19, 12), "channels_last", 4, 4096),  # 16-byte pixel loads, a shorter last strip
+    ((3, 1, 64, 9), "contiguous", 8, 2048),  # W not a multiple of 4: pairs, element walk
+]
+
+
+def check_split(shape: tuple, layout: str, block: int, limit: int, bits: int, device: str) -> None:
+    """Planes split over a cluster of blocks (strips of whole LFC block rows and code words, the
+    plane's range combined from every strip's) are bit-identical to the reference."""
+    for dtype, mode in zip(DTYPES, MODES):
+        x = make_input(shape, dtype, layout, device, seed=bits)
+        s = as_seed(99 + bits, device)
+        plan = _C.compress_plan(x, block, bits, smem_limit=limit)
+        if plan[0] != "staged" or plan[6] < 2:
+            continue  # this Q's strips cannot be whole words: checked below that some split
+        ref = compress_reference(x, block, bits, torch.bfloat16, mode, s, memory_format_of(x))
+        got = _C._compress_with(x, s, block, bits, torch.bfloat16, mode, path="staged", smem_limit=limit)
+        for name, g, w in zip(("lfc", "codes", "lo", "step", "shift"), got, (ref.lfc, ref.codes, ref.lo, ref.step, ref.shift)):
+            assert_identical(g, w, f"split {plan} {name}")
+    x = make_input(shape, torch.float32, layout, device)
+    assert _C.compress_plan(x, block, 2, smem_limit=limit)[6] >= 2, "the case does not split"
+
+
+@needs_ext
+@pytest.mark.parametrize("shape, layout, block, limit", SPLIT_CASES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cpu_twin_split_planes(shape: tuple, layout: str, block: int, limit: int, bits: int) -> None:
+    check_split(shape, layout, block, limit, bits, "cpu")
 
 
 @needs_ext
@@ -491,6 +531,16 @@ def test_cuda_kernels_on_resnet50_shapes(shape: tuple) -> None:
                                            ["contiguous", "channels_last"]):
         check_against_reference(make_input(shape, dtype, layout, "cuda"), 8, 2, "division",
                                 torch.bfloat16, seed=2023)
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_gpu
+@pytest.mark.parametrize("shape, layout, block, limit", SPLIT_CASES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cuda_split_planes(shape: tuple, layout: str, block: int, limit: int, bits: int) -> None:
+    """The cluster kernel (distributed shared memory between the strips' blocks) on the device."""
+    check_split(shape, layout, block, limit, bits, "cuda")
 
 
 @pytest.mark.gpu
