@@ -201,8 +201,10 @@ def decompress_path_rows(
         paths.remove("channel")
     rows = []
     for path in paths:
-        call = lambda path=path: module._decompress_with(*parts, list(shape), dtype, channels_last, cfg.block_size,
-                                                         cfg.hfc_bits, "division", path=path)
+        def call(path: str = path) -> torch.Tensor:
+            return module._decompress_with(*parts, list(shape), dtype, channels_last, cfg.block_size,
+                                           cfg.hfc_bits, "division", path=path)
+
         t = timed(call, device, repeats)
         rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "layout": layout,
                      "path": path, "decompress_gbs": moved / t / 1e9})
