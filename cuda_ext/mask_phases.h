@@ -139,11 +139,12 @@ struct PoolArgs {
   bool channels_last;
   int64_t out_numel, in_numel;
   FastDiv64 div_c, div_w, div_h, div_ow, div_oh;
+  FastDiv div_sh, div_sw, div_dh, div_dw;  // by the strides and dilations (backward)
 };
 
-// (n * C + c, y, x) of element e in memory order of an (N, C, H, W) tensor.
+// (n, c, y, x) of element e in memory order of an (N, C, H, W) tensor; plane = n * C + c.
 struct Pos {
-  int64_t plane;
+  int64_t plane, n, c;
   int32_t y, x;
 };
 
@@ -153,26 +154,32 @@ DIV_HD Pos position(int64_t e, bool channels_last, int64_t channels, int32_t h, 
   uint64_t u = static_cast<uint64_t>(e);
   if (channels_last) {
     const uint64_t t = div_c.div(u);
-    const int64_t c = static_cast<int64_t>(u - t * channels);
+    pos.c = static_cast<int64_t>(u - t * channels);
     const uint64_t t2 = div_w.div(t);
     pos.x = static_cast<int32_t>(t - t2 * w);
-    const uint64_t n = div_h.div(t2);
-    pos.y = static_cast<int32_t>(t2 - n * h);
-    pos.plane = static_cast<int64_t>(n) * channels + c;
+    pos.n = static_cast<int64_t>(div_h.div(t2));
+    pos.y = static_cast<int32_t>(t2 - pos.n * h);
+    pos.plane = pos.n * channels + pos.c;
   } else {
     const uint64_t t = div_w.div(u);
     pos.x = static_cast<int32_t>(u - t * w);
-    const uint64_t plane = div_h.div(t);
-    pos.y = static_cast<int32_t>(t - plane * h);
-    pos.plane = static_cast<int64_t>(plane);
+    pos.plane = static_cast<int64_t>(div_h.div(t));
+    pos.y = static_cast<int32_t>(t - pos.plane * h);
+    pos.n = pos.c = 0;  // unused: NCHW addresses need only the plane
   }
   return pos;
 }
 
-DIV_HD int64_t element(const Pos& pos, bool channels_last, int64_t channels, int32_t h, int32_t w) {
-  if (!channels_last) return (pos.plane * h + pos.y) * w + pos.x;
-  const int64_t n = pos.plane / channels, c = pos.plane - n * channels;
-  return ((n * h + pos.y) * w + pos.x) * channels + c;
+// Where the (h, w) plane of `pos` (in a tensor of that spatial size) lives: element (y, x) at
+// base + (y * w + x) * step. No division: the tap loops only add.
+struct PlaneAt {
+  int64_t base, step;
+};
+
+DIV_HD PlaneAt plane_at(const Pos& pos, bool channels_last, int64_t channels, int32_t h, int32_t w) {
+  const int64_t hw = static_cast<int64_t>(h) * w;
+  if (!channels_last) return {pos.plane * hw, 1};
+  return {pos.n * hw * channels + pos.c, channels};
 }
 
 // Output element e: y = max over the window (first maximum in scan order; a NaN wins and the last
@@ -180,7 +187,8 @@ DIV_HD int64_t element(const Pos& pos, bool channels_last, int64_t channels, int
 template <typename scalar_t>
 DIV_HD uint32_t pool_one(const PoolArgs& a, int64_t e) {
   const Pos o = position(e, a.channels_last, a.channels, a.oh, a.ow, a.div_c, a.div_oh, a.div_ow);
-  const scalar_t* x = static_cast<const scalar_t*>(a.x);
+  const PlaneAt in = plane_at(o, a.channels_last, a.channels, a.h, a.w);
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + in.base;
   const int32_t y0 = o.y * a.sh - a.ph, x0 = o.x * a.sw - a.pw;
   float best = -infinity();
   uint32_t best_off = 0xFFFFFFFFu;
@@ -193,7 +201,7 @@ DIV_HD uint32_t pool_one(const PoolArgs& a, int64_t e) {
       if (ix < 0 || ix >= a.w) continue;
       const uint32_t off = static_cast<uint32_t>(i * a.kw + k);
       if (best_off == 0xFFFFFFFFu) best_off = off;  // the first valid position, as stock
-      const scalar_t v = x[element(Pos{o.plane, iy, ix}, a.channels_last, a.channels, a.h, a.w)];
+      const scalar_t v = x[(static_cast<int64_t>(iy) * a.w + ix) * in.step];
       const float f = static_cast<float>(v);
       if (f > best || is_nan(f)) {
         best = f;
@@ -229,21 +237,37 @@ DIV_HD uint32_t offset_of(const PoolArgs& a, int64_t e_out) {
   return (byte >> (bit & 7)) & ((1u << a.bits) - 1u);
 }
 
+// The outputs o in [lo, hi] along one axis whose window holds input coordinate v (padded:
+// v + pad): 0 <= v + pad - o * stride <= (k - 1) * dilation. Two divisions per axis.
+DIV_HD void window_range(int32_t vp, int32_t k, int32_t dil, const FastDiv& div_stride, int32_t out,
+                         int32_t& lo, int32_t& hi) {
+  const int32_t extent = (k - 1) * dil;
+  lo = vp > extent ? static_cast<int32_t>(div_stride.div(static_cast<uint32_t>(vp - extent + div_stride.divisor - 1))) : 0;
+  hi = min32(static_cast<int32_t>(div_stride.div(static_cast<uint32_t>(vp))), out - 1);
+}
+
 // Input element e: the sum, in float, of the gradients of the windows whose argmax it is, taken
-// in increasing (oy, ox) as stock's CUDA kernel does.
+// in increasing (oy, ox) as stock's CUDA kernel does. Only the windows that hold e are visited.
 template <typename scalar_t>
 DIV_HD void pool_backward_one(const PoolArgs& a, int64_t e) {
   if (e >= a.in_numel) return;
   const Pos in = position(e, a.channels_last, a.channels, a.h, a.w, a.div_c, a.div_h, a.div_w);
+  const PlaneAt out = plane_at(in, a.channels_last, a.channels, a.oh, a.ow);
   const scalar_t* g = static_cast<const scalar_t*>(a.grad);
+  const int32_t yy = in.y + a.ph, xx = in.x + a.pw;
+  int32_t oy0, oy1, ox0, ox1;
+  window_range(yy, a.kh, a.dh, a.div_sh, a.oh, oy0, oy1);
+  window_range(xx, a.kw, a.dw, a.div_sw, a.ow, ox0, ox1);
   float acc = 0.f;
-  for (int32_t i = a.kh - 1; i >= 0; --i) {
-    const int32_t ny = in.y + a.ph - i * a.dh;
-    if (ny < 0 || ny % a.sh != 0 || ny / a.sh >= a.oh) continue;
-    for (int32_t k = a.kw - 1; k >= 0; --k) {
-      const int32_t nx = in.x + a.pw - k * a.dw;
-      if (nx < 0 || nx % a.sw != 0 || nx / a.sw >= a.ow) continue;
-      const int64_t eo = element(Pos{in.plane, ny / a.sh, nx / a.sw}, a.channels_last, a.channels, a.oh, a.ow);
+  for (int32_t oy = oy0; oy <= oy1; ++oy) {
+    const int32_t ry = yy - oy * a.sh;  // i * dh
+    const int32_t i = static_cast<int32_t>(a.div_dh.div(static_cast<uint32_t>(ry)));
+    if (i * a.dh != ry) continue;
+    for (int32_t ox = ox0; ox <= ox1; ++ox) {
+      const int32_t rx = xx - ox * a.sw;
+      const int32_t k = static_cast<int32_t>(a.div_dw.div(static_cast<uint32_t>(rx)));
+      if (k * a.dw != rx) continue;
+      const int64_t eo = out.base + (static_cast<int64_t>(oy) * a.ow + ox) * out.step;
       if (offset_of(a, eo) == static_cast<uint32_t>(i * a.kw + k)) acc = fadd(acc, static_cast<float>(g[eo]));
     }
   }

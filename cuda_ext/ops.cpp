@@ -627,6 +627,10 @@ PoolArgs pool_args(at::IntArrayRef in, at::IntArrayRef k, at::IntArrayRef s, at:
   a.div_w = FastDiv64::make(static_cast<uint64_t>(a.w));
   a.div_oh = FastDiv64::make(static_cast<uint64_t>(a.oh));
   a.div_ow = FastDiv64::make(static_cast<uint64_t>(a.ow));
+  a.div_sh = FastDiv::make(static_cast<uint32_t>(a.sh));
+  a.div_sw = FastDiv::make(static_cast<uint32_t>(a.sw));
+  a.div_dh = FastDiv::make(static_cast<uint32_t>(a.dh));
+  a.div_dw = FastDiv::make(static_cast<uint32_t>(a.dw));
   return a;
 }
 

@@ -130,6 +130,8 @@ POOLS = [
     dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), ceil_mode=False),  # overlaps
     dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), ceil_mode=False),
     dict(kernel_size=(16, 16), stride=(16, 16), padding=(0, 0), dilation=(1, 1), ceil_mode=False),  # 8-bit offsets
+    # strides and dilations that do not divide each other: windows a position lies between
+    dict(kernel_size=(3, 3), stride=(3, 2), padding=(1, 1), dilation=(2, 3), ceil_mode=True),
 ]
 
 
