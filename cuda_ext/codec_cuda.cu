@@ -124,19 +124,24 @@ bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config) {
 
 }  // namespace
 
-// Queried once per device: the plan of every compress call asks for it.
-int64_t max_shared_bytes(const at::Tensor& on) {
+// A device attribute, queried once per (attribute, device): the plan of every compress call asks.
+static int device_attribute(cudaDeviceAttr attribute, const at::Tensor& on) {
   static std::mutex mutex;
-  static std::map<int, int> known;
-  const int device = on.device().index();
+  static std::map<std::pair<int, int>, int> known;
+  const std::pair<int, int> key{static_cast<int>(attribute), on.device().index()};
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto it = known.find(device);
+  const auto it = known.find(key);
   if (it != known.end()) return it->second;
   int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  known[device] = value;
-  return value;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, key.second));
+  return known[key] = value;
 }
+
+int64_t max_shared_bytes(const at::Tensor& on) {
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, on);
+}
+
+bool supports_clusters(const at::Tensor& on) { return device_attribute(cudaDevAttrClusterLaunch, on) != 0; }
 
 void launch_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on) {
   const c10::cuda::CUDAGuard guard(on.device());
@@ -147,19 +152,6 @@ void launch_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarT
     generic_compress_kernel<scalar_t><<<blocks, kBlockThreads, 0, stream>>>(a, l);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool supports_clusters(const at::Tensor& on) {
-  static std::mutex mutex;
-  static std::map<int, bool> known;
-  const int device = on.device().index();
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto it = known.find(device);
-  if (it != known.end()) return it->second;
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrClusterLaunch, device));
-  known[device] = value != 0;
-  return value != 0;
 }
 
 bool launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on) {

@@ -224,6 +224,19 @@ DIV_HD void scatter_vec(scalar_t* dst, int32_t stride, const Vec16& v) {
   for (int k = 0; k < kPer; ++k) dst[k * stride] = e[k];
 }
 
+// VEC values as one 16-byte store where they are 16 bytes (dst then 16-byte aligned), else one
+// store each.
+template <typename scalar_t, int VEC>
+DIV_HD void store_values(scalar_t* dst, const scalar_t (&e)[VEC]) {
+  if constexpr (VEC * sizeof(scalar_t) == 16) {
+    Vec16 packed;
+    memcpy(&packed, e, sizeof(packed));
+    *reinterpret_cast<Vec16*>(dst) = packed;
+  } else {
+    for (int k = 0; k < VEC; ++k) dst[k] = e[k];
+  }
+}
+
 // dst[i] = src[i] for i < count, by the block's threads, four loads in flight per thread before
 // their stores (one at a time would leave the memory system waiting on latency).
 DIV_HD void copy_vectors(Vec16* dst, const Vec16* src, int32_t count, int tid) {
@@ -661,14 +674,7 @@ DIV_UNROLL
       cur.next(g, static_cast<uint32_t>(++q));
     }
   }
-  scalar_t* dst = static_cast<scalar_t*>(a.out) + e0;
-  if (VEC * sizeof(scalar_t) == 16) {
-    Vec16 packed;
-    memcpy(&packed, out, sizeof(packed));
-    *reinterpret_cast<Vec16*>(dst) = packed;
-  } else {
-    for (int k = 0; k < VEC; ++k) dst[k] = out[k];
-  }
+  store_values<scalar_t, VEC>(static_cast<scalar_t*>(a.out) + e0, out);
 }
 
 template <typename scalar_t, int VEC, bool RUNS, typename Exec>
@@ -800,15 +806,6 @@ inline ChannelPlan channel_plan(const Geometry& g, int64_t esize, int bits) {
   return c;
 }
 
-// VEC values as one 16-byte store (dst 16-byte aligned: C % VEC == 0).
-template <typename scalar_t, int VEC>
-DIV_HD void store16(scalar_t* dst, const scalar_t (&e)[VEC]) {
-  static_assert(VEC * sizeof(scalar_t) == 16, "16 bytes");
-  Vec16 packed;
-  memcpy(&packed, e, sizeof(packed));
-  *reinterpret_cast<Vec16*>(dst) = packed;
-}
-
 // up[i] = the LFC of block j of planes p0 .. p0 + VEC - 1 (the dtype's branch taken once).
 template <int VEC>
 DIV_HD void load_lfc_planes(const DecompressArgs& a, int64_t p0, int32_t j, float (&up)[VEC]) {
@@ -861,7 +858,7 @@ DIV_HD void channel_decompress_thread(const DecompressArgs& a, const ChannelPlan
         e[i] = static_cast<scalar_t>(reconstruct(up[i], words[i] & kMask, d[i]));
         words[i] >>= BITS;
       }
-      store16<scalar_t, VEC>(out, e);
+      store_values<scalar_t, VEC>(out, e);  // VEC: 16 bytes
       out += g.channels;
     }
     k += len;

@@ -185,8 +185,8 @@ void twin_generic_compress(const CompressArgs& a, const Launch& l) {
   });
 }
 
-// A cluster's blocks (ranks > 1) run each stage in turn, as the device's cluster barriers order
-// them, each with its own shared memory.
+// The blocks of a plane group (a cluster when ranks > 1) run each stage in turn, as the device's
+// barriers order them, each with its own shared memory.
 template <typename scalar_t>
 void twin_staged_compress(const CompressArgs& a, const StagedPlan& s) {
   at::parallel_for(0, s.blocks / s.ranks, 1, [&](int64_t begin, int64_t end) {
@@ -196,10 +196,6 @@ void twin_staged_compress(const CompressArgs& a, const StagedPlan& s) {
     PlaneSlot* peers[kMaxRanks];
     for (int r = 0; r < s.ranks; ++r) peers[r] = StagedSmem<scalar_t>(smem[r].data(), s).slot;
     for (int64_t c = begin; c < end; ++c) {
-      if (s.ranks == 1) {
-        staged_compress_block<scalar_t>(ex, a, s, smem[0].data(), c);
-        continue;
-      }
       for (int r = 0; r < s.ranks; ++r) staged_first<scalar_t>(ex, a, s, smem[r].data(), c * s.ranks + r);
       if (a.mode == kLfcOnly) continue;
       for (int r = 0; r < s.ranks; ++r) staged_second<scalar_t>(ex, a, s, smem[r].data(), peers, c * s.ranks + r);
@@ -707,8 +703,8 @@ CodecOptions options(const std::string& path, int64_t threads_per_plane, bool pl
   return CodecOptions{path, threads_per_plane, plane_minor, smem_target, smem_limit};
 }
 
-// What compress would run for x: ("staged", G, shared bytes, blocks, vec, run) or
-// ("generic", T, G, blocks, 0, 0).
+// What compress would run for x: ("staged", G, shared bytes, blocks, vec, run, ranks) or
+// ("generic", T, G, blocks, 0, 0, 0).
 std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> compress_plan(
     const at::Tensor& x, int64_t block_size, int64_t bits, int64_t smem_target, int64_t smem_limit) {
   const auto [xc, cl] = kernel_layout(x);
@@ -817,7 +813,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "four), path vec (NCHW), channel, tile or generic (channels_last)",
         py::arg("shape"), py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"));
   m.def("compress_plan", &division::compress_plan,
-        "('staged', planes per block, shared bytes, blocks, vec) or ('generic', T, G, blocks, 0)",
+        "('staged', planes per block, shared bytes, blocks, vec, run, ranks) or ('generic', T, G, blocks, 0, 0, 0)",
         py::arg("x"), py::arg("block_size"), py::arg("bits"), py::arg("smem_target") = 0,
         py::arg("smem_limit") = 0);
   m.def("_uniforms", &division::uniforms, "the kernels' uniforms (CPU), for tests of division.hashing",
