@@ -64,6 +64,7 @@ struct CompressArgs {
   Geometry g;
   int bits, bits_log2, levels, mode, lfc_kind;
   const int64_t* seed;  // the 0-d seed tensor, on x's device
+  uint64_t first_plane; // the hash's index of plane 0 (format.py: planes numbered across a forward)
   void* lfc;            // (planes, lfc_numel) of the LFC dtype; scratch in hfc_only mode
   uint32_t* codes;      // (planes, words); unused in lfc_only mode
   float* lo_out;        // (planes,)
@@ -164,7 +165,7 @@ DIV_HD void compress_codes_phase(const CompressArgs& a, const Launch& l, const C
   const PlaneView v = plane_view(a.g, p);
   const float lo = s.plane_lo[g], scale = s.plane_scale[g], pow2 = s.plane_p[g];
   const float levels = static_cast<float>(a.levels);
-  const uint32_t key = plane_key(read_seed(a), static_cast<uint64_t>(p));
+  const uint32_t key = plane_key(read_seed(a), a.first_plane + static_cast<uint64_t>(p));
   const int32_t per_word = 32 >> a.bits_log2;  // even: a word holds whole element pairs
   const int64_t lfc_base = p * a.g.lfc_numel;
   uint32_t* out = a.codes + p * a.g.words;

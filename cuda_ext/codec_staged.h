@@ -454,7 +454,7 @@ DIV_HD void staged_scale(const CompressArgs& a, const StagedPlan& s, const Stage
     slot.lo_value = ps.lo;
     slot.scale = ps.scale;
     slot.p = ps.p;
-    slot.key = plane_key(read_seed(a), static_cast<uint64_t>(p));
+    slot.key = plane_key(read_seed(a), a.first_plane + static_cast<uint64_t>(p));
   }
 }
 

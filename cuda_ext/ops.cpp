@@ -260,7 +260,7 @@ using Compressed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_t block_size,
                          int64_t bits, at::ScalarType lfc_dtype, c10::string_view mode_name,
-                         const CodecOptions& o) {
+                         int64_t first_plane, const CodecOptions& o) {
   const char* what = "division.compress";
   TORCH_CHECK(input.defined(), what, ": x is undefined");
   check_device(input, what);
@@ -270,6 +270,7 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
               ": seed must be a one-element int64 tensor");
   TORCH_CHECK(seed.device() == input.device(), what, ": seed is on ", seed.device(),
               " but x is on ", input.device(), "; draw it there (division.hashing.draw_seed)");
+  TORCH_CHECK(first_plane >= 0, what, ": first_plane must be >= 0, got ", first_plane);
   const int mode = parse_mode(mode_name, what);
   const int kind = lfc_kind_of(lfc_dtype, what);
   const auto [x, channels_last] = kernel_layout(input);
@@ -294,6 +295,7 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
     a.lfc_kind = kind;
     const at::Tensor seed_c = seed.contiguous();
     a.seed = seed_c.data_ptr<int64_t>();
+    a.first_plane = static_cast<uint64_t>(first_plane);
     a.lfc = lfc.data_ptr();
     if (keep_hfc) {
       a.codes = reinterpret_cast<uint32_t*>(codes.data_ptr<uint8_t>());
@@ -331,8 +333,8 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
 }
 
 Compressed compress_op(const at::Tensor& x, const at::Tensor& seed, int64_t block_size, int64_t bits,
-                       at::ScalarType lfc_dtype, c10::string_view mode) {
-  return compress_with(x, seed, block_size, bits, lfc_dtype, mode, CodecOptions{});
+                       at::ScalarType lfc_dtype, c10::string_view mode, int64_t first_plane) {
+  return compress_with(x, seed, block_size, bits, lfc_dtype, mode, first_plane, CodecOptions{});
 }
 
 // NCHW: vec; channels_last: channel where C allows 16-byte stores of channels, else the tile
@@ -735,7 +737,8 @@ at::Tensor uniforms(int64_t seed, int64_t first_plane, int64_t planes, int64_t n
 }  // namespace division
 
 TORCH_LIBRARY(division, m) {
-  m.def("compress(Tensor x, Tensor seed, int block_size, int bits, ScalarType lfc_dtype, str mode) "
+  m.def("compress(Tensor x, Tensor seed, int block_size, int bits, ScalarType lfc_dtype, str mode, "
+        "int first_plane=0) "
         "-> (Tensor lfc, Tensor codes, Tensor lo, Tensor step, Tensor shift)");
   m.def("decompress(Tensor lfc, Tensor codes, Tensor lo, Tensor step, Tensor shift, SymInt[] shape, "
         "ScalarType dtype, bool channels_last, int block_size, int bits, str mode) -> Tensor");
@@ -774,14 +777,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_compress_with",
         [](const at::Tensor& x, const at::Tensor& seed, int64_t block_size, int64_t bits,
            at::ScalarType lfc_dtype, const std::string& mode, const std::string& path,
-           int64_t threads_per_plane, bool plane_minor, int64_t smem_target, int64_t smem_limit) {
-          return division::compress_with(x, seed, block_size, bits, lfc_dtype, mode,
+           int64_t threads_per_plane, bool plane_minor, int64_t smem_target, int64_t smem_limit,
+           int64_t first_plane) {
+          return division::compress_with(x, seed, block_size, bits, lfc_dtype, mode, first_plane,
                                          division::options(path, threads_per_plane, plane_minor, smem_target, smem_limit));
         },
         "compress with a chosen kernel (path: auto | staged | generic), launch shape and shared memory",
         py::arg("x"), py::arg("seed"), py::arg("block_size"), py::arg("bits"), py::arg("lfc_dtype"),
         py::arg("mode"), py::arg("path") = "auto", py::arg("threads_per_plane") = 0,
-        py::arg("plane_minor") = false, py::arg("smem_target") = 0, py::arg("smem_limit") = 0);
+        py::arg("plane_minor") = false, py::arg("smem_target") = 0, py::arg("smem_limit") = 0,
+        py::arg("first_plane") = 0);
   m.def("_decompress_with",
         [](const at::Tensor& lfc, const at::Tensor& codes, const at::Tensor& lo, const at::Tensor& step,
            const at::Tensor& shift, std::vector<int64_t> shape, at::ScalarType dtype, bool channels_last,

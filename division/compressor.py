@@ -9,6 +9,12 @@ cannot trace a weak-keyed dictionary): each layer compresses its own copy.
 
 `kernels` says whether the layers run the compiled ops (decided once, from the config and whether
 division._C is loaded), so that traced code never asks.
+
+Random numbers: one seed is drawn per forward of the root module (on the device of the first
+activation compressed), and the forward's compressions number their planes as one sequence under
+it (format.py: the hash's plane index is 64-bit). One `randint` a step instead of one per layer,
+the same distinct streams, and `torch.manual_seed` still reproduces a run. Under torch.compile each
+compression draws its own seed (a Python counter would be a guard that changes every call).
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .backend import check_tensor, kernels_allowed
-from .codec import encode
+from .codec import PLANE_INDEX_END, encode
 from .config import DivisionConfig
 from .format import CompressedActivation
+from .hashing import draw_seed
 from .tokens import TokenGrid
 
 
@@ -41,16 +48,31 @@ class Compressor:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.shared_hits = 0  # how many compressions sharing saved (for tests and summaries)
         self.token_grid: TokenGrid | None = None  # the patch grid of (N, T, D) inputs (tokens.py)
+        self._seed: torch.Tensor | None = None  # this forward's seed, drawn at its first compression
+        self._next_plane = 0  # the hash's index of the next plane compressed under it
 
     def new_forward(self) -> None:
-        """Called before each forward of the root module: earlier records stop being reusable."""
+        """Called before each forward of the root module: earlier records stop being reusable,
+        and the next compression draws a new seed."""
         self.generation += 1
         self._entries = WeakIdKeyDictionary()
+        self._seed = None
 
     def encode(self, x: torch.Tensor, mode: str) -> CompressedActivation:
         """One compression, uncached; subclasses swap the codec here (see groupquant.py)."""
         check_tensor(x, self.cfg, self.kernels)
-        return encode(x, self.cfg, mode, self.kernels)
+        if torch.compiler.is_compiling() or x.dim() < 2:  # drawn by encode; x.dim() < 2 fails there
+            return encode(x, self.cfg, mode, self.kernels)
+        seed, first_plane = self._planes(x.device, x.shape[0] * x.shape[1])
+        return encode(x, self.cfg, mode, self.kernels, seed, first_plane)
+
+    def _planes(self, device: torch.device, planes: int) -> tuple[torch.Tensor, int]:
+        """This forward's seed on `device` and the first of `planes` fresh plane indices under it."""
+        if self._seed is None or self._seed.device != device or self._next_plane > PLANE_INDEX_END - planes:
+            self._seed, self._next_plane = draw_seed(device), 0
+        first = self._next_plane
+        self._next_plane += planes
+        return self._seed, first
 
     def compress(self, x: torch.Tensor, mode: str | None = None) -> CompressedActivation:
         mode = self.cfg.backward_mode if mode is None else mode

@@ -49,9 +49,11 @@ element q of plane p takes a 16-bit half of the hash of its pair m = q >> 1:
 (all mod 2^32; mix32 is a permutation of 32-bit words with TheIronBorn's constants from Wellons'
 hash-prospector). u takes the midpoints of 2^16 equal intervals, so E[code] differs from v by at
 most 2^-17 of a step: unbiased far below float32 rounding of the reconstruction. The seed is a
-0-d int64 tensor drawn from the activation's device generator per call (no host sync, safe under
-CUDA graph capture), so `torch.manual_seed` makes runs reproducible; pass `seed=` to compare
-backends.
+0-d int64 tensor drawn from the activation's device generator (no host sync, safe under CUDA graph
+capture), so `torch.manual_seed` makes runs reproducible; pass `seed=` to compare backends. The
+plane index is p = first_plane + n*C + c: 0-based for a single `compress` call; a converted model
+draws one seed per forward and gives each compression the next range of plane indices
+(compressor.py), so no two planes of a forward share a key.
 
 Codes: `codes` is a uint8 tensor of shape (N*C, plane_bytes). Within a plane, the code of element q
 occupies bits [(Q*q) mod 8, (Q*q) mod 8 + Q) of byte (Q*q) div 8 (little-endian bit order, so a

@@ -48,6 +48,8 @@ def as_seed(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise ValueError(f"seed tensor must hold one int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+        if seed.dim() == 0 and seed.device == torch.device(device):
+            return seed  # as drawn: no view op per compression
         return seed.reshape(()).to(device)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2^63)")
@@ -61,7 +63,8 @@ def draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
 
 def plane_keys(seed: torch.Tensor, first_plane: int, count: int) -> torch.Tensor:
     """int64 (count,) keys K_p of planes first_plane .. first_plane+count-1 (format.py)."""
-    p = torch.arange(first_plane, first_plane + count, dtype=torch.int64, device=seed.device)
+    # first_plane + arange: the end of arange(first, first + count) may be 2^63, past int64
+    p = torch.arange(count, dtype=torch.int64, device=seed.device) + first_plane
     k = mix32((seed >> 32) ^ (p >> 32))
     k = mix32(k ^ (seed & MASK32))
     return mix32(k ^ (p & MASK32))

@@ -33,7 +33,7 @@ def register_fakes() -> None:
     lib = "division::"
 
     @torch.library.register_fake(lib + "compress")
-    def _compress(x, seed, block_size, bits, lfc_dtype, mode):
+    def _compress(x, seed, block_size, bits, lfc_dtype, mode, first_plane=0):
         n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
         lfc = x.new_empty((n, c, *lfc_shape(spatial, block_size)), dtype=lfc_dtype)
         if mode == "hfc_only":

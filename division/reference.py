@@ -117,11 +117,12 @@ def quantize(t: torch.Tensor, levels: int) -> torch.Tensor:
 
 def compress_reference(
     x: torch.Tensor, block_size: int, bits: int, lfc_dtype: torch.dtype, mode: str,
-    seed: torch.Tensor, memory_format: torch.memory_format,
+    seed: torch.Tensor, memory_format: torch.memory_format, first_plane: int = 0,
 ) -> CompressedActivation:
     """Compress a validated (N, C, *S) float tensor; see format.py for every step.
 
-    `seed` is a 0-d int64 tensor on x's device (hashing.as_seed / draw_seed).
+    `seed` is a 0-d int64 tensor on x's device (hashing.as_seed / draw_seed); plane (n, c) is
+    plane first_plane + n*C + c of the hash.
     """
     shape = x.shape
     record = CompressedActivation(shape, x.dtype, memory_format, block_size, bits, mode)
@@ -165,7 +166,7 @@ def compress_reference(
         p = power_of_two(e)[expand]
         v = (((xs * p) - (up * p)) - lo[expand]) * scale[expand]
         v = torch.where(finite[expand], v, torch.full_like(v, math.nan))  # codes 0
-        u = uniforms(seed, n0 * c, (n1 - n0) * c, numel).view(v.shape)
+        u = uniforms(seed, first_plane + n0 * c, (n1 - n0) * c, numel).view(v.shape)
         code = quantize(v + u, levels)
         codes[n0 * c : n1 * c] = pack_codes(code.reshape((n1 - n0) * c, numel), bits)
     if keep_lfc:

@@ -337,6 +337,32 @@ def test_same_seed_same_bits_and_manual_seed_reproduces() -> None:
     assert torch.equal(c.codes, division.compress(x, cfg).codes)
 
 
+@pytest.mark.parametrize("mode", ["division", "hfc_only"])
+def test_first_plane_numbers_planes_across_calls(mode: str) -> None:
+    """Planes are coded independently and plane (n, c) hashes as first_plane + n*C + c: the two
+    parts of a batch compressed under one seed with consecutive plane ranges give the whole
+    batch's bits, and another range gives other bits."""
+    x = torch.randn(5, 3, 12, 12)
+    cfg = division.DivisionConfig(backward_mode=mode, backend="torch")
+    whole = division.compress(x, cfg, seed=7)
+    head = division.compress(x[:2], cfg, seed=7)
+    tail = division.compress(x[2:], cfg, seed=7, first_plane=2 * 3)
+    assert torch.equal(torch.cat([head.codes, tail.codes]), whole.codes)
+    assert not torch.equal(tail.codes, division.compress(x[2:], cfg, seed=7).codes)
+
+
+def test_first_plane_is_checked() -> None:
+    x, cfg = torch.randn(2, 3, 4, 4), division.DivisionConfig()
+    last = 2**63 - 6  # the last start that leaves room for 2 x 3 planes
+    assert division.compress(x, cfg, seed=1, first_plane=last).codes.shape == (6, 4)
+    for bad in (-1, last + 1):
+        with pytest.raises(ValueError, match=r"first_plane=.* must lie in \[0, 2\^63 - 6\]"):
+            division.compress(x, cfg, seed=1, first_plane=bad)
+    for bad in (1.0, True):
+        with pytest.raises(TypeError, match="first_plane must be an int"):
+            division.compress(x, cfg, seed=1, first_plane=bad)  # type: ignore[arg-type]
+
+
 def test_size_of_a_resnet_activation_is_below_one_thirteenth() -> None:
     x = torch.randn(32, 64, 56, 56)
     packed = division.compress(x, division.DivisionConfig(block_size=8, hfc_bits=2), seed=0)

@@ -8,8 +8,11 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import division
+from division.compressor import Compressor
+from division.hashing import draw_seed
 
 
 def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.05) -> list[float]:
@@ -80,6 +83,40 @@ def test_a_block_input_read_by_two_convs_is_compressed_once() -> None:
     unshared = division.convert_model(torchvision.models.resnet18(num_classes=10), division.DivisionConfig(share_inputs=False))
     unshared(torch.randn(2, 3, 32, 32)).sum().backward()
     assert unshared._division_compressor.shared_hits == 0
+
+
+class RandomDraws(TorchDispatchMode):
+    """Counts the random-number ops that reach a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in (torch.ops.aten.randint, torch.ops.aten.random_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_forward_draws_one_seed_and_numbers_its_planes_in_sequence() -> None:
+    model = division.convert_model(torchvision.models.resnet18(num_classes=10), division.DivisionConfig())
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        with RandomDraws() as draws:
+            model(x).sum().backward()
+        assert draws.count == 1  # one seed a step, not one per layer
+    cfg = division.DivisionConfig()
+    compressor = Compressor(cfg)
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(4, 5, 6, 6)
+    compressor.new_forward()
+    torch.manual_seed(1)
+    got_a, got_b = compressor.compress(a), compressor.compress(b)
+    torch.manual_seed(1)
+    seed = draw_seed()
+    assert torch.equal(got_a.codes, division.compress(a, cfg, seed=seed).codes)
+    assert torch.equal(got_b.codes, division.compress(b, cfg, seed=seed, first_plane=2 * 3).codes)
+    compressor.new_forward()
+    assert not torch.equal(compressor.compress(a).codes, got_a.codes)  # the next forward draws anew
 
 
 def test_converting_twice_and_bad_arguments_are_errors() -> None:

@@ -405,6 +405,28 @@ def test_hash_matches_hashing_uniforms() -> None:
             assert torch.equal(_C._uniforms(seed, first, 3, 21), uniforms(as_seed(seed, "cpu"), first, 3, 21))
 
 
+def check_first_plane(device: str) -> None:
+    """Every compress kernel numbers plane (n, c) first_plane + n*C + c in the hash, high word
+    included, as the reference does (a converted model's compressions share one seed this way)."""
+    for shape, layout in (((3, 5, 12, 12), "contiguous"), ((2, 8, 9, 10), "channels_last"), ((2, 3, 40), "contiguous")):
+        x = make_input(shape, torch.float32, layout, device)
+        s = as_seed(5, device)
+        planes = shape[0] * shape[1]
+        for first in (7, 2**32 - 3, 2**63 - planes):
+            ref = compress_reference(x, 4, 2, torch.bfloat16, "division", s, memory_format_of(x), first)
+            for opt in compress_options(x, 4, 2):
+                got = _C._compress_with(x, s, 4, 2, torch.bfloat16, "division", first_plane=first, **opt)
+                assert_identical(got[1], ref.codes, f"{shape} {layout} first_plane={first} {opt}")
+            op = torch.ops.division.compress(x, s, 4, 2, torch.bfloat16, "division", first)
+            assert_identical(op[1], ref.codes, f"{shape} {layout} first_plane={first} op")
+            assert not torch.equal(op[1], torch.ops.division.compress(x, s, 4, 2, torch.bfloat16, "division")[1])
+
+
+@needs_ext
+def test_cpu_twin_numbers_planes_from_first_plane() -> None:
+    check_first_plane("cpu")
+
+
 @needs_ext
 def test_empty_batch_and_absent_parts() -> None:
     seed = as_seed(0, "cpu")
@@ -435,6 +457,7 @@ def test_ops_reject_bad_input_with_clear_messages() -> None:
         ((x, s.float(), 8, 2, torch.bfloat16, "division"), "seed must be a one-element int64"),
         ((torch.randn(4, 4), s, 8, 2, torch.bfloat16, "division"), "1 to 3 spatial dims"),
         ((torch.randn(2, 3, 0, 4), s, 8, 2, torch.bfloat16, "division"), "spatial sizes must be"),
+        ((x, s, 8, 2, torch.bfloat16, "division", -1), "first_plane must be >= 0"),
     ]
     for args, message in bad:
         with pytest.raises(RuntimeError, match=message):
@@ -566,6 +589,13 @@ def test_public_api_kernels_equal_torch_backend(layout: str) -> None:
     out = division.decompress(fast)
     assert_identical(out, decompress_reference(slow), "decompress")
     assert out.is_contiguous(memory_format=memory_format_of(x))
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_gpu
+def test_cuda_kernels_number_planes_from_first_plane() -> None:
+    check_first_plane("cuda")
 
 
 @pytest.mark.gpu
