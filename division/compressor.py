@@ -48,15 +48,16 @@ class Compressor:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.shared_hits = 0  # how many compressions sharing saved (for tests and summaries)
         self.token_grid: TokenGrid | None = None  # the patch grid of (N, T, D) inputs (tokens.py)
-        self._seed: torch.Tensor | None = None  # this forward's seed, drawn at its first compression
-        self._next_plane = 0  # the hash's index of the next plane compressed under it
+        # per device: this forward's seed (drawn at its first compression there) and the hash's
+        # index of the next plane compressed under it; replaced whole, so threads never mix them
+        self._streams: dict[torch.device, tuple[torch.Tensor, int]] = {}
 
     def new_forward(self) -> None:
         """Called before each forward of the root module: earlier records stop being reusable,
         and the next compression draws a new seed."""
         self.generation += 1
         self._entries = WeakIdKeyDictionary()
-        self._seed = None
+        self._streams = {}
 
     def encode(self, x: torch.Tensor, mode: str) -> CompressedActivation:
         """One compression, uncached; subclasses swap the codec here (see groupquant.py)."""
@@ -68,11 +69,12 @@ class Compressor:
 
     def _planes(self, device: torch.device, planes: int) -> tuple[torch.Tensor, int]:
         """This forward's seed on `device` and the first of `planes` fresh plane indices under it."""
-        if self._seed is None or self._seed.device != device or self._next_plane > PLANE_INDEX_END - planes:
-            self._seed, self._next_plane = draw_seed(device), 0
-        first = self._next_plane
-        self._next_plane += planes
-        return self._seed, first
+        stream = self._streams.get(device)
+        if stream is None or stream[1] > PLANE_INDEX_END - planes:
+            stream = (draw_seed(device), 0)
+        seed, first = stream
+        self._streams[device] = (seed, first + planes)
+        return seed, first
 
     def compress(self, x: torch.Tensor, mode: str | None = None) -> CompressedActivation:
         mode = self.cfg.backward_mode if mode is None else mode
