@@ -1,19 +1,14 @@
 // The CUDA kernels of the codec: the phases of codec_generic.h and codec_staged.h run by every
 // thread of a block (exec_device.cuh).
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <cooperative_groups.h>
 
-#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
-#include <utility>
 
 #include "exec_device.cuh"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace division {
 namespace {
@@ -80,29 +75,6 @@ __global__ void __launch_bounds__(kStagedThreads) channel_decompress_kernel(cons
   channel_decompress_block<scalar_t, 16 / sizeof(scalar_t), BITS>(ex, a, c, static_cast<int64_t>(blockIdx.x));
 }
 
-unsigned grid(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), what, ": ", blocks,
-              " thread blocks are too many for one launch");
-  return static_cast<unsigned>(blocks);
-}
-
-// Lets `kernel` use `bytes` of dynamic shared memory on the current device (above 48 KB needs the
-// opt-in). The attribute call costs host time on every launch, so the largest size already
-// allowed is remembered per (kernel, device).
-template <typename Kernel>
-void allow_shared(Kernel kernel, int32_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int32_t> allowed;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  int32_t& done = allowed[{reinterpret_cast<const void*>(kernel), device}];
-  if (bytes <= done) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done = bytes;
-}
-
 // Whether one cluster of `config`'s shape fits on the device (asked once per kernel, device,
 // cluster size and shared memory).
 template <typename Kernel>
@@ -144,34 +116,28 @@ int64_t max_shared_bytes(const at::Tensor& on) {
 bool supports_clusters(const at::Tensor& on) { return device_attribute(cudaDevAttrClusterLaunch, on) != 0; }
 
 void launch_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on) {
-  const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid(blocks_for(a.g, l), "division.compress");
-  if (blocks == 0) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LaunchSite site(on, blocks_for(a.g, l), "division.compress");
+  if (site.blocks == 0) return;
   DIVISION_DISPATCH(dtype, "division_generic_compress", [&] {
-    generic_compress_kernel<scalar_t><<<blocks, kBlockThreads, 0, stream>>>(a, l);
+    launch(site, kBlockThreads, 0, generic_compress_kernel<scalar_t>, a, l);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 bool launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on) {
-  const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid(s.blocks, "division.compress");
-  if (blocks == 0) return true;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LaunchSite site(on, s.blocks, "division.compress");
+  if (site.blocks == 0) return true;
   bool launched = true;
   DIVISION_DISPATCH(dtype, "division_staged_compress", [&] {
     if (s.ranks == 1) {
-      allow_shared(staged_compress_kernel<scalar_t>, s.smem_bytes);
-      staged_compress_kernel<scalar_t><<<blocks, kStagedThreads, s.smem_bytes, stream>>>(a, s);
+      launch(site, kStagedThreads, s.smem_bytes, staged_compress_kernel<scalar_t>, a, s);
       return;
     }
     allow_shared(staged_split_compress_kernel<scalar_t>, s.smem_bytes);
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(blocks);
+    config.gridDim = dim3(site.blocks);
     config.blockDim = dim3(kStagedThreads);
     config.dynamicSmemBytes = static_cast<size_t>(s.smem_bytes);
-    config.stream = stream;
+    config.stream = site.stream;
     cudaLaunchAttribute cluster[1];
     cluster[0].id = cudaLaunchAttributeClusterDimension;
     cluster[0].val.clusterDim.x = static_cast<unsigned>(s.ranks);
@@ -180,72 +146,53 @@ bool launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::Scal
     config.attrs = cluster;
     config.numAttrs = 1;
     launched = cluster_fits(staged_split_compress_kernel<scalar_t>, config);
-    if (launched) C10_CUDA_CHECK(cudaLaunchKernelEx(&config, staged_split_compress_kernel<scalar_t>, a, s));
+    if (launched) {
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, staged_split_compress_kernel<scalar_t>, a, s));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  if (launched) C10_CUDA_KERNEL_LAUNCH_CHECK();
   return launched;
 }
 
 void launch_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on) {
-  const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid(blocks_for(a.g, l), "division.decompress");
-  if (blocks == 0) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LaunchSite site(on, blocks_for(a.g, l), "division.decompress");
+  if (site.blocks == 0) return;
   DIVISION_DISPATCH(dtype, "division_generic_decompress", [&] {
-    generic_decompress_kernel<scalar_t><<<blocks, kBlockThreads, 0, stream>>>(a, l);
+    launch(site, kBlockThreads, 0, generic_decompress_kernel<scalar_t>, a, l);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::ScalarType dtype, const at::Tensor& on) {
-  const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid(v.blocks, "division.decompress");
-  if (blocks == 0) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LaunchSite site(on, v.blocks, "division.decompress");
+  if (site.blocks == 0) return;
   DIVISION_DISPATCH(dtype, "division_vec_decompress", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
-    if (v.vec == kVec && v.runs) {
-      vec_decompress_kernel<scalar_t, kVec, true><<<blocks, kStagedThreads, 0, stream>>>(a, v);
-    } else if (v.vec == kVec) {
-      vec_decompress_kernel<scalar_t, kVec, false><<<blocks, kStagedThreads, 0, stream>>>(a, v);
-    } else {
-      vec_decompress_kernel<scalar_t, 1, false><<<blocks, kStagedThreads, 0, stream>>>(a, v);
-    }
+    const auto kernel = v.vec != kVec ? vec_decompress_kernel<scalar_t, 1, false>
+                        : v.runs      ? vec_decompress_kernel<scalar_t, kVec, true>
+                                      : vec_decompress_kernel<scalar_t, kVec, false>;
+    launch(site, kStagedThreads, 0, kernel, a, v);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on) {
-  const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid(t.blocks, "division.decompress");
-  if (blocks == 0) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LaunchSite site(on, t.blocks, "division.decompress");
+  if (site.blocks == 0) return;
   DIVISION_DISPATCH(dtype, "division_tile_decompress", [&] {
-    if (t.runs) {
-      allow_shared(tile_decompress_kernel<scalar_t, true>, t.smem_bytes);
-      tile_decompress_kernel<scalar_t, true><<<blocks, kStagedThreads, t.smem_bytes, stream>>>(a, t);
-    } else {
-      allow_shared(tile_decompress_kernel<scalar_t, false>, t.smem_bytes);
-      tile_decompress_kernel<scalar_t, false><<<blocks, kStagedThreads, t.smem_bytes, stream>>>(a, t);
-    }
+    const auto kernel = t.runs ? tile_decompress_kernel<scalar_t, true> : tile_decompress_kernel<scalar_t, false>;
+    launch(site, kStagedThreads, t.smem_bytes, kernel, a, t);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at::ScalarType dtype, const at::Tensor& on) {
-  const c10::cuda::CUDAGuard guard(on.device());
-  const unsigned blocks = grid(c.blocks, "division.decompress");
-  if (blocks == 0) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LaunchSite site(on, c.blocks, "division.decompress");
+  if (site.blocks == 0) return;
   DIVISION_DISPATCH(dtype, "division_channel_decompress", [&] {
-    switch (a.bits) {
-      case 1: channel_decompress_kernel<scalar_t, 1><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
-      case 2: channel_decompress_kernel<scalar_t, 2><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
-      case 4: channel_decompress_kernel<scalar_t, 4><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
-      default: channel_decompress_kernel<scalar_t, 8><<<blocks, kStagedThreads, 0, stream>>>(a, c); break;
-    }
+    const auto kernel = a.bits == 1   ? channel_decompress_kernel<scalar_t, 1>
+                        : a.bits == 2 ? channel_decompress_kernel<scalar_t, 2>
+                        : a.bits == 4 ? channel_decompress_kernel<scalar_t, 4>
+                                      : channel_decompress_kernel<scalar_t, 8>;
+    launch(site, kStagedThreads, 0, kernel, a, c);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace division
