@@ -47,6 +47,8 @@ __global__ void __launch_bounds__(kStagedThreads) staged_split_compress_kernel(c
   staged_second<scalar_t>(ex, a, s, smem, peers, block);
   cluster.sync();
   staged_third<scalar_t>(ex, a, s, smem, block);
+#else
+  __trap();  // code for an architecture without clusters: cluster_fits never launches it
 #endif
 }
 
@@ -76,7 +78,8 @@ __global__ void __launch_bounds__(kStagedThreads) channel_decompress_kernel(cons
 }
 
 // Whether one cluster of `config`'s shape fits on the device (asked once per kernel, device,
-// cluster size and shared memory).
+// cluster size and shared memory), and the code the device runs was compiled for clusters (a build
+// for an older architecture, JIT-compiled from its PTX, has an empty split kernel).
 template <typename Kernel>
 bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config) {
   static std::mutex mutex;
@@ -88,6 +91,9 @@ bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config) {
   const std::lock_guard<std::mutex> lock(mutex);
   const auto it = known.find(key);
   if (it != known.end()) return it->second;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  if (attributes.ptxVersion < 90) return known[key] = false;
   int clusters = 0;
   const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   if (err != cudaSuccess) (void)cudaGetLastError();  // no answer: launch without clusters
