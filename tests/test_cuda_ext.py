@@ -113,15 +113,17 @@ def check_against_reference(
     launch: tuple[int, bool] | None = None,
 ) -> None:
     """Every compress kernel and every decompress kernel == the reference, bit for bit.
-    launch: a forced (threads_per_plane, plane_minor) of the generic kernels."""
+    launch: a forced (threads_per_plane, plane_minor) of the generic kernels. A third of the seeds
+    number the planes from 0, the others from a first_plane above 2^32."""
     fmt = memory_format_of(x)
     s = as_seed(seed, x.device)
-    ref = compress_reference(x, block, bits, lfc_dtype, mode, s, fmt)
+    first = (seed % 3) * (2**33 + 5)
+    ref = compress_reference(x, block, bits, lfc_dtype, mode, s, fmt, first)
     want_parts = (ref.lfc, ref.codes, ref.lo, ref.step, ref.shift)
     options = compress_options(x, block, bits) if launch is None else [
         {"path": "generic", "threads_per_plane": launch[0], "plane_minor": launch[1]}]
     for opt in options:
-        got = _C._compress_with(x, s, block, bits, lfc_dtype, mode, **opt)
+        got = _C._compress_with(x, s, block, bits, lfc_dtype, mode, first_plane=first, **opt)
         for name, g, w in zip(("lfc", "codes", "lo", "step", "shift"), got, want_parts):
             assert_identical(g, w, f"compress {opt} {name}")
     none = torch.empty(0, device=x.device)
