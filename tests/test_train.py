@@ -368,7 +368,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
 def test_demo_learns_fashion_mnist(tmp_path: Path) -> None:
     cfg = make_cfg("experiment=demo", "trainer.device=cpu", "data.val_subset=1000")
     result = train(cfg, tmp_path)
-    # chance is 10%; this run measured 65.6% here (3 epochs over 1000 images)
+    # chance is 10%; this run measured 54.9% here (3 epochs over 1000 images; 65.6% with other draws)
     assert result["val_acc1"] > 40.0
 
 
