@@ -193,11 +193,9 @@ void launch_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at
   const LaunchSite site(on, c.blocks, "division.decompress");
   if (site.blocks == 0) return;
   DIVISION_DISPATCH(dtype, "division_channel_decompress", [&] {
-    const auto kernel = a.bits == 1   ? channel_decompress_kernel<scalar_t, 1>
-                        : a.bits == 2 ? channel_decompress_kernel<scalar_t, 2>
-                        : a.bits == 4 ? channel_decompress_kernel<scalar_t, 4>
-                                      : channel_decompress_kernel<scalar_t, 8>;
-    launch(site, kStagedThreads, 0, kernel, a, c);
+    with_bits(a.bits, [&](auto q) {
+      launch(site, kStagedThreads, 0, channel_decompress_kernel<scalar_t, decltype(q)::value>, a, c);
+    });
   });
 }
 

@@ -573,12 +573,7 @@ DIV_HD void staged_third(Exec& ex, const CompressArgs& a, const StagedPlan& s, u
   ex.each([&](int tid) { staged_scale_up<scalar_t>(a, s, b, m, tid); });
   ex.sync();
   ex.each([&](int tid) {
-    switch (a.bits) {
-      case 1: staged_codes_bits<scalar_t, 1>(a, s, b, m, tid); break;
-      case 2: staged_codes_bits<scalar_t, 2>(a, s, b, m, tid); break;
-      case 4: staged_codes_bits<scalar_t, 4>(a, s, b, m, tid); break;
-      default: staged_codes_bits<scalar_t, 8>(a, s, b, m, tid); break;
-    }
+    with_bits(a.bits, [&](auto q) { staged_codes_bits<scalar_t, decltype(q)::value>(a, s, b, m, tid); });
   });
 }
 

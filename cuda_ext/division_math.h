@@ -217,6 +217,18 @@ DIV_HD float uniform16(uint32_t half) {
 DIV_HD float uniform_even(uint32_t hash) { return uniform16(hash & 0xFFFFu); }
 DIV_HD float uniform_odd(uint32_t hash) { return uniform16(hash >> 16); }
 
+// f(std::integral_constant<int, Q>{}) for Q = bits (1, 2, 4 or 8): a kernel body specialized for
+// its code width, chosen from the runtime Q once.
+template <typename F>
+DIV_HD void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // ---- quantization and reconstruction ---------------------------------------------------------
 
 // floor of t in [0, 2^Q - 1] (Q <= 8), as an integer.

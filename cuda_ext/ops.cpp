@@ -245,12 +245,7 @@ void twin_channel_decompress(const DecompressArgs& a, const ChannelPlan& c) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   HostExec<kStagedThreads> ex;
   for_blocks(c.blocks, [&](int64_t b) {
-    switch (a.bits) {
-      case 1: channel_decompress_block<scalar_t, kVec, 1>(ex, a, c, b); break;
-      case 2: channel_decompress_block<scalar_t, kVec, 2>(ex, a, c, b); break;
-      case 4: channel_decompress_block<scalar_t, kVec, 4>(ex, a, c, b); break;
-      default: channel_decompress_block<scalar_t, kVec, 8>(ex, a, c, b); break;
-    }
+    with_bits(a.bits, [&](auto q) { channel_decompress_block<scalar_t, kVec, decltype(q)::value>(ex, a, c, b); });
   });
 }
 
