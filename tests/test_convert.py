@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import division
+from benchmarks.op_count import OpCounter
 from division.compressor import Compressor
 from division.hashing import draw_seed
 
@@ -85,26 +85,13 @@ def test_a_block_input_read_by_two_convs_is_compressed_once() -> None:
     assert unshared._division_compressor.shared_hits == 0
 
 
-class RandomDraws(TorchDispatchMode):
-    """Counts the random-number ops that reach a kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func.overloadpacket in (torch.ops.aten.randint, torch.ops.aten.random_):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_forward_draws_one_seed_and_numbers_its_planes_in_sequence() -> None:
     model = division.convert_model(torchvision.models.resnet18(num_classes=10), division.DivisionConfig())
     x = torch.randn(2, 3, 32, 32)
     for _ in range(2):
-        with RandomDraws() as draws:
+        with OpCounter() as ops:
             model(x).sum().backward()
-        assert draws.count == 1  # one seed a step, not one per layer
+        assert ops.counts["aten.randint"] + ops.counts["aten.random_"] == 1  # one seed a step, not one per layer
     cfg = division.DivisionConfig()
     compressor = Compressor(cfg)
     a, b = torch.randn(2, 3, 8, 8), torch.randn(4, 5, 6, 6)
