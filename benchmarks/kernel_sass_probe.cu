@@ -32,6 +32,12 @@ __global__ void probe_vec_decompress(DecompressArgs a, VecPlan v) {
     vec_decompress_chunk<T, VEC, RUNS>(a, v, c);
 }
 
+template <typename T, int BITS>
+__global__ void probe_word_decompress(DecompressArgs a, WordPlan w) {
+  for (int64_t t = blockIdx.x * kStagedThreads + threadIdx.x; t < w.threads; t += int64_t{1} << 24)
+    word_decompress_thread<T, BITS>(a, w, t);
+}
+
 template <typename T, int VEC, int BITS>
 __global__ void probe_channel_decompress(DecompressArgs a, ChannelPlan c) {
   for (int64_t t = blockIdx.x * kStagedThreads + threadIdx.x; t < c.threads; t += int64_t{1} << 24)
@@ -48,5 +54,7 @@ template __global__ void probe_vec_decompress<float, 4, true>(DecompressArgs, Ve
 template __global__ void probe_vec_decompress<c10::BFloat16, 8, true>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<float, 4, false>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<c10::BFloat16, 8, false>(DecompressArgs, VecPlan);
+template __global__ void probe_word_decompress<float, 2>(DecompressArgs, WordPlan);
+template __global__ void probe_word_decompress<c10::BFloat16, 2>(DecompressArgs, WordPlan);
 template __global__ void probe_channel_decompress<float, 4, 2>(DecompressArgs, ChannelPlan);
 template __global__ void probe_channel_decompress<c10::BFloat16, 8, 2>(DecompressArgs, ChannelPlan);

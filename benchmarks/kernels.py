@@ -88,7 +88,7 @@ def plan(x: torch.Tensor, cfg: division.DivisionConfig) -> str:
 
 
 def decompress_plan(x: torch.Tensor, cfg: division.DivisionConfig) -> str:
-    """The decompress kernel for x's shape and layout: 'vec 8 runs', 'channel 128', 'tile', ..."""
+    """The decompress kernel for x's shape and layout: 'word 16 runs', 'vec 8', 'channel 128', 'tile', ..."""
     module, _ = load_extension()
     if module is None:
         return "reference"
@@ -188,17 +188,20 @@ def decompress_path_rows(
     shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: torch.device, repeats: int,
     cfg: division.DivisionConfig,
 ) -> list[dict]:
-    """decompress GB/s of every kernel that can write the layout (vec, or channel and the tile
-    transpose it replaced, and generic), so that a GPU run compares them on the same data."""
+    """decompress GB/s of every kernel that can write the layout (word and the vec kernel it
+    replaces where planes are whole code words, or channel and the tile transpose it replaced, and
+    generic), so that a GPU run compares them on the same data."""
     module, _ = load_extension()
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
     packed = division.compress(x, cfg, seed=torch.tensor(1, device=device))
     moved = x.numel() * x.element_size() + packed.nbytes
     channels_last = layout != "NCHW"
     parts = packed.tensors()[:5]  # mode division: all present
-    paths = ["tile", "channel", "generic"] if channels_last else ["vec", "generic"]
+    paths = ["tile", "channel", "generic"] if channels_last else ["word", "vec", "generic"]
     if channels_last and shape[1] % (16 // x.element_size()) != 0:
         paths.remove("channel")
+    if not channels_last and decompress_plan(x, cfg).split()[0] != "word":
+        paths.remove("word")
     rows = []
     for path in paths:
         def call(path: str = path) -> torch.Tensor:

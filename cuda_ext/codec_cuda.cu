@@ -64,6 +64,12 @@ __global__ void __launch_bounds__(kStagedThreads) vec_decompress_kernel(const De
   vec_decompress_block<scalar_t, VEC, RUNS>(ex, a, v, static_cast<int64_t>(blockIdx.x));
 }
 
+template <typename scalar_t, int BITS>
+__global__ void __launch_bounds__(kStagedThreads) word_decompress_kernel(const DecompressArgs a, const WordPlan w) {
+  DeviceExec ex;
+  word_decompress_block<scalar_t, BITS>(ex, a, w, static_cast<int64_t>(blockIdx.x));
+}
+
 template <typename scalar_t, bool RUNS>
 __global__ void __launch_bounds__(kStagedThreads) tile_decompress_kernel(const DecompressArgs a, const TilePlan t) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -177,6 +183,16 @@ void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::Scalar
                         : v.runs      ? vec_decompress_kernel<scalar_t, kVec, true>
                                       : vec_decompress_kernel<scalar_t, kVec, false>;
     launch(site, kStagedThreads, 0, kernel, a, v);
+  });
+}
+
+void launch_word_decompress(const DecompressArgs& a, const WordPlan& w, at::ScalarType dtype, const at::Tensor& on) {
+  const LaunchSite site(on, w.blocks, "division.decompress");
+  if (site.blocks == 0) return;
+  DIVISION_DISPATCH(dtype, "division_word_decompress", [&] {
+    with_bits(a.bits, [&](auto q) {
+      launch(site, kStagedThreads, 0, word_decompress_kernel<scalar_t, decltype(q)::value>, a, w);
+    });
   });
 }
 

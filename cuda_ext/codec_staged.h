@@ -677,6 +677,98 @@ DIV_HD void vec_decompress_block(Exec& ex, const DecompressArgs& a, const VecPla
   ex.each([&](int tid) { vec_decompress_chunk<scalar_t, VEC, RUNS>(a, v, block * kStagedThreads + tid); });
 }
 
+// up[i] = the LFC value at index(i), i < N: the LFC dtype's branch taken once for all N loads.
+template <int N, typename Index>
+DIV_HD void load_lfc_n(const DecompressArgs& a, Index index, float (&up)[N]) {
+  if (a.lfc_kind == kLfcBFloat16) {
+    const c10::BFloat16* l = static_cast<const c10::BFloat16*>(a.lfc);
+    for (int i = 0; i < N; ++i) up[i] = static_cast<float>(l[index(i)]);
+  } else if (a.lfc_kind == kLfcFloat16) {
+    const c10::Half* l = static_cast<const c10::Half*>(a.lfc);
+    for (int i = 0; i < N; ++i) up[i] = static_cast<float>(l[index(i)]);
+  } else {
+    const float* l = static_cast<const float*>(a.lfc);
+    for (int i = 0; i < N; ++i) up[i] = l[index(i)];
+  }
+}
+
+// ---- decompress, NCHW: one thread per code word ----------------------------------------------
+//
+// Thread t rebuilds the 32 / Q elements of code word t (Q = 2: 16 elements, 64 bytes of float32):
+// one code-word load, one set of plane constants and one block lookup for all of them, where a
+// thread per 16 bytes repeats those for every 4 (float32) or 8 (16-bit) elements. The LFC blocks
+// of its runs of four follow by additions (a division only at a row's end), their values come in
+// one gather (one branch on the LFC dtype), and the elements then decode without a branch. It applies where
+// a plane is whole code words (P % (32 / Q) == 0, so the words of plane p are threads
+// p * words .. and no word spans planes), a word's elements are whole 16-byte stores, and runs of
+// four lie in one LFC block (rows_of_four): every ResNet-50 NCHW shape but 14x14 and 7x7 at Q = 2.
+
+struct WordPlan {
+  int32_t run;          // elements per thread, 32 / Q; 0 when the path does not apply
+  int64_t threads;      // N * C * words per plane
+  int64_t blocks;       // of kStagedThreads threads
+  FastDiv64 div_words;  // by the words of a plane
+};
+
+inline WordPlan word_plan(const Geometry& g, int64_t esize) {
+  WordPlan w{};
+  const int32_t run = 32 / g.bits;
+  if (g.channels_last || !rows_of_four(g) || g.numel % run != 0 || run * esize % 16 != 0) return w;
+  w.run = run;
+  w.threads = g.planes * g.words;
+  w.blocks = (w.threads + kStagedThreads - 1) / kStagedThreads;
+  w.div_words = FastDiv64::make(static_cast<uint64_t>(g.words));
+  return w;
+}
+
+template <typename scalar_t, int BITS>
+DIV_HD void word_decompress_thread(const DecompressArgs& a, const WordPlan& w, int64_t t) {
+  constexpr int kRun = 32 / BITS;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  if constexpr (kRun % kVec != 0) {
+    return;  // a word of Q = 8 is 8 bytes of a 16-bit dtype: word_plan never takes this path
+  } else {
+    if (t >= w.threads) return;
+    const Geometry& g = a.g;
+    const int64_t p = static_cast<int64_t>(w.div_words.div(static_cast<uint64_t>(t)));
+    const int32_t q0 = static_cast<int32_t>(t - p * g.words) * kRun;
+    uint32_t word = a.mode != kLfcOnly ? a.codes[t] : 0u;  // word t - p * words of plane p
+    const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
+    float up[kRun / 4];  // the LFC of each run of four
+    if (a.mode != kHfcOnly) {
+      int32_t block[kRun / 4];
+      Cursor cur;
+      cur.seek(g, static_cast<uint32_t>(q0));
+DIV_UNROLL
+      for (int r = 0; r < kRun / 4; ++r) {
+        block[r] = cur.block();
+        if (r + 1 < kRun / 4) cur.skip(g, static_cast<uint32_t>(q0 + 4 * r + 4), 4);
+      }
+      const int64_t lfc_base = p * g.lfc_numel;
+      load_lfc_n<kRun / 4>(a, [&](int r) { return lfc_base + block[r]; }, up);
+    } else {
+      for (int r = 0; r < kRun / 4; ++r) up[r] = kNoLfc;
+    }
+    scalar_t* out = static_cast<scalar_t*>(a.out) + p * g.numel + q0;
+DIV_UNROLL
+    for (int s = 0; s < kRun; s += kVec) {
+      scalar_t e[kVec];
+DIV_UNROLL
+      for (int k = 0; k < kVec; ++k) {
+        e[k] = static_cast<scalar_t>(reconstruct(up[(s + k) / 4], word & kMask, d));
+        word >>= BITS;
+      }
+      store_values<scalar_t, kVec>(out + s, e);
+    }
+  }
+}
+
+template <typename scalar_t, int BITS, typename Exec>
+DIV_HD void word_decompress_block(Exec& ex, const DecompressArgs& a, const WordPlan& w, int64_t block) {
+  ex.each([&](int tid) { word_decompress_thread<scalar_t, BITS>(a, w, block * kStagedThreads + tid); });
+}
+
 // ---- decompress, channels_last: through a transpose tile -----------------------------------
 //
 // A block rebuilds a tile of `pixels` pixels x `channels` channels of one sample: first plane by
@@ -801,20 +893,11 @@ inline ChannelPlan channel_plan(const Geometry& g, int64_t esize, int bits) {
   return c;
 }
 
-// up[i] = the LFC of block j of planes p0 .. p0 + VEC - 1 (the dtype's branch taken once).
+// up[i] = the LFC of block j of planes p0 .. p0 + VEC - 1.
 template <int VEC>
 DIV_HD void load_lfc_planes(const DecompressArgs& a, int64_t p0, int32_t j, float (&up)[VEC]) {
   const int64_t L = a.g.lfc_numel, first = p0 * L + j;
-  if (a.lfc_kind == kLfcBFloat16) {
-    const c10::BFloat16* l = static_cast<const c10::BFloat16*>(a.lfc) + first;
-    for (int i = 0; i < VEC; ++i) up[i] = static_cast<float>(l[i * L]);
-  } else if (a.lfc_kind == kLfcFloat16) {
-    const c10::Half* l = static_cast<const c10::Half*>(a.lfc) + first;
-    for (int i = 0; i < VEC; ++i) up[i] = static_cast<float>(l[i * L]);
-  } else {
-    const float* l = static_cast<const float*>(a.lfc) + first;
-    for (int i = 0; i < VEC; ++i) up[i] = l[i * L];
-  }
+  load_lfc_n<VEC>(a, [&](int i) { return first + i * L; }, up);
 }
 
 // Pixels q0 .. q0 + count - 1 walk in segments, each inside one LFC block and one row: the LFC

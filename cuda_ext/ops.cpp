@@ -123,7 +123,7 @@ std::vector<int64_t> lfc_sizes(at::IntArrayRef shape, int64_t block) {
 // Which kernel and launch shape; the defaults are what the ops use, tests sweep the others (the
 // results must not depend on them).
 struct CodecOptions {
-  std::string path = "auto";      // compress: auto | staged | generic; decompress: auto | vec | tile | channel | generic
+  std::string path = "auto";      // compress: auto | staged | generic; decompress: auto | word | vec | tile | channel | generic
   int64_t threads_per_plane = 0;  // generic kernels: 0 = automatic
   bool plane_minor = false;
   int64_t smem_target = 0;        // staged compress: 0 = kSharedTarget
@@ -222,6 +222,14 @@ void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v) {
     } else {
       vec_decompress_block<scalar_t, 1, false>(ex, a, v, b);
     }
+  });
+}
+
+template <typename scalar_t>
+void twin_word_decompress(const DecompressArgs& a, const WordPlan& w) {
+  HostExec<kStagedThreads> ex;
+  for_blocks(w.blocks, [&](int64_t b) {
+    with_bits(a.bits, [&](auto q) { word_decompress_block<scalar_t, decltype(q)::value>(ex, a, w, b); });
   });
 }
 
@@ -332,10 +340,11 @@ Compressed compress_op(const at::Tensor& x, const at::Tensor& seed, int64_t bloc
   return compress_with(x, seed, block_size, bits, lfc_dtype, mode, first_plane, CodecOptions{});
 }
 
-// NCHW: vec; channels_last: channel where C allows 16-byte stores of channels, else the tile
-// transpose (4-D) or the generic kernel (5-D).
-std::string decompress_path(const Geometry& g, const ChannelPlan& c, size_t dims) {
-  if (!g.channels_last) return "vec";
+// NCHW: word where planes are whole code words of whole 16-byte stores, else vec; channels_last:
+// channel where C allows 16-byte stores of channels, else the tile transpose (4-D) or the generic
+// kernel (5-D).
+std::string decompress_path(const Geometry& g, const WordPlan& w, const ChannelPlan& c, size_t dims) {
+  if (!g.channels_last) return w.run > 0 ? "word" : "vec";
   if (c.vec > 0) return "channel";
   return dims == 4 ? "tile" : "generic";
 }
@@ -400,11 +409,16 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
   a.mode = mode;
   a.out = out.data_ptr();
   const ChannelPlan c = channel_plan(g, out.element_size(), a.bits);
+  const WordPlan w = word_plan(g, out.element_size());
   std::string path = o.path;
-  if (path == "auto") path = decompress_path(g, c, shape.size());
-  TORCH_CHECK(path == "vec" || path == "tile" || path == "channel" || path == "generic", what,
-              ": path must be auto, vec, tile, channel or generic, got ", path);
+  if (path == "auto") path = decompress_path(g, w, c, shape.size());
+  TORCH_CHECK(path == "word" || path == "vec" || path == "tile" || path == "channel" || path == "generic", what,
+              ": path must be auto, word, vec, tile, channel or generic, got ", path);
   TORCH_CHECK(path != "vec" || !channels_last, what, ": the vec kernel writes NCHW outputs");
+  TORCH_CHECK(path != "word" || w.run > 0, what,
+              ": the word kernel writes NCHW outputs whose planes are whole code words of whole 16-byte "
+              "stores, with W and the block width multiples of 4; got shape ", shape, ", block_size ",
+              block_size, ", bits ", bits, channels_last ? ", channels_last" : "");
   TORCH_CHECK(path != "tile" || (channels_last && shape.size() == 4), what,
               ": the tile kernel writes 4-D channels_last outputs");
   TORCH_CHECK(path != "channel" || c.vec > 0, what,
@@ -415,6 +429,12 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
       launch_channel_decompress(a, c, dtype, out);
     } else {
       DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_channel_decompress<scalar_t>(a, c); });
+    }
+  } else if (path == "word") {
+    if (out.is_cuda()) {
+      launch_word_decompress(a, w, dtype, out);
+    } else {
+      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_word_decompress<scalar_t>(a, w); });
     }
   } else if (path == "vec") {
     const VecPlan v = vec_plan(g, out.element_size());
@@ -790,7 +810,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return division::decompress_with(lfc, codes, lo, step, shift, shape, dtype, channels_last, block_size,
                                            bits, mode, division::options(path, threads_per_plane, plane_minor, 0, 0));
         },
-        "decompress with a chosen kernel (path: auto | vec | tile | channel | generic) and launch shape",
+        "decompress with a chosen kernel (path: auto | word | vec | tile | channel | generic) and launch shape",
         py::arg("lfc"), py::arg("codes"), py::arg("lo"), py::arg("step"), py::arg("shift"), py::arg("shape"),
         py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"),
         py::arg("mode"), py::arg("path") = "auto", py::arg("threads_per_plane") = 0,
@@ -801,7 +821,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           const division::Geometry g = division::make_geometry(shape, block_size, bits, channels_last, "division.decompress_plan");
           const int64_t esize = at::elementSize(dtype);
           const division::ChannelPlan c = division::channel_plan(g, esize, static_cast<int>(bits));
-          const std::string path = division::decompress_path(g, c, shape.size());
+          const division::WordPlan w = division::word_plan(g, esize);
+          const std::string path = division::decompress_path(g, w, c, shape.size());
+          if (path == "word") return py::make_tuple(path, static_cast<int>(w.run), true);
           if (path == "vec") {
             const division::VecPlan v = division::vec_plan(g, esize);
             return py::make_tuple(path, static_cast<int>(v.vec), v.runs != 0);
@@ -810,7 +832,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return py::make_tuple(path, 1, path == "tile" && division::runs_of_four(g));
         },
         "the kernel decompress takes by default and its work per thread: (path, elements per thread, runs of "
-        "four), path vec (NCHW), channel, tile or generic (channels_last)",
+        "four), path word or vec (NCHW), channel, tile or generic (channels_last)",
         py::arg("shape"), py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"));
   m.def("compress_plan", &division::compress_plan,
         "('staged', planes per block, shared bytes, blocks, vec, run, ranks) or ('generic', T, G, blocks, 0, 0, 0)",

@@ -95,12 +95,20 @@ def compress_options(x: torch.Tensor, block: int = 8, bits: int = 2) -> list[dic
     return options
 
 
-def decompress_paths(x: torch.Tensor) -> list[str]:
-    """Every decompress kernel that can write x's layout: channel needs 16 bytes of channels."""
+def word_applies(shape: tuple[int, ...], esize: int, block: int, bits: int) -> bool:
+    """The NCHW word kernel's condition, restated: planes of whole code words, a word whole
+    16-byte stores, W and the block width multiples of 4."""
+    run, w = 32 // bits, shape[-1]
+    return math.prod(shape[2:]) % run == 0 and run * esize % 16 == 0 and w % 4 == 0 and min(block, w) % 4 == 0
+
+
+def decompress_paths(x: torch.Tensor, block: int, bits: int) -> list[str]:
+    """Every decompress kernel that can write x's layout: channel needs 16 bytes of channels, word
+    whole code words per plane."""
     fmt = memory_format_of(x)
     paths = ["auto", "generic"]
     if fmt == torch.contiguous_format:
-        return paths + ["vec"]
+        return paths + ["vec"] + (["word"] if word_applies(x.shape, x.element_size(), block, bits) else [])
     if x.dim() == 4:
         paths.append("tile")
     if x.shape[1] % (16 // x.element_size()) == 0:
@@ -129,7 +137,7 @@ def check_against_reference(
     none = torch.empty(0, device=x.device)
     parts = [t if t is not None else none for t in want_parts]
     want = decompress_reference(ref)
-    paths = decompress_paths(x) if launch is None else ["generic"]
+    paths = decompress_paths(x, block, bits) if launch is None else ["generic"]
     for path in paths:
         extra = {} if launch is None else {"threads_per_plane": launch[0], "plane_minor": launch[1]}
         out = _C._decompress_with(*parts, list(x.shape), x.dtype, fmt != torch.contiguous_format,
@@ -247,6 +255,30 @@ def test_cpu_twin_staged_code_runs(shape: tuple, block: int, run: int, bits: int
         check_against_reference(x, block, bits, mode, torch.bfloat16, seed=777 + bits)
 
 
+# (shape, B): NCHW planes of whole code words, decompressed a thread per word
+WORD_SHAPES = [
+    ((2, 3, 56, 56), 8),  # words cross row ends (56 % 16 == 8 at Q = 2)
+    ((2, 2, 28, 28), 8),  # partial last block column (28 = 3 * 8 + 4)
+    ((1, 3, 12, 16), 4),  # a 16-element word in four LFC blocks
+    ((2, 3, 8, 4), 100),  # one block per plane, W = 4
+    ((2, 2, 4, 8, 8), 8),  # 3-D: a row end moves to the next depth slice
+    ((2, 3, 64), 8),  # 1-D
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape, block", WORD_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cpu_twin_word_decompress(shape: tuple, block: int, bits: int) -> None:
+    for dtype, mode in zip(DTYPES, MODES):
+        x = make_input(shape, dtype, "contiguous", "cpu", seed=bits)
+        applies = word_applies(shape, x.element_size(), block, bits)
+        assert applies or bits in (1, 8), (shape, dtype, bits)  # every shape is whole 16-code words
+        if applies:
+            assert _C.decompress_plan(list(shape), dtype, False, block, bits) == ("word", 32 // bits, True)
+        check_against_reference(x, block, bits, mode, torch.bfloat16, seed=4242 + bits)
+
+
 @needs_ext
 def test_compress_plans() -> None:
     """ResNet-50's activations are staged (one read of x); planes that would leave one block per
@@ -316,16 +348,24 @@ def test_cpu_twin_split_planes(shape: tuple, layout: str, block: int, limit: int
 
 @needs_ext
 def test_decompress_plans() -> None:
-    """NCHW: vec, a 16-byte store per thread wherever N * C * P allows (a chunk may span planes:
-    7x7, bfloat16 14x14), in runs of four where W and B allow; channels_last: 16-byte stores of
-    channels straight from the codes where C allows (every ResNet-50 activation but the 3-channel
-    input), else the transpose tile (4-D) or the generic kernel (5-D)."""
-    for shape in [(2, 64, 112, 112), (2, 256, 56, 56), (2, 1024, 14, 14), (2, 2048, 7, 7)]:
+    """NCHW: word, a thread per code word, where planes are whole words (P % (32 / Q) == 0) of
+    whole 16-byte stores and W and B are multiples of 4; else vec, a 16-byte store per thread
+    wherever N * C * P allows (a chunk may span planes: 7x7, bfloat16 14x14), in runs of four where
+    W and B allow; channels_last: 16-byte stores of channels straight from the codes where C
+    allows (every ResNet-50 activation but the 3-channel input), else the transpose tile (4-D) or
+    the generic kernel (5-D)."""
+    for shape in [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2, 1024, 14, 14), (2, 2048, 7, 7)]:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             per16 = 16 // torch.empty(0, dtype=dtype).element_size()
-            runs = shape[-1] in (112, 56)
-            assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("vec", per16, runs)
+            if shape[-1] in (112, 56, 28):  # P a multiple of 16
+                assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("word", 16, True)
+            else:
+                assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("vec", per16, False)
             assert _C.decompress_plan(list(shape), dtype, True, 8, 2) == ("channel", per16 * 16, True)
+    assert _C.decompress_plan([2, 4, 56, 56], torch.float32, False, 8, 8) == ("word", 4, True)
+    assert _C.decompress_plan([2, 4, 56, 56], torch.bfloat16, False, 8, 8) == ("vec", 8, True)  # a word is 8 bytes
+    assert _C.decompress_plan([2, 4, 8, 6], torch.float32, False, 8, 2) == ("vec", 4, True)  # one block, W = 6
+    assert _C.decompress_plan([2, 4, 8, 12], torch.float32, False, 6, 2) == ("vec", 4, False)  # B = 6
     assert _C.decompress_plan([1, 3, 7, 7], torch.float32, False, 8, 2) == ("vec", 1, False)  # 147 elements
     assert _C.decompress_plan([2, 3, 224, 224], torch.bfloat16, True, 8, 2) == ("tile", 1, True)
     assert _C.decompress_plan([2, 4, 9, 9], torch.float32, True, 8, 1) == ("channel", 128, True)
@@ -336,6 +376,9 @@ def test_decompress_plans() -> None:
     with pytest.raises(RuntimeError, match="channel kernel writes channels_last outputs whose C"):
         _C._decompress_with(ref.lfc, ref.codes, ref.lo, ref.step, ref.shift, [2, 12, 5, 5], torch.bfloat16,
                             True, 8, 2, "division", path="channel")
+    with pytest.raises(RuntimeError, match="word kernel writes NCHW outputs whose planes are whole code words"):
+        _C._decompress_with(ref.lfc, ref.codes, ref.lo, ref.step, ref.shift, [2, 12, 5, 5], torch.bfloat16,
+                            False, 8, 2, "division", path="word")
 
 
 def special_values(dtype: torch.dtype = torch.float32) -> torch.Tensor:
