@@ -266,17 +266,21 @@ WORD_SHAPES = [
 ]
 
 
-@needs_ext
-@pytest.mark.parametrize("shape, block", WORD_SHAPES)
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_cpu_twin_word_decompress(shape: tuple, block: int, bits: int) -> None:
+def check_word(shape: tuple, block: int, bits: int, device: str) -> None:
     for dtype, mode in zip(DTYPES, MODES):
-        x = make_input(shape, dtype, "contiguous", "cpu", seed=bits)
+        x = make_input(shape, dtype, "contiguous", device, seed=bits)
         applies = word_applies(shape, x.element_size(), block, bits)
         assert applies or bits in (1, 8), (shape, dtype, bits)  # every shape is whole 16-code words
         if applies:
             assert _C.decompress_plan(list(shape), dtype, False, block, bits) == ("word", 32 // bits, True)
         check_against_reference(x, block, bits, mode, torch.bfloat16, seed=4242 + bits)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape, block", WORD_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cpu_twin_word_decompress(shape: tuple, block: int, bits: int) -> None:
+    check_word(shape, block, bits, "cpu")
 
 
 @needs_ext
@@ -573,6 +577,15 @@ def test_cuda_kernels_on_edge_shapes_and_launch_shapes(shape: tuple, layout: str
     x = make_input(shape, torch.float32, layout, "cuda")
     for threads, minor in itertools.product([1, 4, 32, 256], [False, True]):
         check_against_reference(x, 3, 4, "division", torch.float16, seed=8, launch=(threads, minor))
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_gpu
+@pytest.mark.parametrize("shape, block", WORD_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cuda_word_decompress(shape: tuple, block: int, bits: int) -> None:
+    check_word(shape, block, bits, "cuda")
 
 
 @pytest.mark.gpu
