@@ -22,8 +22,6 @@
 #define DIV_HD inline
 #define DIV_UNROLL
 #endif
-// A branch the hot loops rarely take (a row's end): laid out away from the fall-through path.
-#define DIV_RARELY(cond) __builtin_expect(static_cast<bool>(cond), 0)
 
 namespace division {
 
@@ -503,7 +501,7 @@ struct Cursor {
   // From element q to q_next = q + len, where q .. q_next - 1 lie in one block and one row.
   DIV_HD void skip(const Geometry& g, uint32_t q_next, int32_t len) {
     x += len;
-    if (DIV_RARELY(x == g.w)) {
+    if (x == g.w) {
       seek(g, q_next);
     } else if ((xr += len) == g.bw) {
       xr = 0;
