@@ -7,6 +7,7 @@
 #   bash scripts/gpu_checks.sh accuracy                # ResNet-18, full Fashion-MNIST, 3 seeds each
 #   bash scripts/gpu_checks.sh compile profile_bf16    # vanilla and DIVISION under torch.compile
 #   bash scripts/gpu_checks.sh vit                     # ViT-B/16 bs 64: memory and speed, fp32 and bf16
+#   bash scripts/gpu_checks.sh host                    # host us per layer call: stock, exact, division
 # Each step has its own time limit and log ($RESULTS/<step>.log); a failing step is recorded in
 # $RESULTS/steps.tsv and the next one still runs. Results go to $RESULTS (default logs/bench/gpu).
 # On the lent machine first run ../shared/tools/gpu-prep.sh here, carry .whl and .data: the wheels
@@ -81,6 +82,10 @@ for s in "$@"; do
     largest_batch) step largest_batch 200 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 \
       --batches 256 --amp off --methods vanilla division --find-max --max-search 4096 \
       --out "$RESULTS/largest_batch_resnet50_fp32" ;;
+    host)
+      step host_fp32 60 "$PY" benchmarks/host_overhead.py --device cuda --out "$RESULTS/host_overhead_fp32"
+      step host_bf16_cl 60 "$PY" benchmarks/host_overhead.py --device cuda --amp bf16 --channels-last \
+        --out "$RESULTS/host_overhead_bf16_cl" ;;
     compile)
       compiled_pair fp32 off
       compiled_pair bf16_cl bf16 --channels-last ;;

@@ -88,6 +88,17 @@ def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
         assert all(r["plan"] and r["decompress_plan"].split()[0] in ("word", "vec", "channel", "tile") for r in rows)
 
 
+def test_host_overhead_benchmark(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--iters", "20",
+                          "--repeats", "2", "--out", str(tmp_path / "host")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = check_outputs(tmp_path / "host")
+    # calls of each kind in one ResNet-50 forward, from hooks: every conv, BN and ReLU call
+    assert result["counts"] == {"conv": 53, "batch norm": 53, "relu": 49, "max-pool 3x3/2": 1}
+    assert all(set(r) == {"stock", "exact", "division"} and min(r.values()) > 0 for r in result["rows"].values())
+    assert "ResNet-50 step, extra host ms" in (tmp_path / "host.md").read_text()
+
+
 def test_op_count_benchmark(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "op_count.py"), "--model", "resnet18",
                           "--size", "32", "--out", str(tmp_path / "ops")], capture_output=True, text=True, timeout=600)
