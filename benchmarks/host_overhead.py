@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--size", type=int, default=4)
     parser.add_argument("--iters", type=int, default=300, help="calls per timed run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, help="output path without extension")
     args = parser.parse_args(argv)
     if args.device == "cpu":
