@@ -65,8 +65,8 @@ PROBES = [
     Probe("decompress NCHW", "runs of 4", "bfloat16", "probe_vec_decompressIN3c108BFloat16ELi8ELb1E", r"^FMUL", 2, False),
     Probe("decompress NCHW", "element walk (other W, B; every reload taken)", "float32", "probe_vec_decompressIfLi4ELb0E", r"^FMUL", 2, False),
     Probe("decompress NCHW", "element walk (other W, B; every reload taken)", "bfloat16", "probe_vec_decompressIN3c108BFloat16ELi8ELb0E", r"^FMUL", 2, False),
-    Probe("decompress NCHW", "word: a thread per code word (16 elements)", "float32", "probe_word_decompressIfLi2E", r"^FMUL", 2, False),
-    Probe("decompress NCHW", "word: a thread per code word (16 elements)", "bfloat16", "probe_word_decompressIN3c108BFloat16ELi2E", r"^FMUL", 2, False),
+    Probe("decompress NCHW", "a thread per code word (16 elements), decode and direct stores (word_direct)", "float32", "probe_word_decompressIfLi2E", r"^FMUL", 2, False),
+    Probe("decompress NCHW", "a thread per code word (16 elements), decode and direct stores (word_direct)", "bfloat16", "probe_word_decompressIN3c108BFloat16ELi2E", r"^FMUL", 2, False),
     Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "float32", "probe_channel_decompressIfLi4ELi2E", r"^FMUL", 2, False, 2, 8),
     Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "bfloat16", "probe_channel_decompressIN3c108BFloat16ELi8ELi2E", r"^FMUL", 2, False, 2, 16),
 ]

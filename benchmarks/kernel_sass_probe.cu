@@ -35,7 +35,7 @@ __global__ void probe_vec_decompress(DecompressArgs a, VecPlan v) {
 template <typename T, int BITS>
 __global__ void probe_word_decompress(DecompressArgs a, WordPlan w) {
   for (int64_t t = blockIdx.x * kStagedThreads + threadIdx.x; t < w.threads; t += int64_t{1} << 24)
-    word_decompress_thread<T, BITS>(a, w, t);
+    word_direct_thread<T, BITS>(a, w, t);
 }
 
 template <typename T, int VEC, int BITS>

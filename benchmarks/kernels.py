@@ -188,20 +188,21 @@ def decompress_path_rows(
     shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: torch.device, repeats: int,
     cfg: division.DivisionConfig,
 ) -> list[dict]:
-    """decompress GB/s of every kernel that can write the layout (word and the vec kernel it
-    replaces where planes are whole code words, or channel and the tile transpose it replaced, and
-    generic), so that a GPU run compares them on the same data."""
+    """decompress GB/s of every kernel that can write the layout (word, staged through shared
+    memory, word_direct and the vec kernel they replace where planes are whole code words; or
+    channel and the tile transpose it replaced; and generic), so that a GPU run compares them on
+    the same data."""
     module, _ = load_extension()
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
     packed = division.compress(x, cfg, seed=torch.tensor(1, device=device))
     moved = x.numel() * x.element_size() + packed.nbytes
     channels_last = layout != "NCHW"
     parts = packed.tensors()[:5]  # mode division: all present
-    paths = ["tile", "channel", "generic"] if channels_last else ["word", "vec", "generic"]
+    paths = ["tile", "channel", "generic"] if channels_last else ["word", "word_direct", "vec", "generic"]
     if channels_last and shape[1] % (16 // x.element_size()) != 0:
         paths.remove("channel")
     if not channels_last and decompress_plan(x, cfg).split()[0] != "word":
-        paths.remove("word")
+        paths = [p for p in paths if not p.startswith("word")]
     rows = []
     for path in paths:
         def call(path: str = path) -> torch.Tensor:

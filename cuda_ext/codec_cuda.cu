@@ -65,9 +65,16 @@ __global__ void __launch_bounds__(kStagedThreads) vec_decompress_kernel(const De
 }
 
 template <typename scalar_t, int BITS>
-__global__ void __launch_bounds__(kStagedThreads) word_decompress_kernel(const DecompressArgs a, const WordPlan w) {
+__global__ void __launch_bounds__(kStagedThreads) word_staged_kernel(const DecompressArgs a, const WordPlan w) {
+  extern __shared__ __align__(16) unsigned char smem[];
   DeviceExec ex;
-  word_decompress_block<scalar_t, BITS>(ex, a, w, static_cast<int64_t>(blockIdx.x));
+  word_staged_block<scalar_t, BITS>(ex, a, w, smem, static_cast<int64_t>(blockIdx.x));
+}
+
+template <typename scalar_t, int BITS>
+__global__ void __launch_bounds__(kStagedThreads) word_direct_kernel(const DecompressArgs a, const WordPlan w) {
+  DeviceExec ex;
+  word_direct_block<scalar_t, BITS>(ex, a, w, static_cast<int64_t>(blockIdx.x));
 }
 
 template <typename scalar_t, bool RUNS>
@@ -186,12 +193,18 @@ void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::Scalar
   });
 }
 
-void launch_word_decompress(const DecompressArgs& a, const WordPlan& w, at::ScalarType dtype, const at::Tensor& on) {
+void launch_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged, at::ScalarType dtype,
+                            const at::Tensor& on) {
   const LaunchSite site(on, w.blocks, "division.decompress");
   if (site.blocks == 0) return;
   DIVISION_DISPATCH(dtype, "division_word_decompress", [&] {
     with_bits(a.bits, [&](auto q) {
-      launch(site, kStagedThreads, 0, word_decompress_kernel<scalar_t, decltype(q)::value>, a, w);
+      constexpr int kBits = decltype(q)::value;
+      if (staged) {
+        launch(site, kStagedThreads, w.smem_bytes, word_staged_kernel<scalar_t, kBits>, a, w);
+      } else {
+        launch(site, kStagedThreads, 0, word_direct_kernel<scalar_t, kBits>, a, w);
+      }
     });
   });
 }

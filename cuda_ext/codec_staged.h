@@ -698,13 +698,21 @@ DIV_HD void load_lfc_n(const DecompressArgs& a, Index index, float (&up)[N]) {
 // one code-word load, one set of plane constants and one block lookup for all of them, where a
 // thread per 16 bytes repeats those for every 4 (float32) or 8 (16-bit) elements. The LFC blocks
 // of its runs of four follow by additions (a division only at a row's end), their values come in
-// one gather (one branch on the LFC dtype), and the elements then decode without a branch. It applies where
-// a plane is whole code words (P % (32 / Q) == 0, so the words of plane p are threads
-// p * words .. and no word spans planes), a word's elements are whole 16-byte stores, and runs of
-// four lie in one LFC block (rows_of_four): every ResNet-50 NCHW shape but 14x14 and 7x7 at Q = 2.
+// one gather (one branch on the LFC dtype), and the elements then decode without a branch. It
+// applies where a plane is whole code words (P % (32 / Q) == 0, so word t of the codes is the
+// output's elements t * 32 / Q .. and no word spans planes), a word's elements are whole 16-byte
+// stores, and runs of four lie in one LFC block (rows_of_four): every ResNet-50 NCHW shape but
+// 14x14 and 7x7 at Q = 2.
+//
+// A thread's 16-byte pieces are contiguous, so a warp's store instruction would write one piece in
+// every 32 / Q * size bytes (half sectors for float32 at Q = 2). The `word` path therefore stages
+// a block's words in shared memory, pieces swizzled so that neither side conflicts on banks, and
+// the block then copies its one contiguous range out with whole-warp 16-byte stores; `word_direct`
+// stores each thread's pieces straight from registers (the GPU run compares the two).
 
 struct WordPlan {
   int32_t run;          // elements per thread, 32 / Q; 0 when the path does not apply
+  int32_t smem_bytes;   // the staged variant's shared memory: a block's words
   int64_t threads;      // N * C * words per plane
   int64_t blocks;       // of kStagedThreads threads
   FastDiv64 div_words;  // by the words of a plane
@@ -715,58 +723,102 @@ inline WordPlan word_plan(const Geometry& g, int64_t esize) {
   const int32_t run = 32 / g.bits;
   if (g.channels_last || !rows_of_four(g) || g.numel % run != 0 || run * esize % 16 != 0) return w;
   w.run = run;
+  w.smem_bytes = static_cast<int32_t>(kStagedThreads * run * esize);
   w.threads = g.planes * g.words;
   w.blocks = (w.threads + kStagedThreads - 1) / kStagedThreads;
   w.div_words = FastDiv64::make(static_cast<uint64_t>(g.words));
   return w;
 }
 
+// Whether a word of Q bits per code is whole 16-byte pieces of scalar_t (Q = 8 is 8 bytes of a
+// 16-bit dtype: word_plan never takes the path there, and its kernels are empty).
 template <typename scalar_t, int BITS>
-DIV_HD void word_decompress_thread(const DecompressArgs& a, const WordPlan& w, int64_t t) {
+constexpr bool word_fits() {
+  return (32 / BITS) % (16 / sizeof(scalar_t)) == 0;
+}
+
+// Decodes word t and hands its pieces to store(k, piece): the k-th 16 bytes of its elements.
+template <typename scalar_t, int BITS, typename Store>
+DIV_HD void decode_word(const DecompressArgs& a, const WordPlan& w, int64_t t, Store&& store) {
   constexpr int kRun = 32 / BITS;
   constexpr int kVec = 16 / sizeof(scalar_t);
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  if constexpr (kRun % kVec != 0) {
-    return;  // a word of Q = 8 is 8 bytes of a 16-bit dtype: word_plan never takes this path
+  const Geometry& g = a.g;
+  const int64_t p = static_cast<int64_t>(w.div_words.div(static_cast<uint64_t>(t)));
+  const int32_t q0 = static_cast<int32_t>(t - p * g.words) * kRun;
+  uint32_t word = a.mode != kLfcOnly ? a.codes[t] : 0u;  // word t - p * words of plane p
+  const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
+  float up[kRun / 4];  // the LFC of each run of four
+  if (a.mode != kHfcOnly) {
+    int32_t block[kRun / 4];
+    Cursor cur;
+    cur.seek(g, static_cast<uint32_t>(q0));
+DIV_UNROLL
+    for (int r = 0; r < kRun / 4; ++r) {
+      block[r] = cur.block();
+      if (r + 1 < kRun / 4) cur.skip(g, static_cast<uint32_t>(q0 + 4 * r + 4), 4);
+    }
+    const int64_t lfc_base = p * g.lfc_numel;
+    load_lfc_n<kRun / 4>(a, [&](int r) { return lfc_base + block[r]; }, up);
   } else {
+    for (int r = 0; r < kRun / 4; ++r) up[r] = kNoLfc;
+  }
+DIV_UNROLL
+  for (int k = 0; k < kRun / kVec; ++k) {
+    scalar_t e[kVec];
+DIV_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      e[i] = static_cast<scalar_t>(reconstruct(up[(k * kVec + i) / 4], word & kMask, d));
+      word >>= BITS;
+    }
+    store(k, e);
+  }
+}
+
+// word_direct: each thread stores its pieces where they belong.
+template <typename scalar_t, int BITS>
+DIV_HD void word_direct_thread(const DecompressArgs& a, const WordPlan& w, int64_t t) {
+  if constexpr (word_fits<scalar_t, BITS>()) {
     if (t >= w.threads) return;
-    const Geometry& g = a.g;
-    const int64_t p = static_cast<int64_t>(w.div_words.div(static_cast<uint64_t>(t)));
-    const int32_t q0 = static_cast<int32_t>(t - p * g.words) * kRun;
-    uint32_t word = a.mode != kLfcOnly ? a.codes[t] : 0u;  // word t - p * words of plane p
-    const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
-    float up[kRun / 4];  // the LFC of each run of four
-    if (a.mode != kHfcOnly) {
-      int32_t block[kRun / 4];
-      Cursor cur;
-      cur.seek(g, static_cast<uint32_t>(q0));
-DIV_UNROLL
-      for (int r = 0; r < kRun / 4; ++r) {
-        block[r] = cur.block();
-        if (r + 1 < kRun / 4) cur.skip(g, static_cast<uint32_t>(q0 + 4 * r + 4), 4);
-      }
-      const int64_t lfc_base = p * g.lfc_numel;
-      load_lfc_n<kRun / 4>(a, [&](int r) { return lfc_base + block[r]; }, up);
-    } else {
-      for (int r = 0; r < kRun / 4; ++r) up[r] = kNoLfc;
-    }
-    scalar_t* out = static_cast<scalar_t*>(a.out) + p * g.numel + q0;
-DIV_UNROLL
-    for (int s = 0; s < kRun; s += kVec) {
-      scalar_t e[kVec];
-DIV_UNROLL
-      for (int k = 0; k < kVec; ++k) {
-        e[k] = static_cast<scalar_t>(reconstruct(up[(s + k) / 4], word & kMask, d));
-        word >>= BITS;
-      }
-      store_values<scalar_t, kVec>(out + s, e);
-    }
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    scalar_t* out = static_cast<scalar_t*>(a.out) + t * (32 / BITS);
+    decode_word<scalar_t, BITS>(a, w, t, [&](int k, const scalar_t (&e)[kVec]) { store_values<scalar_t, kVec>(out + k * kVec, e); });
   }
 }
 
 template <typename scalar_t, int BITS, typename Exec>
-DIV_HD void word_decompress_block(Exec& ex, const DecompressArgs& a, const WordPlan& w, int64_t block) {
-  ex.each([&](int tid) { word_decompress_thread<scalar_t, BITS>(a, w, block * kStagedThreads + tid); });
+DIV_HD void word_direct_block(Exec& ex, const DecompressArgs& a, const WordPlan& w, int64_t block) {
+  ex.each([&](int tid) { word_direct_thread<scalar_t, BITS>(a, w, block * kStagedThreads + tid); });
+}
+
+// word (staged): piece k of thread tid goes to 16-byte slot tid * K + (k + tid / (8 / K)) % K of
+// shared memory (K pieces a word, 1 to 8): the 8 threads of a store wavefront, and the 8
+// consecutive slots of a load wavefront, then fall in 8 different bank groups.
+DIV_HD uint32_t word_slot(uint32_t tid, uint32_t k, uint32_t pieces) {
+  return tid * pieces + (k + tid / (8 / pieces)) % pieces;  // pieces: a power of two
+}
+
+template <typename scalar_t, int BITS, typename Exec>
+DIV_HD void word_staged_block(Exec& ex, const DecompressArgs& a, const WordPlan& w, unsigned char* smem, int64_t block) {
+  if constexpr (word_fits<scalar_t, BITS>()) {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    constexpr uint32_t kPieces = (32 / BITS) / kVec;
+    Vec16* slots = reinterpret_cast<Vec16*>(smem);
+    const int64_t t0 = block * kStagedThreads;
+    const int32_t words = static_cast<int32_t>(w.threads - t0 < kStagedThreads ? w.threads - t0 : kStagedThreads);
+    ex.each([&](int tid) {
+      if (tid >= words) return;
+      decode_word<scalar_t, BITS>(a, w, t0 + tid, [&](int k, const scalar_t (&e)[kVec]) {
+        store_values<scalar_t, kVec>(reinterpret_cast<scalar_t*>(slots + word_slot(tid, k, kPieces)), e);
+      });
+    });
+    ex.sync();
+    ex.each([&](int tid) {
+      Vec16* out = reinterpret_cast<Vec16*>(static_cast<scalar_t*>(a.out) + t0 * (32 / BITS));
+      for (uint32_t v = tid; v < static_cast<uint32_t>(words * kPieces); v += kStagedThreads)
+        out[v] = slots[word_slot(v / kPieces, v % kPieces, kPieces)];
+    });
+  }
 }
 
 // ---- decompress, channels_last: through a transpose tile -----------------------------------

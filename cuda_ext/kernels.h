@@ -29,7 +29,9 @@ bool supports_clusters(const at::Tensor& on);
 bool launch_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype, const at::Tensor& on);
 void launch_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype, const at::Tensor& on);
 void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::ScalarType dtype, const at::Tensor& on);
-void launch_word_decompress(const DecompressArgs& a, const WordPlan& w, at::ScalarType dtype, const at::Tensor& on);
+// staged: through shared memory, whole-warp stores (path word); else straight from registers (word_direct).
+void launch_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged, at::ScalarType dtype,
+                            const at::Tensor& on);
 void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on);
 void launch_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at::ScalarType dtype, const at::Tensor& on);
 

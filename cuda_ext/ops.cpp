@@ -123,7 +123,7 @@ std::vector<int64_t> lfc_sizes(at::IntArrayRef shape, int64_t block) {
 // Which kernel and launch shape; the defaults are what the ops use, tests sweep the others (the
 // results must not depend on them).
 struct CodecOptions {
-  std::string path = "auto";      // compress: auto | staged | generic; decompress: auto | word | vec | tile | channel | generic
+  std::string path = "auto";      // compress: auto | staged | generic; decompress: auto | word | word_direct | vec | tile | channel | generic
   int64_t threads_per_plane = 0;  // generic kernels: 0 = automatic
   bool plane_minor = false;
   int64_t smem_target = 0;        // staged compress: 0 = kSharedTarget
@@ -226,10 +226,20 @@ void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v) {
 }
 
 template <typename scalar_t>
-void twin_word_decompress(const DecompressArgs& a, const WordPlan& w) {
-  HostExec<kStagedThreads> ex;
-  for_blocks(w.blocks, [&](int64_t b) {
-    with_bits(a.bits, [&](auto q) { word_decompress_block<scalar_t, decltype(q)::value>(ex, a, w, b); });
+void twin_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged) {
+  at::parallel_for(0, w.blocks, 1, [&](int64_t begin, int64_t end) {
+    HostExec<kStagedThreads> ex;
+    HostSmem smem(staged ? w.smem_bytes : 0);
+    for (int64_t b = begin; b < end; ++b) {
+      with_bits(a.bits, [&](auto q) {
+        constexpr int kBits = decltype(q)::value;
+        if (staged) {
+          word_staged_block<scalar_t, kBits>(ex, a, w, smem.data(), b);
+        } else {
+          word_direct_block<scalar_t, kBits>(ex, a, w, b);
+        }
+      });
+    }
   });
 }
 
@@ -340,7 +350,8 @@ Compressed compress_op(const at::Tensor& x, const at::Tensor& seed, int64_t bloc
   return compress_with(x, seed, block_size, bits, lfc_dtype, mode, first_plane, CodecOptions{});
 }
 
-// NCHW: word where planes are whole code words of whole 16-byte stores, else vec; channels_last:
+// NCHW: word (staged through shared memory) where planes are whole code words of whole 16-byte
+// pieces, else vec; channels_last:
 // channel where C allows 16-byte stores of channels, else the tile transpose (4-D) or the generic
 // kernel (5-D).
 std::string decompress_path(const Geometry& g, const WordPlan& w, const ChannelPlan& c, size_t dims) {
@@ -412,10 +423,11 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
   const WordPlan w = word_plan(g, out.element_size());
   std::string path = o.path;
   if (path == "auto") path = decompress_path(g, w, c, shape.size());
-  TORCH_CHECK(path == "word" || path == "vec" || path == "tile" || path == "channel" || path == "generic", what,
-              ": path must be auto, word, vec, tile, channel or generic, got ", path);
+  TORCH_CHECK(path == "word" || path == "word_direct" || path == "vec" || path == "tile" || path == "channel" ||
+                  path == "generic",
+              what, ": path must be auto, word, word_direct, vec, tile, channel or generic, got ", path);
   TORCH_CHECK(path != "vec" || !channels_last, what, ": the vec kernel writes NCHW outputs");
-  TORCH_CHECK(path != "word" || w.run > 0, what,
+  TORCH_CHECK((path != "word" && path != "word_direct") || w.run > 0, what,
               ": the word kernel writes NCHW outputs whose planes are whole code words of whole 16-byte "
               "stores, with W and the block width multiples of 4; got shape ", shape, ", block_size ",
               block_size, ", bits ", bits, channels_last ? ", channels_last" : "");
@@ -430,11 +442,12 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
     } else {
       DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_channel_decompress<scalar_t>(a, c); });
     }
-  } else if (path == "word") {
+  } else if (path == "word" || path == "word_direct") {
+    const bool staged = path == "word";
     if (out.is_cuda()) {
-      launch_word_decompress(a, w, dtype, out);
+      launch_word_decompress(a, w, staged, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_word_decompress<scalar_t>(a, w); });
+      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_word_decompress<scalar_t>(a, w, staged); });
     }
   } else if (path == "vec") {
     const VecPlan v = vec_plan(g, out.element_size());
@@ -810,7 +823,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return division::decompress_with(lfc, codes, lo, step, shift, shape, dtype, channels_last, block_size,
                                            bits, mode, division::options(path, threads_per_plane, plane_minor, 0, 0));
         },
-        "decompress with a chosen kernel (path: auto | word | vec | tile | channel | generic) and launch shape",
+        "decompress with a chosen kernel (path: auto | word | word_direct | vec | tile | channel | generic) and launch shape",
         py::arg("lfc"), py::arg("codes"), py::arg("lo"), py::arg("step"), py::arg("shift"), py::arg("shape"),
         py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"),
         py::arg("mode"), py::arg("path") = "auto", py::arg("threads_per_plane") = 0,

@@ -104,11 +104,12 @@ def word_applies(shape: tuple[int, ...], esize: int, block: int, bits: int) -> b
 
 def decompress_paths(x: torch.Tensor, block: int, bits: int) -> list[str]:
     """Every decompress kernel that can write x's layout: channel needs 16 bytes of channels, word
-    whole code words per plane."""
+    (staged through shared memory) and word_direct whole code words per plane."""
     fmt = memory_format_of(x)
     paths = ["auto", "generic"]
     if fmt == torch.contiguous_format:
-        return paths + ["vec"] + (["word"] if word_applies(x.shape, x.element_size(), block, bits) else [])
+        word = word_applies(x.shape, x.element_size(), block, bits)
+        return paths + ["vec"] + (["word", "word_direct"] if word else [])
     if x.dim() == 4:
         paths.append("tile")
     if x.shape[1] % (16 // x.element_size()) == 0:
