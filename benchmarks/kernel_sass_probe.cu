@@ -38,6 +38,15 @@ __global__ void probe_word_decompress(DecompressArgs a, WordPlan w) {
     word_direct_thread<T, BITS>(a, w, t);
 }
 
+// a plane of one LFC block (7x7 at B = 8): no table
+template <typename T, int BITS>
+__global__ void probe_plane_decompress(DecompressArgs a, PlanePlan pp) {
+  extern __shared__ __align__(16) unsigned char base[];
+  T* dst = reinterpret_cast<T*>(base) + threadIdx.x * a.g.numel;
+  for (int64_t p = blockIdx.x * kStagedThreads + threadIdx.x; p < a.g.planes; p += int64_t{1} << 24)
+    decode_plane<T, BITS>(a, p, nullptr, dst);
+}
+
 template <typename T, int VEC, int BITS>
 __global__ void probe_channel_decompress(DecompressArgs a, ChannelPlan c) {
   for (int64_t t = blockIdx.x * kStagedThreads + threadIdx.x; t < c.threads; t += int64_t{1} << 24)
@@ -56,5 +65,7 @@ template __global__ void probe_vec_decompress<float, 4, false>(DecompressArgs, V
 template __global__ void probe_vec_decompress<c10::BFloat16, 8, false>(DecompressArgs, VecPlan);
 template __global__ void probe_word_decompress<float, 2>(DecompressArgs, WordPlan);
 template __global__ void probe_word_decompress<c10::BFloat16, 2>(DecompressArgs, WordPlan);
+template __global__ void probe_plane_decompress<float, 2>(DecompressArgs, PlanePlan);
+template __global__ void probe_plane_decompress<c10::BFloat16, 2>(DecompressArgs, PlanePlan);
 template __global__ void probe_channel_decompress<float, 4, 2>(DecompressArgs, ChannelPlan);
 template __global__ void probe_channel_decompress<c10::BFloat16, 8, 2>(DecompressArgs, ChannelPlan);

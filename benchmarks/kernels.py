@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -189,20 +190,22 @@ def decompress_path_rows(
     cfg: division.DivisionConfig,
 ) -> list[dict]:
     """decompress GB/s of every kernel that can write the layout (word, staged through shared
-    memory, word_direct and the vec kernel they replace where planes are whole code words; or
-    channel and the tile transpose it replaced; and generic), so that a GPU run compares them on
-    the same data."""
+    memory, word_direct and the vec kernel they replace where planes are whole code words; plane
+    and vec on planes of at most 256 bytes; or channel and the tile transpose it replaced; and
+    generic), so that a GPU run compares them on the same data."""
     module, _ = load_extension()
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
     packed = division.compress(x, cfg, seed=torch.tensor(1, device=device))
     moved = x.numel() * x.element_size() + packed.nbytes
     channels_last = layout != "NCHW"
     parts = packed.tensors()[:5]  # mode division: all present
-    paths = ["tile", "channel", "generic"] if channels_last else ["word", "word_direct", "vec", "generic"]
+    paths = ["tile", "channel", "generic"] if channels_last else ["word", "word_direct", "plane", "vec", "generic"]
     if channels_last and shape[1] % (16 // x.element_size()) != 0:
         paths.remove("channel")
     if not channels_last and decompress_plan(x, cfg).split()[0] != "word":
         paths = [p for p in paths if not p.startswith("word")]
+    if not channels_last and math.prod(shape[2:]) * x.element_size() > 256:
+        paths.remove("plane")
     rows = []
     for path in paths:
         def call(path: str = path) -> torch.Tensor:

@@ -77,6 +77,13 @@ __global__ void __launch_bounds__(kStagedThreads) word_direct_kernel(const Decom
   word_direct_block<scalar_t, BITS>(ex, a, w, static_cast<int64_t>(blockIdx.x));
 }
 
+template <typename scalar_t, int BITS>
+__global__ void __launch_bounds__(kStagedThreads) plane_decompress_kernel(const DecompressArgs a, const PlanePlan pp) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceExec ex;
+  plane_decompress_block<scalar_t, BITS>(ex, a, pp, smem, static_cast<int64_t>(blockIdx.x));
+}
+
 template <typename scalar_t, bool RUNS>
 __global__ void __launch_bounds__(kStagedThreads) tile_decompress_kernel(const DecompressArgs a, const TilePlan t) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -205,6 +212,16 @@ void launch_word_decompress(const DecompressArgs& a, const WordPlan& w, bool sta
       } else {
         launch(site, kStagedThreads, 0, word_direct_kernel<scalar_t, kBits>, a, w);
       }
+    });
+  });
+}
+
+void launch_plane_decompress(const DecompressArgs& a, const PlanePlan& pp, at::ScalarType dtype, const at::Tensor& on) {
+  const LaunchSite site(on, pp.blocks, "division.decompress");
+  if (site.blocks == 0) return;
+  DIVISION_DISPATCH(dtype, "division_plane_decompress", [&] {
+    with_bits(a.bits, [&](auto q) {
+      launch(site, kStagedThreads, pp.smem_bytes, plane_decompress_kernel<scalar_t, decltype(q)::value>, a, pp);
     });
   });
 }

@@ -821,6 +821,88 @@ DIV_HD void word_staged_block(Exec& ex, const DecompressArgs& a, const WordPlan&
   }
 }
 
+// ---- decompress, NCHW: one thread per small plane ---------------------------------------------
+//
+// Planes of at most kPlaneBytes bytes that are not whole code words (7x7, or 5x5 and 6x6 maps):
+// vec's thread per 16 bytes there spans planes and walks element by element. Here thread g of a
+// block rebuilds plane p0 + g whole, with one set of plane constants and, where the plane is one
+// LFC block (7x7 at B = 8), one LFC load for all of it (else the block of each element from a
+// table the block builds once), into shared memory; the block then copies its planes, one
+// contiguous range of the output, out with whole-warp 16-byte stores.
+
+constexpr int32_t kPlaneBytes = 256;
+
+struct PlanePlan {
+  int32_t bytes;        // of one plane: P * element size; 0 when the path does not apply
+  int32_t smem_bytes;   // kStagedThreads planes, then the LFC block of each element (int16)
+  int32_t off_table;    // byte offset of the table; 0 when the plane is one LFC block
+  int64_t blocks;       // of kStagedThreads planes
+};
+
+inline PlanePlan plane_plan(const Geometry& g, int64_t esize) {
+  PlanePlan pp{};
+  const int64_t bytes = static_cast<int64_t>(g.numel) * esize;
+  if (g.channels_last || bytes > kPlaneBytes) return pp;
+  pp.bytes = static_cast<int32_t>(bytes);
+  const int64_t planes_bytes = round_up16(kStagedThreads * bytes);
+  pp.off_table = g.lfc_numel > 1 ? static_cast<int32_t>(planes_bytes) : 0;
+  pp.smem_bytes = static_cast<int32_t>(planes_bytes + (g.lfc_numel > 1 ? round_up16(g.numel * 2) : 0));
+  pp.blocks = (g.planes + kStagedThreads - 1) / kStagedThreads;
+  return pp;
+}
+
+// Plane p, whole, into dst[0 .. P - 1].
+template <typename scalar_t, int BITS>
+DIV_HD void decode_plane(const DecompressArgs& a, int64_t p, const int16_t* table, scalar_t* dst) {
+  constexpr int32_t kRun = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const Geometry& g = a.g;
+  const PlaneDecode d = plane_decode_of<scalar_t>(a, p);
+  const int64_t lfc_base = p * g.lfc_numel;
+  const bool one_block = table == nullptr;
+  const float up0 = a.mode != kHfcOnly && one_block ? load_lfc(a.lfc, a.lfc_kind, lfc_base) : kNoLfc;
+  const uint32_t* words = a.mode != kLfcOnly ? a.codes + p * g.words : nullptr;
+  const auto element = [&](int32_t q, uint32_t code) {
+    const float up = one_block || a.mode == kHfcOnly ? up0 : load_lfc(a.lfc, a.lfc_kind, lfc_base + table[q]);
+    dst[q] = static_cast<scalar_t>(reconstruct(up, code, d));
+  };
+  const int32_t full = g.numel / kRun;  // whole words; the last one's padding is skipped
+  for (int32_t wi = 0; wi < full; ++wi) {
+    uint32_t word = words != nullptr ? words[wi] : 0u;
+DIV_UNROLL
+    for (int32_t m = 0; m < kRun; ++m, word >>= BITS) element(wi * kRun + m, word & kMask);
+  }
+  uint32_t word = words != nullptr && full < g.words ? words[full] : 0u;
+  for (int32_t q = full * kRun; q < g.numel; ++q, word >>= BITS) element(q, word & kMask);
+}
+
+template <typename scalar_t, int BITS, typename Exec>
+DIV_HD void plane_decompress_block(Exec& ex, const DecompressArgs& a, const PlanePlan& pp, unsigned char* smem,
+                                   int64_t block) {
+  const Geometry& g = a.g;
+  const int64_t p0 = block * kStagedThreads;
+  const int32_t planes = static_cast<int32_t>(g.planes - p0 < kStagedThreads ? g.planes - p0 : kStagedThreads);
+  scalar_t* stage = reinterpret_cast<scalar_t*>(smem);
+  int16_t* table = pp.off_table > 0 ? reinterpret_cast<int16_t*>(smem + pp.off_table) : nullptr;
+  if (table != nullptr) {
+    ex.each([&](int tid) {
+      for (int32_t q = tid; q < g.numel; q += kStagedThreads) table[q] = static_cast<int16_t>(block_of(g, static_cast<uint32_t>(q)));
+    });
+    ex.sync();
+  }
+  ex.each([&](int tid) {
+    if (tid < planes) decode_plane<scalar_t, BITS>(a, p0 + tid, table, stage + static_cast<int64_t>(tid) * g.numel);
+  });
+  ex.sync();
+  ex.each([&](int tid) {
+    const int32_t count = planes * g.numel, vectors = count * static_cast<int32_t>(sizeof(scalar_t)) / 16;
+    scalar_t* out = static_cast<scalar_t*>(a.out) + p0 * g.numel;  // 16-byte aligned: p0 is a multiple of 256
+    copy_vectors(reinterpret_cast<Vec16*>(out), reinterpret_cast<const Vec16*>(stage), vectors, tid);
+    constexpr int32_t kPer16 = 16 / static_cast<int32_t>(sizeof(scalar_t));
+    for (int32_t i = vectors * kPer16 + tid; i < count; i += kStagedThreads) out[i] = stage[i];
+  });
+}
+
 // ---- decompress, channels_last: through a transpose tile -----------------------------------
 //
 // A block rebuilds a tile of `pixels` pixels x `channels` channels of one sample: first plane by

@@ -104,12 +104,14 @@ def word_applies(shape: tuple[int, ...], esize: int, block: int, bits: int) -> b
 
 def decompress_paths(x: torch.Tensor, block: int, bits: int) -> list[str]:
     """Every decompress kernel that can write x's layout: channel needs 16 bytes of channels, word
-    (staged through shared memory) and word_direct whole code words per plane."""
+    (staged through shared memory) and word_direct whole code words per plane, plane planes of at
+    most 256 bytes."""
     fmt = memory_format_of(x)
     paths = ["auto", "generic"]
     if fmt == torch.contiguous_format:
         word = word_applies(x.shape, x.element_size(), block, bits)
-        return paths + ["vec"] + (["word", "word_direct"] if word else [])
+        plane = math.prod(x.shape[2:]) * x.element_size() <= 256
+        return paths + ["vec"] + (["word", "word_direct"] if word else []) + (["plane"] if plane else [])
     if x.dim() == 4:
         paths.append("tile")
     if x.shape[1] % (16 // x.element_size()) == 0:
@@ -256,6 +258,32 @@ def test_cpu_twin_staged_code_runs(shape: tuple, block: int, run: int, bits: int
         check_against_reference(x, block, bits, mode, torch.bfloat16, seed=777 + bits)
 
 
+# (shape, B): NCHW planes of at most 256 bytes that are not whole code words, a thread per plane
+PLANE_SHAPES = [
+    ((2, 300, 7, 7), 8),  # one LFC block; 600 planes: three blocks of threads, the last partial
+    ((3, 5, 7, 7), 4),  # four LFC blocks of unequal sizes: the element table
+    ((2, 3, 5, 6), 8),  # W = 6: not runs of four
+    ((4, 70, 1, 1), 8),  # one element a plane
+    ((2, 3, 2, 3, 3), 2),  # 3-D
+    ((2, 3, 30), 8),  # 1-D
+]
+
+
+def check_plane(shape: tuple, block: int, bits: int, device: str) -> None:
+    for dtype, mode in zip(DTYPES, MODES):
+        x = make_input(shape, dtype, "contiguous", device, seed=bits)
+        if not word_applies(shape, x.element_size(), block, bits):
+            assert _C.decompress_plan(list(shape), dtype, False, block, bits)[0] == "plane", (shape, dtype, bits)
+        check_against_reference(x, block, bits, mode, torch.bfloat16, seed=2424 + bits)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape, block", PLANE_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cpu_twin_plane_decompress(shape: tuple, block: int, bits: int) -> None:
+    check_plane(shape, block, bits, "cpu")
+
+
 # (shape, B): NCHW planes of whole code words, decompressed a thread per word
 WORD_SHAPES = [
     ((2, 3, 56, 56), 8),  # words cross row ends (56 % 16 == 8 at Q = 2)
@@ -364,14 +392,19 @@ def test_decompress_plans() -> None:
             per16 = 16 // torch.empty(0, dtype=dtype).element_size()
             if shape[-1] in (112, 56, 28):  # P a multiple of 16
                 assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("word", 16, True)
+            elif shape[-1] == 7:  # 98 or 196 bytes, one LFC block
+                assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("plane", 49, True)
             else:
                 assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("vec", per16, False)
             assert _C.decompress_plan(list(shape), dtype, True, 8, 2) == ("channel", per16 * 16, True)
     assert _C.decompress_plan([2, 4, 56, 56], torch.float32, False, 8, 8) == ("word", 4, True)
     assert _C.decompress_plan([2, 4, 56, 56], torch.bfloat16, False, 8, 8) == ("vec", 8, True)  # a word is 8 bytes
-    assert _C.decompress_plan([2, 4, 8, 6], torch.float32, False, 8, 2) == ("vec", 4, True)  # one block, W = 6
+    assert _C.decompress_plan([2, 4, 8, 6], torch.float32, False, 8, 2) == ("plane", 48, True)  # one block, W = 6
+    assert _C.decompress_plan([2, 4, 16, 6], torch.float32, False, 16, 2) == ("vec", 4, True)  # 384 bytes
     assert _C.decompress_plan([2, 4, 8, 12], torch.float32, False, 6, 2) == ("vec", 4, False)  # B = 6
-    assert _C.decompress_plan([1, 3, 7, 7], torch.float32, False, 8, 2) == ("vec", 1, False)  # 147 elements
+    assert _C.decompress_plan([1, 3, 7, 7], torch.float32, False, 8, 2) == ("plane", 49, True)
+    assert _C.decompress_plan([1, 3, 7, 7], torch.float32, False, 4, 2) == ("plane", 49, False)  # 4 blocks
+    assert _C.decompress_plan([1, 3, 9, 9], torch.float32, False, 8, 2) == ("vec", 1, False)  # 324 bytes
     assert _C.decompress_plan([2, 3, 224, 224], torch.bfloat16, True, 8, 2) == ("tile", 1, True)
     assert _C.decompress_plan([2, 4, 9, 9], torch.float32, True, 8, 1) == ("channel", 128, True)
     assert _C.decompress_plan([2, 4, 9, 9], torch.bfloat16, True, 8, 1) == ("tile", 1, False)
@@ -587,6 +620,15 @@ def test_cuda_kernels_on_edge_shapes_and_launch_shapes(shape: tuple, layout: str
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_cuda_word_decompress(shape: tuple, block: int, bits: int) -> None:
     check_word(shape, block, bits, "cuda")
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_gpu
+@pytest.mark.parametrize("shape, block", PLANE_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cuda_plane_decompress(shape: tuple, block: int, bits: int) -> None:
+    check_plane(shape, block, bits, "cuda")
 
 
 @pytest.mark.gpu
