@@ -1,6 +1,8 @@
 // The fast kernels: a compress that reads x from device memory once, and decompress kernels that
-// write 16 contiguous bytes per thread (NCHW) or go through an on-chip transpose tile
-// (channels_last). Written once for the GPU and its CPU twin (see exec.h); bit format v3.
+// write whole 16-byte pieces: NCHW a thread per code word (word, staged through shared memory, or
+// word_direct), per small plane (plane) or per 16 bytes (vec); channels_last 16 bytes of channels
+// per pixel (channel) or through an on-chip transpose tile (tile). Written once for the GPU and its
+// CPU twin (see exec.h); bit format v3. ops.cpp's decompress_path says which kernel takes a shape.
 //
 // Staged compress, one thread block of kStagedThreads threads per G planes of 1-D or 2-D shape:
 //   load   x of the G planes -> shared memory, once (16-byte loads where aligned). NCHW: the planes
