@@ -30,9 +30,10 @@ import torchvision
 
 import division
 from benchmarks.common import run_info
+from harness.build import AMP_DTYPES
+from harness.measure import synchronize
 
 VARIANTS = ("stock", "exact", "division")
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def layer_kinds(channels: int) -> dict[str, tuple[type, nn.Module]]:
@@ -65,21 +66,16 @@ def variant(layer: nn.Module, name: str) -> nn.Module:
     return division.convert_model(copy.deepcopy(layer), division.DivisionConfig(backward_mode=name))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def per_call_us(module: nn.Module, x: torch.Tensor, amp: torch.dtype | None, iters: int, repeats: int) -> float:
     """Median over repeats of the wall time of one forward + backward, in microseconds."""
     def run(n: int) -> float:
-        sync(x.device)
+        synchronize(x.device)
         t0 = time.perf_counter()
         for _ in range(n):
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
                 y = module(x)
             y.backward(torch.ones_like(y))
-        sync(x.device)
+        synchronize(x.device)
         return (time.perf_counter() - t0) / n * 1e6
 
     run(max(10, iters // 10))  # warm-up: lazy initialisation, allocator, kernel selection
@@ -95,7 +91,7 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         layer = layer.to(device).to(memory_format=fmt)
         x = torch.randn(args.batch, args.channels, args.size, args.size, device=device)
         x = x.contiguous(memory_format=fmt).requires_grad_()
-        rows[name] = {v: per_call_us(variant(layer, v), x, AMP_DTYPES[args.amp], args.iters, args.repeats)
+        rows[name] = {v: per_call_us(variant(layer, v), x, AMP_DTYPES.get(args.amp), args.iters, args.repeats)
                       for v in VARIANTS}
     return rows
 
@@ -133,7 +129,7 @@ def plot(rows: dict[str, dict[str, float]], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off")
+    parser.add_argument("--amp", choices=["off", *AMP_DTYPES], default="off")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--channels", type=int, default=4)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import sys
 import time
@@ -191,7 +190,7 @@ def decompress_path_rows(
 ) -> list[dict]:
     """decompress GB/s of every kernel that can write the layout (word, staged through shared
     memory, word_direct and the vec kernel they replace where planes are whole code words; plane
-    and vec on planes of at most 256 bytes; or channel and the tile transpose it replaced; and
+    and vec where the plan takes plane (7x7); or channel and the tile transpose it replaced; and
     generic), so that a GPU run compares them on the same data."""
     module, _ = load_extension()
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
@@ -202,9 +201,10 @@ def decompress_path_rows(
     paths = ["tile", "channel", "generic"] if channels_last else ["word", "word_direct", "plane", "vec", "generic"]
     if channels_last and shape[1] % (16 // x.element_size()) != 0:
         paths.remove("channel")
-    if not channels_last and decompress_plan(x, cfg).split()[0] != "word":
+    chosen = decompress_plan(x, cfg).split()[0]  # word and plane: only where the plan takes them
+    if not channels_last and chosen != "word":
         paths = [p for p in paths if not p.startswith("word")]
-    if not channels_last and math.prod(shape[2:]) * x.element_size() > 256:
+    if not channels_last and chosen != "plane":
         paths.remove("plane")
     rows = []
     for path in paths:
