@@ -30,6 +30,7 @@ import models
 from benchmarks.common import run_info
 from harness.build import AMP_DTYPES
 from harness.loop import train_step
+from harness.measure import synchronize
 from harness.methods import prepare
 
 # group -> substrings of a kernel or operator name (lower case), tried in this order
@@ -65,20 +66,15 @@ def build(model_name: str, method: str, args: argparse.Namespace, device: torch.
     return step
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def host_ms(step, device: torch.device, steps: int) -> float:
     """Median wall time of issuing one step, the device queue drained before each."""
     times = []
     for _ in range(steps):
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    sync(device)
+    synchronize(device)
     return statistics.median(times) * 1e3
 
 
@@ -90,7 +86,7 @@ def profile(step, device: torch.device, steps: int) -> dict[str, tuple[float, in
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        sync(device)
+        synchronize(device)
     out: dict[str, tuple[float, int]] = {}
     for e in prof.key_averages():
         if device.type == "cuda":
