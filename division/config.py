@@ -31,7 +31,9 @@ class DivisionConfig:
     block_size: B, the side of the square (cubic in 3-D) LFC averaging block; B=1 keeps the whole
         input in the LFC (the HFC is then only the LFC's rounding error).
     hfc_bits: Q, bits per HFC code; must divide 8 so codes never straddle a byte.
-    lfc_dtype: storage dtype of the LFC ("bfloat16", "float16" or "float32").
+    lfc_dtype: storage dtype of the LFC ("bfloat16", "float16" or "float32"). A block mean beyond
+        float16's range (65504) is stored clamped; the HFC holds the rest, so only lfc_only
+        reconstructions (the LFC alone) see the clamp: use bfloat16 or float32 for such inputs.
     backend: "auto" runs the compiled ops of division._C when they are built (the CUDA kernels on
         CUDA tensors, their CPU twin on CPU tensors; bit-identical to the reference), the
         pure-PyTorch reference otherwise; "cuda" insists on the kernels and CUDA tensors; "torch"

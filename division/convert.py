@@ -80,11 +80,15 @@ def convert_model(
         raise TypeError(f"convert_model: token_grid must be a division.TokenGrid, got {type(token_grid).__name__}")
     token_grid = infer_token_grid(model) if token_grid is None else token_grid
     new_cls, _ = conversion_for(model, cfg, token_grid)
-    if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share,
-        # and no root forward to reset a sharing cache, which would hand back an old draw
+    if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share
         single = compressor or Compressor(cfg.replace(share_inputs=False))
         single.token_grid = token_grid
-        return new_cls.from_module(model, single)
+        layer = new_cls.from_module(model, single)
+        # the layer is its own root: each call draws this forward's seed, as a model's forward
+        # does, so torch.manual_seed reproduces it; its own hook dict, not the original's
+        layer._forward_pre_hooks = layer._forward_pre_hooks.copy()
+        layer.register_forward_pre_hook(single)
+        return layer
     compressor = Compressor(cfg) if compressor is None else compressor
     compressor.token_grid = token_grid
     _convert_children(model, cfg, compressor)

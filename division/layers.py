@@ -129,14 +129,14 @@ class _DivisionBatchNorm(DivisionLayer):
         self._check_input_dim(x)
         if not _needs_saving(self, x):
             return super().forward(x)  # type: ignore[misc]
-        if x.numel() // x.shape[1] == 1:  # stock's check (F.batch_norm): a variance of one value
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.size()}"
-            )
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if x.numel() // x.shape[1] == 1:  # stock's check (F.batch_norm, after it counted the batch)
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.size()}"
+            )
         # (N, C) inputs have no spatial extent to split into LFC and HFC: they are kept as they are
         mode = "exact" if x.dim() == 2 else None
         return BatchNormFn.apply(

@@ -87,9 +87,14 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def _stock_layer(layer: DivisionLayer) -> nn.Module:
+    """The stock layer sharing the converted one's parameters, without a lone layer's compressor
+    hook (convert_model gave it its own hook dict)."""
     base = next(b for b, c in CONVERSIONS.items() if isinstance(layer, c))
     stock = base.__new__(base)
     stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k != "compressor"})
+    hooks = layer._forward_pre_hooks
+    if any(hook is layer.compressor for hook in hooks.values()):
+        stock._forward_pre_hooks = type(hooks)((k, h) for k, h in hooks.items() if h is not layer.compressor)
     return stock
 
 

@@ -177,16 +177,26 @@ def test_exact_mode_is_the_stock_model_bit_for_bit(name: str, size: int) -> None
 
 
 def test_a_lone_converted_layer_draws_anew_each_call_and_reverts() -> None:
-    layer = division.convert_model(nn.Conv2d(3, 4, 3), division.DivisionConfig())
+    original = nn.Conv2d(3, 4, 3)
+    layer = division.convert_model(original, division.DivisionConfig())
     x = torch.randn(2, 3, 8, 8)
-    grads = []
-    for _ in range(2):
+
+    def weight_grad(seed: int | None) -> torch.Tensor:
+        if seed is not None:
+            torch.manual_seed(seed)
         layer.zero_grad()
         layer(x).square().sum().backward()
-        grads.append(layer.weight.grad.clone())
-    assert not torch.equal(grads[0], grads[1])  # two draws, not one record reused
+        return layer.weight.grad.clone()
+
+    first, second = weight_grad(None), weight_grad(None)
+    assert not torch.equal(first, second)  # two draws, not one record reused
+    # each call draws its own seed, as a model's forward does: manual_seed reproduces it
+    assert torch.equal(weight_grad(0), weight_grad(0))
+    assert not torch.equal(weight_grad(0), weight_grad(1))
+    assert not original._forward_pre_hooks  # the original layer's hooks are untouched
     stock = division.revert_model(layer)
     assert type(stock) is nn.Conv2d and stock.weight is layer.weight
+    assert not stock._forward_pre_hooks  # the compressor's hook went with the conversion
     with pytest.raises(ValueError, match="already converted"):
         division.convert_model(layer)
 

@@ -419,23 +419,29 @@ def test_decompress_plans() -> None:
                             False, 8, 2, "division", path="word")
 
 
-def special_values(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+# (4, 6, 9, 10) takes the generic, vec, tile and plane decompress paths; (4, 8, 8, 16) the word,
+# word_direct and channel paths (planes of whole code words, W and C multiples of 4)
+SPECIAL_SHAPES = [(4, 6, 9, 10), (4, 8, 8, 16)]
+
+
+def special_values(dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = SPECIAL_SHAPES[0]) -> torch.Tensor:
     """Constant and zero planes (normalized range floored at TINY), values beyond float16 (a float16
     LFC clamps to 65504), infinities (non-finite planes), subnormal and tiny ranges (large shifts),
     and planes at the dtype's maximum, of both signs in one block (shift -126)."""
     g = torch.Generator().manual_seed(5)
     top = torch.finfo(dtype).max
-    x = torch.randn(4, 6, 9, 10, generator=g) * 3
+    plane = shape[2:]
+    x = torch.randn(*shape, generator=g) * 3
     x[0, 0] = 0.0
     x[0, 1] = 2.5
     x[0, 2, :4] = 7e4
-    x[0, 3] = torch.randn(9, 10, generator=g) * 1e-40
-    x[0, 4] = 1 + torch.randn(9, 10, generator=g) * 1e-6
-    x[0, 5] = torch.randn(9, 10, generator=g) * 1e-33
+    x[0, 3] = torch.randn(*plane, generator=g) * 1e-40
+    x[0, 4] = 1 + torch.randn(*plane, generator=g) * 1e-6
+    x[0, 5] = torch.randn(*plane, generator=g) * 1e-33
     x[1, 0, 2, 3] = math.inf
     x[1, 1, 4, 4] = -math.inf
     x[2, 0] = min(3e38, top)
-    x[2, 1] = top * (1 - 2 * torch.rand(9, 10, generator=g))
+    x[2, 1] = top * (1 - 2 * torch.rand(*plane, generator=g))
     x[2, 2, :, :5], x[2, 2, :, 5:] = top, -top
     x[2, 3] = top
     return x.to(dtype)
@@ -463,8 +469,9 @@ def check_nan_propagation(x: torch.Tensor, lfc_dtype: torch.dtype) -> None:
 @needs_ext
 @pytest.mark.parametrize("lfc_dtype", LFC_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpu_twin_on_special_values(lfc_dtype: torch.dtype, dtype: torch.dtype) -> None:
-    x = special_values(dtype)
+@pytest.mark.parametrize("shape", SPECIAL_SHAPES)
+def test_cpu_twin_on_special_values(shape: tuple[int, ...], lfc_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    x = special_values(dtype, shape)
     for mode, bits in itertools.product(MODES, [1, 2, 8]):
         check_against_reference(x, 8, bits, mode, lfc_dtype, seed=99)
     for layout in ("channels_last", "offset"):
@@ -636,8 +643,9 @@ def test_cuda_plane_decompress(shape: tuple, block: int, bits: int) -> None:
 @needs_gpu
 @pytest.mark.parametrize("lfc_dtype", LFC_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_kernels_on_special_values(lfc_dtype: torch.dtype, dtype: torch.dtype) -> None:
-    x = special_values(dtype).cuda()
+@pytest.mark.parametrize("shape", SPECIAL_SHAPES)
+def test_cuda_kernels_on_special_values(shape: tuple[int, ...], lfc_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    x = special_values(dtype, shape).cuda()
     for mode, bits in itertools.product(MODES, [1, 2, 8]):
         check_against_reference(x, 8, bits, mode, lfc_dtype, seed=99)
     for layout in ("channels_last", "offset"):

@@ -309,22 +309,37 @@ def test_batchnorm1d_on_n_by_c_inputs_is_stock() -> None:
     assert torch.equal(y0, y1) and torch.equal(g0, g1) and all(torch.equal(a, b) for a, b in zip(p0, p1))
 
 
-def test_batchnorm_with_one_value_per_channel_raises_like_stock() -> None:
-    stock, layer = converted_pair(lambda: nn.BatchNorm2d(3), division.DivisionConfig())
-    x = torch.randn(1, 3, 1, 1, requires_grad=True)
+@pytest.mark.parametrize("make, shape", [(lambda: nn.BatchNorm2d(3), (1, 3, 1, 1)), (lambda: nn.BatchNorm1d(3), (1, 3))])
+def test_batchnorm_with_one_value_per_channel_raises_like_stock(make: Callable[[], nn.Module], shape: tuple[int, ...]) -> None:
+    stock, layer = converted_pair(make, division.DivisionConfig())
+    x = torch.randn(*shape, requires_grad=True)
     with pytest.raises(ValueError) as stock_err:
         stock(x)
     with pytest.raises(ValueError) as ours:
         layer(x)
     assert str(ours.value) == str(stock_err.value)
     assert torch.isfinite(layer.running_var).all()
+    assert layer.num_batches_tracked.item() == stock.num_batches_tracked.item() == 1  # counted, as stock does
 
 
 def test_float64_models_run_in_exact_mode_and_say_why_not_otherwise() -> None:
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    (y0, g0, p0), (y1, g1, p1) = stock_and_converted(
-        lambda: nn.Conv2d(3, 4, 3).double(), x, division.DivisionConfig(backward_mode="exact"))
+    torch.manual_seed(0)
+    stock = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Dropout(0.3), nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5),
+    ).double()
+    converted = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    results = []
+    for model in (stock, converted):
+        torch.manual_seed(1)  # the same dropout draws
+        leaf = x.clone().requires_grad_(True)
+        y = model(leaf)
+        y.backward(torch.randn_like(y))
+        results.append((y.detach(), leaf.grad, [p.grad for p in model.parameters()]))
+    (y0, g0, p0), (y1, g1, p1) = results
     assert torch.equal(y0, y1) and torch.equal(g0, g1) and all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert torch.equal(stock[1].running_var, converted[1].running_var)
     layer = division.convert_model(nn.Conv2d(3, 4, 3).double(), division.DivisionConfig())
     with pytest.raises(TypeError, match="unsupported dtype torch.float64.*backward_mode='exact'"):
         layer(x.requires_grad_(True))
@@ -343,8 +358,10 @@ def test_public_compress_checks_its_config_and_keeps_no_history() -> None:
     x = torch.randn(2, 3, 8, 8, requires_grad=True) * 2
     with pytest.raises(TypeError, match="cfg must be a division.DivisionConfig, got NoneType"):
         division.compress(x, None)  # type: ignore[arg-type]
-    packed = division.compress(x, division.DivisionConfig())
-    assert all(t.grad_fn is None and not t.requires_grad for t in packed.tensors() if t is not None)
+    for mode in division.format.MODES:
+        packed = division.compress(x, division.DivisionConfig(), mode=mode)
+        assert all(t.grad_fn is None and not t.requires_grad for t in packed.tensors() if t is not None), mode
+        assert not division.decompress(packed).requires_grad, mode
 
 
 def test_which_gradients_are_unbiased() -> None:
