@@ -103,8 +103,14 @@ def test_op_count_benchmark(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "op_count.py"), "--model", "resnet18",
                           "--size", "32", "--out", str(tmp_path / "ops")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    totals = json.loads((tmp_path / "ops.json").read_text())["totals"]
+    result = json.loads((tmp_path / "ops.json").read_text())
+    totals, ops = result["totals"], result["counts"]["division"]
     assert totals["vanilla"] > 100 and totals["division"] > totals["vanilla"]
+    # one op per layer and direction (1.08x of stock measured): 2230 ops on ResNet-50 before the fused ops
+    assert totals["division"] <= 1.15 * totals["vanilla"], totals
+    assert ops["division.compress"] >= 10 and ops["division.decompress"] >= 10
+    assert ops.get("aten.randint", 0) == 1  # one seed a step, drawn on the device
+    assert "aten._local_scalar_dense" not in ops  # no .item(): nothing waits on the device
 
 
 def test_kernel_sass_walks_the_hot_path_and_counts_elements() -> None:

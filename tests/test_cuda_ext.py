@@ -198,6 +198,29 @@ def test_extension_speaks_this_bit_format() -> None:
     assert _C.FORMAT_VERSION == FORMAT_VERSION == 3
 
 
+def test_an_extension_of_another_bit_format_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale build (another FORMAT_VERSION) is not loaded: the reference runs, with the reason."""
+    import sys
+    import types
+
+    import division.backend as backend
+
+    stale = types.ModuleType("division._C")
+    stale.FORMAT_VERSION = FORMAT_VERSION - 1
+    monkeypatch.setitem(sys.modules, "division._C", stale)
+    monkeypatch.setattr(division, "_C", stale, raising=False)
+    backend.load_extension.cache_clear()
+    try:
+        module, why = backend.load_extension()
+        assert module is None
+        assert f"built for bit format {FORMAT_VERSION - 1}, this division needs {FORMAT_VERSION}" in why
+        assert "rebuild" in why
+    finally:
+        monkeypatch.undo()
+        backend.load_extension.cache_clear()
+
+
+
 @needs_ext
 @pytest.mark.parametrize(
     "shape, block, bits, dtype, layout, mode, lfc_dtype, seed", random_cases(300, seed=1)
