@@ -46,7 +46,8 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, t
 def compare(approx: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> dict[str, Any]:
     def stats(a: torch.Tensor, e: torch.Tensor) -> tuple[float, float]:
         rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
-        cos = F.cosine_similarity(a.flatten().double(), e.flatten().double(), dim=0).item()
+        # rounding can put the cosine of equal vectors a few ulps above 1
+        cos = min(1.0, max(-1.0, F.cosine_similarity(a.flatten().double(), e.flatten().double(), dim=0).item()))
         return rel, cos
 
     layers = {n: stats(approx[n], exact[n]) for n in exact}
@@ -88,6 +89,13 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[int
             extra: dict[str, Any] | None = None) -> dict[str, Any]:
     extra = extra or {}
     exact = gradients(model, x, y)
+    silent = [n for n, g in exact.items() if not g.any()]
+    if len(silent) > len(exact) // 2:  # every mode would read cosine 1 on what is left
+        raise SystemExit(
+            f"observation: {len(silent)} of {len(exact)} weight tensors get an exact gradient of zero "
+            f"(e.g. {silent[0]}: a zero-initialised head passes no gradient to the body); measure "
+            "trained weights instead: --checkpoint RUN/last.pt --skip-initial"
+        )
     result: dict[str, Any] = {}
     for block in blocks:
         for mode in MODES:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +70,62 @@ def test_observation_smoke(tmp_path: Path) -> None:
     for mode in ("lfc_only", "hfc_only", "division"):
         assert 0 < init[f"B8/{mode}"]["rel_err"] and -1 <= init[f"B8/{mode}"]["cosine"] <= 1
     assert init["B8/bytes"]["lfc"] < init["B4/bytes"]["lfc"]
+
+
+def test_vit_memory_benchmark_every_layer_kind_6x_smaller(tmp_path: Path) -> None:
+    """The README's target for ViT-B/16 (every layer kind at least 6x smaller than stock fp32),
+    guarded on the small ViT (8 x 8 grid and a class token) with the benchmark's own counting."""
+    from benchmarks import vit_memory
+
+    stem = tmp_path / "vit_memory"
+    assert vit_memory.main(["--model", "vit_small", "--size", "32", "--batch", "2", "--out", str(stem)]) == 0
+    result = json.loads(stem.with_suffix(".json").read_text())
+    for key in ("device", "torch", "git", "command", "date"):
+        assert result[key], key
+    assert "| attention |" in stem.with_suffix(".md").read_text()
+    rows = {r["kind"]: r for r in result["rows"]}
+    assert {"Linear", "LayerNorm", "GELU", "attention"} <= set(rows)
+    ratios = {k: rows[k]["stock_bytes"] / rows[k]["division_bytes"] for k in ("Linear", "LayerNorm", "GELU", "attention")}
+    assert all(r >= 6 for r in ratios.values()), ratios  # measured: 7.8x (LayerNorm) to 8.6x (Linear)
+    assert result["total"]["stock_bytes"] >= 6 * result["total"]["division_bytes"]
+    # what SDPA saves is counted for stock and replaced by q, k, v records in DIVISION
+    assert result["sdpa_internals_bytes"]["stock"] > 0 and result["sdpa_internals_bytes"]["division"] == 0
+
+
+def test_observation_vit_small_smoke(tmp_path: Path) -> None:
+    """The observation benchmark on the small ViT. At initialisation torchvision's zero head passes
+    no gradient to the body (every mode's cosine is trivially 1), so the weights come from a
+    checkpoint whose head is not zero."""
+    import models
+    from benchmarks import observation
+    from harness import checkpoints
+
+    torch.manual_seed(0)
+    model = models.build_model("vit_small", num_classes=10, in_channels=3)
+    nn.init.normal_(model.heads.head.weight, std=0.1)
+    state = dict.fromkeys(checkpoints.REQUIRED_KEYS[1:])
+    state.update(model=model.state_dict(), epoch=1, step=3)
+    checkpoints.save_atomic(state, tmp_path / "last.pt")
+    stem = tmp_path / "observation"
+    with pytest.raises(SystemExit, match="exact gradient of zero.*--skip-initial"):  # initial weights: nothing to see
+        observation.main(["--tiny", "--model", "vit_small", "--out", str(stem)])
+    argv = ["--tiny", "--model", "vit_small", "--skip-initial", "--checkpoint", str(tmp_path / "last.pt"), "--out", str(stem)]
+    assert observation.main(argv) == 0  # --tiny: synthetic batch of 4, B in (4, 8), 2 draws
+    (res,) = check_outputs(stem)["results"].values()
+    for block in (4, 8):
+        for mode in ("lfc_only", "hfc_only", "division"):
+            entry = res[f"B{block}/{mode}"]
+            assert 0 < entry["rel_err"] < 1 and -1 <= entry["cosine"] <= 1
+            # the body's weights, not just the head's: class token, position embedding, patch
+            # embedding, 4 per encoder block (in- and out-projection, the MLP's two) and the head
+            assert len(entry["layers"]) == 3 + 6 * 4 + 1 and "encoder.layers.encoder_layer_5.mlp.3.weight" in entry["layers"]
+            assert all(-1 <= v["cosine"] <= 1 for v in entry["layers"].values())
+            assert entry["layers"]["heads.head.weight"]["rel_err"] == 0  # the head's input is kept exact
+        one, mean = res[f"B{block}/division"], res[f"B{block}/division"]["mean_of_draws"]
+        assert mean["draws"] == 2 and mean["cosine"] > one["cosine"] and mean["rel_err"] < one["rel_err"]
+        # the paper's observation: DIVISION's reconstruction beats the LFC alone and the HFC alone
+        assert one["cosine"] > max(res[f"B{block}/lfc_only"]["cosine"], res[f"B{block}/hfc_only"]["cosine"])
+    assert res["B8/bytes"]["lfc"] < res["B4/bytes"]["lfc"] < res["B4/bytes"]["input_fp32"]
 
 
 def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
