@@ -15,6 +15,7 @@
 # The lent machine's copy of .git is the session's starting one: start the command with
 # `export DIVISION_GIT_COMMIT=<git rev-parse --short HEAD here>` so the results name the code that ran.
 # ACCURACY_OVERRIDES adds Hydra overrides to the accuracy runs (e.g. "trainer.amp=bf16").
+# DEADLINE=<seconds> caps the whole run (see step below); REPEATS sets the speed runs' repeats (3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/gpu_checks.sh STEP..." >&2; exit 2; }
@@ -37,10 +38,20 @@ fi
   || exit 1
 nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1 || true
 
-# step NAME SECONDS COMMAND...: run with a time limit, log, record the exit status
+# step NAME SECONDS COMMAND...: run with a time limit, log, record the exit status. With
+# DEADLINE=<seconds> (from the script's start) a step gets at most the time left, and a step with
+# under 30 s left is skipped (status "skipped"): the call ends inside the device's per-call limit
+# and everything measured until then comes back.
 step() {
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - (SECONDS - START)))
+    if [ "$left" -lt 30 ]; then
+      printf '%s\tskipped\t0s\n' "$name" | tee -a "$RESULTS/steps.tsv"; return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "=== $name (limit ${limit}s, at $((SECONDS - START))s)"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
   local rc=$?
@@ -52,13 +63,13 @@ speed_pair() {  # tag amp extra...: memory and speed of every method
   step "memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 \
     --amp "$amp" "$@" --out "$RESULTS/memory_resnet50_$tag"
   step "speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --models resnet50 --batches 256 \
-    --amp "$amp" "$@" --warmup 3 --steps 5 --repeats 3 --out "$RESULTS/speed_resnet50_$tag"
+    --amp "$amp" "$@" --warmup 3 --steps 5 --repeats "${REPEATS:-3}" --out "$RESULTS/speed_resnet50_$tag"
 }
 
 compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile
   local tag=$1 amp=$2; shift 2
   step "compiled_speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --compile --models resnet50 \
-    --batches 256 --amp "$amp" "$@" --methods vanilla division --warmup 3 --steps 5 --repeats 3 \
+    --batches 256 --amp "$amp" "$@" --methods vanilla division --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
     --out "$RESULTS/compiled_speed_resnet50_$tag"
   step "compiled_memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --compile --models resnet50 \
     --batches 256 --amp "$amp" "$@" --methods vanilla division --out "$RESULTS/compiled_memory_resnet50_$tag"
@@ -77,7 +88,7 @@ for s in "$@"; do
       speed_pair fp32 off
       speed_pair bf16_cl bf16 --channels-last ;;
     compile_speed_fp32) step compiled_speed_fp32 200 "$PY" benchmarks/memory_speed.py --mode speed --compile \
-      --models resnet50 --batches 256 --amp off --methods vanilla division --warmup 3 --steps 5 --repeats 3 \
+      --models resnet50 --batches 256 --amp off --methods vanilla division --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
       --out "$RESULTS/compiled_speed_resnet50_fp32" ;;
     largest_batch) step largest_batch 200 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 \
       --batches 256 --amp off --methods vanilla division --find-max --max-search 4096 \
@@ -94,7 +105,7 @@ for s in "$@"; do
         step "vit_memory_$amp" 150 "$PY" benchmarks/memory_speed.py --mode memory --models vit_b_16 --batches 64 \
           --amp "$amp" --methods vanilla division checkpoint --out "$RESULTS/memory_vit_b_16_$amp"
         step "vit_speed_$amp" 200 "$PY" benchmarks/memory_speed.py --mode speed --models vit_b_16 --batches 64 \
-          --amp "$amp" --methods vanilla division checkpoint --warmup 3 --steps 5 --repeats 3 \
+          --amp "$amp" --methods vanilla division checkpoint --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
           --out "$RESULTS/speed_vit_b_16_$amp"
       done ;;
     accuracy) step accuracy 480 "$PY" benchmarks/accuracy.py --variants vanilla "division B8 Q2" --seeds 0 1 2 \
