@@ -2,8 +2,10 @@
 
 One process:   python train.py experiment=resnet18_cifar10 data.root=datasets
 Override:      python train.py model=resnet50 data=imagenet division.hfc_bits=4 trainer.amp=bf16
-Several GPUs:  torchrun --nproc_per_node=4 train.py experiment=resnet50_imagenet \
-                   hydra.run.dir=logs/runs/rn50   (trainer.batch_size is the global batch)
+Several GPUs:  torchrun --nproc_per_node=4 --log-dir=logs/runs/rn50/torchrun train.py \
+                   experiment=resnet50_imagenet hydra.run.dir=logs/runs/rn50
+               (trainer.batch_size is the global batch; --log-dir keeps torchrun's per-rank error
+               files in the run folder instead of a torchelastic_* folder left in /tmp)
 Sweep:         python train.py -m experiment=demo division.block_size=4,8,16 division.hfc_bits=1,2
 
 Everything a run writes lives in its Hydra run folder (logs/runs/<experiment>/<date_time> by

@@ -5,19 +5,22 @@
 
 For stock and DIVISION, eager and compiled (default inductor backend): the activation bytes of one
 batch, the seconds of the first (compiling) step and the median of later steps, and the cosine of
-the model's gradient to the exact (stock eager) one. On a GPU the activation bytes are read from the
-allocator just before backward; on a CPU they are the bytes autograd saves for batch 2b minus those
-for batch b (what grows with the batch: a compiled graph also saves copies of the weights, which
-stock compiled keeps too). Writes <out>.json and <out>.md.
+the model's gradient to the exact (stock eager) one. The activation bytes are what train.py's
+harness.measure.ActivationProbe measures: on a GPU, allocated memory just before backward less the
+output and loss; on a CPU, the bytes autograd saves (division.saved.SavedBytes), there taken for
+batch 2b minus batch b (what grows with the batch: a compiled graph also saves copies of the
+weights, which stock compiled keeps too). Writes <out>.json and <out>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,36 +29,30 @@ import torch.nn.functional as F
 import division
 import models
 from benchmarks.common import run_info
-from division.saved import SavedBytes
 from harness.loop import train_step
-from harness.measure import synchronize
+from harness.measure import ActivationProbe, synchronize
+from harness.methods import prepare
+
+ForwardContext = Callable[[], contextlib.AbstractContextManager]
 
 
-def saved_bytes(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps for one step (backward is run)."""
-    saved = SavedBytes()
-    with saved.counting():
-        loss = F.cross_entropy(run(x), y)
-    loss.backward()
-    return saved.total
+def probed_step(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, forward_context: ForwardContext) -> int:
+    """The activation bytes ActivationProbe gives for one training step of batch x (backward is run)."""
+    probe = ActivationProbe(x.device, run)
+    probe.before_fetch()
+    train_step(run, x, y, None, forward_context=forward_context, probe=probe)
+    return probe.activation_bytes or 0
 
 
-def allocated_before_backward(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    loss = F.cross_entropy(run(x), y)
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated() - start
-    loss.backward()
-    return held
-
-
-def activation_bytes(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+def activation_bytes(
+    run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+    forward_context: ForwardContext = contextlib.nullcontext,
+) -> int:
     """What one step of batch x keeps for backward (see the module docstring)."""
     if x.is_cuda:
-        return allocated_before_backward(run, x, y)
+        return probed_step(run, x, y, forward_context)
     twice = torch.cat([x, x]), torch.cat([y, y])
-    return saved_bytes(run, *twice) - saved_bytes(run, x, y)
+    return probed_step(run, *twice, forward_context) - probed_step(run, x, y, forward_context)
 
 
 def flat_grad(model: torch.nn.Module) -> torch.Tensor:
@@ -63,14 +60,13 @@ def flat_grad(model: torch.nn.Module) -> torch.Tensor:
 
 
 def measure(base: torch.nn.Module, method: str, compiled: bool, x, y, exact: torch.Tensor, steps: int) -> dict:
-    model = copy.deepcopy(base)
-    if method == "division":
-        division.convert_model(model, division.DivisionConfig())
+    prepared = prepare(copy.deepcopy(base), method, division.DivisionConfig())  # harness/methods.py
+    model = prepared.model
     run = torch.compile(model, fullgraph=True) if compiled else model
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        train_step(run, x, y, None)
+        train_step(run, x, y, None, forward_context=prepared.forward_context)
         synchronize(x.device)
 
     t0 = time.perf_counter()
@@ -82,7 +78,7 @@ def measure(base: torch.nn.Module, method: str, compiled: bool, x, y, exact: tor
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    act = activation_bytes(run, x, y)  # the same shapes: no recompilation
+    act = activation_bytes(run, x, y, prepared.forward_context)  # the same shapes: no recompilation
     return {"method": method, "compiled": compiled, "activation_mib": act / 2**20, "first_step_s": first,
             "step_s": statistics.median(times), "grad_cosine_to_exact": cosine}
 

@@ -18,9 +18,24 @@ import torch
 import torch.nn.functional as F
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's randomness: everything a loader draws is a function of (seed, epoch)."""
+    return seed * 1_000_003 + epoch
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The one source of an epoch's randomness (order, crops, flips): a function of (seed, epoch)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index`'s augmentation in `epoch` on the DataLoader path (per-sample
+    transforms), so it does not depend on which worker builds the sample or on a resume.
+
+    32 bits, as torch's CPU generator and numpy keep no more of a seed; an odd multiplier keeps a
+    sample's seeds distinct from epoch to epoch.
+    """
+    return (epoch_seed(seed, epoch) * 2_654_435_761 + index) % 2**32
 
 
 def epoch_order(

@@ -23,7 +23,7 @@ from .loaders import Loaders, build_loaders
 from .methods import PreparedModel, options_of, prepare
 from .runlog import RunLog
 from .schema import division_config
-from .state import TrainState
+from .state import TrainState, model_input
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,7 +101,8 @@ def build_state(cfg: DictConfig, info: datasets.DatasetInfo, device: torch.devic
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
                                 weight_decay=o.weight_decay, nesterov=o.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=enum_value(cfg.trainer.amp) == "fp16")
-    return TrainState(model, optimizer, build_scheduler(optimizer, cfg), scaler), prepared
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg), scaler, built_for=model_input(info))
+    return state, prepared
 
 
 def build(

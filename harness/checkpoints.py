@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_VERSION = 2  # 2: the history, the current epoch's totals and the config are part of it
+CHECKPOINT_VERSION = 3  # 2: the history, the current epoch's totals and the config; 3: built_for
 REQUIRED_KEYS = ("version", "model", "optimizer", "scheduler", "epoch", "batch_in_epoch", "step",
-                 "history", "epoch_totals", "rng", "config")
+                 "history", "epoch_totals", "rng", "config", "built_for")
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
@@ -41,9 +41,11 @@ def load(path: str | Path) -> dict[str, Any]:
         ) from err
     if not isinstance(state, dict) or "version" not in state:
         raise ValueError(f"checkpoint {path} is not a division training checkpoint")
+    if state["version"] == 2:  # written before built_for: resumable, without that check
+        state = {**state, "version": CHECKPOINT_VERSION, "built_for": None}
     if state["version"] != CHECKPOINT_VERSION:
         raise ValueError(
-            f"checkpoint {path} has version {state['version']}, this harness reads version "
+            f"checkpoint {path} has version {state['version']}, this harness reads versions 2 to "
             f"{CHECKPOINT_VERSION}; resume it with the version of division that wrote it"
         )
     missing = [k for k in REQUIRED_KEYS if k not in state]

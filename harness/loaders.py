@@ -6,28 +6,36 @@ augmented a whole batch at a time by data/gpu_loader.TensorBatchLoader, their on
 recipe: on the device with `data.on_gpu=true`, on the CPU otherwise (the loop moves the batches).
 ImageNet reads its LMDB with DataLoader workers and pinned memory. Both take each epoch's order and
 shard from gpu_loader.epoch_order, a function of (seed, epoch) alone, so a resumed run sees the same
-batches.
+batches. On the DataLoader path each sample's random transform draws from generators seeded with
+gpu_loader.sample_seed(seed, epoch, index), whichever worker (or the main process) builds it, and
+the worker seeds the DataLoader draws as an epoch starts come from its own generator seeded from
+(seed, epoch): starting an epoch never touches the global generators that DIVISION and dropout draw
+from, so a run resumed mid-epoch continues bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from data import DatasetInfo
-from data.gpu_loader import TensorBatchLoader, epoch_order
+from data.gpu_loader import TensorBatchLoader, epoch_order, epoch_seed, sample_seed
 
 from .distributed import DistInfo
 
 
-class EpochShardSampler(Sampler[int]):
+class EpochShardSampler(Sampler[tuple[int, int]]):
     """This rank's share of the epoch's order (gpu_loader.epoch_order): training shuffles and gives
-    every rank the same count, evaluation covers each sample once."""
+    every rank the same count, evaluation covers each sample once. Yields (sample index, the seed
+    of its augmentation), the keys SeededSamples reads."""
 
     def __init__(self, length: int, *, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
         self.length, self.shuffle, self.seed = length, shuffle, seed
@@ -42,11 +50,53 @@ class EpochShardSampler(Sampler[int]):
         return epoch_order(self.length, train=self.shuffle, seed=self.seed, epoch=self.epoch,
                            rank=self.rank, world_size=self.world_size)[self.start:].tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in self._indices()])
 
     def __len__(self) -> int:
         return len(self._indices())
+
+
+@contextlib.contextmanager
+def seeded_global_generators(seed: int) -> Iterator[None]:
+    """torch's CPU, Python's and numpy's global generators seeded with `seed` inside (what
+    torchvision and other per-sample transforms draw from), and put back as they were after."""
+    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA too
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
+
+
+class SeededSamples(Dataset):
+    """`dataset` read at EpochShardSampler's (index, seed) keys: each sample's transform draws from
+    generators seeded with its own seed, so its augmentation is a function of (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with seeded_global_generators(seed):
+            return self.dataset[index]
+
+
+def _set_epoch(loader: Any, epoch: int, start_batch: int = 0) -> None:
+    if not isinstance(loader, DataLoader):
+        loader.set_epoch(epoch, start_batch)
+        return
+    sampler: EpochShardSampler = loader.sampler  # type: ignore[assignment]
+    sampler.set_epoch(epoch, start_batch * loader.batch_size)  # type: ignore[operator]  # batch_size: int | None
+    # the worker seeds a DataLoader draws as iteration starts: from here, not the global generator
+    loader.generator.manual_seed(epoch_seed(sampler.seed, epoch))
 
 
 @dataclass
@@ -59,12 +109,8 @@ class Loaders:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The epoch both loaders draw; training starts at `start_batch` (a mid-epoch resume),
         without reading or augmenting the batches before it."""
-        if isinstance(self.train, DataLoader):
-            self.train.sampler.set_epoch(epoch, start_batch * self.train.batch_size)  # type: ignore[attr-defined]
-        else:
-            self.train.set_epoch(epoch, start_batch)
-        target = self.val.sampler if isinstance(self.val, DataLoader) else self.val
-        target.set_epoch(epoch)
+        _set_epoch(self.train, epoch, start_batch)
+        _set_epoch(self.val, epoch)
 
 
 def _subset(ds: Dataset, n: int | None) -> Dataset:
@@ -83,6 +129,20 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
         return inner[0][idx], inner[1][idx]
     as_tensors = getattr(ds, "as_tensors", None)
     return as_tensors() if as_tensors is not None else None
+
+
+def sample_loader(
+    ds: Dataset, batch_size: int, *, train: bool, seed: int, dist: DistInfo, workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over per-sample transforms (ImageNet's path): this rank's share of the epoch's
+    order, each sample augmented from its own seed, workers seeded from (seed, epoch)."""
+    sampler = EpochShardSampler(len(ds), shuffle=train, seed=seed, rank=dist.rank,  # type: ignore[arg-type]
+                                world_size=dist.world_size)
+    return DataLoader(
+        SeededSamples(ds), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0, generator=torch.Generator(),
+    )
 
 
 def build_loaders(
@@ -107,19 +167,9 @@ def build_loaders(
             TensorBatchLoader(*tensors[1], eval_batch_size, train=False, drop_last=False, **common),
             len(train_set), len(val_set),  # type: ignore[arg-type]
         )
-    pin = device.type == "cuda"
-    workers = data_cfg.workers
-
-    def loader(ds: Dataset, bs: int, train: bool) -> Iterable:
-        sampler = EpochShardSampler(
-            len(ds), shuffle=train, seed=seed, rank=dist.rank, world_size=dist.world_size,  # type: ignore[arg-type]
-        )
-        return DataLoader(
-            ds, batch_size=bs, sampler=sampler, num_workers=workers, pin_memory=pin,
-            drop_last=train, persistent_workers=workers > 0,
-        )
-
+    workers, pin = data_cfg.workers, device.type == "cuda"
     return Loaders(
-        loader(train_set, batch_size, True), loader(val_set, eval_batch_size, False),
+        sample_loader(train_set, batch_size, train=True, seed=seed, dist=dist, workers=workers, pin_memory=pin),
+        sample_loader(val_set, eval_batch_size, train=False, seed=seed, dist=dist, workers=workers, pin_memory=pin),
         len(train_set), len(val_set),  # type: ignore[arg-type]
     )

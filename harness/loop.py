@@ -143,17 +143,48 @@ def save_mid_epoch(run: Run, totals: EpochTotals) -> None:
     state.save(run.run_dir / "last.pt", run.cfg, run.dist)
 
 
+def after_step(run: Run, totals: EpochTotals, bar: tqdm) -> None:
+    """A step's bookkeeping: the position, the progress bar, the running loss every log_every steps
+    (checked finite), and last.pt every save_every_steps inside an epoch (its end saves anyway)."""
+    state, tr, pos = run.state, run.cfg.trainer, run.state.position
+    pos.batch += 1
+    pos.step += 1
+    bar.update(1)
+    if pos.step % tr.log_every == 0 or pos.step == run.total_steps:
+        running = totals.running_loss()
+        check_finite(running, "training loss", f"at epoch {pos.epoch + 1}, step {pos.step}")
+        bar.set_postfix(loss=f"{running:.4f}")
+        run.log.step(pos.step, running, state.optimizer.param_groups[0]["lr"])
+    inside_epoch = pos.batch < run.steps_per_epoch
+    if tr.save_last and tr.save_every_steps and pos.step % tr.save_every_steps == 0 and inside_epoch:
+        save_mid_epoch(run, totals)
+
+
+def epoch_train_metrics(run: Run, totals: EpochTotals, meter: Throughput, seconds: float) -> dict[str, Any]:
+    """The epoch's training loss, accuracy and speed over all its batches and processes."""
+    run.state.epoch_totals = totals.global_sums()  # what a resume after a max_steps stop starts from
+    seen, loss_sum, correct = run.state.epoch_totals
+    img_s = meter.img_per_s
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": 100.0 * correct / max(seen, 1),
+        # every process trains its share of the global batch
+        "img_per_s": None if img_s is None else img_s * run.dist.world_size,
+        "data_wait_fraction": meter.data_fraction,
+        "epoch_time_s": seconds,
+    }
+
+
 def train_one_epoch(run: Run) -> dict[str, Any]:
     """Train from the position to the end of the epoch or of the run; the epoch's training metrics."""
-    state, tr, pos = run.state, run.cfg.trainer, run.state.position
+    state, pos = run.state, run.state.position
     run.train_model.train()
-    meter = Throughput(run.device)
+    meter, totals = Throughput(run.device), EpochTotals(run)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    totals = EpochTotals(run)
     epoch_t0 = time.perf_counter()
     bar = tqdm(total=run.steps_per_epoch, initial=pos.batch, leave=False, dynamic_ncols=True,
-               desc=f"epoch {pos.epoch + 1}/{tr.epochs}", disable=not run.dist.is_main)
+               desc=f"epoch {pos.epoch + 1}/{run.cfg.trainer.epochs}", disable=not run.dist.is_main)
     batches = _batches(run)
     while pos.step < run.total_steps:
         probe = ActivationProbe(run.device, state.model) if run.activation is None else None
@@ -173,30 +204,10 @@ def train_one_epoch(run: Run) -> dict[str, Any]:
         meter.add(y.numel(), data_seconds)
         if not meter.running:
             meter.start()  # after the epoch's first step: start-up and autotuning left out
-        pos.batch += 1
-        pos.step += 1
-        bar.update(1)
-        if pos.step % tr.log_every == 0 or pos.step == run.total_steps:
-            running = totals.running_loss()
-            check_finite(running, "training loss", f"at epoch {pos.epoch + 1}, step {pos.step}")
-            bar.set_postfix(loss=f"{running:.4f}")
-            run.log.step(pos.step, running, state.optimizer.param_groups[0]["lr"])
-        if (tr.save_last and tr.save_every_steps and pos.step % tr.save_every_steps == 0
-                and pos.batch < run.steps_per_epoch):  # an epoch's end saves anyway
-            save_mid_epoch(run, totals)
+        after_step(run, totals, bar)
     meter.stop()
     bar.close()
-    state.epoch_totals = totals.global_sums()  # what a resume after a max_steps stop starts from
-    seen, loss_sum, correct = state.epoch_totals
-    img_s = meter.img_per_s
-    return {
-        "train_loss": loss_sum / max(seen, 1),
-        "train_acc": 100.0 * correct / max(seen, 1),
-        # every process trains its share of the global batch
-        "img_per_s": None if img_s is None else img_s * run.dist.world_size,
-        "data_wait_fraction": meter.data_fraction,
-        "epoch_time_s": time.perf_counter() - epoch_t0,
-    }
+    return epoch_train_metrics(run, totals, meter, time.perf_counter() - epoch_t0)
 
 
 def end_epoch(run: Run, train: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 so that tests, benchmarks and notebooks call it directly (lightning-hydra-template's shape).
 
 What can fail without training does so before the run folder is touched: the config's values, a
-checkpoint that does not belong to this config, a missing data set, an image size the model cannot
+checkpoint that does not belong to this config or whose model was built for data of another
+shape (class count, channels, image size), a missing data set, an image size the model cannot
 take, a batch that does not divide among the processes.
 """
 
@@ -21,7 +22,7 @@ from .compare import compare_with_vanilla
 from .loop import fit
 from .runlog import RunLog, remove_stale_temporaries
 from .schema import validate
-from .state import load_for_resume, seed_everything
+from .state import check_fits_data, load_for_resume, seed_everything
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -48,6 +49,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[st
             )
         resume = load_for_resume(cfg, run_dir)
         sets = build_data(cfg)
+        if resume is not None:
+            check_fits_data(resume[0], sets[2], resume[1])
         if dist.is_main:  # nothing above wrote anything
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(run_dir)

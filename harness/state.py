@@ -7,7 +7,9 @@ last.pt atomically; `restore` applies a checkpoint to a freshly built state, so 
 continues bit for bit, mid-epoch included. `check_resume` compares a checkpoint's config with the
 new one before anything is built or written: a checkpoint of another model, class count or method
 is refused, and so is a changed hyperparameter, naming the keys (a run resumed under other settings
-is not the run its config.yaml describes).
+is not the run its config.yaml describes). `check_fits_data` compares what the model was built for
+(classes, input channels, image size) with the data set once it is read, also before the run folder
+is touched: a real data set's shape is not in the config (data.root may move on resume).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from data import DatasetInfo
 
 from . import checkpoints, distributed
 from .schema import flatten
@@ -52,6 +56,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished epoch
     # (samples, loss sum, correct) of the current epoch's batches done, all processes: mid-epoch saves
     epoch_totals: list[float] = field(default_factory=lambda: [0.0] * 3)
+    built_for: dict[str, int] = field(default_factory=dict)  # model_input() of the data it was built for
 
     def save(self, path: Path, cfg: DictConfig, dist: distributed.DistInfo) -> None:
         """Collective (every rank gives its RNG state); rank 0 writes."""
@@ -71,6 +76,7 @@ class TrainState:
                 "epoch_totals": self.epoch_totals,
                 "rng": rngs,
                 "config": OmegaConf.to_container(cfg, resolve=True),
+                "built_for": self.built_for,
             },
             path,
         )
@@ -103,6 +109,26 @@ def check_resume(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
             "run continues the run its config.yaml describes: resume with the same settings, or "
             "start a new run (another hydra.run.dir) without trainer.resume. Only "
             + ", ".join(RESUMABLE_CHANGES) + " may change on resume."
+        )
+
+
+def model_input(info: DatasetInfo) -> dict[str, int]:
+    """What a model is built for: the data set's class count, input channels and image size."""
+    return {"num_classes": info.num_classes, "in_channels": info.in_channels, "image_size": info.image_size}
+
+
+def check_fits_data(ckpt: dict[str, Any], info: DatasetInfo, path: Path) -> None:
+    """Refuse a checkpoint whose model was built for data of another shape, naming each difference
+    (a real data set's class count is not in the config: another data.root can change it)."""
+    saved, now = ckpt["built_for"], model_input(info)
+    if saved is None:  # a version-2 checkpoint does not say
+        return
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in now.items() if saved.get(key) != value]
+    if changed:
+        raise ValueError(
+            f"trainer.resume: {path} holds a model built for other data than {info.name} here "
+            f"({'; '.join(changed)}). Resume with the data the run started on (data.root), or start "
+            "a new run (another hydra.run.dir) without trainer.resume."
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import random
 import struct
 from pathlib import Path
 
@@ -369,21 +370,21 @@ def test_both_loaders_take_one_epoch_order(train: bool) -> None:
             loader.set_epoch(epoch)
             sampler = EpochShardSampler(23, shuffle=train, seed=4, rank=rank, world_size=3)
             sampler.set_epoch(epoch)
-            assert loader._plan()[0].tolist() == list(sampler)
+            assert loader._plan()[0].tolist() == [index for index, _ in sampler]
 
 
 def test_a_mid_epoch_start_gives_the_rest_of_that_epoch() -> None:
     """A run resumed at batch k sees batches k.. of the epoch, augmentation included, from both
     loaders (the batches before k are not built)."""
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
-    from harness.loaders import EpochShardSampler, Loaders
+    from harness.distributed import DistInfo
+    from harness.loaders import Loaders, sample_loader
 
     images = torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8)
     labels = torch.arange(20)
     batch_loader = TensorBatchLoader(images, labels, 3, train=True, mean=(0.5,), std=(0.2,), seed=1)
-    sampler = EpochShardSampler(20, shuffle=True, seed=1, rank=0, world_size=1)
-    data_loader = DataLoader(TensorDataset(images, labels), batch_size=3, sampler=sampler, drop_last=True)
+    data_loader = sample_loader(TensorDataset(images, labels), 3, train=True, seed=1, dist=DistInfo())
     for train_loader in (batch_loader, data_loader):
         loaders = Loaders(train_loader, TensorBatchLoader(images, labels, 5, train=False, mean=(0.5,), std=(0.2,)))
         loaders.set_epoch(2)
@@ -395,3 +396,41 @@ def test_a_mid_epoch_start_gives_the_rest_of_that_epoch() -> None:
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
         loaders.set_epoch(3)
         assert len(list(loaders.train)) == 6  # the next epoch starts at its beginning again
+
+
+def test_dataloader_augmentation_is_a_function_of_seed_epoch_and_sample() -> None:
+    """ImageNet's path: a sample's random transform gives the same pixels whichever worker (or the
+    main process) builds it, another draw in another epoch, and iterating leaves the global
+    generators (DIVISION's, dropout's) where they were."""
+    from torch.utils.data import Dataset
+
+    from harness.distributed import DistInfo
+    from harness.loaders import Loaders, sample_loader
+
+    class Noisy(Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.rand(3) + random.random() + float(np.random.rand()), index
+
+    def per_sample(workers: int) -> list[torch.Tensor]:
+        """Each epoch's augmented samples, in sample order."""
+        loader = sample_loader(Noisy(), 4, train=True, seed=3, dist=DistInfo(), workers=workers)
+        loaders = Loaders(loader, loader)
+        out = []
+        for epoch in (0, 1):
+            loaders.set_epoch(epoch)
+            torch.manual_seed(7)
+            before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+            batches = list(loaders.train)
+            assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+            assert np.array_equal(np.random.get_state()[1], before[2])
+            ids = torch.cat([y for _, y in batches])
+            assert sorted(ids.tolist()) == list(range(12))
+            out.append(torch.cat([x for x, _ in batches])[ids.argsort()])
+        return out
+
+    inline, two_workers = per_sample(0), per_sample(2)
+    assert all(torch.equal(a, b) for a, b in zip(inline, two_workers))
+    assert (inline[0] != inline[1]).all()  # every sample drawn anew in the next epoch

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,10 +23,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import Dataset
+from torchvision import transforms
 
-from harness import build, checkpoints, loop
+import division
+from harness import build, checkpoints, loop, methods
+from harness.methods import method_names
 from harness.run import train
-from harness.schema import register_configs
+from harness.schema import DivisionSection, division_config, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -32,6 +39,7 @@ TINY = [
     "data=synthetic", "data.num_train=16", "data.num_val=8", "data.image_size=32",
     "trainer.device=cpu", "trainer.batch_size=4", "trainer.max_val_steps=1", "trainer.log_every=1",
 ]
+SMALL_MODEL = ["model.name=shufflenet_v2_x0_5", "optim.lr=0.01"]  # 0.35M parameters: cheap checkpoints
 
 
 def make_cfg(*overrides: str) -> DictConfig:
@@ -57,6 +65,13 @@ def test_experiment_composes_and_runs_two_steps(experiment: str, tmp_path: Path)
     cfg = make_cfg(f"experiment={experiment}", *TINY, "trainer.max_steps=2", "optim.lr=0.001")
     result = train(cfg, tmp_path / "run")
     assert result["step"] == 2 and result["model"] == cfg.model.name
+    # the demo ends with the point of the project: activation memory next to stock's, same batch
+    assert cfg.trainer.compare_with_vanilla == (experiment == "demo")
+    assert ("comparison" in result) == (experiment == "demo")
+    if experiment == "demo":
+        ours, stock = result["comparison"]["division"], result["comparison"]["vanilla"]
+        assert stock["activation_mib"] > 5 * ours["activation_mib"] > 0
+        assert ours["img_per_s"] > 0 and stock["img_per_s"] > 0
 
 
 def test_paper_hyperparameters() -> None:
@@ -65,6 +80,17 @@ def test_paper_hyperparameters() -> None:
     assert rn50.data.name == "imagenet" and rn50.model.name == "resnet50"
     c100 = make_cfg("experiment=resnet164_cifar100")
     assert (c100.trainer.epochs, c100.optim.lr, c100.optim.momentum, c100.optim.nesterov) == (200, 0.15, 0.9, False)
+
+
+def test_the_division_section_is_division_config() -> None:
+    """Derived from the library's config (harness/schema.py): its fields, types and defaults, no more."""
+    library = dataclasses.fields(division.DivisionConfig)
+    section = make_cfg().division
+    assert list(section) == [f.name for f in library]
+    assert {k: section[k] for k in section} == {f.name: f.default for f in library}
+    assert typing.get_type_hints(DivisionSection) == typing.get_type_hints(division.DivisionConfig)
+    assert division_config(make_cfg("division.block_size=4", "division.backward_mode=lfc_only")) == \
+        division.DivisionConfig(block_size=4, backward_mode="lfc_only")
 
 
 def test_run_writes_metrics_tensorboard_checkpoint_and_config(tmp_path: Path) -> None:
@@ -91,6 +117,66 @@ def test_division_saves_less_than_vanilla(tmp_path: Path) -> None:
         cfg = make_cfg(*TINY, f"method={method}", "trainer.max_steps=1", "trainer.save_last=false")
         acts[method] = train(cfg, tmp_path / method)["act_mem_gib"]
     assert acts["vanilla"] > 5 * acts["division"]
+
+
+@pytest.fixture(scope="module")
+def stock_step(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One step of the unconverted model: what every method is compared with."""
+    cfg = make_cfg(*TINY, "method=vanilla", "trainer.max_steps=1", "trainer.save_last=false")
+    return train(cfg, tmp_path_factory.mktemp("stock"))
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_registered_method_trains_a_step(method: str, stock_step: dict, tmp_path: Path) -> None:
+    """Every method's forward is exact (they differ in what backward gets): the first batch's loss
+    is stock's; the memory-saving ones keep fewer activation bytes."""
+    cfg = make_cfg(*TINY, f"method={method}", "trainer.max_steps=1", "trainer.save_last=false")
+    result = train(cfg, tmp_path)
+    assert result["method"] == method and result["step"] == 1 and math.isfinite(result["val_loss"])
+    assert result["train_loss"] == pytest.approx(stock_step["train_loss"], rel=1e-6)
+    if method in ("division", "actnn", "checkpoint"):
+        assert 0 < result["act_mem_gib"] < stock_step["act_mem_gib"] / 2
+
+
+def test_a_method_registered_in_one_place_composes_and_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # undone after the test
+
+    @methods.register_method
+    def halved(model: nn.Module, cfg: division.DivisionConfig, opts: methods.MethodOptions) -> methods.PreparedModel:
+        model.fc.register_forward_hook(lambda module, inputs, output: output / 2)
+        return methods.PreparedModel(model, "halved", settings={"logits_scale": 0.5})
+
+    cfg = make_cfg(*TINY, "method=halved", "trainer.max_steps=1", "trainer.save_last=false")
+    assert cfg.method.name == "halved"
+    result = train(cfg, tmp_path)
+    assert result["method"] == "halved" and result["method_settings"] == {"logits_scale": 0.5}
+    assert "method=halved" in (tmp_path / "train.log").read_text()
+
+
+def test_compile_check_measures_with_the_harness_probe_and_methods() -> None:
+    """benchmarks/compile_check.py (eager rows here; compiling is tests/test_compile.py's): the
+    activation bytes are ActivationProbe's, the methods come from the registry."""
+    from benchmarks import compile_check
+
+    torch.manual_seed(0)
+    base = build.models.build_model("resnet18", num_classes=10)
+    x, y = torch.randn(2, 3, 16, 16), torch.arange(2)
+    probe = loop.ActivationProbe(x.device, base)
+    loop.train_step(base, torch.cat([x, x]), torch.cat([y, y]), None, probe=probe)
+    twice = probe.activation_bytes
+    probe = loop.ActivationProbe(x.device, base)
+    loop.train_step(base, x, y, None, probe=probe)
+    assert compile_check.activation_bytes(base, x, y) == twice - probe.activation_bytes > 0
+    base.zero_grad(set_to_none=True)
+    loop.train_step(base, x, y, None)
+    exact = compile_check.flat_grad(base)
+    rows = {m: compile_check.measure(base, m, False, x, y, exact, 1) for m in ("vanilla", "division", "checkpoint")}
+    assert rows["vanilla"]["activation_mib"] * 2**20 == twice - probe.activation_bytes
+    assert rows["division"]["activation_mib"] < rows["vanilla"]["activation_mib"] / 4
+    assert rows["checkpoint"]["activation_mib"] < rows["vanilla"]["activation_mib"] / 2
+    # stock and recomputation give the exact gradient, DIVISION an approximation of it
+    assert rows["vanilla"]["grad_cosine_to_exact"] == pytest.approx(1) == rows["checkpoint"]["grad_cosine_to_exact"]
+    assert 0.5 < rows["division"]["grad_cosine_to_exact"] < 0.9999
 
 
 TIMING = ("img_per_s", "data_wait_fraction", "epoch_time_s", "peak_mem_gib", "act_peak_gib", "act_mem_gib")
@@ -138,7 +224,7 @@ def _kill_before_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 def test_kill_mid_epoch_resumes_bit_for_bit_and_logs_each_epoch_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    common = [*TINY, "trainer.epochs=3", "trainer.save_every_steps=1"]
+    common = [*TINY, *SMALL_MODEL, "trainer.epochs=3", "trainer.save_every_steps=1"]
     train(make_cfg(*common), tmp_path / "straight")
     with monkeypatch.context() as m:
         _kill_before_step(m, 7)  # steps 1-6 done: epoch 1 and half of epoch 2
@@ -155,6 +241,76 @@ def test_kill_mid_epoch_resumes_bit_for_bit_and_logs_each_epoch_once(
     assert not list((tmp_path / "split").glob(".*tmp*"))
 
 
+class RandomlyAugmented(Dataset):
+    """A training split behind a random per-sample transform (torchvision's, drawing from torch's
+    global generator as ImageNet's does) and without `as_tensors()`: the DataLoader path."""
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner = inner
+        self.augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.inner[index]
+        return self.augment(x), y
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_mid_epoch_on_the_dataloader_path_resumes_bit_for_bit(
+    workers: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ImageNet's path (what save_every_steps is for): DIVISION's draws, the order and every
+    sample's augmentation are the same after a resume, whichever worker builds the sample."""
+    real = build.datasets.build_datasets
+
+    def without_tensors(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        train_set, val_set, info = real(*args, **kwargs)
+        return RandomlyAugmented(train_set), val_set, info
+
+    monkeypatch.setattr(build.datasets, "build_datasets", without_tensors)
+    common = [*TINY, *SMALL_MODEL, "trainer.epochs=3", "trainer.save_every_steps=1", f"data.workers={workers}"]
+    straight = train(make_cfg(*common), tmp_path / "straight")
+    assert straight["step"] == 12
+    with monkeypatch.context() as m:
+        _kill_before_step(m, 7)  # steps 1-6 done: epoch 1 and half of epoch 2
+        with pytest.raises(Killed):
+            train(make_cfg(*common), tmp_path / "split")
+    assert checkpoints.load(tmp_path / "split" / "last.pt")["step"] == 6
+    assert train(make_cfg(*common, "trainer.resume=auto"), tmp_path / "split")["step"] == 12
+    _same_weights(tmp_path / "straight", tmp_path / "split")
+    assert _metrics(tmp_path / "split") == _metrics(tmp_path / "straight")
+    assert [m["epoch"] for m in _metrics(tmp_path / "split")] == [1, 2, 3]
+
+
+def test_kill_between_the_checkpoint_and_the_metrics_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window where last.pt holds epoch 2 and metrics.jsonl does not yet: the resumed run writes
+    each epoch once, and the temporary files a kill left are removed."""
+    common = [*TINY, *SMALL_MODEL, "trainer.epochs=3"]
+    train(make_cfg(*common), tmp_path / "straight")
+    split, real = tmp_path / "split", checkpoints.save_atomic
+
+    def save_then_die(state: dict, path: Path) -> Path:
+        written = real(state, path)
+        if state["epoch"] == 2:
+            raise Killed
+        return written
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "save_atomic", save_then_die)
+        with pytest.raises(Killed):
+            train(make_cfg(*common), split)
+    assert checkpoints.load(split / "last.pt")["epoch"] == 2
+    assert [m["epoch"] for m in _metrics(split)] == [1]  # killed before epoch 2's line
+    (split / ".last.pt.tmp-1").write_bytes(b"half a checkpoint")
+    (split / ".metrics.jsonl.tmp-1").write_text('{"epoch": 2}\n')
+    assert train(make_cfg(*common, "trainer.resume=auto"), split)["step"] == 12
+    assert [m["epoch"] for m in _metrics(split)] == [1, 2, 3]
+    assert _metrics(split) == _metrics(tmp_path / "straight")
+    assert not list(split.glob(".*tmp*"))
+
+
 def test_resume_under_other_settings_is_refused_before_anything_changes(tmp_path: Path) -> None:
     train(make_cfg(*TINY, "trainer.max_steps=2"), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -162,9 +318,53 @@ def test_resume_under_other_settings_is_refused_before_anything_changes(tmp_path
         train(make_cfg(*TINY, "trainer.max_steps=4", "optim.lr=0.05", "trainer.resume=auto"), tmp_path)
     with pytest.raises(ValueError, match=r"division.hfc_bits: 2 -> 4"):
         train(make_cfg(*TINY, "division.hfc_bits=4", "trainer.resume=auto"), tmp_path)
+    with pytest.raises(ValueError, match=r"model.name: 'resnet18' -> 'resnet164'"):
+        train(make_cfg(*TINY, "model=resnet164", "trainer.resume=auto"), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     # where things are, and how much is trained or logged, may change
     assert train(make_cfg(*TINY, "trainer.max_steps=3", "trainer.log_every=2", "trainer.resume=auto"), tmp_path)["step"] == 3
+
+
+def _files(run_dir: Path) -> dict[Path, bytes]:
+    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_resume_on_data_of_another_shape_is_refused_before_anything_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real data set's class count, channels and image size are not in the config (data.num_classes
+    unset, data.root may move on resume): the checkpoint records what its model was built for."""
+    run_dir = tmp_path / "run"
+    train(make_cfg(*TINY, "trainer.max_steps=2"), run_dir)
+    before = _files(run_dir)
+    real = build.datasets.build_datasets
+
+    def another_data_set(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return real(*args, **{**kwargs, "num_classes": 5, "in_channels": 1, "image_size": 16})
+
+    monkeypatch.setattr(build.datasets, "build_datasets", another_data_set)
+    with pytest.raises(ValueError, match=r"built for other data than synthetic here \(num_classes 10 -> 5; "
+                       r"in_channels 3 -> 1; image_size 32 -> 16\)"):
+        train(make_cfg(*TINY, "trainer.max_steps=4", f"data.root={tmp_path / 'other'}", "trainer.resume=auto"), run_dir)
+    assert _files(run_dir) == before  # config.yaml, status.json, metrics, TensorBoard untouched
+
+
+def test_a_checkpoint_of_version_2_still_resumes(tmp_path: Path) -> None:
+    """Written before checkpoints said what data their model was built for: resumed without that check."""
+    run_dir = tmp_path / "run"
+    train(make_cfg(*TINY, "trainer.max_steps=2"), run_dir)
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    del state["built_for"]
+    torch.save({**state, "version": 2}, run_dir / "last.pt")
+    assert checkpoints.load(run_dir / "last.pt")["built_for"] is None
+    train(make_cfg(*TINY, "trainer.max_steps=4", "trainer.resume=auto"), run_dir)
+    resumed = checkpoints.load(run_dir / "last.pt")
+    assert resumed["step"] == 4 and resumed["version"] == checkpoints.CHECKPOINT_VERSION
+    assert resumed["built_for"] == {"num_classes": 10, "in_channels": 3, "image_size": 32}
+    state["version"] = 1
+    torch.save(state, run_dir / "last.pt")
+    with pytest.raises(ValueError, match="has version 1, this harness reads versions 2 to 3"):
+        checkpoints.load(run_dir / "last.pt")
 
 
 @pytest.mark.slow
@@ -172,8 +372,7 @@ def test_sigkill_at_any_moment_then_resume(tmp_path: Path) -> None:
     """A real kill -9 of the command line run, wherever it lands; the resumed run ends complete."""
     args = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.epochs=6", "trainer.save_every_steps=1",
             f"hydra.run.dir={tmp_path}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         metrics = tmp_path / "metrics.jsonl"
@@ -320,8 +519,24 @@ def test_compare_with_vanilla_reports_both_on_one_batch(tmp_path: Path) -> None:
 
 
 def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    """The installed package (pip install -e .) is what makes harness, data, models importable."""
+    return subprocess.run(args, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def test_the_package_is_installed_not_found_on_a_path(tmp_path: Path) -> None:
+    """From another folder, without PYTHONPATH: the harness, data and models import, and the
+    scripts that use them run."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    imported = subprocess.run(
+        [sys.executable, "-c", "import harness, data, models, division; print(len(models.list_models()))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert int(imported.stdout) >= 8
+    helped = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), "--help"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    assert "--parquet" in helped.stdout
 
 
 def test_command_line_run_and_bad_override(tmp_path: Path) -> None:
@@ -349,14 +564,16 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
     scratch.mkdir()
     res = _cli(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "train.py"), *TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"],
+         f"--log-dir={run_dir / 'torchrun'}", str(ROOT / "train.py"), *TINY, "trainer.max_steps=2",
+         f"hydra.run.dir={run_dir}"],
         ROOT, OMP_NUM_THREADS="1", TMPDIR=str(scratch),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "scratch"]
-    # rank 1's throw-away Hydra folder is gone; torchrun keeps its own per-rank error files in a
-    # torchelastic_* folder unless given --log-dir (as scripts/resnet50_imagenet.sh does)
-    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchelastic_")] == []
+    # no temporary folder is left: rank 1's throw-away Hydra folder is gone, and torchrun's own
+    # per-rank error files are in the run folder (--log-dir), not in a torchelastic_* folder
+    assert list(scratch.iterdir()) == []
+    assert (run_dir / "torchrun").is_dir()
     metrics = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["world_size"] == 2 and metrics[0]["step"] == 2
     assert (run_dir / "last.pt").is_file()
