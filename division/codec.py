@@ -62,8 +62,10 @@ def compress(
         raise TypeError(f"division.compress: cfg must be a division.DivisionConfig, got {type(cfg).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"division.compress: expected a torch.Tensor, got {type(x).__name__}")
-    with torch.no_grad():  # detached: an exact record holds x itself, without its history
-        return encode(x.detach(), cfg, cfg.backward_mode if mode is None else mode,
+    if x.requires_grad:  # an exact record holds x itself: an alias without its history
+        x = x.detach()
+    with torch.no_grad():
+        return encode(x, cfg, cfg.backward_mode if mode is None else mode,
                       select_backend(x, cfg) == "kernels", seed, first_plane)
 
 
