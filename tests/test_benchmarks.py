@@ -171,6 +171,24 @@ def test_op_count_benchmark(tmp_path: Path) -> None:
     assert "aten._local_scalar_dense" not in ops  # no .item(): nothing waits on the device
 
 
+def test_profile_step_groups_a_steps_time(tmp_path: Path) -> None:
+    """What the GPU session's profile steps run, on the CPU: every method's device time split into
+    the groups, which add up to it; only DIVISION spends time in compress and decompress."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--device", "cpu",
+                          "--model", "resnet18", "--batch", "4", "--size", "32", "--warmup", "1", "--steps", "1",
+                          "--out", str(tmp_path / "profile")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "profile.json").read_text())["results"]
+    assert set(results) == {"vanilla", "division"}
+    for method, r in results.items():
+        assert r["host_ms"] > 0 and r["device_ms"] > 0 and r["kernels"], method
+        assert sum(r["groups"].values()) == pytest.approx(r["device_ms"], rel=1e-6), method
+        assert r["groups"]["convolution"] > 0, method
+    assert results["division"]["groups"]["compress"] > 0 and results["division"]["groups"]["decompress"] > 0
+    assert results["vanilla"]["groups"].get("compress", 0) == 0
+    assert "| compress |" in (tmp_path / "profile.md").read_text()
+
+
 def test_kernel_sass_walks_the_hot_path_and_counts_elements() -> None:
     """The SASS reader follows fall-through and unconditional branches to the back branch, and
     counts the elements from the marker instructions on that path only."""
