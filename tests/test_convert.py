@@ -194,6 +194,8 @@ def test_a_lone_converted_layer_draws_anew_each_call_and_reverts() -> None:
     assert torch.equal(weight_grad(0), weight_grad(0))
     assert not torch.equal(weight_grad(0), weight_grad(1))
     assert not original._forward_pre_hooks  # the original layer's hooks are untouched
+    twin = copy.deepcopy(layer)  # a copy's hook resets the copy's own compressor
+    assert list(twin._forward_pre_hooks.values()) == [twin.compressor] and twin.compressor is not layer.compressor
     stock = division.revert_model(layer)
     assert type(stock) is nn.Conv2d and stock.weight is layer.weight
     assert not stock._forward_pre_hooks  # the compressor's hook went with the conversion
