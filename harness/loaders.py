@@ -16,12 +16,10 @@ from, so a run resumed mid-epoch continues bit for bit.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -30,6 +28,7 @@ from data import DatasetInfo
 from data.gpu_loader import TensorBatchLoader, epoch_order, epoch_seed, sample_seed
 
 from .distributed import DistInfo
+from .state import host_rng_state, seed_host_generators, set_host_rng_state
 
 
 class EpochShardSampler(Sampler[tuple[int, int]]):
@@ -61,16 +60,12 @@ class EpochShardSampler(Sampler[tuple[int, int]]):
 def seeded_global_generators(seed: int) -> Iterator[None]:
     """torch's CPU, Python's and numpy's global generators seeded with `seed` inside (what
     torchvision and other per-sample transforms draw from), and put back as they were after."""
-    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA too
-    random.seed(seed)
-    np.random.seed(seed)
+    saved = host_rng_state()
+    seed_host_generators(seed)
     try:
         yield
     finally:
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        np.random.set_state(saved[2])
+        set_host_rng_state(saved)
 
 
 class SeededSamples(Dataset):

@@ -145,23 +145,38 @@ def load_for_resume(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], Pat
 # ---- random number generators ------------------------------------------------------------------
 
 
-def seed_everything(seed: int) -> None:
+def seed_host_generators(seed: int) -> None:
+    """torch's CPU, Python's and numpy's global generators (not CUDA's: a DataLoader worker seeds
+    each sample's transform with this, see loaders.SeededSamples)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+def seed_everything(seed: int) -> None:
+    seed_host_generators(seed)
+    torch.manual_seed(seed)  # the accelerators' generators too
+
+
+def host_rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_host_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = host_rng_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    set_host_rng_state(state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
