@@ -311,22 +311,23 @@ def test_kill_between_the_checkpoint_and_the_metrics_line(tmp_path: Path, monkey
     assert not list(split.glob(".*tmp*"))
 
 
+def _files(run_dir: Path) -> dict[Path, bytes]:
+    """Every file under run_dir with its bytes: what a refused resume must leave unchanged."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
 def test_resume_under_other_settings_is_refused_before_anything_changes(tmp_path: Path) -> None:
     train(make_cfg(*TINY, "trainer.max_steps=2"), tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    before = _files(tmp_path)
     with pytest.raises(ValueError, match=r"optim.lr: 0.1 -> 0.05.*start a new run"):
         train(make_cfg(*TINY, "trainer.max_steps=4", "optim.lr=0.05", "trainer.resume=auto"), tmp_path)
     with pytest.raises(ValueError, match=r"division.hfc_bits: 2 -> 4"):
         train(make_cfg(*TINY, "division.hfc_bits=4", "trainer.resume=auto"), tmp_path)
     with pytest.raises(ValueError, match=r"model.name: 'resnet18' -> 'resnet164'"):
         train(make_cfg(*TINY, "model=resnet164", "trainer.resume=auto"), tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert _files(tmp_path) == before
     # where things are, and how much is trained or logged, may change
     assert train(make_cfg(*TINY, "trainer.max_steps=3", "trainer.log_every=2", "trainer.resume=auto"), tmp_path)["step"] == 3
-
-
-def _files(run_dir: Path) -> dict[Path, bytes]:
-    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
 
 def test_resume_on_data_of_another_shape_is_refused_before_anything_changes(
@@ -551,11 +552,11 @@ def test_command_line_run_and_bad_override(tmp_path: Path) -> None:
     assert "DivisionConfig.hfc_bits=3 is invalid" in bad.stderr
     assert not (tmp_path / "bad").exists()  # Hydra made it, the failed checks removed it again
     # a refused resume leaves the run folder as it was (Hydra writes nothing into it either)
-    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    before = _files(run_dir)
     refused = _cli([sys.executable, str(ROOT / "train.py"), *TINY, "optim.lr=0.5", "trainer.resume=auto",
                     f"hydra.run.dir={run_dir}"], ROOT)
     assert refused.returncode != 0 and "optim.lr: 0.1 -> 0.5" in refused.stderr
-    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert _files(run_dir) == before
 
 
 @pytest.mark.slow
