@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import division
 import models
 from benchmarks.common import run_info
-from harness.loop import train_step
+from harness.loop import Batch, train_step
 from harness.measure import ActivationProbe, synchronize
 from harness.methods import prepare
 
@@ -40,7 +40,7 @@ def probed_step(run: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, forward_
     """The activation bytes ActivationProbe gives for one training step of batch x (backward is run)."""
     probe = ActivationProbe(x.device, run)
     probe.before_fetch()
-    train_step(run, x, y, None, forward_context=forward_context, probe=probe)
+    train_step(run, Batch(x, y), None, forward_context=forward_context, probe=probe)
     return probe.activation_bytes or 0
 
 
@@ -66,7 +66,7 @@ def measure(base: torch.nn.Module, method: str, compiled: bool, x, y, exact: tor
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        train_step(run, x, y, None, forward_context=prepared.forward_context)
+        train_step(run, Batch(x, y), None, forward_context=prepared.forward_context)
         synchronize(x.device)
 
     t0 = time.perf_counter()

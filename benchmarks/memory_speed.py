@@ -9,7 +9,8 @@ checkpoint, swap, actnn) x precision (fp32, bf16 autocast), synthetic 224x224 da
 device, SGD (lr 0.1, momentum 0.9, wd 1e-4) as the paper's benchmark.
 memory: on the first step, activation memory as the paper defines it (allocated before backward
 minus allocated before the batch, minus output and loss) and the peak allocated during the step
-above the same start; `--find-max` also searches the largest batch that fits for each method.
+above the same start; the step lets go of its batch after forward (harness.loop.Batch), so the
+batch counts where a layer keeps it. `--find-max` also searches the largest batch that fits.
 speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats.
 --compile runs every model under torch.compile(fullgraph=True) (default inductor backend); memory is
 then read on the step after the one that compiles. Writes <out>.json (rows + device, versions, git
@@ -33,7 +34,7 @@ import division
 import models
 from benchmarks.common import run_info
 from harness.build import AMP_DTYPES
-from harness.loop import train_step
+from harness.loop import Batch, train_step
 from harness.measure import GIB, ActivationProbe
 from harness.methods import method_names, prepare
 
@@ -56,8 +57,12 @@ def step(model, prepared, opt, x, y, amp: str, probe: ActivationProbe | None = N
     """One training step: the harness's own (harness.loop.train_step)."""
     if probe:
         probe.before_fetch()
-        x = x.clone()  # the batch counts as the paper counted it: it arrives after the start reading
-    train_step(model, x, y, opt, None, AMP_DTYPES.get(amp), prepared.forward_context, probe)
+        # the batch counts as the paper counted it (it arrives after the start reading), as long as
+        # a layer holds it: the step lets go of its copy after forward (harness.loop.Batch)
+        batch = Batch(x.clone(), y)
+    else:
+        batch = Batch(x, y)
+    train_step(model, batch, opt, None, AMP_DTYPES.get(amp), prepared.forward_context, probe)
 
 
 def free(device: torch.device) -> None:

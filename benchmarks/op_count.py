@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import division
 import models
 from benchmarks.common import run_info
-from harness.loop import train_step
+from harness.loop import Batch, train_step
 from harness.methods import prepare
 
 
@@ -46,11 +46,11 @@ def count_step(model_name: str, method: str, batch: int, size: int) -> collectio
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     # one untimed step first: lazy initialisation stays out of the count
-    train_step(model, x, y, None, forward_context=prepared.forward_context)
+    train_step(model, Batch(x, y), None, forward_context=prepared.forward_context)
     model.zero_grad(set_to_none=True)
     counter = OpCounter()
     with counter:
-        train_step(model, x, y, None, forward_context=prepared.forward_context)
+        train_step(model, Batch(x, y), None, forward_context=prepared.forward_context)
     return counter.counts
 
 

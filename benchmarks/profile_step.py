@@ -29,7 +29,7 @@ import division
 import models
 from benchmarks.common import run_info
 from harness.build import AMP_DTYPES
-from harness.loop import train_step
+from harness.loop import Batch, train_step
 from harness.measure import synchronize
 from harness.methods import prepare
 
@@ -61,7 +61,7 @@ def build(model_name: str, method: str, args: argparse.Namespace, device: torch.
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     def step() -> None:
-        train_step(model, x, y, opt, None, AMP_DTYPES.get(args.amp), prepared.forward_context)
+        train_step(model, Batch(x, y), opt, None, AMP_DTYPES.get(args.amp), prepared.forward_context)
 
     return step
 

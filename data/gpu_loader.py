@@ -180,7 +180,7 @@ class TensorBatchLoader:
         for i in range(self.start_batch, len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             ids = local[sl]
-            x = self.augment(
-                ids, None if offsets is None else offsets[sl], None if flips is None else flips[sl]
-            )
-            yield x, self.labels[ids]
+            # built in the yield itself: a local would keep the batch alive while the step runs
+            # (harness.loop.Batch frees it before backward)
+            yield (self.augment(ids, None if offsets is None else offsets[sl], None if flips is None else flips[sl]),
+                   self.labels[ids])

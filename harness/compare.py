@@ -16,7 +16,7 @@ import torch
 import models
 
 from .build import Run
-from .loop import to_device, train_step
+from .loop import Batch, to_device, train_step
 from .measure import ActivationProbe, synchronize
 from .methods import PreparedModel
 
@@ -28,11 +28,11 @@ def _measure(run: Run, prepared: PreparedModel, x: torch.Tensor, y: torch.Tensor
     model.train()
     probe = ActivationProbe(run.device, model)
     probe.before_fetch()
-    train_step(model, x, y, None, None, run.amp_dtype, prepared.forward_context, probe)
+    train_step(model, Batch(x.clone(), y), None, None, run.amp_dtype, prepared.forward_context, probe)
     synchronize(run.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(model, x, y, None, None, run.amp_dtype, prepared.forward_context)
+        train_step(model, Batch(x, y), None, None, run.amp_dtype, prepared.forward_context)
     synchronize(run.device)
     return {"activation_mib": (probe.activation_bytes or 0) / MIB,
             "img_per_s": steps * len(x) / (time.perf_counter() - t0)}

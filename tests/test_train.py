@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import typing
+import weakref
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -162,13 +163,13 @@ def test_compile_check_measures_with_the_harness_probe_and_methods() -> None:
     base = build.models.build_model("resnet18", num_classes=10)
     x, y = torch.randn(2, 3, 16, 16), torch.arange(2)
     probe = loop.ActivationProbe(x.device, base)
-    loop.train_step(base, torch.cat([x, x]), torch.cat([y, y]), None, probe=probe)
+    loop.train_step(base, loop.Batch(torch.cat([x, x]), torch.cat([y, y])), None, probe=probe)
     twice = probe.activation_bytes
     probe = loop.ActivationProbe(x.device, base)
-    loop.train_step(base, x, y, None, probe=probe)
+    loop.train_step(base, loop.Batch(x, y), None, probe=probe)
     assert compile_check.activation_bytes(base, x, y) == twice - probe.activation_bytes > 0
     base.zero_grad(set_to_none=True)
-    loop.train_step(base, x, y, None)
+    loop.train_step(base, loop.Batch(x, y), None)
     exact = compile_check.flat_grad(base)
     rows = {m: compile_check.measure(base, m, False, x, y, exact, 1) for m in ("vanilla", "division", "checkpoint")}
     assert rows["vanilla"]["activation_mib"] * 2**20 == twice - probe.activation_bytes
@@ -203,6 +204,52 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     # the epoch the first part left unfinished is reported once, over all its batches
     assert _metrics(tmp_path / "split") == _metrics(tmp_path / "straight")
     assert [m["epoch_complete"] for m in _metrics(tmp_path / "split")] == [True, False]
+
+
+class _BatchWatch(loop.ActivationProbe):
+    """Notes, just before backward, whether the input batch behind `ref` is still alive."""
+
+    refs: typing.ClassVar[list] = []
+    alive: typing.ClassVar[list[bool]] = []
+
+    def before_backward(self, output: torch.Tensor, loss: torch.Tensor) -> None:
+        super().before_backward(output, loss)
+        self.alive.append(self.refs[-1]() is not None)
+
+
+@pytest.mark.parametrize(("method", "kept"), [("vanilla", True), ("division", False)])
+def test_train_step_lets_go_of_the_batch_after_forward(method: str, kept: bool) -> None:
+    """A stock first conv saves the batch for backward; DIVISION's keeps a compressed copy, so the
+    batch itself is freed before backward (the paper's activation memory counts it)."""
+    torch.manual_seed(0)
+    prepared = methods.prepare(build.models.build_model("resnet18", num_classes=10), method, division.DivisionConfig())
+    x = torch.randn(2, 3, 16, 16)
+    _BatchWatch.refs, _BatchWatch.alive = [weakref.ref(x)], []
+    batch = loop.Batch(x, torch.arange(2))
+    del x
+    probe = _BatchWatch(torch.device("cpu"), prepared.model)
+    loop.train_step(prepared.model, batch, None, forward_context=prepared.forward_context, probe=probe)
+    assert _BatchWatch.alive == [kept]
+    assert _BatchWatch.refs[0]() is None
+    assert all(p.grad is not None for p in prepared.model.parameters())
+    with pytest.raises(RuntimeError, match=r"already used by a training step.*new Batch\(x, y\)"):
+        loop.train_step(prepared.model, batch, None)
+
+
+def test_training_loop_holds_no_batch_of_its_own_during_backward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop hands its batch over whole: under DIVISION nothing keeps it alive into backward."""
+    real = loop.train_step
+    _BatchWatch.refs, _BatchWatch.alive = [], []
+
+    def watched(model: nn.Module, batch: loop.Batch, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
+        _BatchWatch.refs.append(weakref.ref(batch._x))
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", watched)
+    monkeypatch.setattr(loop, "ActivationProbe", _BatchWatch)
+    train(make_cfg(*TINY, "model.name=resnet18", "method=division", "trainer.epochs=1"), tmp_path)
+    assert _BatchWatch.alive == [False]  # the run's one probed step (its first)
+    assert len(_BatchWatch.refs) == 4
 
 
 class Killed(BaseException):
