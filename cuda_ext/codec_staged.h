@@ -601,8 +601,8 @@ DIV_HD void decode_run4(const DecompressArgs& a, int64_t p, const PlaneDecode& d
   const Geometry& g = a.g;
   uint32_t codes = 0;
   if (a.mode != kLfcOnly) {
-    const int32_t bit = q << a.bits_log2;
-    codes = a.codes[p * g.words + (bit >> 5)] >> (bit & 31);
+    const uint32_t uq = static_cast<uint32_t>(q);  // word and bit apart: q * Q may pass 2^31 on a large plane
+    codes = a.codes[p * g.words + (uq >> (5 - a.bits_log2))] >> ((uq << a.bits_log2) & 31u);
   }
   const float up = a.mode != kHfcOnly ? load_lfc(a.lfc, a.lfc_kind, p * g.lfc_numel + block_of(g, static_cast<uint32_t>(q))) : kNoLfc;
   const uint32_t mask = (1u << a.bits) - 1u;

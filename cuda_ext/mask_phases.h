@@ -211,7 +211,10 @@ DIV_HD uint32_t pool_one(const PoolArgs& a, int64_t e) {
     }
   }
   static_cast<scalar_t*>(a.y)[e] = best_value;
-  return best_off;
+  // a window with no tap in the input (stock allows it with a dilation larger than the input):
+  // -inf, as stock, and offset 0, a tap outside the input that no input element's gradient reads
+  // (stock's index points past the plane there, and its CPU backward writes into the next plane)
+  return best_off == 0xFFFFFFFFu ? 0u : best_off;
 }
 
 template <typename scalar_t, typename Lanes>

@@ -282,6 +282,22 @@ void twin_channel_decompress(const DecompressArgs& a, const ChannelPlan& c) {
 
 using Compressed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Compress on the GPU with plan `s` (planes == 0: the generic kernel). Where the device refuses the
+// plan's thread-block cluster (no room for it, or code built for an architecture without
+// clusters), the shape is planned again without one, which may leave its planes too large to
+// stage: the generic kernel then takes them, unless the staged kernel was asked for.
+void compress_cuda(const CompressArgs& a, const Geometry& g, const at::Tensor& x, StagedPlan s,
+                   const CodecOptions& o, const char* what) {
+  if (s.planes > 0 && launch_staged_compress(a, s, x.scalar_type(), x)) return;
+  if (s.planes > 0) {
+    s = make_staged_plan(g, x, o, false);
+    TORCH_CHECK(o.path != "staged" || s.planes > 0, what, ": the staged kernel cannot take shape ", x.sizes(),
+                " without a thread-block cluster, which this device refused");
+    if (s.planes > 0 && launch_staged_compress(a, s, x.scalar_type(), x)) return;
+  }
+  launch_generic_compress(a, generic_launch(g, true, o, what), x.scalar_type(), x);
+}
+
 Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_t block_size,
                          int64_t bits, at::ScalarType lfc_dtype, c10::string_view mode_name,
                          int64_t first_plane, const CodecOptions& o) {
@@ -333,23 +349,13 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
     if (o.path != "generic") s = make_staged_plan(g, x, o);
     TORCH_CHECK(o.path != "staged" || s.planes > 0, what, ": the staged kernel cannot take shape ",
                 x.sizes(), " in the shared memory allowed");
-    if (s.planes > 0) {
-      if (x.is_cuda()) {
-        if (!launch_staged_compress(a, s, x.scalar_type(), x)) {  // no room for the cluster
-          const StagedPlan one = make_staged_plan(g, x, o, false);
-          TORCH_CHECK(one.planes > 0, what, ": no staged plan without a cluster for shape ", x.sizes());
-          launch_staged_compress(a, one, x.scalar_type(), x);
-        }
-      } else {
-        DIVISION_DISPATCH(x.scalar_type(), "division_compress_cpu", [&] { twin_staged_compress<scalar_t>(a, s); });
-      }
+    if (x.is_cuda()) {
+      compress_cuda(a, g, x, s, o, what);
+    } else if (s.planes > 0) {
+      DIVISION_DISPATCH(x.scalar_type(), "division_compress_cpu", [&] { twin_staged_compress<scalar_t>(a, s); });
     } else {
       const Launch l = generic_launch(g, true, o, what);
-      if (x.is_cuda()) {
-        launch_generic_compress(a, l, x.scalar_type(), x);
-      } else {
-        DIVISION_DISPATCH(x.scalar_type(), "division_compress_cpu", [&] { twin_generic_compress<scalar_t>(a, l); });
-      }
+      DIVISION_DISPATCH(x.scalar_type(), "division_compress_cpu", [&] { twin_generic_compress<scalar_t>(a, l); });
     }
   }
   if (mode == kHfcOnly) lfc = at::empty({0}, opts.dtype(lfc_dtype));  // as reference.py: no LFC kept
@@ -579,13 +585,15 @@ at::Tensor pack_bool_op(const at::Tensor& mask) {
   return bits;
 }
 
-at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& bits, double scale, bool relu, const char* what) {
+at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask_bits, double scale, bool relu, const char* what) {
   check_dense(grad, what);
   TORCH_CHECK(is_kernel_dtype(grad.scalar_type()), what, ": unsupported dtype ", grad.scalar_type());
-  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() &&
-                  bits.numel() == (grad.numel() + 31) / 32 * 4 && bits.device() == grad.device(),
-              what, ": the mask (", bits.sizes(), ") does not match a gradient of ", grad.numel(),
+  TORCH_CHECK(mask_bits.scalar_type() == at::kByte && mask_bits.is_contiguous() &&
+                  mask_bits.numel() == (grad.numel() + 31) / 32 * 4 && mask_bits.device() == grad.device(),
+              what, ": the mask (", mask_bits.sizes(), ") does not match a gradient of ", grad.numel(),
               " elements on ", grad.device());
+  // the kernels read whole 32-bit words: a view at an odd byte offset is copied (a GPU would fault)
+  const at::Tensor bits = reinterpret_cast<uintptr_t>(mask_bits.data_ptr()) % 4 != 0 ? mask_bits.clone() : mask_bits;
   at::Tensor out = at::empty_like(grad);
   MaskGradArgs a{grad.data_ptr(), reinterpret_cast<const uint32_t*>(bits.data_ptr<uint8_t>()),
                  out.data_ptr(), grad.numel(), static_cast<float>(scale)};
@@ -646,6 +654,12 @@ PoolArgs pool_args(at::IntArrayRef in, at::IntArrayRef k, at::IntArrayRef s, at:
                 ": pad should be at most half of effective kernel size, but got pad=", p[i],
                 ", kernel_size=", k[i], " and dilation=", d[i]);
   }
+  // stock's two further checks (pool2d_shape_check): with them every window holds a tap of the input
+  TORCH_CHECK(in[1] > 0 && in[2] > 0 && in[3] > 0, what,
+              ": expected a 4D (batch mode) tensor with optional 0 dim batch size for input, but got: ", in);
+  TORCH_CHECK(p[0] <= k[0] / 2 && p[1] <= k[1] / 2, what,
+              ": pad should be smaller than or equal to half of kernel size, but got padW = ", p[1], ", padH = ", p[0],
+              ", kW = ", k[1], ", kH = ", k[0]);
   PoolArgs a{};
   a.channels = in[1];
   a.h = static_cast<int32_t>(in[2]);

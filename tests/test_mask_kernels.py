@@ -118,6 +118,25 @@ def test_mask_ops_reject_what_they_cannot_describe() -> None:
         torch.ops.division.relu_backward(torch.randn(100), torch.zeros(4, dtype=torch.uint8))
 
 
+def check_mask_at_odd_byte(device: str) -> None:
+    """A mask handed over as a view at an odd byte offset (the kernels read 32-bit words) gives the
+    gradient of the aligned mask."""
+    x = activations((3, 5, 7, 9), torch.float32, "contiguous", device)
+    grad = activations(tuple(x.shape), torch.float32, "contiguous", device, seed=2)
+    bits = torch.ops.division.relu_pack(x)[1]
+    held = torch.zeros(bits.numel() + 1, dtype=torch.uint8, device=device)
+    held[1:] = bits
+    odd = held[1:]
+    assert odd.data_ptr() % 4 != 0
+    assert same_bits(torch.ops.division.relu_backward(grad, odd), torch.ops.division.relu_backward(grad, bits))
+    assert same_bits(torch.ops.division.dropout_backward(grad, odd, 2.0), torch.ops.division.dropout_backward(grad, bits, 2.0))
+
+
+@needs_ext
+def test_mask_backward_takes_a_mask_at_an_odd_byte_offset() -> None:
+    check_mask_at_odd_byte("cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # MaxPool2d
 
@@ -207,6 +226,43 @@ def test_max_pool2d_rejects_what_stock_rejects() -> None:
         torch.ops.division.max_pool2d(torch.randn(1, 1, 20, 20), [17, 17], [1, 1], [0, 0], [1, 1], False)
     with pytest.raises(RuntimeError, match="too small"):
         torch.ops.division.max_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], False)
+    # within half the dilated kernel but more than half the kernel (stock's second check)
+    x = torch.randn(1, 1, 3, 4)
+    for op in (F.max_pool2d, lambda x, *a: torch.ops.division.max_pool2d(x, *a, False)):
+        with pytest.raises(RuntimeError, match=r"pad should be smaller than or equal to half of kernel size, "
+                           r"but got padW = 0, padH = 2, kW = 2, kH = 2"):
+            op(x, [2, 2], [1, 1], [2, 0], [4, 1])
+    # a plane of no elements (a batch of none is fine)
+    for op in (F.max_pool2d, lambda x, *a: torch.ops.division.max_pool2d(x, *a, False)):
+        with pytest.raises(RuntimeError, match=r"4D \(batch mode\) tensor with optional 0 dim batch size"):
+            op(torch.randn(1, 1, 0, 0), [2, 2], [2, 2], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"4D \(batch mode\) tensor"):
+        torch.ops.division.max_pool2d_backward(torch.randn(1, 1, 1, 1), torch.zeros(4, dtype=torch.uint8),
+                                               [1, 1, 0, 0], [2, 2], [2, 2], [1, 1], [1, 1], False, False)
+    y, offsets = torch.ops.division.max_pool2d(torch.randn(0, 3, 8, 8), [3, 3], [2, 2], [1, 1], [1, 1], False)
+    assert y.shape == F.max_pool2d(torch.randn(0, 3, 8, 8), 3, 2, 1).shape == (0, 3, 4, 4) and offsets.numel() == 0
+
+
+def check_empty_windows(device: str) -> None:
+    """Windows with no tap in the input (a dilation wider than the input, which stock accepts):
+    -inf as stock, offset 0, and no gradient (stock's index points past the plane, and its CPU
+    backward adds the window's gradient into the next plane). Under stock's checks (pad at most half
+    the kernel) such windows fill a whole axis of the output: all or none of a pooling's windows."""
+    args = ([2, 1], [1, 1], [1, 0], [3, 1], False)  # rows: taps -1 and 2 of a 2-row input
+    x = activations((2, 3, 2, 5), torch.float32, "contiguous", device).nan_to_num(0.0, 1.0, -1.0)
+    y, offsets = torch.ops.division.max_pool2d(x, *args)
+    y_ref, offsets_ref = masks.max_pool2d_forward(x, *args, kernels=False)
+    assert y.shape == (2, 3, 1, 5) and bool((y == -math.inf).all()) and same_bits(y_ref, y)
+    assert torch.equal(offsets, offsets_ref) and not offsets.any()
+    grad = torch.ones_like(y)
+    gx = torch.ops.division.max_pool2d_backward(grad, offsets, list(x.shape), *args, False)
+    gx_ref = masks.max_pool2d_backward(grad, offsets_ref, x.shape, *args, torch.contiguous_format, kernels=False)
+    assert same_bits(gx, torch.zeros_like(x)) and same_bits(gx_ref, gx)
+
+
+@needs_ext
+def test_max_pool2d_windows_without_an_input_tap() -> None:
+    check_empty_windows("cpu")
 
 
 def opcheck_cases(device: str) -> list[tuple]:
@@ -266,3 +322,17 @@ def test_cuda_max_pool2d_matches_stock(pool: int, dtype: torch.dtype, layout: st
 def test_opcheck_mask_ops_on_cuda(case: int) -> None:
     op, args = opcheck_cases("cuda")[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_gpu
+def test_cuda_mask_backward_takes_a_mask_at_an_odd_byte_offset() -> None:
+    check_mask_at_odd_byte("cuda")
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_gpu
+def test_cuda_max_pool2d_windows_without_an_input_tap() -> None:
+    check_empty_windows("cuda")
