@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call of the device tool in a GPU session: scripts/gpu_checks.sh STEP... under a deadline,
-# with its results packed into $OUT/NAME.tgz every 45 s and at the end, so that a call stopped at
-# its limit still brings back everything measured until then (the tool returns at most 8 files,
-# so the results travel as one archive).
+# with its results packed into $OUT/NAME.tgz every 45 s (PACK_EVERY) and at the end, so that a call
+# stopped at its limit still brings back everything measured until then (the tool returns at most
+# 8 files, so the results travel as one archive).
 #   export DIVISION_GIT_COMMIT=<git rev-parse --short HEAD, here>   # the device's .git is stale
 #   bash scripts/gpu_session.sh part1 480 tests kernels speed profile_bf16
 # Carry .whl (../shared/tools/gpu-prep.sh makes it; .data too for the accuracy step). DEADLINE
@@ -22,7 +22,7 @@ pack() {  # written beside, then renamed: a pack cut off mid-way leaves the last
     && mv "$OUT/.$name.tgz" "$OUT/$name.tgz"
 }
 
-(while sleep 45; do pack; done) &
+(while sleep "${PACK_EVERY:-45}"; do pack; done) &
 packer=$!
 bash scripts/gpu_checks.sh "$@"
 rc=$?

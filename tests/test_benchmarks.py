@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -238,3 +241,39 @@ def test_kernel_sass_counts_a_three_level_thread() -> None:
     # setup: IMAD, outer back branch (2); segment: LDG, IADD3, its back branch (3); element: FMUL,
     # STG, back branch (3): 2 + 2 * 3 + 8 * 3 = 32 instructions for 8 elements
     assert row["instructions"] == 32 and row["elements"] == 8 and row["per_element"] == 4.0
+
+
+def _session_copy(tmp_path: Path, checks: str) -> Path:
+    """scripts/gpu_session.sh beside a stand-in for scripts/gpu_checks.sh."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "gpu_session.sh", root / "scripts")
+    (root / "scripts" / "gpu_checks.sh").write_text(checks)
+    return root
+
+
+def _archive(path: Path) -> dict[str, str]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_gpu_session_packs_results_also_when_stopped_at_its_limit(tmp_path: Path, killed: bool) -> None:
+    checks = ('echo "$DEADLINE $*" > "$RESULTS/first.md"\n'
+              'sleep 6\necho done > "$RESULTS/second.md"\nexit 3\n')
+    root = _session_copy(tmp_path, checks)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "RESULTS": str(tmp_path / "r"), "PACK_EVERY": "1"}
+    cmd = ["bash", "scripts/gpu_session.sh", "part1", "480", "tests", "kernels"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=3 if killed else 60)
+    except subprocess.TimeoutExpired:  # as the device tool stops a call: everything it started
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    assert rc == (-signal.SIGKILL if killed else 3)  # the checks' own status when they end
+    files = _archive(out / "part1.tgz")
+    assert files["r/first.md"] == "480 tests kernels\n"
+    assert ("r/second.md" in files) is not killed
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["part1.tgz"]
