@@ -2,6 +2,7 @@
 
     python benchmarks/op_count.py --out logs/bench/op_count            # torchvision ResNet-50
     python benchmarks/op_count.py --model resnet18 --size 32 --batch 2  # quicker
+    python benchmarks/op_count.py --amp bf16 --channels-last --out logs/bench/op_count_bf16_cl
 
 CPU time per step matters as much as GPU time: under bf16 a ResNet-50 step on an H100 takes about
 64 ms of GPU time, and every op costs a few microseconds of Python and dispatcher time. This counts
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import division
 import models
 from benchmarks.common import run_info
+from harness.build import AMP_DTYPES
 from harness.loop import Batch, train_step
 from harness.methods import prepare
 
@@ -38,19 +40,23 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_step(model_name: str, method: str, batch: int, size: int) -> collections.Counter[str]:
+def count_step(model_name: str, method: str, batch: int, size: int, amp: str = "off",
+               channels_last: bool = False) -> collections.Counter[str]:
     torch.manual_seed(0)
-    model = models.build_model(model_name, num_classes=10)
-    prepared = prepare(model, method, division.DivisionConfig())
-    model = prepared.model
-    x = torch.randn(batch, 3, size, size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    prepared = prepare(models.build_model(model_name, num_classes=10), method, division.DivisionConfig())
+    model = prepared.model.to(memory_format=fmt)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
-    # one untimed step first: lazy initialisation stays out of the count
-    train_step(model, Batch(x, y), None, forward_context=prepared.forward_context)
+
+    def step() -> None:
+        train_step(model, Batch(x, y), None, None, AMP_DTYPES.get(amp), prepared.forward_context)
+
+    step()  # one step first: lazy initialisation stays out of the count
     model.zero_grad(set_to_none=True)
     counter = OpCounter()
     with counter:
-        train_step(model, Batch(x, y), None, forward_context=prepared.forward_context)
+        step()
     return counter.counts
 
 
@@ -71,22 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image side (ops do not depend on it)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["vanilla", "division"])
+    parser.add_argument("--amp", choices=["off", *sorted(AMP_DTYPES)], default="off")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--top", type=int, default=8, help="most frequent ops listed per method")
     parser.add_argument("--out", type=Path, help="output path without extension")
     args = parser.parse_args(argv)
-    results = {m: count_step(args.model, m, args.batch, args.size) for m in args.methods}
+    results = {m: count_step(args.model, m, args.batch, args.size, args.amp, args.channels_last) for m in args.methods}
     table = markdown(results, args.top)
     info = run_info(torch.device("cpu"))
-    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, forward + backward, CPU\n\n{table}")
+    setting = f"amp {args.amp}{', channels_last' if args.channels_last else ''}"
+    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {setting}, forward + backward, CPU\n\n{table}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {**info, "model": args.model, "batch": args.batch, "size": args.size,
+        payload = {**info, "model": args.model, "batch": args.batch, "size": args.size, "amp": args.amp,
+                   "channels_last": args.channels_last,
                    "counts": {m: dict(c.most_common()) for m, c in results.items()},
                    "totals": {m: sum(c.values()) for m, c in results.items()}}
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(
             f"Ops per training step (forward + backward), {args.model}, batch {args.batch}, "
-            f"{args.size}x{args.size}, CPU, torch {info['torch']}, git {info['git']}\n\n"
+            f"{args.size}x{args.size}, {setting}, CPU, torch {info['torch']}, git {info['git']}\n\n"
             f"`{info['command']}`\n\n{table}\n"
         )
     return 0
