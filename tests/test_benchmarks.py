@@ -246,6 +246,30 @@ def test_kernel_sass_counts_a_three_level_thread() -> None:
     assert row["instructions"] == 32 and row["elements"] == 8 and row["per_element"] == 4.0
 
 
+def test_memory_speed_benchmark_on_the_cpu(tmp_path: Path) -> None:
+    """What the GPU session's `speed` and `largest_batch` steps run, at the CPU's --tiny scale:
+    activation memory of each method per batch (the bytes autograd saves, on a CPU), the largest
+    batch search (capped at 8 by --tiny), img/s, and the files."""
+    script = str(ROOT / "benchmarks" / "memory_speed.py")
+    common = ["--tiny", "--device", "cpu", "--methods", "vanilla", "division", "--amp", "off"]
+    res = subprocess.run([sys.executable, script, "--mode", "memory", *common, "--find-max", "--out", str(tmp_path / "mem")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "mem.json").read_text())["rows"]
+    act = {(r["batch"], r["method"], r.get("largest_batch", False)): r["act_gib"] for r in rows}
+    assert set(act) == {(b, m, b == 8) for b in (2, 4, 8) for m in ("vanilla", "division")}
+    for b in (2, 4):
+        assert 0 < act[b, "division", False] < act[b, "vanilla", False] / 4
+        assert act[b, "vanilla", False] == pytest.approx(b / 2 * act[2, "vanilla", False], rel=0.02)
+    assert "| resnet18 | off | 4 | division |" in (tmp_path / "mem.md").read_text()
+    assert (tmp_path / "mem.png").stat().st_size > 0
+    res = subprocess.run([sys.executable, script, "--mode", "speed", *common, "--out", str(tmp_path / "speed")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["img_per_s"] > 0 and len(r["img_per_s_all"]) == 2 for r in rows)
+
+
 def _session_copy(tmp_path: Path, checks: str) -> Path:
     """scripts/gpu_session.sh beside a stand-in for scripts/gpu_checks.sh."""
     root = tmp_path / "repo"
