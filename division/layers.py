@@ -56,6 +56,11 @@ def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[list[Any]
     return cast, torch.autocast(device, enabled=False)
 
 
+def _master(weight: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor | None:
+    """The parameter a weight was cast from under autocast (saved in its place: ConvFn), else None."""
+    return None if weight is parameter else parameter
+
+
 class DivisionLayer:
     """Mixin: how a converted layer is made from an original one."""
 
@@ -91,7 +96,7 @@ class _DivisionConvNd(DivisionLayer):
         with autocast_off:
             return ConvFn.apply(
                 x, weight, bias, list(self.stride), list(padding), list(self.dilation),
-                self.groups, self.compressor,
+                self.groups, self.compressor, _master(weight, self.weight),
             )
 
 
@@ -203,9 +208,7 @@ class DivisionLinear(DivisionLayer, nn.Linear):
             return super().forward(x)
         (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
         with autocast_off:
-            if tokens:
-                return LinearFn.apply(x, weight, bias, self.compressor, TOKENS)
-            return LinearFn.apply(x, weight, bias, self.compressor, ROWS)
+            return LinearFn.apply(x, weight, bias, self.compressor, TOKENS if tokens else ROWS, _master(weight, self.weight))
 
 
 def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any], contextlib.AbstractContextManager]:
@@ -262,7 +265,7 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
             query.transpose(1, 0), self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias
         )
         with autocast_off:
-            proj = LinearFn.apply(x, w_in, b_in, self.compressor, TOKENS_SEQ_FIRST)
+            proj = LinearFn.apply(x, w_in, b_in, self.compressor, TOKENS_SEQ_FIRST, _master(w_in, self.in_proj_weight))
         proj = proj.unflatten(-1, (3, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
         q, k, v = (p.view(t, n * heads, -1).transpose(0, 1).view(n, heads, t, -1) for p in proj)
         dropout = self.dropout if self.training else 0.0
@@ -275,7 +278,7 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
             out = F.scaled_dot_product_attention(q, k, v, None, dropout, False)
         out = out.permute(2, 0, 1, 3).contiguous().view(t, n, e)
         with autocast_off:
-            out = LinearFn.apply(out, w_out, b_out, self.compressor, TOKENS_SEQ_FIRST)
+            out = LinearFn.apply(out, w_out, b_out, self.compressor, TOKENS_SEQ_FIRST, _master(w_out, self.out_proj.weight))
         return out.transpose(1, 0), None
 
 

@@ -245,6 +245,37 @@ def test_autocast_matches_stock_autocast(dtype: torch.dtype) -> None:
         assert rel_err(g1[name].float(), g0[name].float()) < 3e-2, name
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear", "attention"])
+def test_autocast_weight_copies_are_not_kept_for_backward(kind: str) -> None:
+    """Under autocast a converted layer saves its float32 parameter and casts it again in
+    backward, where stock keeps the bf16 copy until backward: in exact mode the gradients are
+    still stock's bit for bit, and what the layer saves is its input alone."""
+    make, shape = {
+        "conv": (lambda: nn.Conv2d(16, 32, 3, padding=1), (2, 16, 6, 6)),
+        "linear": (lambda: nn.Linear(48, 64), (2, 5, 48)),
+        "attention": (lambda: nn.MultiheadAttention(32, 4, batch_first=True), (2, 5, 32)),
+    }[kind]
+    cfg = division.DivisionConfig(backward_mode="exact", compress_linear=True, compress_attention=False)
+    stock, layer = converted_pair(make, cfg)
+    x = torch.randn(shape)
+    saved = {}
+    for name, module in (("stock", stock), ("division", layer)):
+        call = (lambda m, t: m(t, t, t, need_weights=False)[0]) if kind == "attention" else (lambda m, t: m(t))
+        counter = division.saved.SavedBytes(exclude=list(module.parameters()))
+        module.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), counter.counting():
+            y = call(module, leaf)
+        y.float().square().sum().backward()
+        saved[name] = (counter.total, y.detach(), leaf.grad, {n: q.grad for n, q in module.named_parameters()})
+    (_, y0, gx0, g0), (total, y1, gx1, g1) = saved["stock"], saved["division"]
+    assert torch.equal(y1, y0) and torch.equal(gx1, gx0)
+    assert g0.keys() == g1.keys() and all(torch.equal(g1[n], g0[n]) and g1[n].dtype == torch.float32 for n in g0)
+    weights = sum(q.numel() * 2 for n, q in stock.named_parameters() if "weight" in n)
+    assert saved["stock"][0] >= weights  # stock keeps the bf16 copies
+    assert total < saved["stock"][0] - weights + 1024  # the converted layer does not
+
+
 def test_channels_last_stays_channels_last() -> None:
     stock, layer = converted_pair(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     stock = stock.to(memory_format=torch.channels_last)
