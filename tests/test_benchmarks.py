@@ -169,8 +169,8 @@ def test_op_count_benchmark(tmp_path: Path, setting: list[str]) -> None:
     result = json.loads((tmp_path / "ops.json").read_text())
     totals, ops = result["totals"], result["counts"]["division"]
     assert totals["vanilla"] > 100 and totals["division"] > totals["vanilla"]
-    # one op per layer and direction (1.08x of stock measured, 1.07x under bf16 + channels_last): 2230
-    # ops on ResNet-50 before the fused ops
+    # one op per layer and direction (1.08x of stock measured; 1.13x under bf16 + channels_last, where a
+    # conv also casts its weight again in backward): 2230 ops on ResNet-50 before the fused ops
     assert totals["division"] <= 1.15 * totals["vanilla"], totals
     assert ops["division.compress"] >= 10 and ops["division.decompress"] >= 10
     assert ops.get("aten.randint", 0) == 1  # one seed a step, drawn on the device
