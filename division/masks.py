@@ -137,17 +137,17 @@ def _window_origins(out_size: int, stride: int, padding: int, device: torch.devi
     return torch.arange(out_size, device=device) * stride - padding
 
 
-def _empty_windows(shape: tuple[int, int], out: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                   padding: tuple[int, int], dilation: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(oh, ow) bool: windows none of whose taps lie in the input. Stock allows them where the
-    dilation spans the input; its index then points past the plane (and its CPU backward writes
-    into the next one). Here they get offset 0, a tap outside the input, and no gradient."""
-    empty = []
-    for axis in range(2):
-        taps = _window_origins(out[axis], stride[axis], padding[axis], device).view(-1, 1) + (
-            torch.arange(kernel[axis], device=device) * dilation[axis])
-        empty.append(~((taps >= 0) & (taps < shape[axis])).any(dim=1))
-    return empty[0].view(-1, 1) | empty[1].view(1, -1)
+def _empty_windows(row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int], kernel: tuple[int, int],
+                   dilation: tuple[int, int]) -> torch.Tensor:
+    """(oh, ow) bool from the window origins (row (oh, 1), col (1, ow)): windows none of whose taps
+    lie in the input. Stock allows them where the dilation spans the input; its index then points
+    past the plane (and its CPU backward writes into the next one). Here they get offset 0, a tap
+    outside the input, and no gradient."""
+    def empty(origins: torch.Tensor, axis: int) -> torch.Tensor:
+        taps = origins.view(-1, 1) + torch.arange(kernel[axis], device=origins.device) * dilation[axis]
+        return ~((taps >= 0) & (taps < shape[axis])).any(dim=1)
+
+    return empty(row, 0).view(-1, 1) | empty(col, 1).view(1, -1)
 
 
 def max_pool2d_forward(
@@ -166,8 +166,8 @@ def max_pool2d_forward(
     local = ((ih - row) // dilation[0]) * kernel[1] + (iw - col) // dilation[1]
     # stock's CUDA channels_last kernel points a window whose maximum is -inf at element 0 of the
     # plane, outside the window: the first position of the window, as every other stock kernel
-    local = torch.where((local >= 0) & (local < kernel[0] * kernel[1]), local, 0)
-    local = local.masked_fill(_empty_windows(tuple(x.shape[2:]), (oh, ow), kernel, stride, padding, dilation, x.device), 0)
+    inside = (local >= 0) & (local < kernel[0] * kernel[1]) & ~_empty_windows(row, col, tuple(x.shape[2:]), kernel, dilation)
+    local = torch.where(inside, local, 0)
     flat = _to_memory_order(local, memory_format_of(y)).to(torch.uint8)
     return y, pack_codes(flat.view(1, -1), offset_bits(kernel[0] * kernel[1])).view(-1)
 
@@ -195,7 +195,7 @@ def max_pool2d_backward(
     col = _window_origins(ow, stride[1], padding[1], gy.device).view(1, ow)
     ih = row + (local // kernel[1]) * dilation[0]
     iw = col + (local % kernel[1]) * dilation[1]
-    empty = _empty_windows(tuple(input_shape[2:]), (oh, ow), kernel, stride, padding, dilation, gy.device)
+    empty = _empty_windows(row, col, tuple(input_shape[2:]), kernel, dilation)
     # their gradient goes nowhere: 0 added to element 0 (stock's sums start from +0)
     gy = gy.masked_fill(empty, 0).contiguous(memory_format=fmt)
     ih, iw = ih.masked_fill(empty, 0), iw.masked_fill(empty, 0)
