@@ -4,7 +4,8 @@ One registry: a method is one decorated function here, and nothing else names th
 group `method=NAME` (harness/schema.py) and the benchmarks' choices are generated from it.
 
 vanilla: the model as it is. division: `division.convert_model`. checkpoint: torch.utils.checkpoint
-around every block of the model's block sequences (recompute in backward). swap: saved tensors go
+around every block of the model's block sequences (recompute in backward; the recomputation leaves
+BatchNorm's running statistics as the step's one forward left them). swap: saved tensors go
 to host memory (`torch.autograd.graph.save_on_cpu`). actnn: the same layers as DIVISION saving a
 Q-bit per-group stochastic quantization of the input without the LFC (the paper's main competitor).
 """
@@ -12,7 +13,7 @@ Q-bit per-group stochastic quantization of the input without the LFC (the paper'
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,12 +103,33 @@ def block_sequences(model: nn.Module) -> list[nn.Sequential]:
     return found
 
 
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Puts the module's buffers back as they were on entry when the block leaves.
+
+    Recomputation in backward runs a block's forward a second time, and in training mode
+    BatchNorm updates its running statistics (and num_batches_tracked) again on the same batch:
+    plain torch.utils.checkpoint ends a step with the statistics of two updates, so the baseline's
+    evaluation would not be the model it trained. The buffers are tiny next to the activations.
+    """
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def _checkpointed(block: nn.Module) -> Callable:
     forward = block.forward
 
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), buffers_kept(block)  # (forward, recomputation)
+
     def run(*args: torch.Tensor) -> torch.Tensor:
         if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
         return forward(*args)
 
     return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -152,6 +153,31 @@ def test_a_method_registered_in_one_place_composes_and_trains(tmp_path: Path, mo
     result = train(cfg, tmp_path)
     assert result["method"] == "halved" and result["method_settings"] == {"logits_scale": 0.5}
     assert "method=halved" in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_checkpoint_method_updates_batch_norm_statistics_once_per_step(early_stop: bool) -> None:
+    """Recomputation runs each block's forward again; the running statistics and
+    num_batches_tracked end the step as vanilla's do (plain torch.utils.checkpoint updates them
+    twice), and the gradients are vanilla's."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    torch.manual_seed(0)
+    base = build.models.build_model("resnet18", num_classes=10)
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
+    after = {}
+    for name in ("vanilla", "checkpoint"):
+        prepared = methods.prepare(copy.deepcopy(base), name, division.DivisionConfig())
+        model = prepared.model.train()
+        with prepared.forward_context(), set_checkpoint_early_stop(early_stop):
+            nn.functional.cross_entropy(model(x), y).backward()
+        after[name] = (model.state_dict(), {k: p.grad for k, p in model.named_parameters()})
+    (state, grads), (ck_state, ck_grads) = after["vanilla"], after["checkpoint"]
+    stats = [k for k in state if "running" in k or "num_batches_tracked" in k]
+    assert stats and all(torch.equal(state[k], ck_state[k]) for k in stats), [
+        k for k in stats if not torch.equal(state[k], ck_state[k])
+    ]
+    assert all(torch.equal(grads[k], ck_grads[k]) for k in grads)
 
 
 def test_compile_check_measures_with_the_harness_probe_and_methods() -> None:
