@@ -69,6 +69,8 @@ PROBES = [
     Probe("decompress NCHW", "a thread per code word (16 elements), decode and direct stores (word_direct)", "bfloat16", "probe_word_decompressIN3c108BFloat16ELi2E", r"^FMUL", 2, False),
     Probe("decompress NCHW", "plane: a thread per one-block plane (7x7), per word of its loop", "float32", "probe_plane_decompressIfLi2E", r"^FMUL", 2, True),
     Probe("decompress NCHW", "plane: a thread per one-block plane (7x7), per word of its loop", "bfloat16", "probe_plane_decompressIN3c108BFloat16ELi2E", r"^FMUL", 2, True),
+    Probe("decompress NCHW", "plane_words: planes staged whole (14x14), a thread per code word", "float32", "probe_plane_words_decompressIfLi2E", r"^FMUL", 2, False),
+    Probe("decompress NCHW", "plane_words: planes staged whole (14x14), a thread per code word", "bfloat16", "probe_plane_words_decompressIN3c108BFloat16ELi2E", r"^FMUL", 2, False),
     Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "float32", "probe_channel_decompressIfLi4ELi2E", r"^FMUL", 2, False, 2, 8),
     Probe("decompress channels_last", "16 bytes of channels x 16 pixels", "bfloat16", "probe_channel_decompressIN3c108BFloat16ELi8ELi2E", r"^FMUL", 2, False, 2, 16),
 ]

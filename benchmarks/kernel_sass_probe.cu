@@ -47,6 +47,16 @@ __global__ void probe_plane_decompress(DecompressArgs a, PlanePlan pp) {
     decode_plane<T, BITS>(a, p, nullptr, dst);
 }
 
+// planes staged whole (14x14 at B = 8): the loop over a thread's code words
+template <typename T, int BITS>
+__global__ void probe_plane_words_decompress(DecompressArgs a, PlaneWordsPlan pw) {
+  extern __shared__ __align__(16) unsigned char base[];
+  plane_words_thread<T, BITS>(a, pw, blockIdx.x * static_cast<int64_t>(pw.planes), pw.planes,
+                              reinterpret_cast<const float*>(base + pw.off_lfc),
+                              reinterpret_cast<const int16_t*>(base + pw.off_table), reinterpret_cast<T*>(base),
+                              threadIdx.x);
+}
+
 template <typename T, int VEC, int BITS>
 __global__ void probe_channel_decompress(DecompressArgs a, ChannelPlan c) {
   for (int64_t t = blockIdx.x * kStagedThreads + threadIdx.x; t < c.threads; t += int64_t{1} << 24)
@@ -67,5 +77,7 @@ template __global__ void probe_word_decompress<float, 2>(DecompressArgs, WordPla
 template __global__ void probe_word_decompress<c10::BFloat16, 2>(DecompressArgs, WordPlan);
 template __global__ void probe_plane_decompress<float, 2>(DecompressArgs, PlanePlan);
 template __global__ void probe_plane_decompress<c10::BFloat16, 2>(DecompressArgs, PlanePlan);
+template __global__ void probe_plane_words_decompress<float, 2>(DecompressArgs, PlaneWordsPlan);
+template __global__ void probe_plane_words_decompress<c10::BFloat16, 2>(DecompressArgs, PlaneWordsPlan);
 template __global__ void probe_channel_decompress<float, 4, 2>(DecompressArgs, ChannelPlan);
 template __global__ void probe_channel_decompress<c10::BFloat16, 8, 2>(DecompressArgs, ChannelPlan);

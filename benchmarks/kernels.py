@@ -45,7 +45,7 @@ RESNET50_SHAPES = [
     (256, 1024, 14, 14),  # layer3 output
     (256, 2048, 7, 7),  # layer4 output
 ]
-TINY_SHAPES = [(4, 8, 16, 16), (4, 16, 7, 7), (2, 4, 13, 11)]
+TINY_SHAPES = [(4, 8, 16, 16), (4, 16, 7, 7), (2, 8, 14, 14), (2, 4, 13, 11)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 POOL = dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), ceil_mode=False)
@@ -190,15 +190,16 @@ def decompress_path_rows(
 ) -> list[dict]:
     """decompress GB/s of every kernel that can write the layout (word, staged through shared
     memory, word_direct and the vec kernel they replace where planes are whole code words; plane
-    and vec where the plan takes plane (7x7); or channel and the tile transpose it replaced; and
-    generic), so that a GPU run compares them on the same data."""
+    and vec where the plan takes plane (7x7); plane_words and vec where it takes plane_words
+    (14x14); or channel and the tile transpose it replaced; and generic), so that a GPU run
+    compares them on the same data."""
     module, _ = load_extension()
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
     packed = division.compress(x, cfg, seed=torch.tensor(1, device=device))
     moved = x.numel() * x.element_size() + packed.nbytes
     channels_last = layout != "NCHW"
     parts = packed.tensors()[:5]  # mode division: all present
-    paths = ["tile", "channel", "generic"] if channels_last else ["word", "word_direct", "plane", "vec", "generic"]
+    paths = ["tile", "channel", "generic"] if channels_last else ["word", "word_direct", "plane", "plane_words", "vec", "generic"]
     if channels_last and shape[1] % (16 // x.element_size()) != 0:
         paths.remove("channel")
     chosen = decompress_plan(x, cfg).split()[0]  # word and plane: only where the plan takes them
@@ -206,6 +207,8 @@ def decompress_path_rows(
         paths = [p for p in paths if not p.startswith("word")]
     if not channels_last and chosen != "plane":
         paths.remove("plane")
+    if not channels_last and chosen != "plane_words":
+        paths.remove("plane_words")
     rows = []
     for path in paths:
         def call(path: str = path) -> torch.Tensor:

@@ -84,6 +84,13 @@ __global__ void __launch_bounds__(kStagedThreads) plane_decompress_kernel(const 
   plane_decompress_block<scalar_t, BITS>(ex, a, pp, smem, static_cast<int64_t>(blockIdx.x));
 }
 
+template <typename scalar_t, int BITS>
+__global__ void __launch_bounds__(kStagedThreads) plane_words_kernel(const DecompressArgs a, const PlaneWordsPlan pw) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DeviceExec ex;
+  plane_words_block<scalar_t, BITS>(ex, a, pw, smem, static_cast<int64_t>(blockIdx.x));
+}
+
 template <typename scalar_t, bool RUNS>
 __global__ void __launch_bounds__(kStagedThreads) tile_decompress_kernel(const DecompressArgs a, const TilePlan t) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -222,6 +229,17 @@ void launch_plane_decompress(const DecompressArgs& a, const PlanePlan& pp, at::S
   DIVISION_DISPATCH(dtype, "division_plane_decompress", [&] {
     with_bits(a.bits, [&](auto q) {
       launch(site, kStagedThreads, pp.smem_bytes, plane_decompress_kernel<scalar_t, decltype(q)::value>, a, pp);
+    });
+  });
+}
+
+void launch_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan& pw, at::ScalarType dtype,
+                                   const at::Tensor& on) {
+  const LaunchSite site(on, pw.blocks, "division.decompress");
+  if (site.blocks == 0) return;
+  DIVISION_DISPATCH(dtype, "division_plane_words_decompress", [&] {
+    with_bits(a.bits, [&](auto q) {
+      launch(site, kStagedThreads, pw.smem_bytes, plane_words_kernel<scalar_t, decltype(q)::value>, a, pw);
     });
   });
 }

@@ -1,6 +1,7 @@
 // The fast kernels: a compress that reads x from device memory once, and decompress kernels that
 // write whole 16-byte pieces: NCHW a thread per code word (word, staged through shared memory, or
-// word_direct), per small plane (plane) or per 16 bytes (vec); channels_last 16 bytes of channels
+// word_direct), per small plane (plane), per code word of planes staged whole (plane_words) or per
+// 16 bytes (vec); channels_last 16 bytes of channels
 // per pixel (channel) or through an on-chip transpose tile (tile). Written once for the GPU and its
 // CPU twin (see exec.h); bit format v3. ops.cpp's decompress_path says which kernel takes a shape.
 //
@@ -899,6 +900,116 @@ DIV_HD void plane_decompress_block(Exec& ex, const DecompressArgs& a, const Plan
   ex.each([&](int tid) {
     const int32_t count = planes * g.numel, vectors = count * static_cast<int32_t>(sizeof(scalar_t)) / 16;
     scalar_t* out = static_cast<scalar_t*>(a.out) + p0 * g.numel;  // 16-byte aligned: p0 is a multiple of 256
+    copy_vectors(reinterpret_cast<Vec16*>(out), reinterpret_cast<const Vec16*>(stage), vectors, tid);
+    constexpr int32_t kPer16 = 16 / static_cast<int32_t>(sizeof(scalar_t));
+    for (int32_t i = vectors * kPer16 + tid; i < count; i += kStagedThreads) out[i] = stage[i];
+  });
+}
+
+// ---- decompress, NCHW: a block's planes in shared memory, a thread per code word --------------
+//
+// Planes above kPlaneBytes that `word` does not take (W or the block width not a multiple of 4,
+// or P not whole code words: 14x14 at B = 8, a fifth of ResNet-50's elements), where vec's thread
+// per 16 bytes walks element by element, reloading the code word, LFC value and plane constants
+// as they change. Here a block owns G whole planes, one contiguous range of the output:
+//   1. the G planes' LFC values (as float; -0 in hfc_only mode) and the LFC block of each element
+//      of a plane (int16) into shared memory;
+//   2. a thread per code word (consecutive threads, consecutive words of the codes: coalesced
+//      loads) decodes its 32 / Q elements (fewer in a plane's last word) in groups of 4, each
+//      group one 16-byte (float32) or 8-byte (16-bit) store into the staged planes;
+//   3. the block copies its range out with whole-warp 16-byte stores.
+// It needs P % 4 == 0 (a group never spans planes) and planes of at most a quarter of the stage.
+
+constexpr int32_t kPlaneWordsStage = 24 * 1024;  // ~26 KB a block: 8 blocks of 256 threads per SM
+
+struct PlaneWordsPlan {
+  int32_t planes;      // G whole planes per block; 0 when the path does not apply
+  int32_t smem_bytes;  // the G planes, their LFC values (float), the element -> block table
+  int32_t off_lfc;
+  int32_t off_table;
+  int64_t blocks;      // ceil(N * C / G)
+  FastDiv div_words;   // by the code words of a plane
+};
+
+inline PlaneWordsPlan plane_words_plan(const Geometry& g, int64_t esize) {
+  PlaneWordsPlan pw{};
+  const int64_t bytes = static_cast<int64_t>(g.numel) * esize;
+  if (g.channels_last || g.numel % 4 != 0 || 4 * bytes > kPlaneWordsStage) return pw;
+  const int64_t unit = bytes % 16 == 0 ? 1 : 2;  // planes per 16-byte multiple (bytes % 8 == 0)
+  int64_t planes = kPlaneWordsStage / bytes / unit * unit;
+  const int64_t needed = (g.planes + unit - 1) / unit * unit;  // no more than the tensor has
+  if (planes > needed) planes = needed;
+  pw.planes = static_cast<int32_t>(planes);
+  pw.off_lfc = static_cast<int32_t>(round_up16(planes * bytes));
+  pw.off_table = pw.off_lfc + static_cast<int32_t>(round_up16(planes * g.lfc_numel * 4));
+  pw.smem_bytes = pw.off_table + static_cast<int32_t>(round_up16(static_cast<int64_t>(g.numel) * 2));
+  pw.blocks = (g.planes + planes - 1) / planes;
+  pw.div_words = FastDiv::make(static_cast<uint32_t>(g.words));
+  return pw;
+}
+
+// Four elements as one 16-byte (float32) or 8-byte (16-bit) store; dst aligned to that.
+template <typename scalar_t>
+DIV_HD void store_four(scalar_t* dst, const scalar_t (&e)[4]) {
+  if constexpr (sizeof(scalar_t) == 4) {
+    store_values<scalar_t, 4>(dst, e);
+  } else {
+    Vec8 packed;
+    memcpy(&packed, e, sizeof(packed));
+    *reinterpret_cast<Vec8*>(dst) = packed;
+  }
+}
+
+// Phase 2 for one thread: code words tid, tid + threads, ... of the block's `planes` planes.
+template <typename scalar_t, int BITS>
+DIV_HD void plane_words_thread(const DecompressArgs& a, const PlaneWordsPlan& pw, int64_t p0, int32_t planes,
+                               const float* lfc, const int16_t* table, scalar_t* stage, int tid) {
+  constexpr int32_t kRun = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const Geometry& g = a.g;
+  const int32_t items = planes * g.words;
+  const uint32_t* codes = a.mode != kLfcOnly ? a.codes + p0 * g.words : nullptr;
+  for (int32_t i = tid; i < items; i += kStagedThreads) {
+    const int32_t j = static_cast<int32_t>(pw.div_words.div(static_cast<uint32_t>(i)));
+    const int32_t q0 = (i - j * g.words) * kRun;
+    const int32_t n = min32(kRun, g.numel - q0);  // a multiple of 4
+    const PlaneDecode d = plane_decode_of<scalar_t>(a, p0 + j);
+    const float* up = lfc + j * g.lfc_numel;
+    const int16_t* blocks = table + q0;
+    scalar_t* dst = stage + j * g.numel + q0;
+    uint32_t word = codes != nullptr ? codes[i] : 0u;
+DIV_UNROLL
+    for (int32_t k = 0; k < kRun; k += 4) {
+      if (k >= n) break;
+      scalar_t e[4];
+DIV_UNROLL
+      for (int32_t m = 0; m < 4; ++m, word >>= BITS) e[m] = static_cast<scalar_t>(reconstruct(up[blocks[k + m]], word & kMask, d));
+      store_four<scalar_t>(dst + k, e);
+    }
+  }
+}
+
+template <typename scalar_t, int BITS, typename Exec>
+DIV_HD void plane_words_block(Exec& ex, const DecompressArgs& a, const PlaneWordsPlan& pw, unsigned char* smem,
+                              int64_t block) {
+  const Geometry& g = a.g;
+  const int64_t p0 = block * pw.planes;
+  const int32_t planes = static_cast<int32_t>(g.planes - p0 < pw.planes ? g.planes - p0 : pw.planes);
+  scalar_t* stage = reinterpret_cast<scalar_t*>(smem);
+  float* lfc = reinterpret_cast<float*>(smem + pw.off_lfc);
+  int16_t* table = reinterpret_cast<int16_t*>(smem + pw.off_table);
+  ex.each([&](int tid) {
+    for (int32_t q = tid; q < g.numel; q += kStagedThreads) table[q] = static_cast<int16_t>(block_of(g, static_cast<uint32_t>(q)));
+    const int32_t values = planes * g.lfc_numel;
+    for (int32_t v = tid; v < values; v += kStagedThreads)
+      lfc[v] = a.mode != kHfcOnly ? load_lfc(a.lfc, a.lfc_kind, p0 * g.lfc_numel + v) : kNoLfc;
+  });
+  ex.sync();
+  ex.each([&](int tid) { plane_words_thread<scalar_t, BITS>(a, pw, p0, planes, lfc, table, stage, tid); });
+  ex.sync();
+  ex.each([&](int tid) {
+    const int32_t count = planes * g.numel, vectors = count * static_cast<int32_t>(sizeof(scalar_t)) / 16;
+    scalar_t* out = static_cast<scalar_t*>(a.out) + p0 * g.numel;  // 16-byte aligned: G planes are 16-byte multiples
     copy_vectors(reinterpret_cast<Vec16*>(out), reinterpret_cast<const Vec16*>(stage), vectors, tid);
     constexpr int32_t kPer16 = 16 / static_cast<int32_t>(sizeof(scalar_t));
     for (int32_t i = vectors * kPer16 + tid; i < count; i += kStagedThreads) out[i] = stage[i];

@@ -33,6 +33,8 @@ void launch_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::Scalar
 void launch_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged, at::ScalarType dtype,
                             const at::Tensor& on);
 void launch_plane_decompress(const DecompressArgs& a, const PlanePlan& pp, at::ScalarType dtype, const at::Tensor& on);
+void launch_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan& pw, at::ScalarType dtype,
+                                   const at::Tensor& on);
 void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on);
 void launch_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at::ScalarType dtype, const at::Tensor& on);
 

@@ -255,6 +255,17 @@ void twin_plane_decompress(const DecompressArgs& a, const PlanePlan& pp) {
 }
 
 template <typename scalar_t>
+void twin_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan& pw) {
+  at::parallel_for(0, pw.blocks, 1, [&](int64_t begin, int64_t end) {
+    HostExec<kStagedThreads> ex;
+    HostSmem smem(pw.smem_bytes);
+    for (int64_t b = begin; b < end; ++b) {
+      with_bits(a.bits, [&](auto q) { plane_words_block<scalar_t, decltype(q)::value>(ex, a, pw, smem.data(), b); });
+    }
+  });
+}
+
+template <typename scalar_t>
 void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
   at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
     HostExec<kStagedThreads> ex;
@@ -368,12 +379,12 @@ Compressed compress_op(const at::Tensor& x, const at::Tensor& seed, int64_t bloc
 }
 
 // NCHW: word (staged through shared memory) where planes are whole code words of whole 16-byte
-// pieces, else plane where planes are at most kPlaneBytes, else vec; channels_last:
-// channel where C allows 16-byte stores of channels, else the tile transpose (4-D) or the generic
-// kernel (5-D).
-std::string decompress_path(const Geometry& g, const WordPlan& w, const PlanePlan& pp, const ChannelPlan& c,
-                            size_t dims) {
-  if (!g.channels_last) return w.run > 0 ? "word" : pp.bytes > 0 ? "plane" : "vec";
+// pieces, else plane where planes are at most kPlaneBytes, else plane_words where P % 4 == 0 and
+// a plane is at most a quarter of its stage, else vec; channels_last: channel where C allows
+// 16-byte stores of channels, else the tile transpose (4-D) or the generic kernel (5-D).
+std::string decompress_path(const Geometry& g, const WordPlan& w, const PlanePlan& pp, const PlaneWordsPlan& pw,
+                            const ChannelPlan& c, size_t dims) {
+  if (!g.channels_last) return w.run > 0 ? "word" : pp.bytes > 0 ? "plane" : pw.planes > 0 ? "plane_words" : "vec";
   if (c.vec > 0) return "channel";
   return dims == 4 ? "tile" : "generic";
 }
@@ -440,13 +451,18 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
   const ChannelPlan c = channel_plan(g, out.element_size(), a.bits);
   const WordPlan w = word_plan(g, out.element_size());
   const PlanePlan pp = plane_plan(g, out.element_size());
+  const PlaneWordsPlan pw = plane_words_plan(g, out.element_size());
   std::string path = o.path;
-  if (path == "auto") path = decompress_path(g, w, pp, c, shape.size());
-  TORCH_CHECK(path == "word" || path == "word_direct" || path == "plane" || path == "vec" || path == "tile" ||
-                  path == "channel" || path == "generic",
-              what, ": path must be auto, word, word_direct, plane, vec, tile, channel or generic, got ", path);
+  if (path == "auto") path = decompress_path(g, w, pp, pw, c, shape.size());
+  TORCH_CHECK(path == "word" || path == "word_direct" || path == "plane" || path == "plane_words" || path == "vec" ||
+                  path == "tile" || path == "channel" || path == "generic",
+              what, ": path must be auto, word, word_direct, plane, plane_words, vec, tile, channel or generic, got ",
+              path);
   TORCH_CHECK(path != "plane" || pp.bytes > 0, what, ": the plane kernel writes NCHW outputs of at most ",
               kPlaneBytes, " bytes per plane; got shape ", shape, channels_last ? ", channels_last" : "");
+  TORCH_CHECK(path != "plane_words" || pw.planes > 0, what,
+              ": the plane_words kernel writes NCHW outputs whose planes are a multiple of 4 elements and at most ",
+              kPlaneWordsStage / 4, " bytes; got shape ", shape, channels_last ? ", channels_last" : "");
   TORCH_CHECK(path != "vec" || !channels_last, what, ": the vec kernel writes NCHW outputs");
   TORCH_CHECK((path != "word" && path != "word_direct") || w.run > 0, what,
               ": the word kernel writes NCHW outputs whose planes are whole code words of whole 16-byte "
@@ -475,6 +491,12 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
       launch_plane_decompress(a, pp, dtype, out);
     } else {
       DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_plane_decompress<scalar_t>(a, pp); });
+    }
+  } else if (path == "plane_words") {
+    if (out.is_cuda()) {
+      launch_plane_words_decompress(a, pw, dtype, out);
+    } else {
+      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_plane_words_decompress<scalar_t>(a, pw); });
     }
   } else if (path == "vec") {
     const VecPlan v = vec_plan(g, out.element_size());
@@ -858,7 +880,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return division::decompress_with(lfc, codes, lo, step, shift, shape, dtype, channels_last, block_size,
                                            bits, mode, division::options(path, threads_per_plane, plane_minor, 0, 0));
         },
-        "decompress with a chosen kernel (path: auto | word | word_direct | plane | vec | tile | channel | generic) and launch shape",
+        "decompress with a chosen kernel (path: auto | word | word_direct | plane | plane_words | vec | tile | channel | generic) and launch shape",
         py::arg("lfc"), py::arg("codes"), py::arg("lo"), py::arg("step"), py::arg("shift"), py::arg("shape"),
         py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"),
         py::arg("mode"), py::arg("path") = "auto", py::arg("threads_per_plane") = 0,
@@ -871,9 +893,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           const division::ChannelPlan c = division::channel_plan(g, esize, static_cast<int>(bits));
           const division::WordPlan w = division::word_plan(g, esize);
           const division::PlanePlan pp = division::plane_plan(g, esize);
-          const std::string path = division::decompress_path(g, w, pp, c, shape.size());
+          const division::PlaneWordsPlan pw = division::plane_words_plan(g, esize);
+          const std::string path = division::decompress_path(g, w, pp, pw, c, shape.size());
           if (path == "word") return py::make_tuple(path, static_cast<int>(w.run), true);
           if (path == "plane") return py::make_tuple(path, static_cast<int>(g.numel), g.lfc_numel == 1);
+          if (path == "plane_words") return py::make_tuple(path, static_cast<int>(32 / bits), false);
           if (path == "vec") {
             const division::VecPlan v = division::vec_plan(g, esize);
             return py::make_tuple(path, static_cast<int>(v.vec), v.runs != 0);
@@ -882,8 +906,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return py::make_tuple(path, 1, path == "tile" && division::runs_of_four(g));
         },
         "the kernel decompress takes by default and its work per thread: (path, elements per thread, runs of "
-        "four; plane: whether the plane is one LFC block), path word, plane or vec (NCHW), channel, tile or "
-        "generic (channels_last)",
+        "four; plane: whether the plane is one LFC block), path word, plane, plane_words or vec (NCHW), channel, "
+        "tile or generic (channels_last)",
         py::arg("shape"), py::arg("dtype"), py::arg("channels_last"), py::arg("block_size"), py::arg("bits"));
   m.def("compress_plan", &division::compress_plan,
         "('staged', planes per block, shared bytes, blocks, vec, run, ranks) or ('generic', T, G, blocks, 0, 0, 0)",

@@ -145,8 +145,10 @@ def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
         ops = {r["op"] for r in result["mask_rows"]}
         assert len(ops) == 4 and all(r["ms"] > 0 and r["stock_ms"] > 0 for r in result["mask_rows"])
         paths = {(r["layout"], r["path"]) for r in result["decompress_path_rows"]}
-        assert paths >= {("NCHW", "word"), ("NCHW", "word_direct"), ("NCHW", "plane"), ("NCHW", "vec"), ("NHWC", "tile"), ("NHWC", "channel"), ("NHWC", "generic")}
-        assert all(r["plan"] and r["decompress_plan"].split()[0] in ("word", "plane", "vec", "channel", "tile") for r in rows)
+        assert paths >= {("NCHW", "word"), ("NCHW", "word_direct"), ("NCHW", "plane"), ("NCHW", "plane_words"),
+                         ("NCHW", "vec"), ("NHWC", "tile"), ("NHWC", "channel"), ("NHWC", "generic")}
+        assert all(r["plan"] and r["decompress_plan"].split()[0] in ("word", "plane", "plane_words", "vec", "channel", "tile")
+                   for r in rows)
 
 
 def test_host_overhead_benchmark(tmp_path: Path) -> None:

@@ -102,16 +102,24 @@ def word_applies(shape: tuple[int, ...], esize: int, block: int, bits: int) -> b
     return math.prod(shape[2:]) % run == 0 and run * esize % 16 == 0 and w % 4 == 0 and min(block, w) % 4 == 0
 
 
+def plane_words_applies(shape: tuple[int, ...], esize: int) -> bool:
+    """The NCHW plane_words kernel's condition, restated: P % 4 == 0, planes of at most 6 KB."""
+    numel = math.prod(shape[2:])
+    return numel % 4 == 0 and 4 * numel * esize <= 24 * 1024
+
+
 def decompress_paths(x: torch.Tensor, block: int, bits: int) -> list[str]:
     """Every decompress kernel that can write x's layout: channel needs 16 bytes of channels, word
     (staged through shared memory) and word_direct whole code words per plane, plane planes of at
-    most 256 bytes."""
+    most 256 bytes, plane_words planes of a multiple of 4 elements and at most 6 KB."""
     fmt = memory_format_of(x)
     paths = ["auto", "generic"]
     if fmt == torch.contiguous_format:
         word = word_applies(x.shape, x.element_size(), block, bits)
         plane = math.prod(x.shape[2:]) * x.element_size() <= 256
-        return paths + ["vec"] + (["word", "word_direct"] if word else []) + (["plane"] if plane else [])
+        plane_words = plane_words_applies(x.shape, x.element_size())
+        return (paths + ["vec"] + (["word", "word_direct"] if word else []) + (["plane"] if plane else [])
+                + (["plane_words"] if plane_words else []))
     if x.dim() == 4:
         paths.append("tile")
     if x.shape[1] % (16 // x.element_size()) == 0:
@@ -307,6 +315,35 @@ def test_cpu_twin_plane_decompress(shape: tuple, block: int, bits: int) -> None:
     check_plane(shape, block, bits, "cpu")
 
 
+# (shape, B): NCHW planes above 256 bytes that are not whole code words (or W, B not multiples of
+# 4), staged whole in shared memory and decoded a thread per code word
+PLANE_WORDS_SHAPES = [
+    ((2, 70, 14, 14), 8),  # ResNet-50's 14x14: 140 planes, several blocks of planes, the last partial
+    ((1, 5, 14, 14), 8),  # 16-bit planes of 392 bytes: blocks of an even number of planes; 5 is odd
+    ((3, 5, 10, 12), 4),  # W a multiple of 4, P = 120 not whole 16-code words
+    ((2, 3, 12, 10), 3),  # partial last blocks in both dims
+    ((2, 3, 9, 8), 1),  # B = 1: an LFC value per element
+    ((2, 3, 3, 5, 8), 2),  # 3-D
+    ((2, 3, 100), 8),  # 1-D
+]
+
+
+def check_plane_words(shape: tuple, block: int, bits: int, device: str) -> None:
+    for dtype, mode in zip(DTYPES, MODES):
+        x = make_input(shape, dtype, "contiguous", device, seed=bits)
+        assert plane_words_applies(shape, x.element_size()), (shape, dtype)
+        if not word_applies(shape, x.element_size(), block, bits) and math.prod(shape[2:]) * x.element_size() > 256:
+            assert _C.decompress_plan(list(shape), dtype, False, block, bits) == ("plane_words", 32 // bits, False)
+        check_against_reference(x, block, bits, mode, torch.bfloat16, seed=5353 + bits)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape, block", PLANE_WORDS_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cpu_twin_plane_words_decompress(shape: tuple, block: int, bits: int) -> None:
+    check_plane_words(shape, block, bits, "cpu")
+
+
 # (shape, B): NCHW planes of whole code words, decompressed a thread per word
 WORD_SHAPES = [
     ((2, 3, 56, 56), 8),  # words cross row ends (56 % 16 == 8 at Q = 2)
@@ -405,9 +442,10 @@ def test_cpu_twin_split_planes(shape: tuple, layout: str, block: int, limit: int
 @needs_ext
 def test_decompress_plans() -> None:
     """NCHW: word, a thread per code word, where planes are whole words (P % (32 / Q) == 0) of
-    whole 16-byte stores and W and B are multiples of 4; else vec, a 16-byte store per thread
-    wherever N * C * P allows (a chunk may span planes: 7x7, bfloat16 14x14), in runs of four where
-    W and B allow; channels_last: 16-byte stores of channels straight from the codes where C
+    whole 16-byte stores and W and B are multiples of 4; else plane, a thread per plane, for planes
+    of at most 256 bytes (7x7); else plane_words, planes staged whole and a thread per code word,
+    where P % 4 == 0 and a plane is at most 6 KB (14x14); else vec, a 16-byte store per thread
+    wherever N * C * P allows (a chunk may span planes), in runs of four where W and B allow; channels_last: 16-byte stores of channels straight from the codes where C
     allows (every ResNet-50 activation but the 3-channel input), else the transpose tile (4-D) or
     the generic kernel (5-D)."""
     for shape in [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2, 1024, 14, 14), (2, 2048, 7, 7)]:
@@ -417,14 +455,16 @@ def test_decompress_plans() -> None:
                 assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("word", 16, True)
             elif shape[-1] == 7:  # 98 or 196 bytes, one LFC block
                 assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("plane", 49, True)
-            else:
-                assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("vec", per16, False)
+            else:  # 14x14: W = 14, P = 196 not whole 16-code words
+                assert _C.decompress_plan(list(shape), dtype, False, 8, 2) == ("plane_words", 16, False)
             assert _C.decompress_plan(list(shape), dtype, True, 8, 2) == ("channel", per16 * 16, True)
     assert _C.decompress_plan([2, 4, 56, 56], torch.float32, False, 8, 8) == ("word", 4, True)
     assert _C.decompress_plan([2, 4, 56, 56], torch.bfloat16, False, 8, 8) == ("vec", 8, True)  # a word is 8 bytes
     assert _C.decompress_plan([2, 4, 8, 6], torch.float32, False, 8, 2) == ("plane", 48, True)  # one block, W = 6
-    assert _C.decompress_plan([2, 4, 16, 6], torch.float32, False, 16, 2) == ("vec", 4, True)  # 384 bytes
-    assert _C.decompress_plan([2, 4, 8, 12], torch.float32, False, 6, 2) == ("vec", 4, False)  # B = 6
+    assert _C.decompress_plan([2, 4, 16, 6], torch.float32, False, 16, 2) == ("plane_words", 16, False)  # 384 bytes
+    assert _C.decompress_plan([2, 4, 8, 12], torch.float32, False, 6, 2) == ("plane_words", 16, False)  # B = 6
+    assert _C.decompress_plan([2, 4, 40, 40], torch.float32, False, 6, 2) == ("vec", 4, False)  # 6400 bytes
+    assert _C.decompress_plan([2, 4, 5, 15], torch.float32, False, 8, 2) == ("vec", 4, False)  # P % 4 != 0
     assert _C.decompress_plan([1, 3, 7, 7], torch.float32, False, 8, 2) == ("plane", 49, True)
     assert _C.decompress_plan([1, 3, 7, 7], torch.float32, False, 4, 2) == ("plane", 49, False)  # 4 blocks
     assert _C.decompress_plan([1, 3, 9, 9], torch.float32, False, 8, 2) == ("vec", 1, False)  # 324 bytes
@@ -659,6 +699,15 @@ def test_cuda_word_decompress(shape: tuple, block: int, bits: int) -> None:
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_cuda_plane_decompress(shape: tuple, block: int, bits: int) -> None:
     check_plane(shape, block, bits, "cuda")
+
+
+@pytest.mark.gpu
+@needs_ext
+@needs_gpu
+@pytest.mark.parametrize("shape, block", PLANE_WORDS_SHAPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_cuda_plane_words_decompress(shape: tuple, block: int, bits: int) -> None:
+    check_plane_words(shape, block, bits, "cuda")
 
 
 @pytest.mark.gpu
