@@ -833,6 +833,18 @@ DIV_HD void word_staged_block(Exec& ex, const DecompressArgs& a, const WordPlan&
 // table the block builds once), into shared memory; the block then copies its planes, one
 // contiguous range of the output, out with whole-warp 16-byte stores.
 
+// A block's `planes` staged planes, from plane p0 on, out to their contiguous range of the output
+// with whole-warp 16-byte stores (the range must start 16-byte aligned); a tail below 16 bytes
+// element by element.
+template <typename scalar_t>
+DIV_HD void copy_planes_out(const DecompressArgs& a, const scalar_t* stage, int64_t p0, int32_t planes, int tid) {
+  const int32_t count = planes * a.g.numel, vectors = count * static_cast<int32_t>(sizeof(scalar_t)) / 16;
+  scalar_t* out = static_cast<scalar_t*>(a.out) + p0 * a.g.numel;
+  copy_vectors(reinterpret_cast<Vec16*>(out), reinterpret_cast<const Vec16*>(stage), vectors, tid);
+  constexpr int32_t kPer16 = 16 / static_cast<int32_t>(sizeof(scalar_t));
+  for (int32_t i = vectors * kPer16 + tid; i < count; i += kStagedThreads) out[i] = stage[i];
+}
+
 constexpr int32_t kPlaneBytes = 256;
 
 struct PlanePlan {
@@ -897,13 +909,7 @@ DIV_HD void plane_decompress_block(Exec& ex, const DecompressArgs& a, const Plan
     if (tid < planes) decode_plane<scalar_t, BITS>(a, p0 + tid, table, stage + static_cast<int64_t>(tid) * g.numel);
   });
   ex.sync();
-  ex.each([&](int tid) {
-    const int32_t count = planes * g.numel, vectors = count * static_cast<int32_t>(sizeof(scalar_t)) / 16;
-    scalar_t* out = static_cast<scalar_t*>(a.out) + p0 * g.numel;  // 16-byte aligned: p0 is a multiple of 256
-    copy_vectors(reinterpret_cast<Vec16*>(out), reinterpret_cast<const Vec16*>(stage), vectors, tid);
-    constexpr int32_t kPer16 = 16 / static_cast<int32_t>(sizeof(scalar_t));
-    for (int32_t i = vectors * kPer16 + tid; i < count; i += kStagedThreads) out[i] = stage[i];
-  });
+  ex.each([&](int tid) { copy_planes_out(a, stage, p0, planes, tid); });  // p0 is a multiple of 256
 }
 
 // ---- decompress, NCHW: a block's planes in shared memory, a thread per code word --------------
@@ -1007,13 +1013,7 @@ DIV_HD void plane_words_block(Exec& ex, const DecompressArgs& a, const PlaneWord
   ex.sync();
   ex.each([&](int tid) { plane_words_thread<scalar_t, BITS>(a, pw, p0, planes, lfc, table, stage, tid); });
   ex.sync();
-  ex.each([&](int tid) {
-    const int32_t count = planes * g.numel, vectors = count * static_cast<int32_t>(sizeof(scalar_t)) / 16;
-    scalar_t* out = static_cast<scalar_t*>(a.out) + p0 * g.numel;  // 16-byte aligned: G planes are 16-byte multiples
-    copy_vectors(reinterpret_cast<Vec16*>(out), reinterpret_cast<const Vec16*>(stage), vectors, tid);
-    constexpr int32_t kPer16 = 16 / static_cast<int32_t>(sizeof(scalar_t));
-    for (int32_t i = vectors * kPer16 + tid; i < count; i += kStagedThreads) out[i] = stage[i];
-  });
+  ex.each([&](int tid) { copy_planes_out(a, stage, p0, planes, tid); });  // G planes are 16-byte multiples
 }
 
 // ---- decompress, channels_last: through a transpose tile -----------------------------------
