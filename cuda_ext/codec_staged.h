@@ -322,9 +322,19 @@ struct alignas(8) Vec8 {
 };
 
 // N elements from shared memory as float: one 16- or 8-byte load where N elements are that many
-// bytes (src then aligned to them), else one load each.
+// bytes (src then aligned to them), else one load each. Four bfloat16 come as two 32-bit words
+// whose halves become floats by a shift or a mask each (the generic conversion extracts the high
+// half first: three instructions a pair instead of two).
 template <typename scalar_t, int N>
 DIV_HD void load_elements(const scalar_t* src, float (&out)[N]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && N == 4) {
+    const Vec8 v = *reinterpret_cast<const Vec8*>(src);
+    for (int k = 0; k < 2; ++k) {
+      out[2 * k] = float_from_bits(v.w[k] << 16);
+      out[2 * k + 1] = float_from_bits(v.w[k] & 0xFFFF0000u);
+    }
+    return;
+  }
   scalar_t e[N];
   if (N * sizeof(scalar_t) == 16) {
     const Vec16 v = *reinterpret_cast<const Vec16*>(src);
@@ -475,17 +485,17 @@ struct CodeConsts {
   uint32_t key;
 };
 
-// The codes of elements q .. q + RUN - 1 of a staged strip as a field of RUN * BITS bits; the
-// strip starts at element `base` of its plane (the hash takes plane-wide indices). RUN = 4: one
-// LFC block, q % 4 == 0, one aligned load. RUN = 2: a pair (q even), each element looked up;
+// The codes of elements q .. q + RUN - 1 of a staged strip as a field of RUN * BITS bits. RUN = 4:
+// one LFC block, q % 4 == 0, one aligned load. RUN = 2: a pair (q even), each element looked up;
 // unless FULL, the second only when q + 1 < P, the strip's size. `up` is the strip's (scaled) LFC.
+// The hashes: element q is pair j0 + k / 2 of its code word, whose run_key is `word_key`.
 template <typename scalar_t, int BITS, int RUN, bool FULL>
 DIV_HD uint32_t code_run(const scalar_t* plane, const float* up, const uint16_t* table, int32_t q,
-                         int32_t base, int32_t P, const CodeConsts& c) {
+                         uint32_t word_key, uint32_t j0, int32_t P, const CodeConsts& c) {
   float v[RUN];
   float u[RUN];
   for (int k = 0; k < RUN; k += 2) {
-    const uint32_t h = pair_hash(c.key, static_cast<uint32_t>((base + q + k) >> 1));
+    const uint32_t h = mix32_rest(word_key ^ (j0 + k / 2));
     u[k] = uniform_even(h);
     u[k + 1] = uniform_odd(h);
   }
@@ -523,16 +533,19 @@ DIV_HD void staged_codes(const CompressArgs& a, const StagedPlan& s, const Stage
     const scalar_t* plane = m.xs + gi * s.strip_numel;
     const float* up = m.up + gi * s.strip_lfc;
     const int32_t q0 = w * kElements - b.q0;  // in the strip
+    const uint32_t key = run_key(c.key, static_cast<uint32_t>(w) * (kElements / 2));  // its pairs' hashes
     uint32_t word = 0;
     if (q0 + kElements <= left) {
 DIV_UNROLL
       for (int k = 0; k < kRuns; ++k) {
         const int r = (k + rot) & (kRuns - 1);
-        word |= code_run<scalar_t, BITS, RUN, true>(plane, up, m.table, q0 + r * RUN, b.q0, left, c) << (r * RUN * BITS);
+        word |= code_run<scalar_t, BITS, RUN, true>(plane, up, m.table, q0 + r * RUN, key, r * (RUN / 2), left, c)
+                << (r * RUN * BITS);
       }
     } else {  // the plane's last word: its runs past P stay 0
       for (int r = 0; r < kRuns && q0 + r * RUN < left; ++r)
-        word |= code_run<scalar_t, BITS, RUN, false>(plane, up, m.table, q0 + r * RUN, b.q0, left, c) << (r * RUN * BITS);
+        word |= code_run<scalar_t, BITS, RUN, false>(plane, up, m.table, q0 + r * RUN, key, r * (RUN / 2), left, c)
+                << (r * RUN * BITS);
     }
     a.codes[(b.p0 + gi) * W + w] = word;
   }

@@ -188,15 +188,19 @@ DIV_HD double from_ordered_bits_d(unsigned long long o) {
 
 // ---- random numbers (hashing.py) -------------------------------------------------------------
 
-// The 32-bit permutation of format.py (TheIronBorn's constants from hash-prospector).
-DIV_HD uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
+// The 32-bit permutation of format.py (TheIronBorn's constants from hash-prospector), in two
+// steps: mix32(x) == mix32_rest(mix32_first(x)).
+DIV_HD uint32_t mix32_first(uint32_t x) { return x ^ (x >> 16); }
+
+DIV_HD uint32_t mix32_rest(uint32_t x) {
   x *= 0x21F0AAADu;
   x ^= x >> 15;
   x *= 0x735A2D97u;
   x ^= x >> 15;
   return x;
 }
+
+DIV_HD uint32_t mix32(uint32_t x) { return mix32_rest(mix32_first(x)); }
 
 // K_p = mix32(mix32(mix32(s1 ^ p1) ^ s0) ^ p0): once per plane.
 DIV_HD uint32_t plane_key(uint64_t seed, uint64_t plane) {
@@ -207,15 +211,28 @@ DIV_HD uint32_t plane_key(uint64_t seed, uint64_t plane) {
 // The hash of element pair m = q >> 1 of a plane: its low half serves q = 2m, its high half 2m + 1.
 DIV_HD uint32_t pair_hash(uint32_t key, uint32_t m) { return mix32(m ^ key); }
 
-// u = k * 2^-16 + 2^-17 for the 16-bit half k of a pair hash: 1 + u is built from its bits and
-// 1 subtracted, both exact, so no int -> float conversion is needed. (An add of disjoint bits,
-// not an or: the GPU does shift and add in one instruction.)
-DIV_HD float uniform16(uint32_t half) {
-  return fsub(float_from_bits(0x3F800040u + (half << 7)), 1.0f);
+// The pairs m0 + j (j < 2^k <= 2^16) of a run that starts at a multiple m0 of 2^k (a code word's
+// pairs) share the first step of their hashes: m0 + j == m0 ^ j, and j >> 16 == 0, so
+// pair_hash(key, m0 + j) == mix32_rest(run_key(key, m0) ^ j). One shift and xor per code word
+// instead of per pair, and no per-pair index arithmetic.
+DIV_HD uint32_t run_key(uint32_t key, uint32_t m0) { return mix32_first(m0 ^ key); }
+
+// u = k * 2^-16 + 2^-17 for the 16-bit half k of a pair hash (the low half for the even element,
+// the high half for the odd one): 1 + u is built from its bits and 1 subtracted, both exact, so no
+// int -> float conversion is needed. The bits of 1 + u, with k at bits 7..22 of `shifted`:
+// (shifted & mask) | one, on the GPU one three-input logic op (the compiler splits it in two).
+DIV_HD uint32_t one_plus_u_bits(uint32_t shifted) {
+#ifdef __CUDA_ARCH__
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(shifted), "n"(0x7FFF80u), "r"(0x3F800040u));  // (a & b) | c
+  return r;
+#else
+  return (shifted & 0x7FFF80u) | 0x3F800040u;
+#endif
 }
 
-DIV_HD float uniform_even(uint32_t hash) { return uniform16(hash & 0xFFFFu); }
-DIV_HD float uniform_odd(uint32_t hash) { return uniform16(hash >> 16); }
+DIV_HD float uniform_even(uint32_t hash) { return fsub(float_from_bits(one_plus_u_bits(hash << 7)), 1.0f); }
+DIV_HD float uniform_odd(uint32_t hash) { return fsub(float_from_bits(one_plus_u_bits(hash >> 9)), 1.0f); }
 
 // f(std::integral_constant<int, Q>{}) for Q = bits (1, 2, 4 or 8): a kernel body specialized for
 // its code width, chosen from the runtime Q once.
