@@ -11,14 +11,17 @@ __global__ void probe_codes(CompressArgs a, StagedPlan s, StagedBlock b) {
   staged_codes<T, BITS, RUN>(a, s, b, m, static_cast<int>(threadIdx.x));
 }
 
-template <typename T, bool QUADS>
+// KIND: 4 or 2, runs of that many; 0, a flat block (whole rows); 1, the element walk
+template <typename T, int KIND>
 __global__ void probe_block_stats(int W, BlockRange br, double* sums, float* ranges) {
   extern __shared__ __align__(16) unsigned char base[];
   const T* plane = reinterpret_cast<const T*>(base);
   double sum;
   float lo, hi;
-  if (QUADS) {
-    block_stats_quads(plane, W, br, threadIdx.x & 31, sum, lo, hi);
+  if (KIND == 4 || KIND == 2) {
+    block_stats_runs<T, KIND == 4 ? 4 : 2>(plane, W, br, threadIdx.x & 31, sum, lo, hi);
+  } else if (KIND == 0) {
+    block_stats_flat(plane, W, br, threadIdx.x & 31, sum, lo, hi);
   } else {
     block_stats_any(plane, W, br, threadIdx.x & 31, sum, lo, hi);
   }
@@ -66,9 +69,13 @@ __global__ void probe_channel_decompress(DecompressArgs a, ChannelPlan c) {
 template __global__ void probe_codes<float, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
 template __global__ void probe_codes<c10::BFloat16, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
 template __global__ void probe_codes<float, 2, 2>(CompressArgs, StagedPlan, StagedBlock);
-template __global__ void probe_block_stats<float, true>(int, BlockRange, double*, float*);
-template __global__ void probe_block_stats<c10::BFloat16, true>(int, BlockRange, double*, float*);
-template __global__ void probe_block_stats<float, false>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<float, 4>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<c10::BFloat16, 4>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<float, 2>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<c10::BFloat16, 2>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<float, 0>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<c10::BFloat16, 0>(int, BlockRange, double*, float*);
+template __global__ void probe_block_stats<float, 1>(int, BlockRange, double*, float*);
 template __global__ void probe_vec_decompress<float, 4, true>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<c10::BFloat16, 8, true>(DecompressArgs, VecPlan);
 template __global__ void probe_vec_decompress<float, 4, false>(DecompressArgs, VecPlan);

@@ -59,7 +59,7 @@ struct StagedPlan {
   int32_t vec;        // elements per global load of x: a 16-byte load, or 1
   int32_t run;        // elements per table entry: 4 where every aligned run of 4 lies in one LFC
                       // block and one row (and P % 4 == 0), else 1
-  int32_t quads;      // 1: every LFC block row is whole aligned runs of 4 (rows_of_four)
+  int32_t stats_run;  // 4 or 2: every LFC block row is whole aligned runs of that many elements; else 1
   int32_t ranks;      // blocks per plane group: 1, or a cluster of 2..kMaxRanks blocks, each one
                       // strip of rows (whole LFC block rows, whole code words) of the G planes
   int32_t strip_rows;   // rows per strip (H when ranks == 1); the last strip may have fewer
@@ -158,7 +158,7 @@ inline StagedPlan staged_plan(const Geometry& g, int64_t esize, int64_t target, 
                           : (planes * g.numel * esize) % 16 == 0 && (ranks == 1 || (int64_t{s.strip_numel} * esize) % 16 == 0);
   s.vec = x_aligned16 && vec_ok ? static_cast<int32_t>(per16) : 1;
   s.run = staged_run(g);
-  s.quads = rows_of_four(g);
+  s.stats_run = rows_of_four(g) ? 4 : g.w % 2 == 0 && g.bw % 2 == 0 ? 2 : 1;
   s.div_lfc = FastDiv::make(static_cast<uint32_t>(s.strip_lfc));
   s.div_words = FastDiv::make(static_cast<uint32_t>(s.strip_words));
   s.div_units = FastDiv::make(static_cast<uint32_t>(planes / s.vec > 0 ? planes / s.vec : 1));
@@ -322,16 +322,23 @@ struct alignas(8) Vec8 {
 };
 
 // N elements from shared memory as float: one 16- or 8-byte load where N elements are that many
-// bytes (src then aligned to them), else one load each. Four bfloat16 come as two 32-bit words
+// bytes (src then aligned to them), else one load each. Two or four bfloat16 come as 32-bit words
 // whose halves become floats by a shift or a mask each (the generic conversion extracts the high
 // half first: three instructions a pair instead of two).
 template <typename scalar_t, int N>
 DIV_HD void load_elements(const scalar_t* src, float (&out)[N]) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && N == 4) {
-    const Vec8 v = *reinterpret_cast<const Vec8*>(src);
-    for (int k = 0; k < 2; ++k) {
-      out[2 * k] = float_from_bits(v.w[k] << 16);
-      out[2 * k + 1] = float_from_bits(v.w[k] & 0xFFFF0000u);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && (N == 2 || N == 4)) {
+    uint32_t w[N / 2];
+    if constexpr (N == 4) {
+      const Vec8 v = *reinterpret_cast<const Vec8*>(src);
+      w[0] = v.w[0];
+      w[1] = v.w[1];
+    } else {
+      w[0] = *reinterpret_cast<const uint32_t*>(src);
+    }
+    for (int k = 0; k < N / 2; ++k) {
+      out[2 * k] = float_from_bits(w[k] << 16);
+      out[2 * k + 1] = float_from_bits(w[k] & 0xFFFF0000u);
     }
     return;
   }
@@ -378,30 +385,67 @@ DIV_HD void block_stats_any(const scalar_t* plane, int32_t W, const BlockRange& 
   sum = sum0 + sum1;
 }
 
-// The same where every row of the block is whole aligned runs of 4 (StagedPlan::quads): one
-// 16- or 8-byte load per 4 elements, rows from a lane-dependent start.
-template <typename scalar_t>
-DIV_HD void block_stats_quads(const scalar_t* plane, int32_t W, const BlockRange& br, int lane,
-                              double& sum, float& lo, float& hi) {
-  const int32_t rows = br.y1 - br.y0, quads = (br.x1 - br.x0) >> 2;
+// The same where every row of the block is whole aligned runs of R = 4 or 2 elements
+// (StagedPlan::stats_run): one 16-, 8- or 4-byte load per run, rows from a lane-dependent start.
+template <typename scalar_t, int R>
+DIV_HD void block_stats_runs(const scalar_t* plane, int32_t W, const BlockRange& br, int lane,
+                             double& sum, float& lo, float& hi) {
+  const int32_t rows = br.y1 - br.y0, runs = (br.x1 - br.x0) / R;
   int32_t r = lane % rows;
   double sum0 = 0.0, sum1 = 0.0;
   lo = infinity();
   hi = -infinity();
   for (int32_t k = 0; k < rows; ++k) {
     const scalar_t* row = plane + (br.y0 + r) * W + br.x0;
-    for (int32_t c = 0; c < quads; ++c) {
-      float v[4];
-      load_elements<scalar_t, 4>(row + 4 * c, v);
+    for (int32_t c = 0; c < runs; ++c) {
+      float v[R];
+      load_elements<scalar_t, R>(row + R * c, v);
+      float vlo = fminf(v[0], v[1]), vhi = fmaxf(v[0], v[1]);
       sum0 += static_cast<double>(v[0]);
       sum1 += static_cast<double>(v[1]);
-      sum0 += static_cast<double>(v[2]);
-      sum1 += static_cast<double>(v[3]);
-      lo = fminf(lo, fminf(fminf(v[0], v[1]), fminf(v[2], v[3])));
-      hi = fmaxf(hi, fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3])));
+      if constexpr (R == 4) {
+        sum0 += static_cast<double>(v[2]);
+        sum1 += static_cast<double>(v[3]);
+        vlo = fminf(vlo, fminf(v[2], v[3]));
+        vhi = fmaxf(vhi, fmaxf(v[2], v[3]));
+      }
+      lo = fminf(lo, vlo);
+      hi = fmaxf(hi, vhi);
     }
     if (++r == rows) r = 0;
   }
+  sum = sum0 + sum1;
+}
+
+// The same where the block spans whole rows (one block column: 7x7 at B = 8), so its elements are
+// contiguous: a flat walk from a lane-dependent element to the end, then from the start to it,
+// two at a time, without a row or wrap test per element.
+template <typename scalar_t>
+DIV_HD void block_stats_flat(const scalar_t* plane, int32_t W, const BlockRange& br, int lane,
+                             double& sum, float& lo, float& hi) {
+  const int32_t count = br.count();
+  const scalar_t* first = plane + br.y0 * W;
+  const int32_t e0 = lane % count;
+  double sum0 = 0.0, sum1 = 0.0;
+  lo = infinity();
+  hi = -infinity();
+  const auto span = [&](int32_t i, int32_t end) {
+    for (; i + 1 < end; i += 2) {
+      const float v0 = static_cast<float>(first[i]), v1 = static_cast<float>(first[i + 1]);
+      sum0 += static_cast<double>(v0);
+      sum1 += static_cast<double>(v1);
+      lo = fminf(lo, fminf(v0, v1));
+      hi = fmaxf(hi, fmaxf(v0, v1));
+    }
+    if (i < end) {
+      const float v = static_cast<float>(first[i]);
+      sum0 += static_cast<double>(v);
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
+    }
+  };
+  span(e0, count);
+  span(0, e0);
   sum = sum0 + sum1;
 }
 
@@ -425,8 +469,12 @@ DIV_HD void staged_lfc(const CompressArgs& a, const StagedPlan& s, const StagedB
     const scalar_t* plane = m.xs + gi * s.strip_numel;
     double sum;
     float lo, hi;
-    if (s.quads) {
-      block_stats_quads(plane, g.w, br, tid & 31, sum, lo, hi);
+    if (s.stats_run == 4) {
+      block_stats_runs<scalar_t, 4>(plane, g.w, br, tid & 31, sum, lo, hi);
+    } else if (br.x0 == 0 && br.x1 == g.w) {
+      block_stats_flat(plane, g.w, br, tid & 31, sum, lo, hi);
+    } else if (s.stats_run == 2) {
+      block_stats_runs<scalar_t, 2>(plane, g.w, br, tid & 31, sum, lo, hi);
     } else {
       block_stats_any(plane, g.w, br, tid & 31, sum, lo, hi);
     }
