@@ -55,9 +55,12 @@ class Probe:
 # channels_last decompress: a thread of 16 pixels (Q = 2) in 2 segments (B = 8 and W a multiple of
 # 8); the innermost loop is one pixel (bfloat16: 8 channels) or, unrolled, two (float32: 4 each)
 PROBES = [
-    Probe("compress: codes", "runs of 4 (W, B multiples of 4)", "float32", "probe_codesIfLi2ELi4E", r"^FADD\.RM", 1, False),
-    Probe("compress: codes", "runs of 4 (W, B multiples of 4)", "bfloat16", "probe_codesIN3c108BFloat16ELi2ELi4E", r"^FADD\.RM", 1, False),
-    Probe("compress: codes", "pairs (other W, B)", "float32", "probe_codesIfLi2ELi2E", r"^FADD\.RM", 1, False),
+    Probe("compress: codes", "runs of 4 (W, B multiples of 4)", "float32", "probe_codesIfLi2ELi4ELi0E", r"^FADD\.RM", 1, False),
+    Probe("compress: codes", "runs of 4 (W, B multiples of 4)", "bfloat16", "probe_codesIN3c108BFloat16ELi2ELi4ELi0E", r"^FADD\.RM", 1, False),
+    Probe("compress: codes", "pairs in one block, one load (W, B even: 14x14)", "float32", "probe_codesIfLi2ELi2ELi2E", r"^FADD\.RM", 1, False),
+    Probe("compress: codes", "pairs in one block, one load (W, B even: 14x14)", "bfloat16", "probe_codesIN3c108BFloat16ELi2ELi2ELi2E", r"^FADD\.RM", 1, False),
+    Probe("compress: codes", "pairs, the plane one LFC block (7x7)", "float32", "probe_codesIfLi2ELi2ELi1E", r"^FADD\.RM", 1, False),
+    Probe("compress: codes", "pairs, each element looked up (other W, B)", "float32", "probe_codesIfLi2ELi2ELi0E", r"^FADD\.RM", 1, False),
     Probe("compress: LFC sums", "block rows in runs of 4", "float32", "probe_block_statsIfLi4E", r"^F2F\.F64", 1, True),
     Probe("compress: LFC sums", "block rows in runs of 4", "bfloat16", "probe_block_statsIN3c108BFloat16ELi4E", r"^F2F\.F64", 1, True),
     Probe("compress: LFC sums", "block rows in runs of 2 (W, B even: 14x14)", "float32", "probe_block_statsIfLi2E", r"^F2F\.F64", 1, True),

@@ -4,11 +4,11 @@
 
 using namespace division;
 
-template <typename T, int BITS, int RUN>
+template <typename T, int BITS, int RUN, int PAIRS>
 __global__ void probe_codes(CompressArgs a, StagedPlan s, StagedBlock b) {
   extern __shared__ __align__(16) unsigned char base[];
   const StagedSmem<T> m(base, s);
-  staged_codes<T, BITS, RUN>(a, s, b, m, static_cast<int>(threadIdx.x));
+  staged_codes<T, BITS, RUN, PAIRS>(a, s, b, m, static_cast<int>(threadIdx.x));
 }
 
 // KIND: 4 or 2, runs of that many; 0, a flat block (whole rows); 1, the element walk
@@ -66,9 +66,12 @@ __global__ void probe_channel_decompress(DecompressArgs a, ChannelPlan c) {
     channel_decompress_thread<T, VEC, BITS>(a, c, t);
 }
 
-template __global__ void probe_codes<float, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
-template __global__ void probe_codes<c10::BFloat16, 2, 4>(CompressArgs, StagedPlan, StagedBlock);
-template __global__ void probe_codes<float, 2, 2>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<float, 2, 4, 0>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<c10::BFloat16, 2, 4, 0>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<float, 2, 2, 2>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<c10::BFloat16, 2, 2, 2>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<float, 2, 2, 1>(CompressArgs, StagedPlan, StagedBlock);
+template __global__ void probe_codes<float, 2, 2, 0>(CompressArgs, StagedPlan, StagedBlock);
 template __global__ void probe_block_stats<float, 4>(int, BlockRange, double*, float*);
 template __global__ void probe_block_stats<c10::BFloat16, 4>(int, BlockRange, double*, float*);
 template __global__ void probe_block_stats<float, 2>(int, BlockRange, double*, float*);

@@ -60,6 +60,8 @@ struct StagedPlan {
   int32_t run;        // elements per table entry: 4 where every aligned run of 4 lies in one LFC
                       // block and one row (and P % 4 == 0), else 1
   int32_t stats_run;  // 4 or 2: every LFC block row is whole aligned runs of that many elements; else 1
+  int32_t pairs;      // where run == 1, the codes' pairs (q even): 2 each in one LFC block and row, 2-aligned
+                      // (W and B even); 1 the plane is one LFC block; 0 each element's block looked up
   int32_t ranks;      // blocks per plane group: 1, or a cluster of 2..kMaxRanks blocks, each one
                       // strip of rows (whole LFC block rows, whole code words) of the G planes
   int32_t strip_rows;   // rows per strip (H when ranks == 1); the last strip may have fewer
@@ -158,7 +160,9 @@ inline StagedPlan staged_plan(const Geometry& g, int64_t esize, int64_t target, 
                           : (planes * g.numel * esize) % 16 == 0 && (ranks == 1 || (int64_t{s.strip_numel} * esize) % 16 == 0);
   s.vec = x_aligned16 && vec_ok ? static_cast<int32_t>(per16) : 1;
   s.run = staged_run(g);
-  s.stats_run = rows_of_four(g) ? 4 : g.w % 2 == 0 && g.bw % 2 == 0 ? 2 : 1;
+  const bool rows_of_two = g.w % 2 == 0 && g.bw % 2 == 0;
+  s.stats_run = rows_of_four(g) ? 4 : rows_of_two ? 2 : 1;
+  s.pairs = rows_of_two ? 2 : g.lfc_numel == 1 ? 1 : 0;
   s.div_lfc = FastDiv::make(static_cast<uint32_t>(s.strip_lfc));
   s.div_words = FastDiv::make(static_cast<uint32_t>(s.strip_words));
   s.div_units = FastDiv::make(static_cast<uint32_t>(planes / s.vec > 0 ? planes / s.vec : 1));
@@ -534,10 +538,12 @@ struct CodeConsts {
 };
 
 // The codes of elements q .. q + RUN - 1 of a staged strip as a field of RUN * BITS bits. RUN = 4:
-// one LFC block, q % 4 == 0, one aligned load. RUN = 2: a pair (q even), each element looked up;
-// unless FULL, the second only when q + 1 < P, the strip's size. `up` is the strip's (scaled) LFC.
-// The hashes: element q is pair j0 + k / 2 of its code word, whose run_key is `word_key`.
-template <typename scalar_t, int BITS, int RUN, bool FULL>
+// one LFC block, q % 4 == 0, one aligned load. RUN = 2: a pair (q even); PAIRS (StagedPlan::pairs)
+// 2: in one LFC block, one lookup and one aligned load; 1: the plane is one LFC block, no lookup;
+// 0: each element looked up. Unless FULL, the second only when q + 1 < P, the strip's size. `up` is the
+// strip's (scaled) LFC. The hashes: element q is pair j0 + k / 2 of its code word, whose run_key
+// is `word_key`.
+template <typename scalar_t, int BITS, int RUN, int PAIRS, bool FULL>
 DIV_HD uint32_t code_run(const scalar_t* plane, const float* up, const uint16_t* table, int32_t q,
                          uint32_t word_key, uint32_t j0, int32_t P, const CodeConsts& c) {
   float v[RUN];
@@ -548,14 +554,22 @@ DIV_HD uint32_t code_run(const scalar_t* plane, const float* up, const uint16_t*
     u[k + 1] = uniform_odd(h);
   }
   uint32_t field = 0;
-  if (RUN == 4) {
+  if constexpr (RUN == 4) {
     load_elements<scalar_t, RUN>(plane + q, v);
     const float up_p = up[table[q >> 2]];
     for (int k = 0; k < RUN; ++k) field |= quantize(v[k], up_p, c.p, c.lo, c.scale, u[k], c.levels) << (k * BITS);
+  } else if constexpr (PAIRS == 2) {  // P even: the pair is whole
+    load_elements<scalar_t, 2>(plane + q, v);
+    const float up_p = up[table[q]];
+    field = quantize(v[0], up_p, c.p, c.lo, c.scale, u[0], c.levels) |
+            quantize(v[1], up_p, c.p, c.lo, c.scale, u[1], c.levels) << BITS;
   } else {
-    field = quantize(static_cast<float>(plane[q]), up[table[q]], c.p, c.lo, c.scale, u[0], c.levels);
-    if (FULL || q + 1 < P)
-      field |= quantize(static_cast<float>(plane[q + 1]), up[table[q + 1]], c.p, c.lo, c.scale, u[1], c.levels) << BITS;
+    const float up0 = PAIRS == 1 ? up[0] : up[table[q]];  // 1: one LFC block per plane
+    field = quantize(static_cast<float>(plane[q]), up0, c.p, c.lo, c.scale, u[0], c.levels);
+    if (FULL || q + 1 < P) {
+      const float up1 = PAIRS == 1 ? up0 : up[table[q + 1]];
+      field |= quantize(static_cast<float>(plane[q + 1]), up1, c.p, c.lo, c.scale, u[1], c.levels) << BITS;
+    }
   }
   return field;
 }
@@ -564,7 +578,7 @@ DIV_HD uint32_t code_run(const scalar_t* plane, const float* up, const uint16_t*
 // runs of RUN (see staged_run); strips are whole words. Consecutive threads take consecutive words,
 // so the stores are coalesced and no lanes exchange bits; each thread starts at a lane-dependent
 // run, which spreads the shared memory loads of a warp over the banks.
-template <typename scalar_t, int BITS, int RUN>
+template <typename scalar_t, int BITS, int RUN, int PAIRS>
 DIV_HD void staged_codes(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                          const StagedSmem<scalar_t>& m, int tid) {
   constexpr int kElements = 32 / BITS;
@@ -587,12 +601,12 @@ DIV_HD void staged_codes(const CompressArgs& a, const StagedPlan& s, const Stage
 DIV_UNROLL
       for (int k = 0; k < kRuns; ++k) {
         const int r = (k + rot) & (kRuns - 1);
-        word |= code_run<scalar_t, BITS, RUN, true>(plane, up, m.table, q0 + r * RUN, key, r * (RUN / 2), left, c)
+        word |= code_run<scalar_t, BITS, RUN, PAIRS, true>(plane, up, m.table, q0 + r * RUN, key, r * (RUN / 2), left, c)
                 << (r * RUN * BITS);
       }
     } else {  // the plane's last word: its runs past P stay 0
       for (int r = 0; r < kRuns && q0 + r * RUN < left; ++r)
-        word |= code_run<scalar_t, BITS, RUN, false>(plane, up, m.table, q0 + r * RUN, key, r * (RUN / 2), left, c)
+        word |= code_run<scalar_t, BITS, RUN, PAIRS, false>(plane, up, m.table, q0 + r * RUN, key, r * (RUN / 2), left, c)
                 << (r * RUN * BITS);
     }
     a.codes[(b.p0 + gi) * W + w] = word;
@@ -603,9 +617,13 @@ template <typename scalar_t, int BITS>
 DIV_HD void staged_codes_bits(const CompressArgs& a, const StagedPlan& s, const StagedBlock& b,
                               const StagedSmem<scalar_t>& m, int tid) {
   if (s.run == 4) {
-    staged_codes<scalar_t, BITS, 4>(a, s, b, m, tid);
+    staged_codes<scalar_t, BITS, 4, 0>(a, s, b, m, tid);
+  } else if (s.pairs == 2) {
+    staged_codes<scalar_t, BITS, 2, 2>(a, s, b, m, tid);
+  } else if (s.pairs == 1) {
+    staged_codes<scalar_t, BITS, 2, 1>(a, s, b, m, tid);
   } else {
-    staged_codes<scalar_t, BITS, 2>(a, s, b, m, tid);
+    staged_codes<scalar_t, BITS, 2, 0>(a, s, b, m, tid);
   }
 }
 

@@ -264,7 +264,8 @@ def test_generic_kernels_do_not_depend_on_the_launch_shape(shape: tuple, layout:
 
 
 # (shape, B, run): the staged codes phase takes runs of 4 when each aligned run of 4 lies in one
-# LFC block (W and B multiples of 4, or one block per plane, and P % 4 == 0), pairs otherwise.
+# LFC block (W and B multiples of 4, or one block per plane, and P % 4 == 0), pairs otherwise:
+# one lookup and load a pair where W and B are even, no lookup in one-block planes, else two.
 # The LFC sums (block_stats_*): rows in runs of 4 where W and B are multiples of 4, a flat walk
 # where a block spans whole rows, else rows in runs of 2 where W and B are even, else the element
 # walk; the comments name which.
@@ -273,10 +274,10 @@ STAGED_RUN_SHAPES = [
     ((2, 3, 12, 20), 4, 4),  # partial last block columns, still whole runs; sums: runs of 4
     ((2, 3, 4, 6), 8, 4),  # one LFC block per plane, W % 4 != 0: runs cross rows; sums: flat
     ((2, 3, 2, 2), 8, 4),  # one run per plane; sums: flat
-    ((2, 5, 14, 14), 8, 1),  # the block edge at 8 splits the run 12..15 across rows; sums: runs of 2
-    ((2, 3, 16, 16), 2, 1),  # B = 2 splits every run; sums: runs of 2
-    ((2, 3, 7, 7), 8, 1),  # P % 4 != 0; sums: flat, odd count
-    ((2, 3, 9, 10), 3, 1),  # sums: the element walk (B odd)
+    ((2, 5, 14, 14), 8, 1),  # the block edge at 8 splits the run 12..15 across rows; pairs whole; sums: runs of 2
+    ((2, 3, 16, 16), 2, 1),  # B = 2 splits every run; pairs whole; sums: runs of 2
+    ((2, 3, 7, 7), 8, 1),  # P % 4 != 0; pairs in a one-block plane; sums: flat, odd count
+    ((2, 3, 9, 10), 3, 1),  # pairs looked up element by element; sums: the element walk (B odd)
     ((2, 3, 40), 8, 4),  # 1-D; sums: runs of 4
     ((2, 3, 42), 8, 1),  # 1-D, the last block 40..41 shares a run; sums: runs of 2
 ]
