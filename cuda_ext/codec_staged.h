@@ -27,6 +27,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "codec_generic.h"
 
@@ -38,6 +40,36 @@ constexpr int kStagedThreads = 256;
 struct alignas(16) Vec16 {
   uint32_t w[4];
 };
+
+// Eight bytes moved with one load.
+struct alignas(8) Vec8 {
+  uint32_t w[2];
+};
+
+// One access of a whole V (Vec16, Vec8, a 32-bit word) at p. A GPU faults on one that is not
+// aligned to sizeof(V) and a CPU does not, so the CPU twin checks each: the twin's tests then
+// fail where a kernel would fault on the device.
+template <typename V>
+DIV_HD void check_aligned(const void* p) {
+#ifndef __CUDA_ARCH__
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0)
+    throw std::logic_error("division kernels: a " + std::to_string(sizeof(V)) + "-byte access at a misaligned address");
+#else
+  (void)p;
+#endif
+}
+
+template <typename V>
+DIV_HD V load_vector(const void* p) {
+  check_aligned<V>(p);
+  return *static_cast<const V*>(p);
+}
+
+template <typename V>
+DIV_HD void store_vector(void* p, const V& v) {
+  check_aligned<V>(p);
+  *static_cast<V*>(p) = v;
+}
 
 // Per staged plane, in shared memory.
 struct PlaneSlot {
@@ -238,7 +270,7 @@ DIV_HD void store_values(scalar_t* dst, const scalar_t (&e)[VEC]) {
   if constexpr (VEC * sizeof(scalar_t) == 16) {
     Vec16 packed;
     memcpy(&packed, e, sizeof(packed));
-    *reinterpret_cast<Vec16*>(dst) = packed;
+    store_vector<Vec16>(dst, packed);
   } else {
     for (int k = 0; k < VEC; ++k) dst[k] = e[k];
   }
@@ -247,6 +279,10 @@ DIV_HD void store_values(scalar_t* dst, const scalar_t (&e)[VEC]) {
 // dst[i] = src[i] for i < count, by the block's threads, four loads in flight per thread before
 // their stores (one at a time would leave the memory system waiting on latency).
 DIV_HD void copy_vectors(Vec16* dst, const Vec16* src, int32_t count, int tid) {
+  if (count > 0) {  // then every dst[i], src[i] is aligned
+    check_aligned<Vec16>(dst);
+    check_aligned<Vec16>(src);
+  }
   constexpr int32_t kStride = kStagedThreads;
   int32_t i = tid;
   for (; i + 3 * kStride < count; i += 4 * kStride) {
@@ -285,7 +321,7 @@ DIV_HD void staged_load(const CompressArgs& a, const StagedPlan& s, const Staged
     const int32_t units = b.count / s.vec;
     const auto load = [&](int32_t i, Vec16& v) -> int32_t {  // the pixel of item i
       const int32_t q = static_cast<int32_t>(s.div_units.div(static_cast<uint32_t>(i)));
-      v = *reinterpret_cast<const Vec16*>(src + q * C + (i - q * units) * s.vec);
+      v = load_vector<Vec16>(src + q * C + (i - q * units) * s.vec);
       return q;
     };
     const auto store = [&](int32_t i, int32_t q, const Vec16& v) {
@@ -320,11 +356,6 @@ DIV_HD void fill_table(const Geometry& g, int32_t run, const BlockRange& br, uin
     for (int32_t x = br.x0; x < br.x1; x += run) table[(y * g.w + x) / run] = j;
 }
 
-// Eight bytes moved with one load.
-struct alignas(8) Vec8 {
-  uint32_t w[2];
-};
-
 // N elements from shared memory as float: one 16- or 8-byte load where N elements are that many
 // bytes (src then aligned to them), else one load each. Two or four bfloat16 come as 32-bit words
 // whose halves become floats by a shift or a mask each (the generic conversion extracts the high
@@ -334,11 +365,11 @@ DIV_HD void load_elements(const scalar_t* src, float (&out)[N]) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && (N == 2 || N == 4)) {
     uint32_t w[N / 2];
     if constexpr (N == 4) {
-      const Vec8 v = *reinterpret_cast<const Vec8*>(src);
+      const Vec8 v = load_vector<Vec8>(src);
       w[0] = v.w[0];
       w[1] = v.w[1];
     } else {
-      w[0] = *reinterpret_cast<const uint32_t*>(src);
+      w[0] = load_vector<uint32_t>(src);
     }
     for (int k = 0; k < N / 2; ++k) {
       out[2 * k] = float_from_bits(w[k] << 16);
@@ -348,10 +379,10 @@ DIV_HD void load_elements(const scalar_t* src, float (&out)[N]) {
   }
   scalar_t e[N];
   if (N * sizeof(scalar_t) == 16) {
-    const Vec16 v = *reinterpret_cast<const Vec16*>(src);
+    const Vec16 v = load_vector<Vec16>(src);
     memcpy(e, &v, sizeof(e));
   } else if (N * sizeof(scalar_t) == 8) {
-    const Vec8 v = *reinterpret_cast<const Vec8*>(src);
+    const Vec8 v = load_vector<Vec8>(src);
     memcpy(e, &v, sizeof(e));
   } else {
     for (int k = 0; k < N; ++k) e[k] = src[k];
@@ -897,6 +928,7 @@ DIV_HD void word_staged_block(Exec& ex, const DecompressArgs& a, const WordPlan&
     ex.sync();
     ex.each([&](int tid) {
       Vec16* out = reinterpret_cast<Vec16*>(static_cast<scalar_t*>(a.out) + t0 * (32 / BITS));
+      check_aligned<Vec16>(out);  // then every out[v] is
       for (uint32_t v = tid; v < static_cast<uint32_t>(words * kPieces); v += kStagedThreads)
         out[v] = slots[word_slot(v / kPieces, v % kPieces, kPieces)];
     });
@@ -1041,7 +1073,7 @@ DIV_HD void store_four(scalar_t* dst, const scalar_t (&e)[4]) {
   } else {
     Vec8 packed;
     memcpy(&packed, e, sizeof(packed));
-    *reinterpret_cast<Vec8*>(dst) = packed;
+    store_vector<Vec8>(dst, packed);
   }
 }
 

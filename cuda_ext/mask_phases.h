@@ -39,7 +39,7 @@ DIV_HD bool relu_passes(float y) { return !(y <= 0.f); }
 template <typename T, int VEC>
 DIV_HD void load_run(const T* src, int64_t count, T* v) {
   if (VEC * sizeof(T) == 16 && count == VEC) {
-    const Vec16 w = *reinterpret_cast<const Vec16*>(src);
+    const Vec16 w = load_vector<Vec16>(src);
     memcpy(v, &w, sizeof(w));
   } else {
     for (int k = 0; k < VEC; ++k) v[k] = k < count ? src[k] : static_cast<T>(0);
@@ -51,7 +51,7 @@ DIV_HD void store_run(T* dst, int64_t count, const T* v) {
   if (VEC * sizeof(T) == 16 && count == VEC) {
     Vec16 w;
     memcpy(&w, v, sizeof(w));
-    *reinterpret_cast<Vec16*>(dst) = w;
+    store_vector<Vec16>(dst, w);
   } else {
     for (int k = 0; k < VEC && k < count; ++k) dst[k] = v[k];
   }
