@@ -172,7 +172,11 @@ void for_blocks(int64_t blocks, F&& f) {
 // Shared memory of one host thread's blocks, 16-byte aligned.
 struct HostSmem {
   std::vector<Vec16> buffer;
-  explicit HostSmem(int64_t bytes) : buffer(static_cast<size_t>((bytes + 15) / 16)) {}
+  // a block's shared memory, no more than an H100 gives one (a launch asking more fails there)
+  explicit HostSmem(int64_t bytes) : buffer(static_cast<size_t>((bytes + 15) / 16)) {
+    TORCH_CHECK(bytes <= kTwinSharedLimit, "division kernels: a block asks for ", bytes,
+                " bytes of shared memory, more than a GPU block can have (", kTwinSharedLimit, ")");
+  }
   unsigned char* data() { return reinterpret_cast<unsigned char*>(buffer.data()); }
 };
 
