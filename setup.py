@@ -7,7 +7,8 @@ The extension is built whenever a CUDA toolkit (bin/nvcc and include/cuda_runtim
 on a machine without a GPU: from CUDA_HOME, CUDA_PATH, torch's own guess, then /usr/local/cuda. An
 explicitly set CUDA_HOME that holds no toolkit, or DIVISION_NO_CUDA=1, installs without it. The
 architectures are TORCH_CUDA_ARCH_LIST (default "8.0;8.6;9.0": A100, RTX 30xx / A10, H100 / H200).
-DIVISION_DEBUG=1 builds with -O0 -g -lineinfo. Without the extension `division` uses its
+DIVISION_DEBUG=1 builds with -O0 -g -lineinfo; DIVISION_SANITIZE=address builds the host code (the
+kernels' CPU twin) with AddressSanitizer (scripts/twin_asan.sh). Without the extension `division` uses its
 pure-PyTorch reference codec (one warning when a CUDA tensor has to take it).
 """
 
@@ -59,6 +60,7 @@ def extensions() -> tuple[list, dict]:
 
     debug = os.environ.get("DIVISION_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("DIVISION_SANITIZE") == "address" else []
     sources = sorted(glob("cuda_ext/*.cpp")) + sorted(glob("cuda_ext/*.cu"))
     print(
         f"division: building division._C from {len(sources)} sources with {cuda_home} for "
@@ -72,11 +74,12 @@ def extensions() -> tuple[list, dict]:
         extra_compile_args={
             # the CPU twin must round every float op on its own, like PyTorch: no FMA contraction
             # (the C++ standard is left to torch: C++17 or C++20 depending on its version)
-            "cxx": opt + ["-ffp-contract=off"],
+            "cxx": opt + ["-ffp-contract=off"] + sanitize,
             # nvcc keeps --fmad=true: every float op of the format goes through a __f*_rn
             # intrinsic, which is never contracted, and no other float arithmetic is left to fuse
             "nvcc": opt + (["-lineinfo"] if debug else []),
         },
+        extra_link_args=sanitize,
     )
     build = BuildExtension.with_options(use_ninja=is_ninja_available())
     return [ext], {"build_ext": build}
