@@ -450,9 +450,10 @@ def test_decompress_plans() -> None:
     whole 16-byte stores and W and B are multiples of 4; else plane, a thread per plane, for planes
     of at most 256 bytes (7x7); else plane_words, planes staged whole and a thread per code word,
     where P % 4 == 0 and a plane is at most 6 KB (14x14); else vec, a 16-byte store per thread
-    wherever N * C * P allows (a chunk may span planes), in runs of four where W and B allow; channels_last: 16-byte stores of channels straight from the codes where C
-    allows (every ResNet-50 activation but the 3-channel input), else the transpose tile (4-D) or
-    the generic kernel (5-D)."""
+    wherever N * C * P allows (a chunk may span planes), in runs of four where W and B allow;
+    channels_last: 16-byte stores of channels straight from the codes where C allows (every
+    ResNet-50 activation but the 3-channel input), else the transpose tile (4-D) or the generic
+    kernel (5-D)."""
     for shape in [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2, 1024, 14, 14), (2, 2048, 7, 7)]:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             per16 = 16 // torch.empty(0, dtype=dtype).element_size()
