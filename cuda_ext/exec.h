@@ -12,11 +12,26 @@
 // __syncthreads() and `words` uses warp shuffles or __ballot_sync. The CPU twin (HostExec below)
 // runs each phase for ids 0 .. threads-1 one after another and `words` loops over the lanes, so
 // a machine without a GPU tests the kernels' own indexing, work split, reductions and bit packing.
+// A GPU runs a phase's threads in no set order; the twin runs them in the reverse order (and the
+// warps of a per-warp phase too) when the environment says DIVISION_TWIN_ORDER=reverse, so that a
+// kernel whose bits depend on the order (a thread reading what another writes in the same phase:
+// a missing barrier) differs from the reference in one of the two orders. The tests run both.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace division {
+
+// Whether the twin runs phases in reverse thread order (DIVISION_TWIN_ORDER=reverse, read once).
+inline bool twin_reverse_order() {
+  static const bool reverse = [] {
+    const char* order = std::getenv("DIVISION_TWIN_ORDER");
+    return order != nullptr && std::strcmp(order, "reverse") == 0;
+  }();
+  return reverse;
+}
 
 struct HostLanes {
   template <typename Field, typename Store>
@@ -33,15 +48,18 @@ template <int Threads>
 struct HostExec {
   static_assert(Threads % 32 == 0, "a block is whole warps");
 
+  const bool reverse = twin_reverse_order();
+
   template <typename F>
   void each(F&& f) {
-    for (int tid = 0; tid < Threads; ++tid) f(tid);
+    for (int k = 0; k < Threads; ++k) f(reverse ? Threads - 1 - k : k);
   }
 
   template <typename F>
   void each_warp(F&& f) {
     HostLanes lanes;
-    for (int warp = 0; warp < Threads / 32; ++warp) f(warp, lanes);
+    constexpr int kWarps = Threads / 32;
+    for (int k = 0; k < kWarps; ++k) f(reverse ? kWarps - 1 - k : k, lanes);
   }
 
   void sync() {}

@@ -917,6 +917,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "('staged', planes per block, shared bytes, blocks, vec, run, ranks) or ('generic', T, G, blocks, 0, 0, 0)",
         py::arg("x"), py::arg("block_size"), py::arg("bits"), py::arg("smem_target") = 0,
         py::arg("smem_limit") = 0);
+  m.def("_twin_thread_order", [] { return std::string(division::twin_reverse_order() ? "reverse" : "forward"); },
+        "the order the CPU twin runs a phase's threads in (DIVISION_TWIN_ORDER=reverse: reverse), for tests");
   m.def("_uniforms", &division::uniforms, "the kernels' uniforms (CPU), for tests of division.hashing",
         py::arg("seed"), py::arg("first_plane"), py::arg("planes"), py::arg("numel"));
 }

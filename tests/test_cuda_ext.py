@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,6 +265,24 @@ def test_generic_kernels_do_not_depend_on_the_launch_shape(shape: tuple, layout:
     x = make_input(shape, torch.bfloat16, layout, "cpu")
     for threads, minor in itertools.product([1, 2, 4, 8, 16, 32, 64, 128, 256], [False, True]):
         check_against_reference(x, 4, 2, "division", torch.bfloat16, seed=7, launch=(threads, minor))
+
+
+@needs_ext
+def test_cpu_twin_in_reverse_thread_order() -> None:
+    """A GPU runs a phase's threads in no set order: the twin and mask-kernel tests pass again with
+    every phase's threads and warps run in reverse (DIVISION_TWIN_ORDER=reverse, cuda_ext/exec.h),
+    so a kernel that reads within a phase what another of its threads writes there fails in one
+    of the two orders."""
+    env = {**os.environ, "DIVISION_TWIN_ORDER": "reverse"}
+    order = subprocess.run([sys.executable, "-c", "from division import _C; print(_C._twin_thread_order())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert order.stdout.strip() == "reverse", order.stderr[-2000:]
+    assert _C._twin_thread_order() == "forward"
+    here = Path(__file__)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                          "not reverse_thread_order", str(here), str(here.with_name("test_mask_kernels.py"))],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:]
 
 
 # (shape, B, run): the staged codes phase takes runs of 4 when each aligned run of 4 lies in one
