@@ -263,14 +263,18 @@ DIV_HD void scatter_vec(scalar_t* dst, int32_t stride, const Vec16& v) {
   for (int k = 0; k < kPer; ++k) dst[k * stride] = e[k];
 }
 
-// VEC values as one 16-byte store where they are 16 bytes (dst then 16-byte aligned), else one
-// store each.
+// VEC values as one 16- or 8-byte store where they are that many bytes (dst then aligned to
+// them), else one store each.
 template <typename scalar_t, int VEC>
 DIV_HD void store_values(scalar_t* dst, const scalar_t (&e)[VEC]) {
   if constexpr (VEC * sizeof(scalar_t) == 16) {
     Vec16 packed;
     memcpy(&packed, e, sizeof(packed));
     store_vector<Vec16>(dst, packed);
+  } else if constexpr (VEC * sizeof(scalar_t) == 8) {
+    Vec8 packed;
+    memcpy(&packed, e, sizeof(packed));
+    store_vector<Vec8>(dst, packed);
   } else {
     for (int k = 0; k < VEC; ++k) dst[k] = e[k];
   }
@@ -1065,18 +1069,6 @@ inline PlaneWordsPlan plane_words_plan(const Geometry& g, int64_t esize) {
   return pw;
 }
 
-// Four elements as one 16-byte (float32) or 8-byte (16-bit) store; dst aligned to that.
-template <typename scalar_t>
-DIV_HD void store_four(scalar_t* dst, const scalar_t (&e)[4]) {
-  if constexpr (sizeof(scalar_t) == 4) {
-    store_values<scalar_t, 4>(dst, e);
-  } else {
-    Vec8 packed;
-    memcpy(&packed, e, sizeof(packed));
-    store_vector<Vec8>(dst, packed);
-  }
-}
-
 // Phase 2 for one thread: code words tid, tid + threads, ... of the block's `planes` planes.
 template <typename scalar_t, int BITS>
 DIV_HD void plane_words_thread(const DecompressArgs& a, const PlaneWordsPlan& pw, int64_t p0, int32_t planes,
@@ -1101,7 +1093,7 @@ DIV_UNROLL
       scalar_t e[4];
 DIV_UNROLL
       for (int32_t m = 0; m < 4; ++m, word >>= BITS) e[m] = static_cast<scalar_t>(reconstruct(up[blocks[k + m]], word & kMask, d));
-      store_four<scalar_t>(dst + k, e);
+      store_values<scalar_t, 4>(dst + k, e);  // 16 bytes of float32, 8 of a 16-bit dtype
     }
   }
 }

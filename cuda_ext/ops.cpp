@@ -180,6 +180,15 @@ struct HostSmem {
   unsigned char* data() { return reinterpret_cast<unsigned char*>(buffer.data()); }
 };
 
+// for_blocks for blocks with `smem_bytes` of shared memory each: f(b, smem), one buffer per host thread.
+template <typename F>
+void for_blocks_with_smem(int64_t blocks, int64_t smem_bytes, F&& f) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    HostSmem smem(smem_bytes);
+    for (int64_t b = begin; b < end; ++b) f(b, smem.data());
+  });
+}
+
 template <typename scalar_t>
 void twin_generic_compress(const CompressArgs& a, const Launch& l) {
   at::parallel_for(0, blocks_for(a.g, l), 1, [&](int64_t begin, int64_t end) {
@@ -231,55 +240,43 @@ void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v) {
 
 template <typename scalar_t>
 void twin_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged) {
-  at::parallel_for(0, w.blocks, 1, [&](int64_t begin, int64_t end) {
-    HostExec<kStagedThreads> ex;
-    HostSmem smem(staged ? w.smem_bytes : 0);
-    for (int64_t b = begin; b < end; ++b) {
-      with_bits(a.bits, [&](auto q) {
-        constexpr int kBits = decltype(q)::value;
-        if (staged) {
-          word_staged_block<scalar_t, kBits>(ex, a, w, smem.data(), b);
-        } else {
-          word_direct_block<scalar_t, kBits>(ex, a, w, b);
-        }
-      });
-    }
+  HostExec<kStagedThreads> ex;
+  for_blocks_with_smem(w.blocks, staged ? w.smem_bytes : 0, [&](int64_t b, unsigned char* smem) {
+    with_bits(a.bits, [&](auto q) {
+      constexpr int kBits = decltype(q)::value;
+      if (staged) {
+        word_staged_block<scalar_t, kBits>(ex, a, w, smem, b);
+      } else {
+        word_direct_block<scalar_t, kBits>(ex, a, w, b);
+      }
+    });
   });
 }
 
 template <typename scalar_t>
 void twin_plane_decompress(const DecompressArgs& a, const PlanePlan& pp) {
-  at::parallel_for(0, pp.blocks, 1, [&](int64_t begin, int64_t end) {
-    HostExec<kStagedThreads> ex;
-    HostSmem smem(pp.smem_bytes);
-    for (int64_t b = begin; b < end; ++b) {
-      with_bits(a.bits, [&](auto q) { plane_decompress_block<scalar_t, decltype(q)::value>(ex, a, pp, smem.data(), b); });
-    }
+  HostExec<kStagedThreads> ex;
+  for_blocks_with_smem(pp.blocks, pp.smem_bytes, [&](int64_t b, unsigned char* smem) {
+    with_bits(a.bits, [&](auto q) { plane_decompress_block<scalar_t, decltype(q)::value>(ex, a, pp, smem, b); });
   });
 }
 
 template <typename scalar_t>
 void twin_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan& pw) {
-  at::parallel_for(0, pw.blocks, 1, [&](int64_t begin, int64_t end) {
-    HostExec<kStagedThreads> ex;
-    HostSmem smem(pw.smem_bytes);
-    for (int64_t b = begin; b < end; ++b) {
-      with_bits(a.bits, [&](auto q) { plane_words_block<scalar_t, decltype(q)::value>(ex, a, pw, smem.data(), b); });
-    }
+  HostExec<kStagedThreads> ex;
+  for_blocks_with_smem(pw.blocks, pw.smem_bytes, [&](int64_t b, unsigned char* smem) {
+    with_bits(a.bits, [&](auto q) { plane_words_block<scalar_t, decltype(q)::value>(ex, a, pw, smem, b); });
   });
 }
 
 template <typename scalar_t>
 void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
-  at::parallel_for(0, t.blocks, 1, [&](int64_t begin, int64_t end) {
-    HostExec<kStagedThreads> ex;
-    HostSmem smem(t.smem_bytes);
-    for (int64_t b = begin; b < end; ++b) {
-      if (t.runs) {
-        tile_decompress_block<scalar_t, true>(ex, a, t, smem.data(), b);
-      } else {
-        tile_decompress_block<scalar_t, false>(ex, a, t, smem.data(), b);
-      }
+  HostExec<kStagedThreads> ex;
+  for_blocks_with_smem(t.blocks, t.smem_bytes, [&](int64_t b, unsigned char* smem) {
+    if (t.runs) {
+      tile_decompress_block<scalar_t, true>(ex, a, t, smem, b);
+    } else {
+      tile_decompress_block<scalar_t, false>(ex, a, t, smem, b);
     }
   });
 }
