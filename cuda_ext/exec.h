@@ -16,11 +16,16 @@
 // warps of a per-warp phase too) when the environment says DIVISION_TWIN_ORDER=reverse, so that a
 // kernel whose bits depend on the order (a thread reading what another writes in the same phase:
 // a missing barrier) differs from the reference in one of the two orders. The tests run both.
+// A barrier left out between two phases (ex.each(A); ex.each(B)) is what neither order shows, since
+// the twin runs each phase whole: on a GPU each thread runs A and B back to back, so B may read
+// what other threads have not yet written in A. The twin refuses it: a block (one HostExec) must
+// pass a barrier between any two of its phases, and throws at the second phase otherwise.
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 
 namespace division {
 
@@ -49,20 +54,33 @@ struct HostExec {
   static_assert(Threads % 32 == 0, "a block is whole warps");
 
   const bool reverse = twin_reverse_order();
+  bool phase_open = false;  // a phase ran since the last barrier
 
   template <typename F>
   void each(F&& f) {
+    begin_phase();
     for (int k = 0; k < Threads; ++k) f(reverse ? Threads - 1 - k : k);
   }
 
   template <typename F>
   void each_warp(F&& f) {
+    begin_phase();
     HostLanes lanes;
     constexpr int kWarps = Threads / 32;
     for (int k = 0; k < kWarps; ++k) f(reverse ? kWarps - 1 - k : k, lanes);
   }
 
-  void sync() {}
+  void sync() { phase_open = false; }
+
+ private:
+  void begin_phase() {
+    if (phase_open) {
+      throw std::logic_error(
+          "division kernels: two phases of a block without a barrier between them (add ex.sync()): on a "
+          "GPU each thread runs them back to back, and the second may read what the first has not written");
+    }
+    phase_open = true;
+  }
 };
 
 }  // namespace division

@@ -161,6 +161,8 @@ StagedPlan make_staged_plan(const Geometry& g, const at::Tensor& x, const CodecO
 }
 
 // ---- the CPU twin: each block's phases run thread by thread, blocks in parallel ----------------
+// Each block has a HostExec of its own, which checks that the block passes a barrier between any
+// two of its phases (exec.h).
 
 template <typename F>
 void for_blocks(int64_t blocks, F&& f) {
@@ -192,9 +194,11 @@ void for_blocks_with_smem(int64_t blocks, int64_t smem_bytes, F&& f) {
 template <typename scalar_t>
 void twin_generic_compress(const CompressArgs& a, const Launch& l) {
   at::parallel_for(0, blocks_for(a.g, l), 1, [&](int64_t begin, int64_t end) {
-    HostExec<kBlockThreads> ex;
     CompressShared shared;
-    for (int64_t b = begin; b < end; ++b) generic_compress_block<scalar_t>(ex, a, l, shared, b);
+    for (int64_t b = begin; b < end; ++b) {
+      HostExec<kBlockThreads> ex;
+      generic_compress_block<scalar_t>(ex, a, l, shared, b);
+    }
   });
 }
 
@@ -203,31 +207,36 @@ void twin_generic_compress(const CompressArgs& a, const Launch& l) {
 template <typename scalar_t>
 void twin_staged_compress(const CompressArgs& a, const StagedPlan& s) {
   at::parallel_for(0, s.blocks / s.ranks, 1, [&](int64_t begin, int64_t end) {
-    HostExec<kStagedThreads> ex;
     std::vector<HostSmem> smem;
     for (int r = 0; r < s.ranks; ++r) smem.emplace_back(s.smem_bytes);
     PlaneSlot* peers[kMaxRanks];
     for (int r = 0; r < s.ranks; ++r) peers[r] = StagedSmem<scalar_t>(smem[r].data(), s).slot;
     for (int64_t c = begin; c < end; ++c) {
-      for (int r = 0; r < s.ranks; ++r) staged_first<scalar_t>(ex, a, s, smem[r].data(), c * s.ranks + r);
+      std::vector<HostExec<kStagedThreads>> ex(static_cast<size_t>(s.ranks));
+      const auto cluster_sync = [&] { for (auto& e : ex) e.sync(); };  // a cluster barrier is also a block's
+      for (int r = 0; r < s.ranks; ++r) staged_first<scalar_t>(ex[r], a, s, smem[r].data(), c * s.ranks + r);
       if (a.mode == kLfcOnly) continue;
-      for (int r = 0; r < s.ranks; ++r) staged_second<scalar_t>(ex, a, s, smem[r].data(), peers, c * s.ranks + r);
-      for (int r = 0; r < s.ranks; ++r) staged_third<scalar_t>(ex, a, s, smem[r].data(), c * s.ranks + r);
+      cluster_sync();
+      for (int r = 0; r < s.ranks; ++r) staged_second<scalar_t>(ex[r], a, s, smem[r].data(), peers, c * s.ranks + r);
+      cluster_sync();
+      for (int r = 0; r < s.ranks; ++r) staged_third<scalar_t>(ex[r], a, s, smem[r].data(), c * s.ranks + r);
     }
   });
 }
 
 template <typename scalar_t>
 void twin_generic_decompress(const DecompressArgs& a, const Launch& l) {
-  HostExec<kBlockThreads> ex;
-  for_blocks(blocks_for(a.g, l), [&](int64_t b) { generic_decompress_block<scalar_t>(ex, a, l, b); });
+  for_blocks(blocks_for(a.g, l), [&](int64_t b) {
+    HostExec<kBlockThreads> ex;
+    generic_decompress_block<scalar_t>(ex, a, l, b);
+  });
 }
 
 template <typename scalar_t>
 void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  HostExec<kStagedThreads> ex;
   for_blocks(v.blocks, [&](int64_t b) {
+    HostExec<kStagedThreads> ex;
     if (v.vec == kVec && v.runs) {
       vec_decompress_block<scalar_t, kVec, true>(ex, a, v, b);
     } else if (v.vec == kVec) {
@@ -240,8 +249,8 @@ void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v) {
 
 template <typename scalar_t>
 void twin_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged) {
-  HostExec<kStagedThreads> ex;
   for_blocks_with_smem(w.blocks, staged ? w.smem_bytes : 0, [&](int64_t b, unsigned char* smem) {
+    HostExec<kStagedThreads> ex;
     with_bits(a.bits, [&](auto q) {
       constexpr int kBits = decltype(q)::value;
       if (staged) {
@@ -255,24 +264,24 @@ void twin_word_decompress(const DecompressArgs& a, const WordPlan& w, bool stage
 
 template <typename scalar_t>
 void twin_plane_decompress(const DecompressArgs& a, const PlanePlan& pp) {
-  HostExec<kStagedThreads> ex;
   for_blocks_with_smem(pp.blocks, pp.smem_bytes, [&](int64_t b, unsigned char* smem) {
+    HostExec<kStagedThreads> ex;
     with_bits(a.bits, [&](auto q) { plane_decompress_block<scalar_t, decltype(q)::value>(ex, a, pp, smem, b); });
   });
 }
 
 template <typename scalar_t>
 void twin_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan& pw) {
-  HostExec<kStagedThreads> ex;
   for_blocks_with_smem(pw.blocks, pw.smem_bytes, [&](int64_t b, unsigned char* smem) {
+    HostExec<kStagedThreads> ex;
     with_bits(a.bits, [&](auto q) { plane_words_block<scalar_t, decltype(q)::value>(ex, a, pw, smem, b); });
   });
 }
 
 template <typename scalar_t>
 void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
-  HostExec<kStagedThreads> ex;
   for_blocks_with_smem(t.blocks, t.smem_bytes, [&](int64_t b, unsigned char* smem) {
+    HostExec<kStagedThreads> ex;
     if (t.runs) {
       tile_decompress_block<scalar_t, true>(ex, a, t, smem, b);
     } else {
@@ -284,8 +293,8 @@ void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
 template <typename scalar_t>
 void twin_channel_decompress(const DecompressArgs& a, const ChannelPlan& c) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  HostExec<kStagedThreads> ex;
   for_blocks(c.blocks, [&](int64_t b) {
+    HostExec<kStagedThreads> ex;
     with_bits(a.bits, [&](auto q) { channel_decompress_block<scalar_t, kVec, decltype(q)::value>(ex, a, c, b); });
   });
 }
@@ -916,6 +925,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("smem_limit") = 0);
   m.def("_twin_thread_order", [] { return std::string(division::twin_reverse_order() ? "reverse" : "forward"); },
         "the order the CPU twin runs a phase's threads in (DIVISION_TWIN_ORDER=reverse: reverse), for tests");
+  m.def("_twin_phases",
+        [](const std::string& sequence) {
+          division::HostExec<32> ex;
+          int ran = 0;
+          for (const char step : sequence) {
+            if (step == 't') ex.each([&](int) { ++ran; });
+            else if (step == 'w') ex.each_warp([&](int, division::HostLanes&) { ++ran; });
+            else if (step == 's') ex.sync();
+            else TORCH_CHECK(false, "division._C._twin_phases: steps are t, w and s, got '", step, "'");
+          }
+          return ran;
+        },
+        "runs a block of the CPU twin through `sequence` (t: a per-thread phase, w: a per-warp phase, s: a "
+        "barrier) and returns how many thread or warp bodies ran, for tests of its barrier check",
+        py::arg("sequence"));
   m.def("_uniforms", &division::uniforms, "the kernels' uniforms (CPU), for tests of division.hashing",
         py::arg("seed"), py::arg("first_plane"), py::arg("planes"), py::arg("numel"));
 }

@@ -285,6 +285,23 @@ def test_cpu_twin_in_reverse_thread_order() -> None:
     assert res.returncode == 0, res.stdout[-4000:]
 
 
+@needs_ext
+@pytest.mark.parametrize("sequence", ["tt", "ww", "tw", "wt", "tstt", "twst"])
+def test_cpu_twin_refuses_phases_without_a_barrier_between_them(sequence: str) -> None:
+    """What neither thread order shows: on a GPU a thread runs two phases without a barrier between
+    them back to back, so the second may read what other threads have not written yet. The twin
+    throws at such a second phase (cuda_ext/exec.h) instead of running the phases whole."""
+    with pytest.raises(RuntimeError, match="two phases of a block without a barrier between them"):
+        _C._twin_phases(sequence)
+
+
+@needs_ext
+@pytest.mark.parametrize("sequence, ran", [("t", 32), ("w", 1), ("tst", 64), ("tswst", 65), ("tss", 32)])
+def test_cpu_twin_runs_phases_separated_by_barriers(sequence: str, ran: int) -> None:
+    """Every thread (32) of a per-thread phase and every warp (1) of a per-warp phase runs."""
+    assert _C._twin_phases(sequence) == ran
+
+
 # (shape, B, run): the staged codes phase takes runs of 4 when each aligned run of 4 lies in one
 # LFC block (W and B multiples of 4, or one block per plane, and P % 4 == 0), pairs otherwise:
 # one lookup and load a pair where W and B are even, no lookup in one-block planes, else two.
