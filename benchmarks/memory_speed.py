@@ -122,8 +122,10 @@ def measure_speed(model_name: str, method: str, batch: int, amp: str, args: argp
         free(device)
 
 
-def largest_batch(model_name: str, method: str, amp: str, args: argparse.Namespace, device: torch.device, start: int) -> int:
-    """Doubling, then bisection, on whether one training step fits."""
+def largest_batch(model_name: str, method: str, amp: str, args: argparse.Namespace, device: torch.device,
+                  start: int) -> tuple[int, bool]:
+    """Doubling, then bisection, on whether one training step fits: (the batch, whether the search
+    stopped at --max-search with it still fitting, so that the true largest is higher)."""
     def fits(b: int) -> bool:
         return not measure_memory(model_name, method, b, amp, args, device)["oom"]
 
@@ -131,11 +133,11 @@ def largest_batch(model_name: str, method: str, amp: str, args: argparse.Namespa
     while fits(hi):
         lo, hi = hi, hi * 2
         if hi > args.max_search:
-            return lo
+            return lo, True
     while hi - lo > max(1, lo // 32):  # to within 3%
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return lo, False
 
 
 def with_ratios(rows: list[dict[str, Any]], key: str) -> None:
@@ -153,9 +155,19 @@ def markdown(rows: list[dict[str, Any]], mode: str) -> str:
     if mode == "memory":
         out = ["| model | amp | batch | method | activation GiB | x smaller than vanilla | peak GiB |", "|---|---|---|---|---|---|---|"]
         for r in rows:
+            if r.get("largest_batch"):
+                continue
             ratio = r.get("act_gib_vs_vanilla")
             out.append(f"| {r['model']} | {r['amp']} | {r['batch']} | {r['method']} | {fmt(r['act_gib'], oom=r['oom'])} | "
                        f"{'-' if not ratio else format(1 / ratio, '.1f')} | {fmt(r['peak_gib'], oom=r['oom'])} |")
+        largest = [r for r in rows if r.get("largest_batch")]
+        if largest:
+            out += ["", "| model | amp | method | largest batch that fits | activation GiB | peak GiB |",
+                    "|---|---|---|---|---|---|"]
+            for r in largest:
+                batch = f">= {r['batch']} (the search's cap)" if r["search_capped"] else str(r["batch"])
+                out.append(f"| {r['model']} | {r['amp']} | {r['method']} | {batch} | {fmt(r['act_gib'], oom=r['oom'])} | "
+                           f"{fmt(r['peak_gib'], oom=r['oom'])} |")
     else:
         out = ["| model | amp | batch | method | img/s | x vanilla |", "|---|---|---|---|---|---|"]
         for r in rows:
@@ -227,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(grid)}] {model_name} {amp} bs {batch} {method}: {shown}", flush=True)
     if args.mode == "memory" and args.find_max:
         for model_name, amp, method in itertools.product(args.models, args.amp, args.methods):
-            best = largest_batch(model_name, method, amp, args, device, start=max(args.batches))
+            best, capped = largest_batch(model_name, method, amp, args, device, start=max(args.batches))
             rows.append({"model": model_name, "amp": amp, "batch": best, "method": method, "largest_batch": True,
-                         **measure_memory(model_name, method, best, amp, args, device)})
-            print(f"largest batch {model_name} {amp} {method}: {best}", flush=True)
+                         "search_capped": capped, **measure_memory(model_name, method, best, amp, args, device)})
+            print(f"largest batch {model_name} {amp} {method}: {'>= ' if capped else ''}{best}", flush=True)
     with_ratios(rows, "act_gib" if args.mode == "memory" else "img_per_s")
     table = markdown(rows, args.mode)
     print(table)

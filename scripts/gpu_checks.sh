@@ -6,6 +6,7 @@
 #   bash scripts/gpu_checks.sh largest_batch           # the largest batch vanilla and DIVISION fit
 #   bash scripts/gpu_checks.sh accuracy                # ResNet-18, full Fashion-MNIST, 3 seeds each
 #   bash scripts/gpu_checks.sh compile profile_bf16    # vanilla and DIVISION under torch.compile
+#                                                      #   (compile_fp32: fp32 only)
 #   bash scripts/gpu_checks.sh vit                     # ViT-B/16 bs 64: memory and speed, fp32 and bf16
 #   bash scripts/gpu_checks.sh host                    # host us per layer call: stock, exact, division
 # Each step has its own time limit and log ($RESULTS/<step>.log); a failing step is recorded in
@@ -15,7 +16,9 @@
 # The lent machine's copy of .git is the session's starting one: start the command with
 # `export DIVISION_GIT_COMMIT=<git rev-parse --short HEAD here>` so the results name the code that ran.
 # ACCURACY_OVERRIDES adds Hydra overrides to the accuracy runs (e.g. "trainer.amp=bf16").
-# DEADLINE=<seconds> caps the whole run (see step below); REPEATS sets the speed runs' repeats (3).
+# DEADLINE=<seconds> caps the whole run (see step below); REPEATS sets the speed runs' repeats (3);
+# METHODS the methods of the `speed` step's memory and speed runs (default all five: vanilla,
+# division, checkpoint, swap, actnn; swap and actnn take about half of its time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/gpu_checks.sh STEP..." >&2; exit 2; }
@@ -58,12 +61,14 @@ step() {
   printf '%s\t%s\t%ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$RESULTS/steps.tsv"
 }
 
-speed_pair() {  # tag amp extra...: memory and speed of every method
+speed_pair() {  # tag amp extra...: memory and speed of the METHODS
   local tag=$1 amp=$2; shift 2
+  local methods=(${METHODS:-vanilla division checkpoint swap actnn})
   step "memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 \
-    --amp "$amp" "$@" --out "$RESULTS/memory_resnet50_$tag"
+    --amp "$amp" "$@" --methods "${methods[@]}" --out "$RESULTS/memory_resnet50_$tag"
   step "speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --models resnet50 --batches 256 \
-    --amp "$amp" "$@" --warmup 3 --steps 5 --repeats "${REPEATS:-3}" --out "$RESULTS/speed_resnet50_$tag"
+    --amp "$amp" "$@" --methods "${methods[@]}" --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
+    --out "$RESULTS/speed_resnet50_$tag"
 }
 
 compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile
@@ -87,16 +92,14 @@ for s in "$@"; do
     speed)
       speed_pair fp32 off
       speed_pair bf16_cl bf16 --channels-last ;;
-    compile_speed_fp32) step compiled_speed_fp32 200 "$PY" benchmarks/memory_speed.py --mode speed --compile \
-      --models resnet50 --batches 256 --amp off --methods vanilla division --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
-      --out "$RESULTS/compiled_speed_resnet50_fp32" ;;
     largest_batch) step largest_batch 200 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 \
-      --batches 256 --amp off --methods vanilla division --find-max --max-search 4096 \
+      --batches 256 --amp off --methods vanilla division --find-max \
       --out "$RESULTS/largest_batch_resnet50_fp32" ;;
     host)
       step host_fp32 60 "$PY" benchmarks/host_overhead.py --device cuda --out "$RESULTS/host_overhead_fp32"
       step host_bf16_cl 60 "$PY" benchmarks/host_overhead.py --device cuda --amp bf16 --channels-last \
         --out "$RESULTS/host_overhead_bf16_cl" ;;
+    compile_fp32) compiled_pair fp32 off ;;
     compile)
       compiled_pair fp32 off
       compiled_pair bf16_cl bf16 --channels-last ;;

@@ -263,13 +263,40 @@ def test_memory_speed_benchmark_on_the_cpu(tmp_path: Path) -> None:
     for b in (2, 4):
         assert 0 < act[b, "division", False] < act[b, "vanilla", False] / 4
         assert act[b, "vanilla", False] == pytest.approx(b / 2 * act[2, "vanilla", False], rel=0.02)
-    assert "| resnet18 | off | 4 | division |" in (tmp_path / "mem.md").read_text()
+    assert all(r["search_capped"] for r in rows if r.get("largest_batch"))  # 8 still fits at 32x32
+    md = (tmp_path / "mem.md").read_text()
+    assert "| resnet18 | off | 4 | division |" in md
+    assert "| resnet18 | off | division | >= 8 (the search's cap) |" in md
     assert (tmp_path / "mem.png").stat().st_size > 0
     res = subprocess.run([sys.executable, script, "--mode", "speed", *common, "--out", str(tmp_path / "speed")],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["img_per_s"] > 0 and len(r["img_per_s_all"]) == 2 for r in rows)
+
+
+@pytest.mark.parametrize("limit, max_search, expected", [(37, 8192, (37, False)), (1000, 512, (512, True)),
+                                                        (100, 8192, (100, False)), (3, 8192, (3, False))])
+def test_largest_batch_search(monkeypatch: pytest.MonkeyPatch, limit: int, max_search: int, expected: tuple) -> None:
+    """Doubling from the start, then bisection to within 3% of the answer (1000 fits but the search
+    stops at its cap, and says so); every batch it tries is a step it measures."""
+    import argparse
+
+    from benchmarks import memory_speed
+
+    tried: list[int] = []
+
+    def measure_memory(model_name, method, batch, amp, args, device):
+        tried.append(batch)
+        return {"oom": batch > limit}
+
+    monkeypatch.setattr(memory_speed, "measure_memory", measure_memory)
+    args = argparse.Namespace(max_search=max_search)
+    best, capped = memory_speed.largest_batch("resnet50", "division", "off", args, torch.device("cpu"), start=4)
+    assert (best, capped) == expected
+    assert tried[:2] == [4, 8] or limit < 8
+    if not capped and best:
+        assert best <= limit < best + max(1, best // 32) + 1
 
 
 def _session_copy(tmp_path: Path, checks: str) -> Path:
