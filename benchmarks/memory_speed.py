@@ -10,7 +10,8 @@ device, SGD (lr 0.1, momentum 0.9, wd 1e-4) as the paper's benchmark.
 memory: on the first step, activation memory as the paper defines it (allocated before backward
 minus allocated before the batch, minus output and loss) and the peak allocated during the step
 above the same start; the step lets go of its batch after forward (harness.loop.Batch), so the
-batch counts where a layer keeps it. `--find-max` also searches the largest batch that fits.
+batch counts where a layer keeps it. `--find-max` also searches the largest batch that fits
+(cuDNN's autotuner off, each try printed as it ends).
 speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats.
 --compile runs every model under torch.compile(fullgraph=True) (default inductor backend); memory is
 then read on the step after the one that compiles. Writes <out>.json (rows + device, versions, git
@@ -125,9 +126,13 @@ def measure_speed(model_name: str, method: str, batch: int, amp: str, args: argp
 def largest_batch(model_name: str, method: str, amp: str, args: argparse.Namespace, device: torch.device,
                   start: int) -> tuple[int, bool]:
     """Doubling, then bisection, on whether one training step fits: (the batch, whether the search
-    stopped at --max-search with it still fitting, so that the true largest is higher)."""
+    stopped at --max-search with it still fitting, so that the true largest is higher). Each try
+    is printed, so a run stopped midway still tells the bracket."""
     def fits(b: int) -> bool:
-        return not measure_memory(model_name, method, b, amp, args, device)["oom"]
+        row = measure_memory(model_name, method, b, amp, args, device)
+        print(f"  {method} bs {b}: " + ("OOM" if row["oom"] else f"fits, peak {fmt(row.get('peak_gib'), '.2f')} GiB"),
+              flush=True)
+        return not row["oom"]
 
     lo, hi = 0, start
     while fits(hi):
@@ -138,6 +143,23 @@ def largest_batch(model_name: str, method: str, amp: str, args: argparse.Namespa
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo, False
+
+
+def largest_batch_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The largest batch of every model, precision and method, with its memory. cuDNN's autotuner
+    is off meanwhile: at thousands of images it would time every algorithm of every new shape for
+    each batch tried; the batch found is the largest with cuDNN's default choice of algorithms."""
+    rows = []
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        for model_name, amp, method in itertools.product(args.models, args.amp, args.methods):
+            best, capped = largest_batch(model_name, method, amp, args, device, start=max(args.batches))
+            rows.append({"model": model_name, "amp": amp, "batch": best, "method": method, "largest_batch": True,
+                         "search_capped": capped, **measure_memory(model_name, method, best, amp, args, device)})
+            print(f"largest batch {model_name} {amp} {method}: {'>= ' if capped else ''}{best}", flush=True)
+    finally:
+        torch.backends.cudnn.benchmark = autotune
+    return rows
 
 
 def with_ratios(rows: list[dict[str, Any]], key: str) -> None:
@@ -238,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         shown = fmt(row.get("act_gib") if args.mode == "memory" else row.get("img_per_s"), oom=row["oom"])
         print(f"[{i}/{len(grid)}] {model_name} {amp} bs {batch} {method}: {shown}", flush=True)
     if args.mode == "memory" and args.find_max:
-        for model_name, amp, method in itertools.product(args.models, args.amp, args.methods):
-            best, capped = largest_batch(model_name, method, amp, args, device, start=max(args.batches))
-            rows.append({"model": model_name, "amp": amp, "batch": best, "method": method, "largest_batch": True,
-                         "search_capped": capped, **measure_memory(model_name, method, best, amp, args, device)})
-            print(f"largest batch {model_name} {amp} {method}: {'>= ' if capped else ''}{best}", flush=True)
+        rows += largest_batch_rows(args, device)
     with_ratios(rows, "act_gib" if args.mode == "memory" else "img_per_s")
     table = markdown(rows, args.mode)
     print(table)
