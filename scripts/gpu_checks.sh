@@ -83,7 +83,8 @@ compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile
 DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /usr/share/datasets/fashion-mnist)}
 for s in "$@"; do
   case "$s" in
-    tests) step gpu_tests 200 "$PY" -m pytest -q -m gpu -rs --durations=15 -p no:cacheprovider tests ;;
+    # -v: a line per test as it ends, so a run stopped at its limit still shows which failed
+    tests) step gpu_tests 200 "$PY" -m pytest -v -m gpu -rs --durations=15 -p no:cacheprovider tests ;;
     kernels) step kernels 240 "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 \
       --decompress-paths --out "$RESULTS/kernels" ;;
     profile) step profile_fp32 120 "$PY" benchmarks/profile_step.py --out "$RESULTS/profile_resnet50_fp32" ;;
