@@ -71,13 +71,13 @@ speed_pair() {  # tag amp extra...: memory and speed of the METHODS
     --out "$RESULTS/speed_resnet50_$tag"
 }
 
-compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile
+compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile, memory first (cheaper)
   local tag=$1 amp=$2; shift 2
+  step "compiled_memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --compile --models resnet50 \
+    --batches 256 --amp "$amp" "$@" --methods vanilla division --out "$RESULTS/compiled_memory_resnet50_$tag"
   step "compiled_speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --compile --models resnet50 \
     --batches 256 --amp "$amp" "$@" --methods vanilla division --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
     --out "$RESULTS/compiled_speed_resnet50_$tag"
-  step "compiled_memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --compile --models resnet50 \
-    --batches 256 --amp "$amp" "$@" --methods vanilla division --out "$RESULTS/compiled_memory_resnet50_$tag"
 }
 
 DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /usr/share/datasets/fashion-mnist)}
