@@ -1,6 +1,7 @@
-// Launchers of the CUDA kernels (codec_cuda.cu, mask_cuda.cu), called by ops.cpp once it has
-// checked the arguments, allocated the outputs and made the plan. Each runs on the device of `on`
-// and its current stream.
+// Launchers of the CUDA kernels (compress_cuda.cu, decompress_cuda.cu, mask_cuda.cu) and of the
+// codec kernels' CPU twin (codec_twin.cpp), called by ops.cpp once it has checked the arguments,
+// allocated the outputs and made the plan. Each launcher runs on the device of `on` and its
+// current stream.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,6 +38,17 @@ void launch_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan
                                    const at::Tensor& on);
 void launch_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype, const at::Tensor& on);
 void launch_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at::ScalarType dtype, const at::Tensor& on);
+
+// The codec's CPU twin: the same kernels run on the host (codec_twin.cpp).
+void twin_generic_compress(const CompressArgs& a, const Launch& l, at::ScalarType dtype);
+void twin_staged_compress(const CompressArgs& a, const StagedPlan& s, at::ScalarType dtype);
+void twin_generic_decompress(const DecompressArgs& a, const Launch& l, at::ScalarType dtype);
+void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v, at::ScalarType dtype);
+void twin_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged, at::ScalarType dtype);
+void twin_plane_decompress(const DecompressArgs& a, const PlanePlan& pp, at::ScalarType dtype);
+void twin_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan& pw, at::ScalarType dtype);
+void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t, at::ScalarType dtype);
+void twin_channel_decompress(const DecompressArgs& a, const ChannelPlan& c, at::ScalarType dtype);
 
 void launch_relu_pack(const PackArgs& a, int vec, at::ScalarType dtype, const at::Tensor& on);
 void launch_pack_bool(const PackArgs& a, int vec, const at::Tensor& on);

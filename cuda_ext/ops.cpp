@@ -3,10 +3,11 @@
 // division::pack_bool, division::relu_backward, division::dropout_backward, division::max_pool2d
 // and division::max_pool2d_backward (their shapes for torch.compile: division/ops.py).
 //
-// CUDA tensors run the kernels of codec_cuda.cu and mask_cuda.cu. CPU tensors run their CPU twin:
-// the same phase functions (exec.h) executed thread by thread, block by block, so that a machine
-// without a GPU tests the kernels' indexing, work split, reductions and packing, and so that the
-// ops have a CPU implementation for CPU training and torch.compile.
+// CUDA tensors run the kernels of compress_cuda.cu, decompress_cuda.cu and mask_cuda.cu. CPU tensors
+// run their CPU twin (codec_twin.cpp; the masks' is here): the same phase functions (exec.h)
+// executed thread by thread, block by block, so that a machine without a GPU tests the kernels'
+// indexing, work split, reductions and packing, and so that the ops have a CPU implementation for
+// CPU training and torch.compile.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "twin.h"
 
 namespace division {
 namespace {
@@ -26,7 +28,6 @@ constexpr int kFormatVersion = 3;
 // q, j and q0 + 64 of a plane stay below 2^31 (FastDiv and the int32 element indices)
 constexpr int64_t kMaxPlaneNumel = (int64_t{1} << 31) - 64;
 constexpr int64_t kSharedTarget = 48 * 1024;    // bytes of planes a staged block aims at
-constexpr int64_t kTwinSharedLimit = 227 * 1024;  // the twin plans as on an H100
 
 int parse_mode(c10::string_view mode, const char* what) {
   if (mode == "division") return kDivision;
@@ -160,145 +161,6 @@ StagedPlan make_staged_plan(const Geometry& g, const at::Tensor& x, const CodecO
   return staged_plan(g, x.element_size(), target, limit, aligned16(x.data_ptr()), o.smem_target == 0, clusters);
 }
 
-// ---- the CPU twin: each block's phases run thread by thread, blocks in parallel ----------------
-// Each block has a HostExec of its own, which checks that the block passes a barrier between any
-// two of its phases (exec.h).
-
-template <typename F>
-void for_blocks(int64_t blocks, F&& f) {
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) f(b);
-  });
-}
-
-// Shared memory of one host thread's blocks, 16-byte aligned.
-struct HostSmem {
-  std::vector<Vec16> buffer;
-  // a block's shared memory, no more than an H100 gives one (a launch asking more fails there)
-  explicit HostSmem(int64_t bytes) : buffer(static_cast<size_t>((bytes + 15) / 16)) {
-    TORCH_CHECK(bytes <= kTwinSharedLimit, "division kernels: a block asks for ", bytes,
-                " bytes of shared memory, more than a GPU block can have (", kTwinSharedLimit, ")");
-  }
-  unsigned char* data() { return reinterpret_cast<unsigned char*>(buffer.data()); }
-};
-
-// for_blocks for blocks with `smem_bytes` of shared memory each: f(b, smem), one buffer per host thread.
-template <typename F>
-void for_blocks_with_smem(int64_t blocks, int64_t smem_bytes, F&& f) {
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    HostSmem smem(smem_bytes);
-    for (int64_t b = begin; b < end; ++b) f(b, smem.data());
-  });
-}
-
-template <typename scalar_t>
-void twin_generic_compress(const CompressArgs& a, const Launch& l) {
-  at::parallel_for(0, blocks_for(a.g, l), 1, [&](int64_t begin, int64_t end) {
-    CompressShared shared;
-    for (int64_t b = begin; b < end; ++b) {
-      HostExec<kBlockThreads> ex;
-      generic_compress_block<scalar_t>(ex, a, l, shared, b);
-    }
-  });
-}
-
-// The blocks of a plane group (a cluster when ranks > 1) run each stage in turn, as the device's
-// barriers order them, each with its own shared memory.
-template <typename scalar_t>
-void twin_staged_compress(const CompressArgs& a, const StagedPlan& s) {
-  at::parallel_for(0, s.blocks / s.ranks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<HostSmem> smem;
-    for (int r = 0; r < s.ranks; ++r) smem.emplace_back(s.smem_bytes);
-    PlaneSlot* peers[kMaxRanks];
-    for (int r = 0; r < s.ranks; ++r) peers[r] = StagedSmem<scalar_t>(smem[r].data(), s).slot;
-    for (int64_t c = begin; c < end; ++c) {
-      std::vector<HostExec<kStagedThreads>> ex(static_cast<size_t>(s.ranks));
-      const auto cluster_sync = [&] { for (auto& e : ex) e.sync(); };  // a cluster barrier is also a block's
-      for (int r = 0; r < s.ranks; ++r) staged_first<scalar_t>(ex[r], a, s, smem[r].data(), c * s.ranks + r);
-      if (a.mode == kLfcOnly) continue;
-      cluster_sync();
-      for (int r = 0; r < s.ranks; ++r) staged_second<scalar_t>(ex[r], a, s, smem[r].data(), peers, c * s.ranks + r);
-      cluster_sync();
-      for (int r = 0; r < s.ranks; ++r) staged_third<scalar_t>(ex[r], a, s, smem[r].data(), c * s.ranks + r);
-    }
-  });
-}
-
-template <typename scalar_t>
-void twin_generic_decompress(const DecompressArgs& a, const Launch& l) {
-  for_blocks(blocks_for(a.g, l), [&](int64_t b) {
-    HostExec<kBlockThreads> ex;
-    generic_decompress_block<scalar_t>(ex, a, l, b);
-  });
-}
-
-template <typename scalar_t>
-void twin_vec_decompress(const DecompressArgs& a, const VecPlan& v) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  for_blocks(v.blocks, [&](int64_t b) {
-    HostExec<kStagedThreads> ex;
-    if (v.vec == kVec && v.runs) {
-      vec_decompress_block<scalar_t, kVec, true>(ex, a, v, b);
-    } else if (v.vec == kVec) {
-      vec_decompress_block<scalar_t, kVec, false>(ex, a, v, b);
-    } else {
-      vec_decompress_block<scalar_t, 1, false>(ex, a, v, b);
-    }
-  });
-}
-
-template <typename scalar_t>
-void twin_word_decompress(const DecompressArgs& a, const WordPlan& w, bool staged) {
-  for_blocks_with_smem(w.blocks, staged ? w.smem_bytes : 0, [&](int64_t b, unsigned char* smem) {
-    HostExec<kStagedThreads> ex;
-    with_bits(a.bits, [&](auto q) {
-      constexpr int kBits = decltype(q)::value;
-      if (staged) {
-        word_staged_block<scalar_t, kBits>(ex, a, w, smem, b);
-      } else {
-        word_direct_block<scalar_t, kBits>(ex, a, w, b);
-      }
-    });
-  });
-}
-
-template <typename scalar_t>
-void twin_plane_decompress(const DecompressArgs& a, const PlanePlan& pp) {
-  for_blocks_with_smem(pp.blocks, pp.smem_bytes, [&](int64_t b, unsigned char* smem) {
-    HostExec<kStagedThreads> ex;
-    with_bits(a.bits, [&](auto q) { plane_decompress_block<scalar_t, decltype(q)::value>(ex, a, pp, smem, b); });
-  });
-}
-
-template <typename scalar_t>
-void twin_plane_words_decompress(const DecompressArgs& a, const PlaneWordsPlan& pw) {
-  for_blocks_with_smem(pw.blocks, pw.smem_bytes, [&](int64_t b, unsigned char* smem) {
-    HostExec<kStagedThreads> ex;
-    with_bits(a.bits, [&](auto q) { plane_words_block<scalar_t, decltype(q)::value>(ex, a, pw, smem, b); });
-  });
-}
-
-template <typename scalar_t>
-void twin_tile_decompress(const DecompressArgs& a, const TilePlan& t) {
-  for_blocks_with_smem(t.blocks, t.smem_bytes, [&](int64_t b, unsigned char* smem) {
-    HostExec<kStagedThreads> ex;
-    if (t.runs) {
-      tile_decompress_block<scalar_t, true>(ex, a, t, smem, b);
-    } else {
-      tile_decompress_block<scalar_t, false>(ex, a, t, smem, b);
-    }
-  });
-}
-
-template <typename scalar_t>
-void twin_channel_decompress(const DecompressArgs& a, const ChannelPlan& c) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  for_blocks(c.blocks, [&](int64_t b) {
-    HostExec<kStagedThreads> ex;
-    with_bits(a.bits, [&](auto q) { channel_decompress_block<scalar_t, kVec, decltype(q)::value>(ex, a, c, b); });
-  });
-}
-
 // ---- compress / decompress ---------------------------------------------------------------------
 
 using Compressed = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -373,10 +235,10 @@ Compressed compress_with(const at::Tensor& input, const at::Tensor& seed, int64_
     if (x.is_cuda()) {
       compress_cuda(a, g, x, s, o, what);
     } else if (s.planes > 0) {
-      DIVISION_DISPATCH(x.scalar_type(), "division_compress_cpu", [&] { twin_staged_compress<scalar_t>(a, s); });
+      twin_staged_compress(a, s, x.scalar_type());
     } else {
       const Launch l = generic_launch(g, true, o, what);
-      DIVISION_DISPATCH(x.scalar_type(), "division_compress_cpu", [&] { twin_generic_compress<scalar_t>(a, l); });
+      twin_generic_compress(a, l, x.scalar_type());
     }
   }
   if (mode == kHfcOnly) lfc = at::empty({0}, opts.dtype(lfc_dtype));  // as reference.py: no LFC kept
@@ -487,47 +349,47 @@ at::Tensor decompress_with(const at::Tensor& lfc_in, const at::Tensor& codes_in,
     if (out.is_cuda()) {
       launch_channel_decompress(a, c, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_channel_decompress<scalar_t>(a, c); });
+      twin_channel_decompress(a, c, dtype);
     }
   } else if (path == "word" || path == "word_direct") {
     const bool staged = path == "word";
     if (out.is_cuda()) {
       launch_word_decompress(a, w, staged, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_word_decompress<scalar_t>(a, w, staged); });
+      twin_word_decompress(a, w, staged, dtype);
     }
   } else if (path == "plane") {
     if (out.is_cuda()) {
       launch_plane_decompress(a, pp, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_plane_decompress<scalar_t>(a, pp); });
+      twin_plane_decompress(a, pp, dtype);
     }
   } else if (path == "plane_words") {
     if (out.is_cuda()) {
       launch_plane_words_decompress(a, pw, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_plane_words_decompress<scalar_t>(a, pw); });
+      twin_plane_words_decompress(a, pw, dtype);
     }
   } else if (path == "vec") {
     const VecPlan v = vec_plan(g, out.element_size());
     if (out.is_cuda()) {
       launch_vec_decompress(a, v, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_vec_decompress<scalar_t>(a, v); });
+      twin_vec_decompress(a, v, dtype);
     }
   } else if (path == "tile") {
     const TilePlan t = tile_plan(g);
     if (out.is_cuda()) {
       launch_tile_decompress(a, t, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_tile_decompress<scalar_t>(a, t); });
+      twin_tile_decompress(a, t, dtype);
     }
   } else {
     const Launch l = generic_launch(g, false, o, what);
     if (out.is_cuda()) {
       launch_generic_decompress(a, l, dtype, out);
     } else {
-      DIVISION_DISPATCH(dtype, "division_decompress_cpu", [&] { twin_generic_decompress<scalar_t>(a, l); });
+      twin_generic_decompress(a, l, dtype);
     }
   }
   return out;
