@@ -1,5 +1,5 @@
-// Launchers of the CUDA kernels (compress_cuda.cu, decompress_cuda.cu, mask_cuda.cu) and of the
-// codec kernels' CPU twin (codec_twin.cpp), called by ops.cpp once it has checked the arguments,
+// Launchers of the CUDA kernels (compress_cuda.cu, decompress_cuda.cu, mask_cuda.cu) and of their
+// CPU twin (codec_twin.cpp, mask_twin.cpp), called by ops.cpp once it has checked the arguments,
 // allocated the outputs and made the plan. Each launcher runs on the device of `on` and its
 // current stream.
 #pragma once
@@ -55,5 +55,12 @@ void launch_pack_bool(const PackArgs& a, int vec, const at::Tensor& on);
 void launch_mask_grad(const MaskGradArgs& a, int vec, bool relu, at::ScalarType dtype, const at::Tensor& on);
 void launch_pool_forward(const PoolArgs& a, at::ScalarType dtype, const at::Tensor& on);
 void launch_pool_backward(const PoolArgs& a, at::ScalarType dtype, const at::Tensor& on);
+
+// The mask and max-pool kernels' CPU twin (mask_twin.cpp).
+void twin_relu_pack(const PackArgs& a, int vec, at::ScalarType dtype);
+void twin_pack_bool(const PackArgs& a, int vec);
+void twin_mask_grad(const MaskGradArgs& a, int vec, bool relu, at::ScalarType dtype);
+void twin_pool_forward(const PoolArgs& a, at::ScalarType dtype);
+void twin_pool_backward(const PoolArgs& a, at::ScalarType dtype);
 
 }  // namespace division

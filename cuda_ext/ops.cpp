@@ -4,7 +4,7 @@
 // and division::max_pool2d_backward (their shapes for torch.compile: division/ops.py).
 //
 // CUDA tensors run the kernels of compress_cuda.cu, decompress_cuda.cu and mask_cuda.cu. CPU tensors
-// run their CPU twin (codec_twin.cpp; the masks' is here): the same phase functions (exec.h)
+// run their CPU twin (codec_twin.cpp, mask_twin.cpp): the same phase functions (exec.h)
 // executed thread by thread, block by block, so that a machine without a GPU tests the kernels'
 // indexing, work split, reductions and packing, and so that the ops have a CPU implementation for
 // CPU training and torch.compile.
@@ -424,27 +424,13 @@ int vec_for(const at::Tensor& t, std::initializer_list<const void*> ptrs) {
   return static_cast<int>(16 / t.element_size());
 }
 
-template <int VEC, bool kRelu, typename scalar_t>
-void twin_pack(const PackArgs& a) {
-  const int64_t chunks = (a.numel + 32 * VEC - 1) / (32 * VEC);
-  HostLanes lanes;
-  for_blocks(chunks, [&](int64_t c) { pack_chunk<scalar_t, VEC, kRelu>(a, c, lanes); });
-}
-
 void relu_pack_into(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bits) {
   const char* what = "division.relu_pack";
   TORCH_CHECK(is_kernel_dtype(x.scalar_type()), what, ": unsupported dtype ", x.scalar_type());
   PackArgs a{x.data_ptr(), y.data_ptr(), reinterpret_cast<uint32_t*>(bits.data_ptr<uint8_t>()), x.numel()};
   const int vec = vec_for(x, {x.data_ptr(), y.data_ptr()});
   if (x.is_cuda()) return launch_relu_pack(a, vec, x.scalar_type(), x);
-  DIVISION_DISPATCH(x.scalar_type(), "division_relu_pack_cpu", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    if (vec == kVec) {
-      twin_pack<kVec, true, scalar_t>(a);
-    } else {
-      twin_pack<1, true, scalar_t>(a);
-    }
-  });
+  twin_relu_pack(a, vec, x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_pack_op(const at::Tensor& x) {
@@ -471,10 +457,8 @@ at::Tensor pack_bool_op(const at::Tensor& mask) {
   const int vec = aligned16(mask.data_ptr()) ? 16 : 1;
   if (mask.is_cuda()) {
     launch_pack_bool(a, vec, mask);
-  } else if (vec == 16) {
-    twin_pack<16, false, bool>(a);
   } else {
-    twin_pack<1, false, bool>(a);
+    twin_pack_bool(a, vec);
   }
   return bits;
 }
@@ -494,20 +478,9 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask_bits, double
   const int vec = vec_for(grad, {grad.data_ptr(), out.data_ptr()});
   if (grad.is_cuda()) {
     launch_mask_grad(a, vec, relu, grad.scalar_type(), grad);
-    return out;
+  } else {
+    twin_mask_grad(a, vec, relu, grad.scalar_type());
   }
-  DIVISION_DISPATCH(grad.scalar_type(), "division_mask_grad_cpu", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const int64_t chunks = (a.numel + vec - 1) / vec;
-    for_blocks((chunks + 1023) / 1024, [&](int64_t b) {
-      for (int64_t c = b * 1024; c < std::min(chunks, (b + 1) * 1024); ++c) {
-        if (vec == kVec && relu) mask_grad_chunk<scalar_t, kVec, true>(a, c);
-        else if (vec == kVec) mask_grad_chunk<scalar_t, kVec, false>(a, c);
-        else if (relu) mask_grad_chunk<scalar_t, 1, true>(a, c);
-        else mask_grad_chunk<scalar_t, 1, false>(a, c);
-      }
-    });
-  });
   return out;
 }
 
@@ -610,10 +583,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_op(const at::Tensor& x, at::IntArr
   if (x.is_cuda()) {
     launch_pool_forward(a, x.scalar_type(), x);
   } else {
-    DIVISION_DISPATCH(x.scalar_type(), "division_pool_forward_cpu", [&] {
-      HostLanes lanes;
-      for_blocks((a.out_numel + 31) / 32, [&](int64_t c) { pool_forward_chunk<scalar_t>(a, c, lanes); });
-    });
+    twin_pool_forward(a, x.scalar_type());
   }
   return {y, offsets};
 }
@@ -646,11 +616,7 @@ at::Tensor max_pool2d_backward_op(const at::Tensor& grad, const at::Tensor& offs
   if (grad.is_cuda()) {
     launch_pool_backward(a, grad.scalar_type(), grad);
   } else {
-    DIVISION_DISPATCH(grad.scalar_type(), "division_pool_backward_cpu", [&] {
-      for_blocks((a.in_numel + 1023) / 1024, [&](int64_t b) {
-        for (int64_t e = b * 1024; e < std::min(a.in_numel, (b + 1) * 1024); ++e) pool_backward_one<scalar_t>(a, e);
-      });
-    });
+    twin_pool_backward(a, grad.scalar_type());
   }
   return gx;
 }

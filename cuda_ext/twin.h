@@ -1,7 +1,6 @@
-// Host helpers of the CPU twin (codec_twin.cpp, and the mask kernels' twin in ops.cpp): blocks run
-// in parallel over host threads, each block's phases thread by thread (exec.h). The codec's twin
-// gives each block a HostExec of its own, which checks that the block passes a barrier between any
-// two of its phases.
+// Host helpers of the CPU twin (codec_twin.cpp, mask_twin.cpp): blocks run in parallel over host
+// threads, each block's phases thread by thread (exec.h). The codec's twin gives each block a
+// HostExec of its own, which checks that the block passes a barrier between any two of its phases.
 #pragma once
 
 #include <ATen/Parallel.h>
