@@ -11,8 +11,6 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <ATen/Parallel.h>
-
 #include <initializer_list>
 #include <string>
 #include <tuple>
