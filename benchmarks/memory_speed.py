@@ -2,6 +2,7 @@
 
     python benchmarks/memory_speed.py --mode memory --out logs/bench/memory     # GPU, full size
     python benchmarks/memory_speed.py --mode speed --out logs/bench/speed
+    python benchmarks/memory_speed.py --mode both --compile --out logs/bench/compiled   # one build each
     python benchmarks/memory_speed.py --mode memory --tiny --out /tmp/mem       # CPU smoke test
 
 Grid: models (ResNet-50, WRN-50-2) x batch sizes (64, 128, 256, 512) x methods (vanilla, division,
@@ -13,6 +14,8 @@ above the same start; the step lets go of its batch after forward (harness.loop.
 batch counts where a layer keeps it. `--find-max` also searches the largest batch that fits
 (cuDNN's autotuner off, each try printed as it ends).
 speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats.
+both: memory, then speed, of each model built (and compiled) once; the measured step is one of the
+warm-up steps. A compile of ResNet-50 takes a minute or more: this halves the compiles.
 --compile runs every model under torch.compile(fullgraph=True) (default inductor backend); memory is
 then read on the step after the one that compiles. Writes <out>.json (rows + device, versions, git
 hash, command), <out>.md and <out>.png.
@@ -38,6 +41,12 @@ from harness.build import AMP_DTYPES
 from harness.loop import Batch, train_step
 from harness.measure import GIB, ActivationProbe
 from harness.methods import method_names, prepare
+
+CPU_COMPILED_NOTE = (
+    "\nOn a CPU under torch.compile, activation GiB also counts the copies of the weights that the "
+    "compiled graph saves for backward; `benchmarks/compile_check.py` takes the difference of two "
+    "batches instead. On a GPU the allocator's reading is the paper's definition.\n"
+)
 
 
 def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, device: torch.device):
@@ -76,51 +85,62 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
 
 
-def measure_memory(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def measure(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device,
+            memory: bool = True, speed: bool = True) -> dict[str, Any]:
+    """Memory (the first step after any compiling one, under an ActivationProbe) and/or img/s
+    (whole steps after warm-up, timed with CUDA events, median over repeats) of one model built
+    once: with both, the measured step counts as a warm-up, so one compile serves both figures."""
+    row: dict[str, Any] = {"oom": False}
     try:
         model, prepared, opt, x, y = setup(model_name, method, batch, args, device)
-        if args.compile:
-            step(model, prepared, opt, x, y, amp)  # compiles: memory is read on the next step
-        probe = ActivationProbe(device, prepared.model)
-        step(model, prepared, opt, x, y, amp, probe)
-        return {"act_gib": probe.activation_bytes / GIB,
-                "peak_gib": None if probe.peak_bytes is None else probe.peak_bytes / GIB, "oom": False}
+        stepped = 0
+        if memory:
+            if args.compile:
+                step(model, prepared, opt, x, y, amp)  # compiles: memory is read on the next step
+            probe = ActivationProbe(device, prepared.model)
+            step(model, prepared, opt, x, y, amp, probe)
+            stepped = 2 if args.compile else 1
+            row["act_gib"] = probe.activation_bytes / GIB
+            row["peak_gib"] = None if probe.peak_bytes is None else probe.peak_bytes / GIB
+        if speed:
+            for _ in range(max(0, args.warmup - stepped)):
+                step(model, prepared, opt, x, y, amp)
+            rates = [batch * args.steps / timed_steps(model, prepared, opt, x, y, amp, args.steps, device)
+                     for _ in range(args.repeats)]
+            row.update(img_per_s=statistics.median(rates), img_per_s_all=rates)
     except RuntimeError as err:
         if not is_oom(err):
             raise
-        return {"act_gib": None, "peak_gib": None, "oom": True}
+        row["oom"] = True
     finally:
         free(device)
+    if memory:
+        row.setdefault("act_gib", None)
+        row.setdefault("peak_gib", None)
+    if speed:
+        row.setdefault("img_per_s", None)
+    return row
 
 
-def measure_speed(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    try:
-        model, prepared, opt, x, y = setup(model_name, method, batch, args, device)
-        for _ in range(args.warmup):
+def timed_steps(model, prepared, opt, x, y, amp: str, steps: int, device: torch.device) -> float:
+    """Seconds of `steps` training steps: CUDA events on a GPU (the queue stays full), wall time
+    on a CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(steps):
             step(model, prepared, opt, x, y, amp)
-        rates = []
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(args.steps):
-                    step(model, prepared, opt, x, y, amp)
-                end.record()
-                torch.cuda.synchronize(device)
-                seconds = start.elapsed_time(end) / 1e3
-            else:
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step(model, prepared, opt, x, y, amp)
-                seconds = time.perf_counter() - t0
-            rates.append(batch * args.steps / seconds)
-        return {"img_per_s": statistics.median(rates), "img_per_s_all": rates, "oom": False}
-    except RuntimeError as err:
-        if not is_oom(err):
-            raise
-        return {"img_per_s": None, "oom": True}
-    finally:
-        free(device)
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step(model, prepared, opt, x, y, amp)
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3
+
+
+def measure_memory(model_name: str, method: str, batch: int, amp: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    return measure(model_name, method, batch, amp, args, device, memory=True, speed=False)
 
 
 def largest_batch(model_name: str, method: str, amp: str, args: argparse.Namespace, device: torch.device,
@@ -170,56 +190,68 @@ def with_ratios(rows: list[dict[str, Any]], key: str) -> None:
 
 
 def fmt(v: Any, spec: str = ".3f", oom: bool = False) -> str:
-    return "OOM" if oom else ("-" if v is None else format(v, spec))
+    """A measured figure; "OOM" for one not measured because the step ran out of memory."""
+    return "OOM" if oom and v is None else ("-" if v is None else format(v, spec))
+
+
+def measures(mode: str) -> tuple[bool, bool]:
+    """(memory, speed): what a --mode measures."""
+    return mode in ("memory", "both"), mode in ("speed", "both")
 
 
 def markdown(rows: list[dict[str, Any]], mode: str) -> str:
-    if mode == "memory":
-        out = ["| model | amp | batch | method | activation GiB | x smaller than vanilla | peak GiB |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if r.get("largest_batch"):
-                continue
+    memory, speed = measures(mode)
+    head = ["model", "amp", "batch", "method"]
+    head += ["activation GiB", "x smaller than vanilla", "peak GiB"] if memory else []
+    head += ["img/s", "x vanilla"] if speed else []
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("largest_batch"):
+            continue
+        cells = [r["model"], r["amp"], str(r["batch"]), r["method"]]
+        if memory:
             ratio = r.get("act_gib_vs_vanilla")
-            out.append(f"| {r['model']} | {r['amp']} | {r['batch']} | {r['method']} | {fmt(r['act_gib'], oom=r['oom'])} | "
-                       f"{'-' if not ratio else format(1 / ratio, '.1f')} | {fmt(r['peak_gib'], oom=r['oom'])} |")
-        largest = [r for r in rows if r.get("largest_batch")]
-        if largest:
-            out += ["", "| model | amp | method | largest batch that fits | activation GiB | peak GiB |",
-                    "|---|---|---|---|---|---|"]
-            for r in largest:
-                batch = f">= {r['batch']} (the search's cap)" if r["search_capped"] else str(r["batch"])
-                out.append(f"| {r['model']} | {r['amp']} | {r['method']} | {batch} | {fmt(r['act_gib'], oom=r['oom'])} | "
-                           f"{fmt(r['peak_gib'], oom=r['oom'])} |")
-    else:
-        out = ["| model | amp | batch | method | img/s | x vanilla |", "|---|---|---|---|---|---|"]
-        for r in rows:
+            cells += [fmt(r["act_gib"], oom=r["oom"]), "-" if not ratio else format(1 / ratio, ".1f"),
+                      fmt(r["peak_gib"], oom=r["oom"])]
+        if speed:
             ratio = r.get("img_per_s_vs_vanilla")
-            out.append(f"| {r['model']} | {r['amp']} | {r['batch']} | {r['method']} | {fmt(r['img_per_s'], '.1f', r['oom'])} | "
-                       f"{'-' if not ratio else format(ratio, '.2f')} |")
+            cells += [fmt(r["img_per_s"], ".1f", r["oom"]), "-" if not ratio else format(ratio, ".2f")]
+        out.append("| " + " | ".join(cells) + " |")
+    largest = [r for r in rows if r.get("largest_batch")]
+    if largest:
+        out += ["", "| model | amp | method | largest batch that fits | activation GiB | peak GiB |",
+                "|---|---|---|---|---|---|"]
+        for r in largest:
+            batch = f">= {r['batch']} (the search's cap)" if r["search_capped"] else str(r["batch"])
+            out.append(f"| {r['model']} | {r['amp']} | {r['method']} | {batch} | {fmt(r['act_gib'], oom=r['oom'])} | "
+                       f"{fmt(r['peak_gib'], oom=r['oom'])} |")
     return "\n".join(out)
 
 
 def plot(rows: list[dict[str, Any]], mode: str, path: Path) -> None:
+    """A panel per model and precision; memory above img/s where both were measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label = ("act_gib", "activation memory (GiB)") if mode == "memory" else ("img_per_s", "img/s")
+    memory, speed = measures(mode)
+    figures = [("act_gib", "activation memory (GiB)")] * memory + [("img_per_s", "img/s")] * speed
     panels = sorted({(r["model"], r["amp"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (model_name, amp) in zip(axes[0], panels):
-        for method in method_names():
-            pts = [(r["batch"], r[key]) for r in rows if r["model"] == model_name and r["amp"] == amp
-                   and r["method"] == method and r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=method)
-        ax.set_title(f"{model_name}, {amp}")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(label)
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(len(figures), len(panels), figsize=(5 * len(panels), 4 * len(figures)), squeeze=False)
+    for row_axes, (key, label) in zip(axes, figures):
+        for ax, (model_name, amp) in zip(row_axes, panels):
+            for method in method_names():
+                pts = [(r["batch"], r[key]) for r in rows if r["model"] == model_name and r["amp"] == amp
+                       and r["method"] == method and r.get(key) is not None and not r.get("largest_batch")]
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), marker="o", label=method)
+            ax.set_title(f"{model_name}, {amp}")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(label)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -227,7 +259,8 @@ def plot(rows: list[dict[str, Any]], mode: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("memory", "speed"), required=True)
+    parser.add_argument("--mode", choices=("memory", "speed", "both"), required=True,
+                        help="both: memory, then speed of the same model (one compile for both)")
     parser.add_argument("--models", nargs="+", default=["resnet50", "wrn50_2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128, 256, 512])
     parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
@@ -235,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True) every model")
-    parser.add_argument("--find-max", action="store_true", help="memory mode: also the largest batch that fits")
+    parser.add_argument("--find-max", action="store_true", help="memory / both: also the largest batch that fits")
     parser.add_argument("--max-search", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="speed mode: steps per timed repeat")
@@ -250,18 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    memory, speed = measures(args.mode)
     rows: list[dict[str, Any]] = []
     grid = list(itertools.product(args.models, args.amp, args.batches, args.methods))
     for i, (model_name, amp, batch, method) in enumerate(grid, 1):
-        measure = measure_memory if args.mode == "memory" else measure_speed
         row = {"model": model_name, "amp": amp, "batch": batch, "method": method,
-               **measure(model_name, method, batch, amp, args, device)}
+               **measure(model_name, method, batch, amp, args, device, memory, speed)}
         rows.append(row)
-        shown = fmt(row.get("act_gib") if args.mode == "memory" else row.get("img_per_s"), oom=row["oom"])
-        print(f"[{i}/{len(grid)}] {model_name} {amp} bs {batch} {method}: {shown}", flush=True)
-    if args.mode == "memory" and args.find_max:
+        shown = ([f"{fmt(row['act_gib'], oom=row['oom'])} GiB"] if memory else []) + (
+            [f"{fmt(row['img_per_s'], '.1f', row['oom'])} img/s"] if speed else [])
+        print(f"[{i}/{len(grid)}] {model_name} {amp} bs {batch} {method}: {', '.join(shown)}", flush=True)
+    if memory and args.find_max:
         rows += largest_batch_rows(args, device)
-    with_ratios(rows, "act_gib" if args.mode == "memory" else "img_per_s")
+    for key in ["act_gib"] * memory + ["img_per_s"] * speed:
+        with_ratios(rows, key)
     table = markdown(rows, args.mode)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(
         f"{args.mode} benchmark on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}"
         f"{', channels_last' if args.channels_last else ''}{', torch.compile' if args.compile else ''}\n\n"
-        f"`{info['command']}`\n\n{table}\n"
+        f"`{info['command']}`\n\n{table}\n" + (CPU_COMPILED_NOTE if memory and args.compile and device.type == "cpu" else "")
     )
     plot(rows, args.mode, args.out.with_suffix(".png"))
     return 0

@@ -61,23 +61,19 @@ step() {
   printf '%s\t%s\t%ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$RESULTS/steps.tsv"
 }
 
-speed_pair() {  # tag amp extra...: memory and speed of the METHODS
+speed_pair() {  # tag amp extra...: memory, then speed, of the METHODS (each model built once)
   local tag=$1 amp=$2; shift 2
   local methods=(${METHODS:-vanilla division checkpoint swap actnn})
-  step "memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --models resnet50 --batches 256 \
-    --amp "$amp" "$@" --methods "${methods[@]}" --out "$RESULTS/memory_resnet50_$tag"
-  step "speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --models resnet50 --batches 256 \
+  step "memory_speed_$tag" 300 "$PY" benchmarks/memory_speed.py --mode both --models resnet50 --batches 256 \
     --amp "$amp" "$@" --methods "${methods[@]}" --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
-    --out "$RESULTS/speed_resnet50_$tag"
+    --out "$RESULTS/memory_speed_resnet50_$tag"
 }
 
-compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile, memory first (cheaper)
+compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile, one compile each
   local tag=$1 amp=$2; shift 2
-  step "compiled_memory_$tag" 150 "$PY" benchmarks/memory_speed.py --mode memory --compile --models resnet50 \
-    --batches 256 --amp "$amp" "$@" --methods vanilla division --out "$RESULTS/compiled_memory_resnet50_$tag"
-  step "compiled_speed_$tag" 200 "$PY" benchmarks/memory_speed.py --mode speed --compile --models resnet50 \
+  step "compiled_$tag" 300 "$PY" benchmarks/memory_speed.py --mode both --compile --models resnet50 \
     --batches 256 --amp "$amp" "$@" --methods vanilla division --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
-    --out "$RESULTS/compiled_speed_resnet50_$tag"
+    --out "$RESULTS/compiled_resnet50_$tag"
 }
 
 DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /usr/share/datasets/fashion-mnist)}
@@ -106,11 +102,9 @@ for s in "$@"; do
       compiled_pair bf16_cl bf16 --channels-last ;;
     vit)
       for amp in off bf16; do
-        step "vit_memory_$amp" 150 "$PY" benchmarks/memory_speed.py --mode memory --models vit_b_16 --batches 64 \
-          --amp "$amp" --methods vanilla division checkpoint --out "$RESULTS/memory_vit_b_16_$amp"
-        step "vit_speed_$amp" 200 "$PY" benchmarks/memory_speed.py --mode speed --models vit_b_16 --batches 64 \
+        step "vit_$amp" 300 "$PY" benchmarks/memory_speed.py --mode both --models vit_b_16 --batches 64 \
           --amp "$amp" --methods vanilla division checkpoint --warmup 3 --steps 5 --repeats "${REPEATS:-3}" \
-          --out "$RESULTS/speed_vit_b_16_$amp"
+          --out "$RESULTS/memory_speed_vit_b_16_$amp"
       done ;;
     accuracy) step accuracy 480 "$PY" benchmarks/accuracy.py --variants vanilla "division B8 Q2" --seeds 0 1 2 \
       --jobs 6 --overrides trainer.epochs="${EPOCHS:-15}" data.root="$DATA" ${ACCURACY_OVERRIDES:-} --out "$RESULTS/accuracy_fashion_mnist" ;;

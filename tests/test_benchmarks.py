@@ -251,7 +251,7 @@ def test_kernel_sass_counts_a_three_level_thread() -> None:
 def test_memory_speed_benchmark_on_the_cpu(tmp_path: Path) -> None:
     """What the GPU session's `speed` and `largest_batch` steps run, at the CPU's --tiny scale:
     activation memory of each method per batch (the bytes autograd saves, on a CPU), the largest
-    batch search (capped at 8 by --tiny), img/s, and the files."""
+    batch search (capped at 8 by --tiny), img/s, both from one build of each model, and the files."""
     script = str(ROOT / "benchmarks" / "memory_speed.py")
     common = ["--tiny", "--device", "cpu", "--methods", "vanilla", "division", "--amp", "off"]
     res = subprocess.run([sys.executable, script, "--mode", "memory", *common, "--find-max", "--out", str(tmp_path / "mem")],
@@ -273,6 +273,17 @@ def test_memory_speed_benchmark_on_the_cpu(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["img_per_s"] > 0 and len(r["img_per_s_all"]) == 2 for r in rows)
+    # both: the same memory figures as --mode memory, and img/s, from one build of each model
+    res = subprocess.run([sys.executable, script, "--mode", "both", *common, "--out", str(tmp_path / "both")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "both.json").read_text())["rows"]
+    assert {(r["batch"], r["method"]): r["act_gib"] for r in rows} == {k[:2]: v for k, v in act.items() if not k[2]}
+    assert all(r["img_per_s"] > 0 and len(r["img_per_s_all"]) == 2 for r in rows)
+    assert all(r["act_gib_vs_vanilla"] and r["img_per_s_vs_vanilla"] for r in rows)
+    md = (tmp_path / "both.md").read_text()
+    assert "| activation GiB | x smaller than vanilla | peak GiB | img/s | x vanilla |" in md
+    assert "| resnet18 | off | 4 | vanilla | " in md
 
 
 @pytest.mark.parametrize("limit, max_search, expected", [(37, 8192, (37, False)), (1000, 512, (512, True)),
