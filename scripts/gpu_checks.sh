@@ -56,7 +56,8 @@ step() {
     [ "$left" -lt "$limit" ] && limit=$left
   fi
   echo "=== $name (limit ${limit}s, at $((SECONDS - START))s)"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+  # SIGINT first: pytest then prints its summary of what ran, Python scripts their traceback
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
   local rc=$?
   printf '%s\t%s\t%ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$RESULTS/steps.tsv"
 }
@@ -79,8 +80,10 @@ compiled_pair() {  # tag amp extra...: vanilla and DIVISION under torch.compile,
 DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /usr/share/datasets/fashion-mnist)}
 for s in "$@"; do
   case "$s" in
-    # -v: a line per test as it ends, so a run stopped at its limit still shows which failed
-    tests) step gpu_tests 200 "$PY" -m pytest -v -m gpu -rs --durations=15 -p no:cacheprovider tests ;;
+    # -v: a line per test as it ends, and each failure's traceback as it happens (tests/conftest.py),
+    # so a run stopped at its limit still shows which failed and why
+    tests) step gpu_tests 200 env DIVISION_TEST_TRACEBACKS=1 "$PY" -m pytest -v -m gpu -rs --durations=15 \
+      -p no:cacheprovider tests ;;
     kernels) step kernels 240 "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 \
       --decompress-paths --out "$RESULTS/kernels" ;;
     profile) step profile_fp32 120 "$PY" benchmarks/profile_step.py --out "$RESULTS/profile_resnet50_fp32" ;;

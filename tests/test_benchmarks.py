@@ -387,3 +387,29 @@ def test_gpu_session_packs_results_also_when_stopped_at_its_limit(tmp_path: Path
     assert files["r/first.md"] == "480 tests kernels\n"
     assert ("r/second.md" in files) is not killed
     assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["part1.tgz"]
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_gpu_test_step_prints_each_failure_when_it_happens(tmp_path: Path, early: bool) -> None:
+    """With DIVISION_TEST_TRACEBACKS=1 (the GPU tests step of scripts/gpu_checks.sh) a failure's
+    traceback is printed as its test ends: a run killed in a later test (a step at its time limit,
+    a hung device) still shows it. Without it, pytest keeps tracebacks for its final summary."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path)
+    (tmp_path / "test_step.py").write_text(
+        "import time\n"
+        "def test_fails():\n    assert 1 + 1 == 3, 'the sum is wrong'\n"
+        "def test_hangs():\n    time.sleep(120)\n"
+    )
+    env = {**os.environ, "DIVISION_TEST_TRACEBACKS": "1" if early else "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_step.py"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = ""
+    try:  # read what arrives (a running test's -v line has no newline yet) until the hang starts
+        while "test_hangs" not in out and (chunk := os.read(proc.stdout.fileno(), 4096)):
+            out += chunk.decode()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert "test_step.py::test_fails FAILED" in out
+    assert ("AssertionError: the sum is wrong" in out) == early
