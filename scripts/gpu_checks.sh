@@ -81,9 +81,17 @@ DATA=${DATA:-$(test -d .data/fashion-mnist && echo .data/fashion-mnist || echo /
 for s in "$@"; do
   case "$s" in
     # -v: a line per test as it ends, and each failure's traceback as it happens (tests/conftest.py),
-    # so a run stopped at its limit still shows which failed and why
-    tests) step gpu_tests 200 env DIVISION_TEST_TRACEBACKS=1 "$PY" -m pytest -v -m gpu -rs --durations=15 \
-      -p no:cacheprovider tests ;;
+    # so a run stopped at its limit still shows which failed and why. A device fault stops the
+    # tests (the CUDA context is lost) and names its test in gpu_fault.txt: that test alone runs
+    # again under compute-sanitizer's memcheck, which names the kernel and the access.
+    tests)
+      rm -f "$RESULTS/gpu_fault.txt"
+      step gpu_tests 200 env DIVISION_TEST_TRACEBACKS=1 DIVISION_FAULT_FILE="$RESULTS/gpu_fault.txt" \
+        "$PY" -m pytest -v -m gpu -rs --durations=15 -p no:cacheprovider tests
+      if [ -s "$RESULTS/gpu_fault.txt" ]; then
+        step sanitize 150 "${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}" \
+          --tool memcheck --print-limit 20 "$PY" -m pytest -x -p no:cacheprovider "$(head -1 "$RESULTS/gpu_fault.txt")"
+      fi ;;
     kernels) step kernels 240 "$PY" benchmarks/kernels.py --repeats 20 --smem-targets 24576 49152 98304 \
       --decompress-paths --out "$RESULTS/kernels" ;;
     profile) step profile_fp32 120 "$PY" benchmarks/profile_step.py --out "$RESULTS/profile_resnet50_fp32" ;;

@@ -413,3 +413,27 @@ def test_gpu_test_step_prints_each_failure_when_it_happens(tmp_path: Path, early
         proc.stdout.close()
     assert "test_step.py::test_fails FAILED" in out
     assert ("AssertionError: the sum is wrong" in out) == early
+
+
+def test_a_device_fault_stops_the_tests_and_names_its_test(tmp_path: Path) -> None:
+    """A test failing with an error that loses the CUDA context (here raised by hand) ends the
+    session at once (exit status 3; the tests after it would fail with the same error and name
+    no kernel) and its id goes to DIVISION_FAULT_FILE, for gpu_checks.sh's compute-sanitizer
+    rerun. Other failures do neither."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path)
+    (tmp_path / "test_fault.py").write_text(
+        "import pytest\n"
+        "def test_plain_failure():\n    assert False\n"
+        "@pytest.mark.parametrize('dtype', ['float32'])\n"
+        "def test_faults(dtype):\n"
+        "    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+        "def test_after():\n    pass\n"
+    )
+    fault_file = tmp_path / "fault.txt"
+    res = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_fault.py"],
+                         cwd=tmp_path, env={**os.environ, "DIVISION_FAULT_FILE": str(fault_file)},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3, res.stdout[-2000:]
+    assert "test_plain_failure FAILED" in res.stdout and "test_after" not in res.stdout
+    assert "CUDA device fault (illegal memory access) in test_fault.py::test_faults[float32]" in res.stdout
+    assert fault_file.read_text() == "test_fault.py::test_faults[float32]\n"
