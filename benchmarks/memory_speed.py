@@ -276,14 +276,14 @@ def plot(rows: list[dict[str, Any]], mode: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     memory, speed = measures(mode)
-    figures = [("act_gib", "activation memory (GiB)")] * memory + [("img_per_s", "img/s")] * speed
+    figures = ([("act_gib", "activation memory (GiB)")] if memory else []) + ([("img_per_s", "img/s")] if speed else [])
     panels = sorted({(r["model"], r["amp"]) for r in rows})
     fig, axes = plt.subplots(len(figures), len(panels), figsize=(5 * len(panels), 4 * len(figures)), squeeze=False)
     for row_axes, (key, label) in zip(axes, figures):
         for ax, (model_name, amp) in zip(row_axes, panels):
             for method in method_names():
                 pts = [(r["batch"], r[key]) for r in rows if r["model"] == model_name and r["amp"] == amp
-                       and r["method"] == method and r.get(key) is not None and not r.get("largest_batch")]
+                       and r["method"] == method and r.get(key) is not None]
                 if pts:
                     ax.plot(*zip(*sorted(pts)), marker="o", label=method)
             ax.set_title(f"{model_name}, {amp}")
@@ -335,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(grid)}] {model_name} {amp} bs {batch} {method}: {', '.join(shown)}", flush=True)
     if memory and args.find_max:
         rows += largest_batch_rows(args, device)
-    for key in ["act_gib"] * memory + ["img_per_s"] * speed:
-        with_ratios(rows, key)
+    for key, measured in (("act_gib", memory), ("img_per_s", speed)):
+        if measured:
+            with_ratios(rows, key)
     table = markdown(rows, args.mode)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
