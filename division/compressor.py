@@ -5,7 +5,8 @@ state). When `share_inputs` is on, a tensor read by several converted layers wit
 the model (a ResNet block input read by conv1 and by the downsample conv) is compressed once: the
 cache maps the tensor to its record, valid while the tensor is unmodified (same `_version`) and
 within the same forward of the root module. Under torch.compile the cache is skipped (dynamo
-cannot trace a weak-keyed dictionary): each layer compresses its own copy.
+cannot trace a weak-keyed dictionary, and tensors kept in Python state would become graph
+outputs); the graph shares instead: see below.
 
 `kernels` says whether the layers run the compiled ops (decided once, from the config and whether
 division._C is loaded), so that traced code never asks.
@@ -13,8 +14,13 @@ division._C is loaded), so that traced code never asks.
 Random numbers: one seed is drawn per forward of the root module (on the device of the first
 activation compressed), and the forward's compressions number their planes as one sequence under
 it (format.py: the hash's plane index is 64-bit). One `randint` a step instead of one per layer,
-the same distinct streams, and `torch.manual_seed` still reproduces a run. Under torch.compile each
-compression draws its own seed (a Python counter would be a guard that changes every call).
+the same distinct streams, and `torch.manual_seed` still reproduces a run. Under torch.compile a
+Python counter would be a guard that changes every call: there the forward's seed (drawn in the
+graph) is mixed with a key of the tensor's content (hashing.content_seed) and planes are numbered
+from 0. Two compressions of one tensor are then the same op on the same inputs, which the
+compiled graph's common-subexpression elimination keeps once, as eager's cache does (and so are
+their two decompressions in backward); different tensors get different seeds unless their 256
+probed elements are bit for bit the same.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from .backend import check_tensor, kernels_allowed
 from .codec import PLANE_INDEX_END, encode
 from .config import DivisionConfig
 from .format import CompressedActivation
-from .hashing import draw_seed
+from .hashing import content_seed, draw_seed
 from .tokens import TokenGrid
 
 
@@ -51,6 +57,7 @@ class Compressor:
         # per device: this forward's seed (drawn at its first compression there) and the hash's
         # index of the next plane compressed under it; replaced whole, so threads never mix them
         self._streams: dict[torch.device, tuple[torch.Tensor, int]] = {}
+        self._forward_seed: torch.Tensor | None = None  # under torch.compile (_compiled_seed)
 
     def new_forward(self) -> None:
         """Called before each forward of the root module: earlier records stop being reusable,
@@ -58,14 +65,24 @@ class Compressor:
         self.generation += 1
         self._entries = WeakIdKeyDictionary()
         self._streams = {}
+        self._forward_seed = None
 
     def encode(self, x: torch.Tensor, mode: str) -> CompressedActivation:
         """One compression, uncached; subclasses swap the codec here (see groupquant.py)."""
         check_tensor(x, self.cfg, self.kernels)
-        if torch.compiler.is_compiling() or x.dim() < 2:  # drawn by encode; x.dim() < 2 fails there
+        if x.dim() < 2:  # encode rejects it
             return encode(x, self.cfg, mode, self.kernels)
+        if torch.compiler.is_compiling():
+            return encode(x, self.cfg, mode, self.kernels, content_seed(self._compiled_seed(x.device), x))
         seed, first_plane = self._planes(x.device, x.shape[0] * x.shape[1])
         return encode(x, self.cfg, mode, self.kernels, seed, first_plane)
+
+    def _compiled_seed(self, device: torch.device) -> torch.Tensor:
+        """Under torch.compile: this forward's seed (drawn in the graph at its first compression;
+        the root's pre-hook forgets the last one)."""
+        if self._forward_seed is None or self._forward_seed.device != device:
+            self._forward_seed = draw_seed(device)
+        return self._forward_seed
 
     def _planes(self, device: torch.device, planes: int) -> tuple[torch.Tensor, int]:
         """This forward's seed on `device` and the first of `planes` fresh plane indices under it."""
@@ -96,8 +113,11 @@ class Compressor:
         return packed
 
     def __call__(self, module: object, args: object) -> None:
-        """Forward pre-hook of the converted root module (the cache is unused under compile)."""
-        if not torch.compiler.is_compiling():
+        """Forward pre-hook of the converted root module (under compile: a new seed only; the
+        cache is unused there)."""
+        if torch.compiler.is_compiling():
+            self._forward_seed = None
+        else:
             self.new_forward()
 
     def __deepcopy__(self, memo: dict) -> Compressor:

@@ -61,6 +61,26 @@ def draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=device)
 
 
+KEY_PROBES = 256  # elements of a tensor its content key reads
+KEY_STRIDE = 2654435761  # probe k reads element (k * KEY_STRIDE) mod numel, in logical order
+SEED_MASK = 2**63 - 1
+
+
+def content_seed(seed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`seed` mixed with a key of x's content: the bits of KEY_PROBES elements spread over x
+    (logical order, so x's layout does not matter; no copy of x), weighted by odd constants and
+    summed mod 2^64. Pure tensor ops of (seed, x): under torch.compile two compressions of one
+    tensor get the same seed, and so the same record, which the graph's common-subexpression
+    elimination keeps once; tensors whose probed elements differ get different seeds."""
+    if x.numel() == 0 or x.element_size() not in (2, 4):
+        return seed  # nothing to key (the codec rejects such inputs itself)
+    probes = torch.arange(KEY_PROBES, dtype=torch.int64, device=x.device)
+    values = torch.take(x.detach(), probes * KEY_STRIDE % x.numel())
+    bits = values.view(torch.int32 if x.element_size() == 4 else torch.int16).to(torch.int64) & MASK32
+    key = (bits * (probes * 2 + 1) * MUL1).sum()  # wraps mod 2^64
+    return (seed ^ key) & SEED_MASK
+
+
 def plane_keys(seed: torch.Tensor, first_plane: int, count: int) -> torch.Tensor:
     """int64 (count,) keys K_p of planes first_plane .. first_plane+count-1 (format.py)."""
     # first_plane + arange: the end of arange(first, first + count) may be 2^63, past int64

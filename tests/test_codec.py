@@ -10,7 +10,7 @@ import torch
 
 import division
 from division.format import lfc_shape, plane_bytes
-from division.hashing import MASK32, as_seed, mix32_int, uniforms
+from division.hashing import KEY_PROBES, KEY_STRIDE, MASK32, as_seed, content_seed, mix32_int, uniforms
 from division.reference import block_means, pack_codes, unpack_codes
 
 
@@ -102,6 +102,30 @@ def test_consecutive_seeds_give_unrelated_streams() -> None:
     a, b = uniforms(as_seed(0, "cpu"), 0, 1, 4096), uniforms(as_seed(1, "cpu"), 0, 1, 4096)
     c = (a - 0.5) * (b - 0.5)
     assert abs(c.mean().item()) < 0.01 and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_content_seed_keys_a_tensor_by_its_content(dtype: torch.dtype) -> None:
+    """What torch.compile's compressions are seeded with (compressor.py): the same for a tensor,
+    its copies and its other layouts (a pure function of the values, read in logical order), a
+    valid seed, and different for another base seed or a change of one probed element."""
+    base = as_seed(12345, "cpu")
+    x = torch.randn(4, 8, 6, 6).to(dtype)
+    seed = content_seed(base, x)
+    assert seed.dtype == torch.int64 and seed.shape == () and 0 <= seed.item() < 2**63
+    assert content_seed(base, x.clone()).item() == seed.item()
+    assert content_seed(base, x.contiguous(memory_format=torch.channels_last)).item() == seed.item()
+    assert content_seed(as_seed(12346, "cpu"), x).item() != seed.item()
+    for k in (0, 1, KEY_PROBES - 1):  # a probed element one bit up
+        y = x.clone()
+        flat = y.view(-1)
+        i = k * KEY_STRIDE % x.numel()
+        bits = flat.view(torch.int32 if dtype == torch.float32 else torch.int16)
+        bits[i] ^= 1
+        assert content_seed(base, y).item() != seed.item(), k
+    small = torch.randn(1, 2, 3, 1).to(dtype)  # fewer elements than probes
+    assert content_seed(base, small).item() == content_seed(base, small.clone()).item()
+    assert content_seed(base, small).item() != content_seed(base, small + 1).item()
 
 
 def test_seeds_are_checked() -> None:

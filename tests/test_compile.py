@@ -65,10 +65,21 @@ def check_division_trains_compressed(device: str) -> None:
         with torch.no_grad():
             losses.append(F.cross_entropy(model(x), y).item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
-    # the partitioner saves the compressed records, not the inputs: compiled about as small as
-    # eager (which also shares a block input between two convs) and far below stock
-    assert compiled_bytes <= 1.15 * eager_bytes, (compiled_bytes, eager_bytes)
+    # the partitioner saves the compressed records, not the inputs, and a block input read by two
+    # convs is compressed once, as eager's cache does (one record per tensor: content_seed), where
+    # a record each came to 8% more; far below stock
+    assert compiled_bytes <= 1.01 * eager_bytes, (compiled_bytes, eager_bytes)
     assert compiled_bytes <= stock_bytes / 4, (compiled_bytes, stock_bytes)  # 8x8 planes and less at 32 px
+    # each compiled forward draws its own seed (stochastic rounding differs from step to step),
+    # and torch.manual_seed reproduces it
+    grads = []
+    for reseed in (True, True, False):
+        model.zero_grad(set_to_none=True)
+        if reseed:
+            torch.manual_seed(7)
+        F.cross_entropy(compiled(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[1], grads[2])
 
 
 def test_exact_mode_under_compile_gives_eager_gradients() -> None:
