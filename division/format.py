@@ -53,7 +53,10 @@ most 2^-17 of a step: unbiased far below float32 rounding of the reconstruction.
 capture), so `torch.manual_seed` makes runs reproducible; pass `seed=` to compare backends. The
 plane index is p = first_plane + n*C + c: 0-based for a single `compress` call; a converted model
 draws one seed per forward and gives each compression the next range of plane indices
-(compressor.py), so no two planes of a forward share a key.
+(compressor.py), so no two planes of a forward share a key. Under torch.compile it numbers every
+tensor's planes from 0 under the forward's seed mixed with a key of the tensor's content
+(hashing.content_seed), so that a tensor read twice is compressed once; two tensors share keys
+only if the 256 elements the key reads are bit for bit the same.
 
 Codes: `codes` is a uint8 tensor of shape (N*C, plane_bytes). Within a plane, the code of element q
 occupies bits [(Q*q) mod 8, (Q*q) mod 8 + Q) of byte (Q*q) div 8 (little-endian bit order, so a

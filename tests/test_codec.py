@@ -10,7 +10,15 @@ import torch
 
 import division
 from division.format import lfc_shape, plane_bytes
-from division.hashing import KEY_PROBES, KEY_STRIDE, MASK32, as_seed, content_seed, mix32_int, uniforms
+from division.hashing import (
+    KEY_PROBES,
+    KEY_STRIDE,
+    MASK32,
+    as_seed,
+    content_seed,
+    mix32_int,
+    uniforms,
+)
 from division.reference import block_means, pack_codes, unpack_codes
 
 
