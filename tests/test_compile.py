@@ -67,8 +67,10 @@ def check_division_trains_compressed(device: str) -> None:
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     # the partitioner saves the compressed records, not the inputs, and a block input read by two
     # convs is compressed once, as eager's cache does (one record per tensor: content_seed), where
-    # a record each came to 8% more; far below stock
-    assert compiled_bytes <= 1.01 * eager_bytes, (compiled_bytes, eager_bytes)
+    # a record each came to 8% more; far below stock. On a CPU both are the bytes autograd saves;
+    # on a GPU the allocator's reading, which may hold a little else of the compiled graph's.
+    slack = 1.01 if device == "cpu" else 1.05
+    assert compiled_bytes <= slack * eager_bytes, (compiled_bytes, eager_bytes)
     assert compiled_bytes <= stock_bytes / 4, (compiled_bytes, stock_bytes)  # 8x8 planes and less at 32 px
     # each compiled forward draws its own seed (stochastic rounding differs from step to step),
     # and torch.manual_seed reproduces it
