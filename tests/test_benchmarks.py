@@ -444,3 +444,15 @@ def test_a_device_fault_stops_the_tests_and_names_its_test(tmp_path: Path) -> No
     assert "test_plain_failure FAILED" in res.stdout and "test_after" not in res.stdout
     assert "CUDA device fault (illegal memory access) in test_fault.py::test_faults[float32]" in res.stdout
     assert fault_file.read_text() == "test_fault.py::test_faults[float32]\n"
+
+
+def test_step_peak_benchmark(tmp_path: Path) -> None:
+    """One step's memory peak and codec calls: eager ResNet-18 compresses the 3 block inputs its
+    downsample convs share once (37 records of 40 layer inputs) and rebuilds each for both layers
+    (40 decompressions)."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_peak.py"), "--model", "resnet18", "--size", "32",
+                          "--batch", "2", "--out", str(tmp_path / "peak")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "peak.json").read_text())
+    assert result["calls"]["division::compress"] == 37 and result["calls"]["division::decompress"] == 40
+    assert result["peak_mib"] > 0 and "step peak" in res.stdout
