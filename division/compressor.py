@@ -72,8 +72,9 @@ class Compressor:
         check_tensor(x, self.cfg, self.kernels)
         if x.dim() < 2:  # encode rejects it
             return encode(x, self.cfg, mode, self.kernels)
-        if torch.compiler.is_compiling():
-            return encode(x, self.cfg, mode, self.kernels, content_seed(self._compiled_seed(x.device), x))
+        if torch.compiler.is_compiling():  # without sharing, a fresh draw: no two calls alike
+            seed = content_seed(self._compiled_seed(x.device), x) if self.cfg.share_inputs else None
+            return encode(x, self.cfg, mode, self.kernels, seed)
         seed, first_plane = self._planes(x.device, x.shape[0] * x.shape[1])
         return encode(x, self.cfg, mode, self.kernels, seed, first_plane)
 

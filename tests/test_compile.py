@@ -84,6 +84,41 @@ def check_division_trains_compressed(device: str) -> None:
     assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[1], grads[2])
 
 
+class TwoReaders(torch.nn.Module):
+    """A block whose input two convolutions read, as a ResNet block's conv1 and downsample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return self.a(h) + self.b(h)
+
+
+def codec_calls(run: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    run(x).sum().backward()  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(x).sum().backward()
+    return {e.key: e.count for e in prof.key_averages() if e.key in ("division::compress", "division::decompress")}
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_compiled_model_compresses_a_tensor_two_layers_read_once(share: bool) -> None:
+    """Under compile, as in eager, h (the input of a and b) is compressed once (share_inputs): two
+    records for the three convolutions' inputs; compiled, its two rebuilds in backward are one as
+    well (eager rebuilds it for each). share_inputs=False keeps three records, compiled too."""
+    torch.manual_seed(0)
+    model = division.convert_model(TwoReaders(), division.DivisionConfig(share_inputs=share))
+    x = torch.randn(2, 3, 16, 16)
+    compiled = codec_calls(torch.compile(model, fullgraph=True), x)
+    records = 2 if share else 3
+    assert codec_calls(model, x) == {"division::compress": records, "division::decompress": 3}
+    assert compiled == {"division::compress": records, "division::decompress": records}
+
+
 def test_exact_mode_under_compile_gives_eager_gradients() -> None:
     check_exact_mode_gives_eager_gradients("cpu")
 
