@@ -81,7 +81,11 @@ def check_division_trains_compressed(device: str) -> None:
             torch.manual_seed(7)
         F.cross_entropy(compiled(x), y).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[1], grads[2])
+    # (close rather than equal: cuDNN's weight gradients may sum in another order run to run)
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(grads[1], grads[0]) < 1e-4 and rel(grads[2], grads[1]) > 1e-2, (rel(grads[1], grads[0]), rel(grads[2], grads[1]))
 
 
 class TwoReaders(torch.nn.Module):
