@@ -131,15 +131,15 @@ def measure(model_name: str, method: str, batch: int, amp: str, args: argparse.N
 def timed_steps(model, prepared, opt, x, y, amp: str, steps: int, device: torch.device) -> float:
     """Seconds of `steps` training steps: CUDA events on a GPU (the queue stays full), wall time
     on a CPU."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(model, prepared, opt, x, y, amp)
-        return time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    cuda = device.type == "cuda"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
     for _ in range(steps):
         step(model, prepared, opt, x, y, amp)
+    if not cuda:
+        return time.perf_counter() - t0
     end.record()
     torch.cuda.synchronize(device)
     return start.elapsed_time(end) / 1e3

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import division
 from benchmarks.common import run_info
+from harness.measure import ActivationProbe
 
 MIB = 2.0**20
 
@@ -54,17 +55,12 @@ def measure(args: argparse.Namespace) -> dict:
         step()
     model.zero_grad(set_to_none=True)  # outside the measured step: its frees would lower the start
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
+    probe = ActivationProbe(device, model)  # on a GPU: the allocator's peak above the start
+    probe.before_fetch()
     with profile(activities=activities, profile_memory=True) as prof:
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - start
-    else:
-        peak = cpu_peak_bytes(prof)
+    probe.after_step()
+    peak = cpu_peak_bytes(prof) if probe.peak_bytes is None else probe.peak_bytes
     calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("division::")}
     return {"peak_mib": peak / MIB, "calls": calls}
 
