@@ -120,14 +120,24 @@ def build(
         train_model = nn.parallel.DistributedDataParallel(
             state.model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if tr.compile != "off":
+        train_model = compiled(train_model, tr.compile)
     steps_per_epoch = len(loaders.train)
     total = tr.epochs * steps_per_epoch if tr.max_steps is None else min(tr.max_steps, tr.epochs * steps_per_epoch)
     amp = enum_value(tr.amp)
     description = {"method": prepared.method, "method_settings": prepared.settings, "model": cfg.model.name,
                    "data": info.name, "batch_size": tr.batch_size, "amp": amp,
-                   "world_size": dist.world_size, "device": str(device)}
+                   "world_size": dist.world_size, "device": str(device), "compile": tr.compile}
     return Run(cfg, device, dist, run_dir, info, loaders, prepared, state, train_model, AMP_DTYPES.get(amp),
                log, steps_per_epoch, total, description)
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile with the default (inductor) backend; a DDP model is compiled whole, so that
+    dynamo's DDP optimizer splits the graph at gradient buckets. fullgraph stays off: a converted
+    model compiles without a break (tests/test_compile.py), a method's hooks need not. The state
+    (checkpoints, the optimizer) keeps the uncompiled module and its parameter names."""
+    return torch.compile(model, mode=mode)  # type: ignore[return-value]
 
 
 def describe(run: Run) -> str:
@@ -143,6 +153,7 @@ def describe(run: Run) -> str:
         + f", device={run.device}, processes={run.dist.world_size}, batch {tr.batch_size} "
         f"({tr.batch_size // run.dist.world_size} per process), amp={enum_value(tr.amp)}, "
         f"channels_last={tr.channels_last}"
+        + ("" if tr.compile == "off" else f", torch.compile mode={tr.compile} (the first steps compile)")
     )
 
 

@@ -128,9 +128,13 @@ def _checkpointed(block: nn.Module) -> Callable:
         return contextlib.nullcontext(), buffers_kept(block)  # (forward, recomputation)
 
     def run(*args: torch.Tensor) -> torch.Tensor:
-        if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
-        return forward(*args)
+        if not (block.training and torch.is_grad_enabled()):
+            return forward(*args)
+        if torch.compiler.is_compiling():
+            # the compiled graph recomputes only what backward needs, never a buffer's update (and
+            # takes no context_fn but dispatch modes)
+            return checkpoint(forward, *args, use_reentrant=False)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
 
     return run
 

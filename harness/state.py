@@ -34,7 +34,7 @@ from .schema import flatten
 RESUMABLE_CHANGES = (
     "trainer.resume", "trainer.max_steps", "trainer.log_every", "trainer.max_val_steps",
     "trainer.eval_batch_size", "trainer.save_last", "trainer.save_every_steps", "trainer.device",
-    "trainer.compare_with_vanilla", "data.root", "data.workers", "data.download", "data.on_gpu",
+    "trainer.compare_with_vanilla", "trainer.compile", "data.root", "data.workers", "data.download", "data.on_gpu",
     "experiment_name",
 )
 

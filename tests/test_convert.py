@@ -223,3 +223,76 @@ def test_exact_mode_is_the_stock_model_bit_for_bit_on_cuda(name: str) -> None:
     (out0, grads0), (out1, grads1) = results
     assert torch.equal(out0, out1)
     assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+
+
+def stem_and_block() -> nn.Module:
+    """A ResNet stem and block on 224x224 images: the split-plane (cluster) compress of the input's
+    224x224 planes, staged compress, word / channel decompress, fused ReLU masks and max-pool."""
+    def conv_bn_relu(c_in: int, c_out: int, k: int, s: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(*conv_bn_relu(3, 16, 7, 2), nn.MaxPool2d(3, 2, 1), *conv_bn_relu(16, 16, 3, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_converted_training_step_replays_as_a_cuda_graph(amp: bool) -> None:
+    """Forward and backward captured whole in a CUDA graph (what torch.compile's reduce-overhead
+    mode does with each graph): every kernel's host side is legal under capture (no sync, no
+    allocation outside the graph's pool), exact mode replays eager's gradients, and each DIVISION
+    replay draws a new seed (the generator's offset advances) for gradients as near the exact ones
+    as an eager step's. fp32 NCHW, and bf16 autocast + channels_last."""
+    torch.manual_seed(0)
+    base = stem_and_block().cuda()
+    fmt = torch.channels_last if amp else torch.contiguous_format
+    x = torch.randn(2, 3, 224, 224, device="cuda").contiguous(memory_format=fmt)
+    y = torch.tensor([1, 2], device="cuda")
+    grads = {}
+    for mode in ("exact", "division"):
+        model = division.convert_model(copy.deepcopy(base).to(memory_format=fmt),
+                                       division.DivisionConfig(backend="cuda", backward_mode=mode))
+        grads[mode] = capture_and_replay(model, amp, x, y)
+    (exact_replays, exact_eager), (div_replays, div_eager) = grads["exact"], grads["division"]
+    for replay in exact_replays:
+        torch.testing.assert_close(replay, exact_eager, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(div_replays[0], div_replays[1])  # a new seed each replay
+    eager_cosine = nn.functional.cosine_similarity(div_eager, exact_eager, dim=0).item()
+    for replay in div_replays:
+        assert torch.isfinite(replay).all()
+        cosine = nn.functional.cosine_similarity(replay, exact_eager, dim=0).item()
+        assert cosine > min(0.9, eager_cosine - 0.05), (cosine, eager_cosine)
+
+
+def capture_and_replay(model: nn.Module, amp: bool, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(the gradients of two replays of a captured training step, those of an eager step after
+    them), with deterministic cuDNN (or exact mode would not repeat bit for bit)."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+
+        def flat_grad() -> torch.Tensor:
+            return torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (cuDNN plans, kernel attributes)
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        model.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        replays = []
+        for _ in range(2):
+            graph.replay()
+            replays.append(flat_grad().clone())
+        model.zero_grad(set_to_none=True)
+        step()
+        return replays, flat_grad()

@@ -180,6 +180,66 @@ def test_checkpoint_method_updates_batch_norm_statistics_once_per_step(early_sto
     assert all(torch.equal(grads[k], ck_grads[k]) for k in grads)
 
 
+def tiny_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """A stem, a sequence of two blocks (what method=checkpoint recomputes) and a head: compiles in
+    seconds on a CPU, where a ResNet takes a minute a graph."""
+    def block(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+    return nn.Sequential(block(in_channels, 8), nn.MaxPool2d(2), nn.Sequential(block(8, 8), block(8, 8)),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+@pytest.mark.slow
+def test_trainer_compile_trains_the_compiled_model_and_saves_the_plain_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trainer.compile=MODE runs the steps through torch.compile (dynamo compiles graphs), with the
+    eager run's first loss (the forward is exact); last.pt holds the plain module's parameter names,
+    so a run resumes with compile on or off; a mode torch does not have is refused up front."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setitem(build.models.registry._REGISTRY, "tiny_cnn", tiny_cnn)
+    common = [*TINY, "model.name=tiny_cnn", "trainer.max_steps=1"]
+    eager = train(make_cfg(*common, "trainer.save_last=false"), tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    run_dir = tmp_path / "compiled"
+    result = train(make_cfg(*common, "trainer.compile=default"), run_dir)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert result["compile"] == "default" and eager["compile"] == "off"
+    assert result["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert "torch.compile mode=default" in (run_dir / "train.log").read_text()
+    assert not [k for k in checkpoints.load(run_dir / "last.pt")["model"] if "_orig_mod" in k]
+    resumed = train(make_cfg(*common, "trainer.max_steps=2", "trainer.resume=auto"), run_dir)
+    assert resumed["step"] == 2 and resumed["compile"] == "off"
+    with pytest.raises(ValueError, match="trainer.compile='fast' is invalid: expected one of off, default, reduce-overhead"):
+        train(make_cfg(*common, "trainer.compile=fast"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_method_under_compile_updates_batch_norm_statistics_once() -> None:
+    """Compiled, the recomputation repeats no buffer update (and torch.compile takes no context_fn
+    that restores them): the statistics and gradients are vanilla's."""
+    torch.manual_seed(0)
+    base = tiny_cnn()
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
+    after = {}
+    for name in ("vanilla", "checkpoint"):
+        prepared = methods.prepare(copy.deepcopy(base), name, division.DivisionConfig())
+        model = prepared.model.train()
+        run = torch.compile(model) if name == "checkpoint" else model
+        nn.functional.cross_entropy(run(x), y).backward()
+        after[name] = (model.state_dict(), {k: p.grad for k, p in model.named_parameters()})
+    (state, grads), (ck_state, ck_grads) = after["vanilla"], after["checkpoint"]
+    assert torch.equal(state["2.0.1.num_batches_tracked"], ck_state["2.0.1.num_batches_tracked"])
+    for key in state:
+        assert torch.allclose(state[key].float(), ck_state[key].float(), rtol=1e-4, atol=1e-6), key
+    for key in grads:
+        assert torch.allclose(grads[key], ck_grads[key], rtol=1e-3, atol=1e-5), key
+
+
 def test_compile_check_measures_with_the_harness_probe_and_methods() -> None:
     """benchmarks/compile_check.py (eager rows here; compiling is tests/test_compile.py's): the
     activation bytes are ActivationProbe's, the methods come from the registry."""
