@@ -3,6 +3,7 @@
     python benchmarks/memory_speed.py --mode memory --out logs/bench/memory     # GPU, full size
     python benchmarks/memory_speed.py --mode speed --out logs/bench/speed
     python benchmarks/memory_speed.py --mode both --compile --out logs/bench/compiled   # one build each
+    python benchmarks/memory_speed.py --mode speed --compile reduce-overhead --out ...    # CUDA graphs
     python benchmarks/memory_speed.py --mode memory --tiny --out /tmp/mem       # CPU smoke test
 
 Grid: models (ResNet-50, WRN-50-2) x batch sizes (64, 128, 256, 512) x methods (vanilla, division,
@@ -16,8 +17,10 @@ batch counts where a layer keeps it. `--find-max` also searches the largest batc
 speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats.
 both: memory, then speed, of each model built (and compiled) once; the measured step is one of the
 warm-up steps. A compile of ResNet-50 takes a minute or more: this halves the compiles.
---compile runs every model under torch.compile(fullgraph=True) (default inductor backend); memory is
-then read on the step after the one that compiles. Writes <out>.json (rows + device, versions, git
+--compile [MODE] runs every model under torch.compile(fullgraph=True, mode=MODE) (default inductor
+backend); memory is then read on the step after the one that compiles. The modes that replay CUDA
+graphs (reduce-overhead, max-autotune) take the host's time per op out of a step; they measure
+speed only, since a graph's memory pool holds its activations from one step to the next. Writes <out>.json (rows + device, versions, git
 hash, command), <out>.md and <out>.png.
 """
 
@@ -41,6 +44,9 @@ from harness.build import AMP_DTYPES
 from harness.loop import Batch, train_step
 from harness.measure import GIB, ActivationProbe
 from harness.methods import method_names, prepare
+from harness.schema import COMPILE_MODES
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 CPU_COMPILED_NOTE = (
     "\nOn a CPU under torch.compile, activation GiB also counts the copies of the weights that the "
@@ -59,7 +65,7 @@ def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, de
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device)
-    run = torch.compile(model, fullgraph=True) if args.compile else model
+    run = torch.compile(model, fullgraph=True, mode=args.compile) if args.compile else model
     return run, prepared, opt, x, y
 
 
@@ -307,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=("off", "bf16"))
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True) every model")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES[1:],
+                        metavar="MODE", help="torch.compile(model, fullgraph=True, mode=MODE) every model "
+                        "(MODE: default if omitted)")
     parser.add_argument("--find-max", action="store_true", help="memory / both: also the largest batch that fits")
     parser.add_argument("--max-search", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
@@ -320,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.models, args.batches, args.image_size = ["resnet18"], [2, 4], 32
         args.warmup, args.steps, args.repeats, args.max_search = 1, 1, 2, 8
+    if args.compile in CUDA_GRAPH_MODES and args.mode != "speed":
+        parser.error(f"--compile {args.compile} replays CUDA graphs, whose memory pools hold activations "
+                     "between steps: measure it with --mode speed (memory with --compile default)")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -346,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"{args.mode} benchmark on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}"
-        f"{', channels_last' if args.channels_last else ''}{', torch.compile' if args.compile else ''}\n\n"
+        f"{', channels_last' if args.channels_last else ''}"
+        f"{f', torch.compile mode={args.compile}' if args.compile else ''}\n\n"
         f"`{info['command']}`\n\n{table}\n" + (CPU_COMPILED_NOTE if memory and args.compile and device.type == "cpu" else "")
     )
     plot(rows, args.mode, args.out.with_suffix(".png"))

@@ -54,6 +54,9 @@ def train_step(
     """Forward, cross-entropy, backward and (with an optimizer) an optimizer step; returns the
     detached loss and logits. `probe` measures activation memory around it."""
     x, y = batch.take_inputs(), batch.y
+    # under torch.compile's CUDA graphs (trainer.compile=reduce-overhead): a new step, whose replay
+    # may reuse the last step's graph memory (its loss and logits were read already)
+    torch.compiler.cudagraph_mark_step_begin()
     autocast = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with forward_context(), autocast, probe.forward() if probe else contextlib.nullcontext():
         out = model(x)

@@ -9,6 +9,8 @@
 #                                                      #   (compile_fp32: fp32 only)
 #   bash scripts/gpu_checks.sh vit                     # ViT-B/16 bs 64: memory and speed, fp32 and bf16
 #   bash scripts/gpu_checks.sh host                    # host us per layer call: stock, exact, division
+#   bash scripts/gpu_checks.sh cudagraphs              # vanilla and DIVISION, bf16 + channels_last, under
+#                                                      #   torch.compile mode=reduce-overhead: img/s
 # Each step has its own time limit and log ($RESULTS/<step>.log); a failing step is recorded in
 # $RESULTS/steps.tsv and the next one still runs. Results go to $RESULTS (default logs/bench/gpu).
 # On the lent machine first run ../shared/tools/gpu-prep.sh here, carry .whl and .data: the wheels
@@ -108,6 +110,10 @@ for s in "$@"; do
       step host_bf16_cl 60 "$PY" benchmarks/host_overhead.py --device cuda --amp bf16 --channels-last \
         --out "$RESULTS/host_overhead_bf16_cl" ;;
     compile_fp32) compiled_pair fp32 off ;;
+    # torch.compile replaying CUDA graphs: no host time per op (is the bf16 step bound by the host?)
+    cudagraphs) step cudagraphs_bf16_cl 300 "$PY" benchmarks/memory_speed.py --mode speed --compile reduce-overhead \
+      --models resnet50 --batches 256 --amp bf16 --channels-last --methods vanilla division --warmup 3 --steps 5 \
+      --repeats "${REPEATS:-3}" --out "$RESULTS/cudagraphs_resnet50_bf16_cl" ;;
     compile)
       compiled_pair fp32 off
       compiled_pair bf16_cl bf16 --channels-last ;;

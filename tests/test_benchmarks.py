@@ -293,6 +293,18 @@ def test_memory_speed_benchmark_on_the_cpu(tmp_path: Path) -> None:
     assert "| resnet18 | off | 4 | vanilla | " in md
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_memory_speed_measures_cuda_graph_modes_for_speed_only(tmp_path: Path, mode: str) -> None:
+    """Under CUDA graphs a graph's memory pool keeps its activations between steps, so the paper's
+    reading (allocated before backward minus before the batch) would say nothing: refused up front."""
+    script = str(ROOT / "benchmarks" / "memory_speed.py")
+    res = subprocess.run([sys.executable, script, "--mode", "both", "--compile", mode, "--tiny", "--device", "cpu",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert f"--compile {mode} replays CUDA graphs" in res.stderr and "--mode speed" in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("limit, max_search, expected", [(37, 8192, (37, False)), (1000, 512, (512, True)),
                                                         (100, 8192, (100, False)), (3, 8192, (3, False))])
 def test_largest_batch_search(monkeypatch: pytest.MonkeyPatch, limit: int, max_search: int, expected: tuple) -> None:

@@ -219,6 +219,20 @@ def test_trainer_compile_trains_the_compiled_model_and_saves_the_plain_one(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_trains_under_trainer_compile(method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each method's step compiles (checkpoint's recomputation, swap's saved-tensor hooks and the
+    converted layers included) and gives the eager step's loss."""
+    monkeypatch.setitem(build.models.registry._REGISTRY, "tiny_cnn", tiny_cnn)
+    common = [*TINY, "model.name=tiny_cnn", f"method={method}", "trainer.max_steps=1", "trainer.save_last=false"]
+    eager = train(make_cfg(*common), tmp_path / "eager")
+    torch._dynamo.reset()
+    result = train(make_cfg(*common, "trainer.compile=default"), tmp_path / "compiled")
+    assert result["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert math.isfinite(result["val_loss"]) and result["compile"] == "default"
+
+
+@pytest.mark.slow
 def test_checkpoint_method_under_compile_updates_batch_norm_statistics_once() -> None:
     """Compiled, the recomputation repeats no buffer update (and torch.compile takes no context_fn
     that restores them): the statistics and gradients are vanilla's."""
