@@ -271,7 +271,7 @@ def capture_and_replay(model: nn.Module, amp: bool, x: torch.Tensor, y: torch.Te
     them), with deterministic cuDNN (or exact mode would not repeat bit for bit)."""
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
         def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
                 loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
 
