@@ -209,7 +209,6 @@ def test_a_lone_converted_layer_draws_anew_each_call_and_reverts() -> None:
 def test_exact_mode_is_the_stock_model_bit_for_bit_on_cuda(name: str) -> None:
     """On a GPU too (cuDNN batch norm, fused dropout); deterministic cuDNN, or stock itself would
     not repeat bit for bit."""
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.manual_seed(0)
     stock = torchvision.models.get_model(name, num_classes=10).cuda()
     converted = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
@@ -217,8 +216,9 @@ def test_exact_mode_is_the_stock_model_bit_for_bit_on_cuda(name: str) -> None:
     results = []
     for model in (stock, converted):
         torch.manual_seed(1)
-        out = model(x)
-        torch.nn.functional.cross_entropy(out, y).backward()
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            out = model(x)
+            torch.nn.functional.cross_entropy(out, y).backward()
         results.append((out.detach(), [p.grad for p in model.parameters()]))
     (out0, grads0), (out1, grads1) = results
     assert torch.equal(out0, out1)
