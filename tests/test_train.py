@@ -707,23 +707,28 @@ def test_command_line_run_and_bad_override(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compile_mode", ["off", "default"])
+def test_torchrun_two_processes_on_cpu(tmp_path: Path, compile_mode: str) -> None:
+    """DDP on the CPU (gloo), eager and compiled (the DDP model compiled whole: dynamo's DDP
+    optimizer splits its graph at the gradient buckets)."""
     run_dir, scratch = tmp_path / "ddp", tmp_path / "scratch"
     scratch.mkdir()
     res = _cli(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          f"--log-dir={run_dir / 'torchrun'}", str(ROOT / "train.py"), *TINY, "trainer.max_steps=2",
-         f"hydra.run.dir={run_dir}"],
+         f"trainer.compile={compile_mode}", f"hydra.run.dir={run_dir}"],
         ROOT, OMP_NUM_THREADS="1", TMPDIR=str(scratch),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "scratch"]
     # no temporary folder is left: rank 1's throw-away Hydra folder is gone, and torchrun's own
     # per-rank error files are in the run folder (--log-dir), not in a torchelastic_* folder
-    assert list(scratch.iterdir()) == []
+    # (inductor's compile cache, torchinductor_<user>, is meant to stay for later runs)
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert (run_dir / "torchrun").is_dir()
     metrics = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["world_size"] == 2 and metrics[0]["step"] == 2
+    assert metrics[0]["compile"] == compile_mode
     assert (run_dir / "last.pt").is_file()
     assert (run_dir / "train.log").read_text().count("epoch 1:") == 1  # rank 0 alone logs
 
