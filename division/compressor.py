@@ -33,7 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .backend import check_tensor, kernels_allowed
 from .codec import PLANE_INDEX_END, encode
 from .config import DivisionConfig
-from .format import CompressedActivation
+from .format import SUPPORTED_DTYPES, CompressedActivation, division_record_bytes
 from .hashing import content_seed, draw_seed
 from .tokens import TokenGrid
 
@@ -43,6 +43,7 @@ class _Entry:
     generation: int
     version: int
     mode: str
+    bits: int
     packed: CompressedActivation
 
 
@@ -58,6 +59,7 @@ class Compressor:
         # index of the next plane compressed under it; replaced whole, so threads never mix them
         self._streams: dict[torch.device, tuple[torch.Tensor, int]] = {}
         self._forward_seed: torch.Tensor | None = None  # under torch.compile (_compiled_seed)
+        self._configs: dict[int, DivisionConfig] = {}  # the config at other HFC widths (_with_bits)
 
     def new_forward(self) -> None:
         """Called before each forward of the root module: earlier records stop being reusable,
@@ -67,16 +69,35 @@ class Compressor:
         self._streams = {}
         self._forward_seed = None
 
-    def encode(self, x: torch.Tensor, mode: str) -> CompressedActivation:
-        """One compression, uncached; subclasses swap the codec here (see groupquant.py)."""
+    def encode(self, x: torch.Tensor, mode: str, bits: int | None = None) -> CompressedActivation:
+        """One compression, uncached (with `bits` HFC bits instead of the config's); subclasses
+        swap the codec here (see groupquant.py)."""
         check_tensor(x, self.cfg, self.kernels)
+        cfg = self._with_bits(bits)
         if x.dim() < 2:  # encode rejects it
-            return encode(x, self.cfg, mode, self.kernels)
+            return encode(x, cfg, mode, self.kernels)
         if torch.compiler.is_compiling():  # without sharing, a fresh draw: no two calls alike
-            seed = content_seed(self._compiled_seed(x.device), x) if self.cfg.share_inputs else None
-            return encode(x, self.cfg, mode, self.kernels, seed)
+            seed = content_seed(self._compiled_seed(x.device), x) if cfg.share_inputs else None
+            return encode(x, cfg, mode, self.kernels, seed)
         seed, first_plane = self._planes(x.device, x.shape[0] * x.shape[1])
-        return encode(x, self.cfg, mode, self.kernels, seed, first_plane)
+        return encode(x, cfg, mode, self.kernels, seed, first_plane)
+
+    def record_mode(self, x: torch.Tensor, mode: str, bits: int) -> str:
+        """`mode`, or "exact" where a division record of x would hold at least x's own bytes: planes
+        of one or a few elements (a squeeze-and-excitation's (N, C, 1, 1) inputs) are kept whole,
+        exactly and in less memory, as stock keeps them."""
+        if mode != "division" or not 3 <= x.dim() <= 5 or x.dtype not in SUPPORTED_DTYPES:
+            return mode
+        record = division_record_bytes(x.shape, self.cfg.block_size, bits, self.cfg.lfc_torch_dtype)
+        return "exact" if record >= x.numel() * x.element_size() else mode
+
+    def _with_bits(self, bits: int | None) -> DivisionConfig:
+        """The config with `bits` HFC bits (made once per width)."""
+        if bits is None or bits == self.cfg.hfc_bits:
+            return self.cfg
+        if bits not in self._configs:
+            self._configs[bits] = self.cfg.replace(hfc_bits=bits)
+        return self._configs[bits]
 
     def _compiled_seed(self, device: torch.device) -> torch.Tensor:
         """Under torch.compile: this forward's seed (drawn in the graph at its first compression;
@@ -94,23 +115,27 @@ class Compressor:
         self._streams[device] = (seed, first + planes)
         return seed, first
 
-    def compress(self, x: torch.Tensor, mode: str | None = None) -> CompressedActivation:
-        mode = self.cfg.backward_mode if mode is None else mode
+    def compress(self, x: torch.Tensor, mode: str | None = None, bits: int | None = None) -> CompressedActivation:
+        """x's record in `mode` (the config's backward_mode by default) with `bits` HFC bits (the
+        config's hfc_bits by default), shared with the other layers that read x in this forward."""
+        bits = self.cfg.hfc_bits if bits is None else bits
+        mode = self.record_mode(x, self.cfg.backward_mode if mode is None else mode, bits)
         if mode == "exact":  # exact records hold x itself: nothing to compress or share
             return encode(x, self.cfg, mode, self.kernels)
         if not self.cfg.share_inputs or torch.compiler.is_compiling():
-            return self.encode(x, mode)
+            return self.encode(x, mode, bits)
         entry = self._entries.get(x)
         if (
             entry is not None
             and entry.generation == self.generation
             and entry.version == x._version
             and entry.mode == mode
+            and entry.bits == bits
         ):
             self.shared_hits += 1
             return entry.packed
-        packed = self.encode(x, mode)
-        self._entries[x] = _Entry(self.generation, x._version, mode, packed)
+        packed = self.encode(x, mode, bits)
+        self._entries[x] = _Entry(self.generation, x._version, mode, bits, packed)
         return packed
 
     def __call__(self, module: object, args: object) -> None:

@@ -84,6 +84,7 @@ def convert_model(
         single = compressor or Compressor(cfg.replace(share_inputs=False))
         single.token_grid = token_grid
         layer = new_cls.from_module(model, single)
+        _convert_children(layer, cfg, single)  # a lone container's layers (squeeze-and-excitation)
         # the layer is its own root: each call draws this forward's seed, as a model's forward
         # does, so torch.manual_seed reproduces it; its own hook dict, not the original's
         layer._forward_pre_hooks = layer._forward_pre_hooks.copy()
@@ -101,6 +102,6 @@ def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compre
     for name, child in list(module.named_children()):
         new_cls, _ = conversion_for(child, cfg, compressor.token_grid)
         if new_cls is not None:
-            setattr(module, name, new_cls.from_module(child, compressor))
-        else:
-            _convert_children(child, cfg, compressor)
+            child = new_cls.from_module(child, compressor)
+            setattr(module, name, child)
+        _convert_children(child, cfg, compressor)  # a converted container's layers too

@@ -101,6 +101,18 @@ def plane_bytes(plane_numel: int, bits: int) -> int:
     return (plane_numel * bits + 31) // 32 * 4
 
 
+PLANE_CONSTANT_BYTES = 9  # lo and step (float32) and shift (int8) of each plane
+
+
+def division_record_bytes(shape: tuple[int, ...], block_size: int, bits: int, lfc_dtype: torch.dtype) -> int:
+    """Bytes a division-mode record of an (N, C, *spatial) tensor holds: per plane its LFC blocks,
+    its packed codes and its constants."""
+    spatial = tuple(shape[2:])
+    lfc = math.prod(lfc_shape(spatial, block_size)) * torch.finfo(lfc_dtype).bits // 8
+    per_plane = lfc + plane_bytes(math.prod(spatial), bits) + PLANE_CONSTANT_BYTES
+    return shape[0] * shape[1] * per_plane
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """The layout decompress must give back: channels_last only when x is that and not plain."""
     if x.is_contiguous():

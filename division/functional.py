@@ -228,6 +228,81 @@ class MaxPool2dFn(Function):
         return gx, None, None, None, None, None, None
 
 
+# ---- conv nets' other activations ---------------------------------------------------------------
+
+
+class ClampMaskFn(Function):
+    """Hardtanh and ReLU6 (stock's op) keeping a 1-bit mask of where the gradient passes: where
+    neither y <= min nor y >= max, the test stock's hardtanh_backward applies to its input (x and y
+    agree on it, NaN included), so the gradient is stock's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, min_val: float, max_val: float, inplace: bool, kernels: bool):
+        y = F.hardtanh(x, min_val, max_val, inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        keep = ~((y <= min_val) | (y >= max_val))
+        ctx.fmt, ctx.kernels = memory_format_of(keep), kernels
+        ctx.save_for_backward(pack_mask(keep, kernels))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (bits,) = ctx.saved_tensors
+        return relu_backward(gy, bits, ctx.fmt, ctx.kernels), None, None, None, None
+
+
+# name: (stock's forward, aten's derivative at the input), as stock's autograd runs them
+ACTIVATIONS = {
+    "silu": (F.silu, torch.ops.aten.silu_backward),
+    "hardswish": (F.hardswish, torch.ops.aten.hardswish_backward),
+    "mish": (F.mish, torch.ops.aten.mish_backward),
+}
+
+
+class ActivationFn(Function):
+    """An elementwise activation (SiLU, Hardswish, Mish) of an (N, C, *spatial) map saving its
+    input compressed with cfg.activation_bits HFC bits: backward is aten's derivative at the
+    rebuilt input. In place, the input is compressed before it is overwritten (an exact record keeps
+    a copy, as stock's autograd does for an in-place op whose derivative reads its input)."""
+
+    @staticmethod
+    def forward(ctx, x, name: str, inplace: bool, compressor: Compressor):
+        bits = compressor.cfg.activation_bits
+        keep_copy = inplace and compressor.record_mode(x, compressor.cfg.backward_mode, bits) == "exact"
+        _save(ctx, compressor.compress(x.clone() if keep_copy else x, bits=bits))
+        y = ACTIVATIONS[name][0](x, inplace=inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.name = name
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, _ = _load(ctx)
+        return ACTIVATIONS[ctx.name][1](gy, decompress(packed)), None, None, None
+
+
+class ScaleFn(Function):
+    """Squeeze-and-excitation's `scale * x` (scale broadcast over x's spatial dims) saving x
+    compressed and the small scale as it is. Backward is stock's mul backward: gx = gy * scale,
+    gscale = (gy * x) summed to scale's shape."""
+
+    @staticmethod
+    def forward(ctx, x, scale, compressor: Compressor):
+        packed = compressor.compress(x) if ctx.needs_input_grad[1] else None
+        _save(ctx, packed, scale if ctx.needs_input_grad[0] else None)
+        ctx.scale_shape = scale.shape
+        return scale * x
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (scale,) = _load(ctx)
+        gx = gy * scale if ctx.needs_input_grad[0] else None
+        gs = (gy * decompress(packed)).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        return gx, gs, None
+
+
 ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
 
 

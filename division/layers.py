@@ -20,8 +20,10 @@ from .functional import (
     ROWS,
     TOKENS,
     TOKENS_SEQ_FIRST,
+    ActivationFn,
     AttentionFn,
     BatchNormFn,
+    ClampMaskFn,
     ConvFn,
     DropoutFn,
     GELUFn,
@@ -29,16 +31,22 @@ from .functional import (
     LinearFn,
     MaxPool2dFn,
     ReLUFn,
+    ScaleFn,
 )
 
+try:  # torchvision's squeeze-and-excitation block, converted when torchvision is there
+    from torchvision.ops.misc import SqueezeExcitation
+except ImportError:  # pragma: no cover
+    SqueezeExcitation = None
 
-def _needs_saving(module: nn.Module, x: torch.Tensor) -> bool:
+
+def _needs_saving(module: nn.Module, x: torch.Tensor, recurse: bool = False) -> bool:
     """Whether the layer runs its own Function; otherwise the stock forward (eval, no_grad, nothing
     needing a gradient, or an empty input: there is nothing to compress, and stock's handling of
-    empty tensors is kept)."""
+    empty tensors is kept). `recurse`: the parameters of its submodules count too."""
     if not (module.training and torch.is_grad_enabled()) or x.numel() == 0:
         return False
-    return x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False))
+    return x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=recurse))
 
 
 def _unbatched(x: torch.Tensor, batched_dims: int) -> bool:
@@ -70,6 +78,7 @@ class DivisionLayer:
     def from_module(cls, module: nn.Module, compressor: Compressor) -> nn.Module:
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
+        new._modules = module._modules.copy()  # a container's children convert in the new one alone
         new.compressor = compressor
         return new
 
@@ -191,6 +200,60 @@ class DivisionMaxPool2d(DivisionLayer, nn.MaxPool2d):
         )
 
 
+class _ClampMask(DivisionLayer):
+    """Hardtanh / ReLU6 keeping a 1-bit mask of where the gradient passes (ClampMaskFn)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_saving(self, x):
+            return super().forward(x)  # type: ignore[misc]
+        return ClampMaskFn.apply(x, self.min_val, self.max_val, self.inplace, self.compressor.kernels)
+
+
+class DivisionHardtanh(_ClampMask, nn.Hardtanh):
+    pass
+
+
+class DivisionReLU6(_ClampMask, nn.ReLU6):
+    pass
+
+
+class _CompressedActivation(DivisionLayer):
+    """An elementwise activation saving its (N, C, *spatial) input compressed (ActivationFn);
+    other inputs as stock."""
+
+    activation: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_saving(self, x) or not 3 <= x.dim() <= 5:
+            return super().forward(x)  # type: ignore[misc]
+        return ActivationFn.apply(x, self.activation, self.inplace, self.compressor)
+
+
+class DivisionSiLU(_CompressedActivation, nn.SiLU):
+    activation = "silu"
+
+
+class DivisionHardswish(_CompressedActivation, nn.Hardswish):
+    activation = "hardswish"
+
+
+class DivisionMish(_CompressedActivation, nn.Mish):
+    activation = "mish"
+
+
+if SqueezeExcitation is not None:
+
+    class DivisionSqueezeExcitation(DivisionLayer, SqueezeExcitation):
+        """torchvision's squeeze-and-excitation block (EfficientNet, MobileNetV3, RegNet): its
+        layers are converted as any others, and its `scale * x` saves x compressed (ScaleFn)
+        where stock keeps it whole."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not _needs_saving(self, x, recurse=True) or not 3 <= x.dim() <= 5:
+                return super().forward(x)
+            return ScaleFn.apply(x, self._scale(x), self.compressor)
+
+
 class DivisionLinear(DivisionLayer, nn.Linear):
     """(N, T, D) token inputs are saved as token records (over the patch grid when the model has
     one); other inputs along their last dimension when compress_linear, else exactly as stock."""
@@ -296,4 +359,11 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.LayerNorm: DivisionLayerNorm,
     nn.GELU: DivisionGELU,
     nn.MultiheadAttention: DivisionMultiheadAttention,
+    nn.Hardtanh: DivisionHardtanh,
+    nn.ReLU6: DivisionReLU6,
+    nn.SiLU: DivisionSiLU,
+    nn.Hardswish: DivisionHardswish,
+    nn.Mish: DivisionMish,
 }
+if SqueezeExcitation is not None:
+    CONVERSIONS[SqueezeExcitation] = DivisionSqueezeExcitation

@@ -92,6 +92,7 @@ def _stock_layer(layer: DivisionLayer) -> nn.Module:
     base = next(b for b, c in CONVERSIONS.items() if isinstance(layer, c))
     stock = base.__new__(base)
     stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k != "compressor"})
+    stock._modules = layer._modules.copy()
     hooks = layer._forward_pre_hooks
     if any(hook is layer.compressor for hook in hooks.values()):
         stock._forward_pre_hooks = type(hooks)((k, h) for k, h in hooks.items() if h is not layer.compressor)
@@ -102,12 +103,12 @@ def revert_model(model: nn.Module) -> nn.Module:
     """Undo convert_model in place: every converted layer becomes its stock torch.nn class again
     (a converted lone layer is returned as a stock layer sharing its parameters)."""
     if isinstance(model, DivisionLayer):
-        return _stock_layer(model)
+        return revert_model(_stock_layer(model))
     for name, child in list(model.named_children()):
         if isinstance(child, DivisionLayer):
-            setattr(model, name, _stock_layer(child))
-        else:
-            revert_model(child)
+            child = _stock_layer(child)
+            setattr(model, name, child)
+        revert_model(child)  # a converted container's layers too
     compressor = model.__dict__.pop(STATE_ATTR, None)
     if compressor is not None:
         for key, hook in list(model._forward_pre_hooks.items()):

@@ -27,7 +27,7 @@ from torch import nn
 from data import DatasetInfo
 
 from . import checkpoints, distributed
-from .schema import flatten
+from .schema import TrainConfig, flatten
 
 # keys a resumed run may change: where things are and how much is logged, evaluated or saved,
 # never what is trained or how
@@ -94,9 +94,15 @@ class TrainState:
         set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every typed key's default (harness/schema.py), flattened as check_resume compares them."""
+    return flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=True))
+
+
 def check_resume(ckpt: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Refuse a checkpoint that does not belong to this config, naming what differs."""
-    saved = flatten(ckpt["config"])
+    # a key the harness has gained since the checkpoint was written counts as its default there
+    saved = {**schema_defaults(), **flatten(ckpt["config"])}
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(
         k for k in set(saved) | set(now)

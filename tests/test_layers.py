@@ -423,3 +423,134 @@ def test_overlapping_max_pool_gradients_are_stock_bit_for_bit(dtype: torch.dtype
         outs.append((y.detach(), leaf.grad))
     (y0, g0), (y1, g1) = outs
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for one forward of `module` on a non-leaf copy of x."""
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    leaf = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(leaf * 1.0)
+    return sum(sizes)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns (so -0 != +0 and NaN == NaN)."""
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+CLAMPS = {"relu6": lambda inplace: nn.ReLU6(inplace), "hardtanh": lambda inplace: nn.Hardtanh(-0.5, 1.5, inplace)}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(CLAMPS))
+def test_relu6_and_hardtanh_masks_are_stock_bit_for_bit(kind: str, dtype: torch.dtype, inplace: bool, backend: str) -> None:
+    """A 1-bit mask of where the gradient passes: outputs and input gradients equal stock's bit
+    for bit, at the clamp's ends, -0, NaN and infinities included, in channels_last too."""
+    stock, layer = converted_pair(lambda: CLAMPS[kind](inplace), division.DivisionConfig(backend=backend))
+    assert type(layer).__name__ == {"relu6": "DivisionReLU6", "hardtanh": "DivisionHardtanh"}[kind]
+    x = torch.randn(3, 8, 6, 5) * 4
+    x.view(-1)[:10] = torch.tensor([-0.0, 0.0, 6.0, -0.5, 1.5, float("nan"), float("inf"), -float("inf"), 5.999, -0.4999])
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(x.shape).to(dtype)
+    upstream.view(-1)[10:12] = -0.0
+    outs = []
+    for m in (stock, layer):
+        leaf = x.clone().requires_grad_(True)
+        y = m(leaf * 1.0)  # a non-leaf, as an in-place layer needs
+        y.backward(upstream)
+        outs.append((y.detach(), leaf.grad))
+    (y0, g0), (y1, g1) = outs
+    assert torch.equal(bits(y0), bits(y1)) and torch.equal(bits(g0), bits(g1))
+    assert y1.is_contiguous(memory_format=torch.channels_last)
+    assert saved_bytes(layer, x) == (x.numel() + 31) // 32 * 4  # one bit per element, in whole words
+
+
+ACTIVATION_LAYERS = {"silu": nn.SiLU, "hardswish": nn.Hardswish, "mish": nn.Mish}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("kind", list(ACTIVATION_LAYERS))
+def test_elementwise_activations_save_their_input_compressed(kind: str, inplace: bool) -> None:
+    """SiLU, Hardswish and Mish of a conv map: stock's output; exact mode stock's gradient bit for
+    bit (in place too: the input is copied before it is overwritten, as stock's autograd does);
+    DIVISION saves cfg.activation_bits (not hfc_bits) per element, with aten's derivative at the
+    rebuilt input: the more bits, the nearer stock's gradient."""
+    make = lambda: ACTIVATION_LAYERS[kind](inplace=inplace)  # noqa: E731
+    x = torch.randn(4, 6, 16, 16) * 3
+
+    def go(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.clone().requires_grad_(True)
+        y = m(leaf * 1.0)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        return y.detach(), leaf.grad
+
+    stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    (y0, g0), (y1, g1) = go(stock), go(exact)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    _, faithful = converted_pair(make, FAITHFUL[0])  # B = 1, float32 LFC: the input itself
+    y2, g2 = go(faithful)
+    assert torch.equal(y0, y2) and torch.equal(g0, g2)
+    errors = {}
+    for bits in (2, 4, 8):
+        _, layer = converted_pair(make, division.DivisionConfig(activation_bits=bits))
+        y3, g3 = go(layer)
+        assert torch.equal(y0, y3)
+        errors[bits] = rel_err(g3, g0)
+        assert saved_bytes(layer, x) * 32 < saved_bytes(stock, x) * (bits + 1)  # bits + 16/64 per element, and constants
+    assert 0 < errors[8] < 0.05 and errors[8] < errors[4] < errors[2], errors  # activation_bits, not hfc_bits
+    assert saved_bytes(layer, x[:, :, 0, 0]) == saved_bytes(stock, x[:, :, 0, 0])  # (N, C): stock's
+
+
+def test_squeeze_excitation_saves_its_input_compressed_and_converts_its_layers() -> None:
+    """torchvision's SE block: exact mode is stock's bit for bit (input and parameter gradients),
+    a faithful codec gives stock's gradients to its precision, and DIVISION keeps a compressed copy
+    of x for `scale * x` where stock keeps x whole; convert and revert leave the original block's
+    own layers alone."""
+    from torchvision.ops.misc import SqueezeExcitation
+
+    make = lambda: SqueezeExcitation(16, 4, activation=nn.SiLU)  # noqa: E731
+    x = torch.randn(4, 16, 12, 12)
+    stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    assert type(exact).__name__ == "DivisionSqueezeExcitation"
+    assert {type(m).__name__ for m in exact.children()} == {"AdaptiveAvgPool2d", "DivisionConv2d", "DivisionSiLU", "Sigmoid"}
+    assert type(stock.fc1) is nn.Conv2d  # the original's layers are not converted in place
+    (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, fine = converted_pair(make, FAITHFUL[2])  # 8-bit HFC: the record holds x to 1/255 of its range
+    y2, g2 = run(fine, x)
+    assert torch.equal(y0, y2) and all(0 < rel_err(g2[k], g0[k]) < 0.05 for k in g0), {k: rel_err(g2[k], g0[k]) for k in g0}
+    _, layer = converted_pair(make, division.DivisionConfig())
+    assert saved_bytes(layer, x) * 7 < saved_bytes(stock, x)  # x's record, and the small tensors whole
+    reverted = division.revert_model(layer)
+    assert type(reverted) is SqueezeExcitation and type(reverted.fc1) is nn.Conv2d and type(reverted.activation) is nn.SiLU
+
+
+def test_planes_too_small_to_compress_are_kept_whole() -> None:
+    """Where a division record would hold at least the input's own bytes (1x1 planes: an LFC value,
+    a code word and three constants for one element), the input is kept as stock keeps it: the same
+    bytes and stock's gradient, in place too (SiLU then keeps a copy, not the overwritten input)."""
+    x = torch.randn(4, 32, 1, 1)
+    for make in (lambda: nn.Conv2d(32, 8, 1), nn.SiLU, lambda: nn.SiLU(inplace=True)):
+        stock, layer = converted_pair(make, division.DivisionConfig())
+        assert saved_bytes(layer, x) == saved_bytes(stock, x)
+    for make in (lambda: nn.Conv2d(32, 8, 1), nn.SiLU):
+        stock, layer = converted_pair(make, division.DivisionConfig())
+        (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+        assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    stock, layer = converted_pair(lambda: nn.SiLU(inplace=True), division.DivisionConfig())
+    leaves = [x.clone().requires_grad_(True) for _ in range(2)]
+    for m, leaf in zip((stock, layer), leaves):
+        m(leaf * 1.0).sum().backward()
+    assert torch.equal(leaves[0].grad, leaves[1].grad)
+    # 2x2 planes and up are compressed (16 bytes of float32 against a 15-byte record)
+    big = torch.randn(4, 32, 2, 2)
+    stock, layer = converted_pair(lambda: nn.Conv2d(32, 8, 1), division.DivisionConfig())
+    assert saved_bytes(layer, big) < saved_bytes(stock, big)

@@ -497,6 +497,19 @@ def test_resume_on_data_of_another_shape_is_refused_before_anything_changes(
     assert _files(run_dir) == before  # config.yaml, status.json, metrics, TensorBoard untouched
 
 
+def test_a_checkpoint_from_before_a_config_key_existed_resumes_at_its_default(tmp_path: Path) -> None:
+    """A key the harness gained after the checkpoint was written counts as its default there: the
+    run resumes with it at the default, and is refused (naming the key) with another value."""
+    run_dir = tmp_path / "run"
+    train(make_cfg(*TINY, "trainer.max_steps=2"), run_dir)
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    del state["config"]["division"]["activation_bits"]
+    torch.save(state, run_dir / "last.pt")
+    with pytest.raises(ValueError, match=r"division.activation_bits: 4 -> 8"):
+        train(make_cfg(*TINY, "trainer.max_steps=3", "trainer.resume=auto", "division.activation_bits=8"), run_dir)
+    assert train(make_cfg(*TINY, "trainer.max_steps=3", "trainer.resume=auto"), run_dir)["step"] == 3
+
+
 def test_a_checkpoint_of_version_2_still_resumes(tmp_path: Path) -> None:
     """Written before checkpoints said what data their model was built for: resumed without that check."""
     run_dir = tmp_path / "run"
