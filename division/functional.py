@@ -238,6 +238,7 @@ class ClampMaskFn(Function):
 
     @staticmethod
     def forward(ctx, x, min_val: float, max_val: float, inplace: bool, kernels: bool):
+        inplace = inplace and not torch.compiler.is_compiling()  # as relu_forward: inductor fuses
         y = F.hardtanh(x, min_val, max_val, inplace)
         if inplace:
             ctx.mark_dirty(x)
@@ -268,6 +269,7 @@ class ActivationFn(Function):
 
     @staticmethod
     def forward(ctx, x, name: str, inplace: bool, compressor: Compressor):
+        inplace = inplace and not torch.compiler.is_compiling()  # as relu_forward: inductor fuses
         bits = compressor.cfg.activation_bits
         keep_copy = inplace and compressor.record_mode(x, compressor.cfg.backward_mode, bits) == "exact"
         _save(ctx, compressor.compress(x.clone() if keep_copy else x, bits=bits))

@@ -165,3 +165,30 @@ def test_converted_vit_trains_under_compile() -> None:
     # what SDPA saves): both near the exact gradient
     cosines = [F.cosine_similarity(grads["division", c], exact, dim=0).item() for c in (False, True)]
     assert min(cosines) > 0.8, cosines
+
+
+def test_conv_net_activations_and_squeeze_excitation_compile() -> None:
+    """ReLU6, Hardtanh (masks), SiLU, Hardswish, Mish (compressed inputs; in place eagerly, out of
+    place under compile, as ReLU) and torchvision's squeeze-and-excitation trace without a graph
+    break; exact mode compiled gives eager's gradients, DIVISION's draws differ but stay close."""
+    from torch import nn
+    from torchvision.ops.misc import SqueezeExcitation
+
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(inplace=True), nn.Conv2d(16, 16, 3, padding=1),
+        nn.SiLU(inplace=True), SqueezeExcitation(16, 4, nn.SiLU), nn.Hardswish(inplace=True), nn.Mish(),
+        nn.Hardtanh(-1.0, 1.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
+    grads = {}
+    for mode in ("exact", "division"):
+        model = division.convert_model(copy.deepcopy(base), division.DivisionConfig(backward_mode=mode))
+        for compiled in (False, True):
+            model.zero_grad(set_to_none=True)
+            run = torch.compile(model, fullgraph=True) if compiled else model
+            F.cross_entropy(run(x), y).backward()
+            grads[mode, compiled] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    exact = grads["exact", False]
+    assert ((grads["exact", True] - exact).norm() / exact.norm()) < 1e-5
+    assert F.cosine_similarity(grads["division", True], grads["division", False], dim=0) > 0.9
