@@ -49,7 +49,8 @@ class DivisionConfig:
     activation_bits: Q for the inputs of SiLU, Hardswish and Mish on conv maps. Their input
         gradient is the derivative at the rebuilt input, whose error is not averaged away as a
         weight gradient's noise is: EfficientNet-B0's whole-model gradient cosine to the exact one
-        is 0.40 with 2 bits there, 0.80 with 4, 0.82 with 8 (0.81 with those inputs kept whole).
+        is 0.36 with 2 bits there, 0.72 with 4, 0.73 with 8 (0.74 with those inputs kept whole;
+        benchmarks/model_zoo.py --activation-bits).
     """
 
     block_size: int = 8

@@ -293,6 +293,23 @@ def test_memory_speed_benchmark_on_the_cpu(tmp_path: Path) -> None:
     assert "| resnet18 | off | 4 | vanilla | " in md
 
 
+def test_model_zoo_benchmark(tmp_path: Path) -> None:
+    """The breadth table: a ResNet gains nothing from the layers beyond the paper's (it has none),
+    MobileNetV3 (Hardswish, squeeze-and-excitation) saves more with them; every gradient cosine
+    is a cosine, the exact gradient's own draw excepted."""
+    script = str(ROOT / "benchmarks" / "model_zoo.py")
+    res = subprocess.run([sys.executable, script, "--models", "resnet18", "mobilenet_v3_small", "--tiny",
+                          "--out", str(tmp_path / "zoo")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["model"]: r for r in check_outputs(tmp_path / "zoo")["rows"]}
+    resnet, mobile = rows["resnet18"], rows["mobilenet_v3_small"]
+    assert resnet["paper layers"]["saved_mib"] == resnet["all layers"]["saved_mib"]
+    assert mobile["all layers"]["saved_mib"] < mobile["paper layers"]["saved_mib"] < mobile["stock_mib"]
+    assert mobile["all layers"]["converted"] > mobile["paper layers"]["converted"]
+    assert all(0 < r[v]["cosine_min"] <= r[v]["cosine_mean"] < 1 for r in rows.values() for v in ("paper layers", "all layers"))
+    assert "| mobilenet_v3_small |" in (tmp_path / "zoo.md").read_text()
+
+
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
 def test_memory_speed_measures_cuda_graph_modes_for_speed_only(tmp_path: Path, mode: str) -> None:
     """Under CUDA graphs a graph's memory pool keeps its activations between steps, so the paper's
