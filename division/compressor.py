@@ -85,8 +85,11 @@ class Compressor:
     def record_mode(self, x: torch.Tensor, mode: str, bits: int) -> str:
         """`mode`, or "exact" where a division record of x would hold at least x's own bytes: planes
         of one or a few elements (a squeeze-and-excitation's (N, C, 1, 1) inputs) are kept whole,
-        exactly and in less memory, as stock keeps them."""
+        exactly and in less memory, as stock keeps them. Not under torch.compile, where the sizes
+        may be symbolic and the test would add a guard of their arithmetic to every layer."""
         if mode != "division" or not 3 <= x.dim() <= 5 or x.dtype not in SUPPORTED_DTYPES:
+            return mode
+        if torch.compiler.is_compiling():
             return mode
         record = division_record_bytes(x.shape, self.cfg.block_size, bits, self.cfg.lfc_torch_dtype)
         return "exact" if record >= x.numel() * x.element_size() else mode
