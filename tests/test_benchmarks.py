@@ -478,8 +478,9 @@ def test_a_device_fault_stops_the_tests_and_names_its_test(tmp_path: Path) -> No
 def test_step_peak_benchmark(tmp_path: Path) -> None:
     """One step's memory peak and codec calls: eager ResNet-18 compresses the 3 block inputs its
     downsample convs share once (37 records of 40 layer inputs) and rebuilds each for both layers
-    (40 decompressions)."""
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_peak.py"), "--model", "resnet18", "--size", "32",
+    (40 decompressions). At 64 px its smallest maps are 2x2, still compressed (at 32 px layer4's
+    1x1 planes would be kept whole)."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_peak.py"), "--model", "resnet18", "--size", "64",
                           "--batch", "2", "--out", str(tmp_path / "peak")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "peak.json").read_text())
