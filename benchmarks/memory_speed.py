@@ -20,8 +20,8 @@ warm-up steps. A compile of ResNet-50 takes a minute or more: this halves the co
 --compile [MODE] runs every model under torch.compile(fullgraph=True, mode=MODE) (default inductor
 backend); memory is then read on the step after the one that compiles. The modes that replay CUDA
 graphs (reduce-overhead, max-autotune) take the host's time per op out of a step; they measure
-speed only, since a graph's memory pool holds its activations from one step to the next. Writes <out>.json (rows + device, versions, git
-hash, command), <out>.md and <out>.png.
+speed only, since a graph's memory pool holds its activations from one step to the next.
+Writes <out>.json (rows + device, versions, git hash, command), <out>.md and <out>.png.
 """
 
 from __future__ import annotations
