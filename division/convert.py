@@ -85,6 +85,8 @@ def convert_model(
         single.token_grid = token_grid
         layer = new_cls.from_module(model, single)
         _convert_children(layer, cfg, single)  # a lone container's layers (squeeze-and-excitation)
+        if hasattr(layer, "convert_inner"):
+            layer.convert_inner()
         # the layer is its own root: each call draws this forward's seed, as a model's forward
         # does, so torch.manual_seed reproduces it; its own hook dict, not the original's
         layer._forward_pre_hooks = layer._forward_pre_hooks.copy()
@@ -105,3 +107,5 @@ def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compre
             child = new_cls.from_module(child, compressor)
             setattr(module, name, child)
         _convert_children(child, cfg, compressor)  # a converted container's layers too
+        if new_cls is not None and hasattr(child, "convert_inner"):
+            child.convert_inner()  # what the container converts of its own (DivisionCNBlock)

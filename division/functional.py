@@ -306,11 +306,27 @@ class ScaleFn(Function):
 
 
 ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
+MAP = "map"  # an (N, H, W, C) feature map with channels last, as ConvNeXt's blocks run them
+
+
+def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: str) -> Any:
+    """TOKENS: (N, T, D) tokens as a token record; MAP: an (N, H, W, C) map as the record of its
+    (N, C, H, W) view (a channels_last tensor when x is contiguous)."""
+    if layout == MAP:
+        return compressor.compress(x.permute(0, 3, 1, 2))
+    return compress_tokens(compressor, x)
+
+
+def _decompress_layout(packed: Any, layout: str) -> torch.Tensor:
+    if layout == MAP:
+        return decompress(packed).permute(0, 2, 3, 1)
+    return decompress_tokens(packed)
 
 
 class LinearFn(Function):
     """Linear layer saving its input compressed: along the last dimension (ROWS: rows as 1-d
-    planes), or as a token record of (N, T, D) tokens (TOKENS; TOKENS_SEQ_FIRST for (T, N, D), as
+    planes), as an (N, H, W, C) map (MAP), or as a token record of (N, T, D) tokens (TOKENS;
+    TOKENS_SEQ_FIRST for (T, N, D), as
     MultiheadAttention runs its projections). Backward computes what stock's linear backward
     computes, in the same order: gx = gy @ W, gW = gy^T @ x, gb = gy summed. `master`: as ConvFn's."""
 
@@ -321,6 +337,8 @@ class LinearFn(Function):
         if ctx.needs_input_grad[1]:
             if layout == ROWS:
                 packed = compressor.compress(x.reshape(-1, 1, x.shape[-1]))
+            elif layout == MAP:
+                packed = _compress_layout(compressor, x, MAP)
             else:
                 batch_first = x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x
                 packed = compress_tokens(compressor, batch_first)
@@ -338,6 +356,8 @@ class LinearFn(Function):
         if ctx.needs_input_grad[1]:
             if ctx.layout == ROWS:
                 x_hat = decompress(packed)
+            elif ctx.layout == MAP:
+                x_hat = _decompress_layout(packed, MAP)
             else:
                 x_hat = decompress_tokens(packed)
                 x_hat = x_hat.transpose(0, 1) if ctx.layout == TOKENS_SEQ_FIRST else x_hat
@@ -351,14 +371,15 @@ class LinearFn(Function):
 
 
 class LayerNormFn(Function):
-    """Layer norm over the last dimension of (N, T, D) tokens: exact per-token statistics from
-    forward, the input saved as a token record; aten's own backward, as stock's autograd runs."""
+    """Layer norm over the last dimension of (N, T, D) tokens or of an (N, H, W, C) map (MAP):
+    exact per-token statistics from forward, the input saved as a token record or a map record;
+    aten's own backward, as stock's autograd runs."""
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps, compressor: Compressor):
+    def forward(ctx, x, normalized_shape, weight, bias, eps, compressor: Compressor, layout: str = TOKENS):
         y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
-        _save(ctx, compress_tokens(compressor, x), weight, bias, mean, rstd)
-        ctx.normalized_shape = list(normalized_shape)
+        _save(ctx, _compress_layout(compressor, x, layout), weight, bias, mean, rstd)
+        ctx.normalized_shape, ctx.layout = list(normalized_shape), layout
         return y
 
     @staticmethod
@@ -367,24 +388,25 @@ class LayerNormFn(Function):
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
                 bias is not None and ctx.needs_input_grad[3]]
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            gy, decompress_tokens(packed), ctx.normalized_shape, mean, rstd, weight, bias, mask
+            gy, _decompress_layout(packed, ctx.layout), ctx.normalized_shape, mean, rstd, weight, bias, mask
         )
-        return gx, None, gw, gb, None, None
+        return gx, None, gw, gb, None, None, None
 
 
 class GELUFn(Function):
-    """GELU on (N, T, D) tokens, its input saved as a token record."""
+    """GELU on (N, T, D) tokens or an (N, H, W, C) map (MAP), its input saved as their record."""
 
     @staticmethod
-    def forward(ctx, x, approximate: str, compressor: Compressor):
-        _save(ctx, compress_tokens(compressor, x))
-        ctx.approximate = approximate
+    def forward(ctx, x, approximate: str, compressor: Compressor, layout: str = TOKENS):
+        _save(ctx, _compress_layout(compressor, x, layout))
+        ctx.approximate, ctx.layout = approximate, layout
         return torch.ops.aten.gelu(x, approximate=approximate)
 
     @staticmethod
     def backward(ctx, gy):
         packed, _ = _load(ctx)
-        return torch.ops.aten.gelu_backward(gy, decompress_tokens(packed), approximate=ctx.approximate), None, None
+        gx = torch.ops.aten.gelu_backward(gy, _decompress_layout(packed, ctx.layout), approximate=ctx.approximate)
+        return gx, None, None, None
 
 
 def _heads_to_tokens(t: torch.Tensor) -> torch.Tensor:

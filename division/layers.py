@@ -17,6 +17,7 @@ from torch.nn.modules.utils import _pair
 
 from .compressor import Compressor
 from .functional import (
+    MAP,
     ROWS,
     TOKENS,
     TOKENS_SEQ_FIRST,
@@ -34,10 +35,11 @@ from .functional import (
     ScaleFn,
 )
 
-try:  # torchvision's squeeze-and-excitation block, converted when torchvision is there
+try:  # torchvision's squeeze-and-excitation and ConvNeXt blocks, converted when torchvision is there
+    from torchvision.models.convnext import CNBlock
     from torchvision.ops.misc import SqueezeExcitation
 except ImportError:  # pragma: no cover
-    SqueezeExcitation = None
+    CNBlock = SqueezeExcitation = None
 
 
 def _needs_saving(module: nn.Module, x: torch.Tensor, recurse: bool = False) -> bool:
@@ -256,11 +258,18 @@ if SqueezeExcitation is not None:
 
 class DivisionLinear(DivisionLayer, nn.Linear):
     """(N, T, D) token inputs are saved as token records (over the patch grid when the model has
-    one); other inputs along their last dimension when compress_linear, else exactly as stock."""
+    one), (N, H, W, C) inputs of a map layer (`map_input`: set in ConvNeXt's blocks) as maps;
+    other inputs along their last dimension when compress_linear, else exactly as stock."""
+
+    map_input = False  # the input is an (N, H, W, C) map (DivisionCNBlock sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x) or x.dim() < 2:
             return super().forward(x)
+        if self.map_input and x.dim() == 4:
+            (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
+            with autocast_off:
+                return LinearFn.apply(x, weight, bias, self.compressor, MAP, _master(weight, self.weight))
         tokens = x.dim() == 3
         if not (tokens or self.compressor.cfg.compress_linear):
             # kept exact, as stock; but a view such as a ViT head's x[:, 0] would keep its whole
@@ -282,24 +291,39 @@ def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any],
     return cast, torch.autocast("cuda", enabled=False)
 
 
+def _token_or_map_layout(module: nn.Module, x: torch.Tensor) -> str | None:
+    """TOKENS for (N, T, D) inputs, MAP for the (N, H, W, C) inputs of a map layer, else None."""
+    if x.dim() == 3:
+        return TOKENS
+    return MAP if x.dim() == 4 and getattr(module, "map_input", False) else None
+
+
 class DivisionLayerNorm(DivisionLayer, nn.LayerNorm):
-    """(N, T, D) token inputs normalized over D are saved as token records; others as stock."""
+    """(N, T, D) token inputs normalized over D are saved as token records, (N, H, W, C) inputs of a
+    map layer (ConvNeXt's blocks) as maps; others as stock."""
+
+    map_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_saving(self, x) or x.dim() != 3 or len(self.normalized_shape) != 1:
+        layout = _token_or_map_layout(self, x)
+        if not _needs_saving(self, x) or layout is None or len(self.normalized_shape) != 1:
             return super().forward(x)
         (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x, self.weight, self.bias)
         with autocast_off:
-            return LayerNormFn.apply(x, list(self.normalized_shape), weight, bias, self.eps, self.compressor)
+            return LayerNormFn.apply(x, list(self.normalized_shape), weight, bias, self.eps, self.compressor, layout)
 
 
 class DivisionGELU(DivisionLayer, nn.GELU):
-    """(N, T, D) token inputs are saved as token records; others as stock."""
+    """(N, T, D) token inputs are saved as token records, (N, H, W, C) inputs of a map layer
+    (ConvNeXt's blocks) as maps; others as stock."""
+
+    map_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_saving(self, x) or x.dim() != 3:
+        layout = _token_or_map_layout(self, x)
+        if not _needs_saving(self, x) or layout is None:
             return super().forward(x)
-        return GELUFn.apply(x, self.approximate, self.compressor)
+        return GELUFn.apply(x, self.approximate, self.compressor, layout)
 
 
 class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
@@ -345,6 +369,33 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
         return out.transpose(1, 0), None
 
 
+if CNBlock is not None:
+
+    class DivisionCNBlock(DivisionLayer, CNBlock):
+        """torchvision's ConvNeXt block: its depthwise conv is converted as any other; its
+        LayerNorm, two Linears (pointwise convolutions) and GELU run on an (N, H, W, C) map and save
+        their inputs as map records (map_input); `layer_scale * block(x)` saves the block's output
+        compressed for the scale's gradient (ScaleFn) where stock keeps it whole."""
+
+        def convert_inner(self) -> None:
+            """After convert_model has converted the block's layers: the Linears too (whatever
+            compress_linear says: here they are pointwise convolutions), and every map layer told
+            its input's layout."""
+            for i, layer in enumerate(self.block):
+                if type(layer) is nn.Linear:
+                    self.block[i] = layer = DivisionLinear.from_module(layer, self.compressor)
+                if isinstance(layer, (DivisionLinear, DivisionLayerNorm, DivisionGELU)):
+                    layer.map_input = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not _needs_saving(self, x, recurse=True):
+                return super().forward(x)
+            result = ScaleFn.apply(self.block(x), self.layer_scale, self.compressor)
+            result = self.stochastic_depth(result)
+            result += x
+            return result
+
+
 CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: DivisionConv1d,
     nn.Conv2d: DivisionConv2d,
@@ -367,3 +418,5 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
 }
 if SqueezeExcitation is not None:
     CONVERSIONS[SqueezeExcitation] = DivisionSqueezeExcitation
+if CNBlock is not None:
+    CONVERSIONS[CNBlock] = DivisionCNBlock

@@ -169,16 +169,18 @@ def test_converted_vit_trains_under_compile() -> None:
 
 def test_conv_net_activations_and_squeeze_excitation_compile() -> None:
     """ReLU6, Hardtanh (masks), SiLU, Hardswish, Mish (compressed inputs; in place eagerly, out of
-    place under compile, as ReLU) and torchvision's squeeze-and-excitation trace without a graph
-    break; exact mode compiled gives eager's gradients, DIVISION's draws differ but stay close."""
+    place under compile, as ReLU), torchvision's squeeze-and-excitation and ConvNeXt block trace
+    without a graph break; exact mode compiled gives eager's gradients, DIVISION's draws differ but
+    stay close."""
     from torch import nn
+    from torchvision.models.convnext import CNBlock
     from torchvision.ops.misc import SqueezeExcitation
 
     torch.manual_seed(0)
     base = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(inplace=True), nn.Conv2d(16, 16, 3, padding=1),
         nn.SiLU(inplace=True), SqueezeExcitation(16, 4, nn.SiLU), nn.Hardswish(inplace=True), nn.Mish(),
-        nn.Hardtanh(-1.0, 1.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        CNBlock(16, 0.5, 0.0), nn.Hardtanh(-1.0, 1.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
     grads = {}

@@ -554,3 +554,29 @@ def test_planes_too_small_to_compress_are_kept_whole() -> None:
     big = torch.randn(4, 32, 2, 2)
     stock, layer = converted_pair(lambda: nn.Conv2d(32, 8, 1), division.DivisionConfig())
     assert saved_bytes(layer, big) < saved_bytes(stock, big)
+
+
+def test_convnext_block_saves_its_map_layers_and_layer_scale_input_compressed() -> None:
+    """torchvision's ConvNeXt block: LayerNorm, the two Linears and GELU run on an (N, H, W, C) map
+    and save it as a map record, `layer_scale * block(x)` saves the block's output compressed;
+    exact mode is stock's bit for bit, an 8-bit HFC near it, and revert gives stock's layers."""
+    from torchvision.models.convnext import CNBlock
+
+    make = lambda: CNBlock(16, layer_scale=0.5, stochastic_depth_prob=0.0)  # noqa: E731
+    x = torch.randn(4, 16, 12, 12)
+    stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    kinds = [type(m).__name__ for m in exact.block]
+    assert kinds == ["DivisionConv2d", "Permute", "DivisionLayerNorm", "DivisionLinear", "DivisionGELU",
+                     "DivisionLinear", "Permute"]
+    assert all(m.map_input for m in exact.block if type(m).__name__ in ("DivisionLayerNorm", "DivisionLinear", "DivisionGELU"))
+    (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, fine = converted_pair(make, FAITHFUL[2])
+    y2, g2 = run(fine, x)
+    assert torch.equal(y0, y2)
+    assert all(rel_err(g2[k], g0[k]) < 0.05 for k in g0), {k: rel_err(g2[k], g0[k]) for k in g0}
+    _, layer = converted_pair(make, division.DivisionConfig())
+    assert saved_bytes(layer, x) * 6 < saved_bytes(stock, x)
+    reverted = division.revert_model(layer)
+    assert type(reverted) is CNBlock and [type(m) for m in reverted.block][2:6] == [nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear]
+    assert "map_input" not in vars(reverted.block[3])
