@@ -99,11 +99,14 @@ def _stock_layer(layer: DivisionLayer) -> nn.Module:
     return stock
 
 
-def revert_model(model: nn.Module) -> nn.Module:
+def revert_model(model: nn.Module, recurse: bool = True) -> nn.Module:
     """Undo convert_model in place: every converted layer becomes its stock torch.nn class again
-    (a converted lone layer is returned as a stock layer sharing its parameters)."""
+    (a converted lone layer is returned as a stock layer sharing its parameters). recurse=False
+    reverts a converted lone container (a squeeze-and-excitation or ConvNeXt block) alone, its
+    converted layers left as they are."""
     if isinstance(model, DivisionLayer):
-        return revert_model(_stock_layer(model))
+        stock = _stock_layer(model)
+        return revert_model(stock) if recurse else stock
     for name, child in list(model.named_children()):
         if isinstance(child, DivisionLayer):
             child = _stock_layer(child)
