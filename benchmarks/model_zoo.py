@@ -8,7 +8,8 @@ For each model (random weights, 10 classes): the activation memory autograd save
 training-mode forward (division.summary: each storage once, parameters left out) of the stock
 model, of the model with only the paper's layers converted (convolution, batch norm, ReLU,
 max-pool, dropout, Linear) and of the model as convert_model leaves it today (also ReLU6 and
-Hardtanh masks, SiLU / Hardswish / Mish inputs at activation_bits, squeeze-and-excitation); and
+Hardtanh masks, SiLU / Hardswish / Mish inputs at activation_bits, squeeze-and-excitation and
+ConvNeXt blocks); and
 the cosine between the whole-model gradient and the exact one, on real Fashion-MNIST images
 (upsampled, three channels), mean and range over --draws draws. Dropout and stochastic depth are
 switched off, so that the gradients compared differ by the codec alone. Writes <out>.json,

@@ -577,6 +577,8 @@ def test_convnext_block_saves_its_map_layers_and_layer_scale_input_compressed() 
     assert all(rel_err(g2[k], g0[k]) < 0.05 for k in g0), {k: rel_err(g2[k], g0[k]) for k in g0}
     _, layer = converted_pair(make, division.DivisionConfig())
     assert saved_bytes(layer, x) * 6 < saved_bytes(stock, x)
+    alone = division.revert_model(copy.deepcopy(layer), recurse=False)  # the block alone
+    assert type(alone) is CNBlock and type(alone.block[0]).__name__ == "DivisionConv2d"
     reverted = division.revert_model(layer)
     assert type(reverted) is CNBlock and [type(m) for m in reverted.block][2:6] == [nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear]
     assert "map_input" not in vars(reverted.block[3])
