@@ -28,6 +28,22 @@ def batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 3, 32, 32, generator=g).to(device), (torch.arange(16) % 10).to(device)
 
 
+def eager_and_compiled_grads(base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[tuple[str, bool], torch.Tensor]:
+    """All parameter gradients of one step of `base` converted in exact and in division mode,
+    eager and compiled (fullgraph), each from the same seed; every one finite."""
+    grads = {}
+    for mode in ("exact", "division"):
+        model = division.convert_model(copy.deepcopy(base), division.DivisionConfig(backward_mode=mode))
+        for compiled in (False, True):
+            model.zero_grad(set_to_none=True)
+            run = torch.compile(model, fullgraph=True) if compiled else model
+            torch.manual_seed(3)
+            F.cross_entropy(run(x), y).backward()
+            grads[mode, compiled] = torch.cat([p.grad.flatten() for p in model.parameters()])
+            assert torch.isfinite(grads[mode, compiled]).all()
+    return grads
+
+
 def check_exact_mode_gives_eager_gradients(device: str) -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).to(device)
@@ -147,17 +163,7 @@ def test_converted_vit_trains_under_compile() -> None:
     base = VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=3, hidden_dim=48,
                              mlp_dim=96, num_classes=10)
     torch.nn.init.normal_(base.heads.head.weight, std=0.1)
-    x, y = batch("cpu")
-    grads = {}
-    for mode in ("exact", "division"):
-        model = division.convert_model(copy.deepcopy(base), division.DivisionConfig(backward_mode=mode))
-        for compiled in (False, True):
-            model.zero_grad(set_to_none=True)
-            run = torch.compile(model, fullgraph=True) if compiled else model
-            torch.manual_seed(3)
-            F.cross_entropy(run(x), y).backward()
-            grads[mode, compiled] = torch.cat([p.grad.flatten() for p in model.parameters()])
-            assert torch.isfinite(grads[mode, compiled]).all()
+    grads = eager_and_compiled_grads(base, *batch("cpu"))
     exact = grads["exact", False]
     err = (grads["exact", True] - exact).abs().max() / exact.abs().max()
     assert err < 1e-4, err
@@ -182,15 +188,7 @@ def test_conv_net_activations_and_squeeze_excitation_compile() -> None:
         nn.SiLU(inplace=True), SqueezeExcitation(16, 4, nn.SiLU), nn.Hardswish(inplace=True), nn.Mish(),
         CNBlock(16, 0.5, 0.0), nn.Hardtanh(-1.0, 1.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )
-    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
-    grads = {}
-    for mode in ("exact", "division"):
-        model = division.convert_model(copy.deepcopy(base), division.DivisionConfig(backward_mode=mode))
-        for compiled in (False, True):
-            model.zero_grad(set_to_none=True)
-            run = torch.compile(model, fullgraph=True) if compiled else model
-            F.cross_entropy(run(x), y).backward()
-            grads[mode, compiled] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    grads = eager_and_compiled_grads(base, torch.randn(4, 3, 16, 16), torch.arange(4))
     exact = grads["exact", False]
     assert ((grads["exact", True] - exact).norm() / exact.norm()) < 1e-5
     assert F.cosine_similarity(grads["division", True], grads["division", False], dim=0) > 0.9
