@@ -25,6 +25,7 @@ probed elements are bit for bit the same.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .backend import check_tensor, kernels_allowed
 from .codec import PLANE_INDEX_END, encode
 from .config import DivisionConfig
-from .format import SUPPORTED_DTYPES, CompressedActivation, division_record_bytes
+from .format import SUPPORTED_DTYPES, CompressedActivation, division_plane_bytes
 from .hashing import content_seed, draw_seed
 from .tokens import TokenGrid
 
@@ -87,12 +88,12 @@ class Compressor:
         of one or a few elements (a squeeze-and-excitation's (N, C, 1, 1) inputs) are kept whole,
         exactly and in less memory, as stock keeps them. Not under torch.compile, where the sizes
         may be symbolic and the test would add a guard of their arithmetic to every layer."""
-        if mode != "division" or not 3 <= x.dim() <= 5 or x.dtype not in SUPPORTED_DTYPES:
+        if (mode != "division" or not 3 <= x.dim() <= 5 or x.dtype not in SUPPORTED_DTYPES
+                or torch.compiler.is_compiling()):
             return mode
-        if torch.compiler.is_compiling():
-            return mode
-        record = division_record_bytes(x.shape, self.cfg.block_size, bits, self.cfg.lfc_torch_dtype)
-        return "exact" if record >= x.numel() * x.element_size() else mode
+        spatial = tuple(x.shape[2:])
+        record = division_plane_bytes(spatial, self.cfg.block_size, bits, self.cfg.lfc_torch_dtype)
+        return "exact" if record >= math.prod(spatial) * x.element_size() else mode
 
     def _with_bits(self, bits: int | None) -> DivisionConfig:
         """The config with `bits` HFC bits (made once per width)."""

@@ -84,9 +84,7 @@ def convert_model(
         single = compressor or Compressor(cfg.replace(share_inputs=False))
         single.token_grid = token_grid
         layer = new_cls.from_module(model, single)
-        _convert_children(layer, cfg, single)  # a lone container's layers (squeeze-and-excitation)
-        if hasattr(layer, "convert_inner"):
-            layer.convert_inner()
+        _convert_inside(layer, cfg, single)  # a lone container's layers (squeeze-and-excitation)
         # the layer is its own root: each call draws this forward's seed, as a model's forward
         # does, so torch.manual_seed reproduces it; its own hook dict, not the original's
         layer._forward_pre_hooks = layer._forward_pre_hooks.copy()
@@ -106,6 +104,12 @@ def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compre
         if new_cls is not None:
             child = new_cls.from_module(child, compressor)
             setattr(module, name, child)
-        _convert_children(child, cfg, compressor)  # a converted container's layers too
-        if new_cls is not None and hasattr(child, "convert_inner"):
-            child.convert_inner()  # what the container converts of its own (DivisionCNBlock)
+        _convert_inside(child, cfg, compressor)  # a converted container's layers too
+
+
+def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
+    """The layers inside `module`, then what a converted container converts of its own
+    (DivisionCNBlock.convert_inner)."""
+    _convert_children(module, cfg, compressor)
+    if isinstance(module, DivisionLayer) and hasattr(module, "convert_inner"):
+        module.convert_inner()

@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -104,13 +105,12 @@ def plane_bytes(plane_numel: int, bits: int) -> int:
 PLANE_CONSTANT_BYTES = 9  # lo and step (float32) and shift (int8) of each plane
 
 
-def division_record_bytes(shape: tuple[int, ...], block_size: int, bits: int, lfc_dtype: torch.dtype) -> int:
-    """Bytes a division-mode record of an (N, C, *spatial) tensor holds: per plane its LFC blocks,
-    its packed codes and its constants."""
-    spatial = tuple(shape[2:])
+@lru_cache(maxsize=1024)
+def division_plane_bytes(spatial: tuple[int, ...], block_size: int, bits: int, lfc_dtype: torch.dtype) -> int:
+    """Bytes a division-mode record holds per (n, c) plane of this spatial shape: its LFC blocks,
+    its packed codes and its constants (cached: converted layers ask on every call)."""
     lfc = math.prod(lfc_shape(spatial, block_size)) * torch.finfo(lfc_dtype).bits // 8
-    per_plane = lfc + plane_bytes(math.prod(spatial), bits) + PLANE_CONSTANT_BYTES
-    return shape[0] * shape[1] * per_plane
+    return lfc + plane_bytes(math.prod(spatial), bits) + PLANE_CONSTANT_BYTES
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

@@ -271,8 +271,9 @@ class ActivationFn(Function):
     def forward(ctx, x, name: str, inplace: bool, compressor: Compressor):
         inplace = inplace and not torch.compiler.is_compiling()  # as relu_forward: inductor fuses
         bits = compressor.cfg.activation_bits
-        keep_copy = inplace and compressor.record_mode(x, compressor.cfg.backward_mode, bits) == "exact"
-        _save(ctx, compressor.compress(x.clone() if keep_copy else x, bits=bits))
+        mode = compressor.record_mode(x, compressor.cfg.backward_mode, bits)
+        keep_copy = inplace and mode == "exact"
+        _save(ctx, compressor.compress(x.clone() if keep_copy else x, mode, bits))
         y = ACTIVATIONS[name][0](x, inplace=inplace)
         if inplace:
             ctx.mark_dirty(x)

@@ -75,6 +75,8 @@ class DivisionLayer:
     """Mixin: how a converted layer is made from an original one."""
 
     compressor: Compressor
+    # what a conversion adds to the module's attributes (revert_model drops them again)
+    CONVERSION_ATTRIBUTES = ("compressor", "map_input")
 
     @classmethod
     def from_module(cls, module: nn.Module, compressor: Compressor) -> nn.Module:

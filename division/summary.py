@@ -91,7 +91,7 @@ def _stock_layer(layer: DivisionLayer) -> nn.Module:
     hook (convert_model gave it its own hook dict)."""
     base = next(b for b, c in CONVERSIONS.items() if isinstance(layer, c))
     stock = base.__new__(base)
-    stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("compressor", "map_input")})
+    stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in DivisionLayer.CONVERSION_ATTRIBUTES})
     stock._modules = layer._modules.copy()
     hooks = layer._forward_pre_hooks
     if any(hook is layer.compressor for hook in hooks.values()):
