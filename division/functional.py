@@ -25,7 +25,13 @@ from .masks import (
     relu_backward,
     relu_forward,
 )
-from .tokens import compress_tokens, decompress_tokens
+from .tokens import (
+    WindowGrid,
+    compress_tokens,
+    decompress_tokens,
+    input_map_as_windows,
+    windows_as_input_map,
+)
 
 # aten._batch_norm_impl_index's answer: which kernel ran a batch norm
 NATIVE_BATCH_NORM, CUDNN_BATCH_NORM, MIOPEN_BATCH_NORM = 0, 1, 2
@@ -307,42 +313,48 @@ class ScaleFn(Function):
 
 
 ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
-MAP = "map"  # an (N, H, W, C) feature map with channels last, as ConvNeXt's blocks run them
+MAP = "map"  # an (N, H, W, C) feature map with channels last, as ConvNeXt's and Swin's blocks run them
+Layout = str | WindowGrid  # how a layer's input lies; a WindowGrid: (N * R * K, h * w, C) windows
 
 
-def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: str) -> Any:
-    """TOKENS: (N, T, D) tokens as a token record; MAP: an (N, H, W, C) map as the record of its
-    (N, C, H, W) view (a channels_last tensor when x is contiguous)."""
+def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) -> Any:
+    """ROWS: rows of the last dimension as 1-d planes; TOKENS: (N, T, D) tokens as a token record
+    (TOKENS_SEQ_FIRST: (T, N, D)); MAP: an (N, H, W, C) map as the record of its (N, C, H, W) view
+    (a channels_last tensor when x is contiguous); a WindowGrid: windows as the block input's
+    positions they hold (tokens.windows_as_input_map: the padding is not kept, and comes back as
+    zeros, which is what the padding of a qkv projection's input is; an output projection's
+    padded positions are cropped after it, so their gradient is zero)."""
+    if layout == ROWS:
+        return compressor.compress(x.reshape(-1, 1, x.shape[-1]))
     if layout == MAP:
         return compressor.compress(x.permute(0, 3, 1, 2))
-    return compress_tokens(compressor, x)
+    if isinstance(layout, WindowGrid):
+        return compressor.compress(windows_as_input_map(x, layout).permute(0, 3, 1, 2))
+    return compress_tokens(compressor, x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x)
 
 
-def _decompress_layout(packed: Any, layout: str) -> torch.Tensor:
+def _decompress_layout(packed: Any, layout: Layout) -> torch.Tensor:
+    """The input rebuilt in its layout (ROWS: as (rows, 1, D))."""
+    if layout == ROWS:
+        return decompress(packed)
     if layout == MAP:
         return decompress(packed).permute(0, 2, 3, 1)
-    return decompress_tokens(packed)
+    if isinstance(layout, WindowGrid):
+        return input_map_as_windows(decompress(packed).permute(0, 2, 3, 1), layout)
+    x = decompress_tokens(packed)
+    return x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x
 
 
 class LinearFn(Function):
-    """Linear layer saving its input compressed: along the last dimension (ROWS: rows as 1-d
-    planes), as an (N, H, W, C) map (MAP), or as a token record of (N, T, D) tokens (TOKENS;
-    TOKENS_SEQ_FIRST for (T, N, D), as
-    MultiheadAttention runs its projections). Backward computes what stock's linear backward
-    computes, in the same order: gx = gy @ W, gW = gy^T @ x, gb = gy summed. `master`: as ConvFn's."""
+    """Linear layer saving its input compressed in its layout (_compress_layout): rows of the last
+    dimension, (N, T, D) or (T, N, D) tokens (as MultiheadAttention runs its projections), an
+    (N, H, W, C) map or windows of one. Backward computes what stock's linear backward computes,
+    in the same order: gx = gy @ W, gW = gy^T @ x, gb = gy summed. `master`: as ConvFn's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, compressor: Compressor, layout: str, master=None):
+    def forward(ctx, x, weight, bias, compressor: Compressor, layout: Layout, master=None):
         y = F.linear(x, weight, bias)
-        packed = None
-        if ctx.needs_input_grad[1]:
-            if layout == ROWS:
-                packed = compressor.compress(x.reshape(-1, 1, x.shape[-1]))
-            elif layout == MAP:
-                packed = _compress_layout(compressor, x, MAP)
-            else:
-                batch_first = x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x
-                packed = compress_tokens(compressor, batch_first)
+        packed = _compress_layout(compressor, x, layout) if ctx.needs_input_grad[1] else None
         _save(ctx, packed, _keep_weight(ctx, weight, master))
         ctx.x_shape, ctx.layout, ctx.has_bias = x.shape, layout, bias is not None
         return y
@@ -355,13 +367,7 @@ class LinearFn(Function):
         if ctx.needs_input_grad[0]:
             gx = gy2.mm(_weight(ctx, saved)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            if ctx.layout == ROWS:
-                x_hat = decompress(packed)
-            elif ctx.layout == MAP:
-                x_hat = _decompress_layout(packed, MAP)
-            else:
-                x_hat = decompress_tokens(packed)
-                x_hat = x_hat.transpose(0, 1) if ctx.layout == TOKENS_SEQ_FIRST else x_hat
+            x_hat = _decompress_layout(packed, ctx.layout)
             gw = gy2.t().mm(x_hat.reshape(gy2.shape[0], -1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)

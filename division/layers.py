@@ -371,6 +371,18 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
         return out.transpose(1, 0), None
 
 
+def set_map_layers(container: nn.Module, compressor: Compressor) -> None:
+    """After convert_model has converted a block's layers: its LayerNorm, Linear and GELU children
+    told that their inputs are (N, H, W, C) maps, the Linears converted too (whatever
+    compress_linear says: on a map they are pointwise convolutions)."""
+    for name, layer in list(container.named_children()):
+        if type(layer) is nn.Linear:
+            layer = DivisionLinear.from_module(layer, compressor)
+            setattr(container, name, layer)
+        if isinstance(layer, (DivisionLinear, DivisionLayerNorm, DivisionGELU)):
+            layer.map_input = True
+
+
 if CNBlock is not None:
 
     class DivisionCNBlock(DivisionLayer, CNBlock):
@@ -380,14 +392,7 @@ if CNBlock is not None:
         compressed for the scale's gradient (ScaleFn) where stock keeps it whole."""
 
         def convert_inner(self) -> None:
-            """After convert_model has converted the block's layers: the Linears too (whatever
-            compress_linear says: here they are pointwise convolutions), and every map layer told
-            its input's layout."""
-            for i, layer in enumerate(self.block):
-                if type(layer) is nn.Linear:
-                    self.block[i] = layer = DivisionLinear.from_module(layer, self.compressor)
-                if isinstance(layer, (DivisionLinear, DivisionLayerNorm, DivisionGELU)):
-                    layer.map_input = True
+            set_map_layers(self.block, self.compressor)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not _needs_saving(self, x, recurse=True):
@@ -422,3 +427,7 @@ if SqueezeExcitation is not None:
     CONVERSIONS[SqueezeExcitation] = DivisionSqueezeExcitation
 if CNBlock is not None:
     CONVERSIONS[CNBlock] = DivisionCNBlock
+
+from .swin import SWIN_CONVERSIONS  # noqa: E402  (built on the layers above)
+
+CONVERSIONS.update(SWIN_CONVERSIONS)

@@ -10,6 +10,10 @@ feature) plane) plus the few prefix tokens kept exact. Without a grid, or when T
 
 The grid comes from `convert_model(..., token_grid=...)` or from the model: torchvision's
 VisionTransformer and models.vit say it through `image_size`, `patch_size` and `class_token`.
+
+A Swin Transformer's attention runs on windows: (N * R * K, h * w, C) tokens cut from an
+(N, R * h, K * w, C) map (WindowGrid). Their records are those of the map the windows tile, so
+that planes span the whole image and blocks of B x B neighbouring positions, not a window's 49.
 """
 
 from __future__ import annotations
@@ -114,3 +118,58 @@ def decompress_tokens(record: TokenRecord) -> torch.Tensor:
 
     out = decompress(record.inner)
     return out if out.dim() == 3 else from_map(out, record.prefix, record.shape)
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """How (N * rows * cols, height * width, C) windows tile an (N, rows * height, cols * width, C)
+    map (torchvision's shifted_window_attention: the block's (N, map_height, map_width, C) input
+    padded at the bottom and right to whole windows, then rolled by -shift)."""
+
+    rows: int
+    cols: int
+    height: int
+    width: int
+    map_height: int
+    map_width: int
+    shift: tuple[int, int] = (0, 0)
+
+    @property
+    def padded(self) -> bool:
+        return (self.map_height, self.map_width) != (self.rows * self.height, self.cols * self.width)
+
+
+def map_to_windows(m: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
+    """(N, H, W, C) map -> (N * rows * cols, height * width, C) windows (stock's partition ops)."""
+    n, _, _, c = m.shape
+    m = m.view(n, grid.rows, grid.height, grid.cols, grid.width, c)
+    return m.permute(0, 1, 3, 2, 4, 5).reshape(n * grid.rows * grid.cols, grid.height * grid.width, c)
+
+
+def windows_to_map(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
+    """Inverse of map_to_windows (stock's reverse-windows ops)."""
+    c = x.shape[-1]
+    x = x.view(-1, grid.rows, grid.cols, grid.height, grid.width, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, grid.rows * grid.height, grid.cols * grid.width, c)
+
+
+def windows_as_input_map(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
+    """The (N, map_height, map_width, C) map of the block input's positions that windows hold:
+    rolled back and without the padding (what a record keeps of them)."""
+    m = windows_to_map(x, grid)
+    if any(grid.shift):
+        m = torch.roll(m, shifts=grid.shift, dims=(1, 2))
+    return m[:, : grid.map_height, : grid.map_width].contiguous()
+
+
+def input_map_as_windows(m: torch.Tensor, grid: WindowGrid, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of windows_as_input_map, the padding as zeros (what the block input's padding is) or
+    as `fill`, one value per channel (what a projection gives there: its bias)."""
+    pad = (0, 0, 0, grid.cols * grid.width - grid.map_width, 0, grid.rows * grid.height - grid.map_height)
+    m = torch.nn.functional.pad(m, pad)
+    if fill is not None and grid.padded:
+        m[:, grid.map_height :] = fill
+        m[:, :, grid.map_width :] = fill
+    if any(grid.shift):
+        m = torch.roll(m, shifts=(-grid.shift[0], -grid.shift[1]), dims=(1, 2))
+    return map_to_windows(m, grid)

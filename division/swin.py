@@ -1,0 +1,214 @@
+"""torchvision's Swin Transformer (V1 and V2), converted.
+
+Swin runs on (N, H, W, C) maps: its LayerNorms, MLP Linears and GELU save their inputs as map
+records (map_input, as in ConvNeXt's blocks), and so do patch merging's. Its attention is a
+function of the whole block (shifted_window_attention), so the attention module is converted
+whole: the same ops in the same order as stock (exact mode is stock's bit for bit), with the qkv
+and output projections saving their window inputs as records of the map the windows tile
+(tokens.WindowGrid), and (eager, without attention dropout) q, k and v saved the same way in place
+of what stock keeps (q, k, v and the softmax of every window, heads x 49 values per token):
+WindowAttentionFn recomputes the attention from them in backward, as AttentionFn does for ViT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+
+from .codec import decompress
+from .compressor import Compressor
+from .functional import LinearFn, _load_records, _save_records
+from .layers import DivisionLayer, _autocast, _master, _needs_saving, set_map_layers
+from .tokens import (
+    WindowGrid,
+    input_map_as_windows,
+    map_to_windows,
+    windows_as_input_map,
+    windows_to_map,
+)
+
+try:
+    from torchvision.models import swin_transformer as tv_swin
+except ImportError:  # pragma: no cover
+    tv_swin = None
+
+
+def shift_mask(grid: WindowGrid, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Stock's attention mask of shifted windows, (windows, h * w, h * w): -100 between positions
+    that came from different regions of the rolled map, else 0 (in the block input's dtype)."""
+    mask = torch.zeros((grid.rows * grid.height, grid.cols * grid.width), dtype=dtype, device=device)
+    h_slices = ((0, -grid.height), (-grid.height, -grid.shift[0]), (-grid.shift[0], None))
+    w_slices = ((0, -grid.width), (-grid.width, -grid.shift[1]), (-grid.shift[1], None))
+    count = 0
+    for h in h_slices:
+        for w in w_slices:
+            mask[h[0] : h[1], w[0] : w[1]] = count
+            count += 1
+    mask = map_to_windows(mask.view(1, *mask.shape, 1), grid).squeeze(-1)
+    mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
+    logit_scale: torch.Tensor | None, dropout: float = 0.0, training: bool = False,
+) -> torch.Tensor:
+    """Stock's attention of (windows, heads, T, d) q, k, v, op for op: scaled (V1) or cosine (V2,
+    `logit_scale`) logits, the relative position bias, the shift mask, softmax, dropout, @ v."""
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * q.shape[-1] ** -0.5).matmul(k.transpose(-2, -1))
+    attn = attn + bias
+    if mask is not None:
+        windows, heads, t, _ = attn.shape
+        attn = attn.view(windows // mask.shape[0], mask.shape[0], heads, t, t) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, t, t)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=dropout, training=training)
+    return attn.matmul(v)
+
+
+def _heads_to_windows(t: torch.Tensor) -> torch.Tensor:
+    """(windows, heads, T, d) -> (windows, T, heads * d), the layout the projections see."""
+    w, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(w, n, h * d)
+
+
+class WindowAttentionFn(Function):
+    """window_attention without dropout, saving q, k and v as records of the block input's
+    positions (tokens.windows_as_input_map); backward recomputes the attention on their
+    reconstructions (under forward's autocast state) and differentiates it there: q, k, v, the
+    bias and V2's logit scale. The shift mask is rebuilt, not saved. Padded positions come back as
+    what the qkv projection gave them, exactly: its bias (`qkv_bias`, None: zeros), since a padded
+    key's cosine has a gradient of 1 / eps in V2, which a rebuilt nonzero key would spread."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, logit_scale, qkv_bias, compressor: Compressor, grid: WindowGrid, mask_dtype):
+        mask = shift_mask(grid, mask_dtype, q.device) if any(grid.shift) else None
+        out = window_attention(q, k, v, bias, mask, logit_scale)
+        maps = [windows_as_input_map(_heads_to_windows(t), grid).permute(0, 3, 1, 2) for t in (q, k, v)]
+        fill = None if qkv_bias is None or not grid.padded else qkv_bias.detach().to(q.dtype)
+        _save_records(ctx, [compressor.compress(m) for m in maps], bias, logit_scale, fill)
+        device = q.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.geometry = (q.shape, grid, mask_dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        records, (bias, logit_scale, fill) = _load_records(ctx)
+        (w, h, t, d), grid, mask_dtype = ctx.geometry
+        fills = (None,) * 3 if fill is None else fill.chunk(3)
+        qkv = [
+            input_map_as_windows(decompress(r).permute(0, 2, 3, 1), grid, f).view(w, t, h, d).transpose(1, 2)
+            .detach().requires_grad_(True)
+            for r, f in zip(records, fills)
+        ]
+        extra = [p.detach().requires_grad_(True) if p is not None and need else None
+                 for p, need in zip((bias, logit_scale), ctx.needs_input_grad[3:5])]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            mask = shift_mask(grid, mask_dtype, gy.device) if any(grid.shift) else None
+            out = window_attention(*qkv, bias if extra[0] is None else extra[0], mask,
+                                   logit_scale if extra[1] is None else extra[1])
+        grads = iter(torch.autograd.grad(out, qkv + [e for e in extra if e is not None], gy))
+        gq, gk, gv = next(grads), next(grads), next(grads)
+        gbias, gscale = (None if e is None else next(grads) for e in extra)
+        return gq, gk, gv, gbias, gscale, None, None, None, None
+
+
+class _WindowAttention(DivisionLayer):
+    """torchvision's ShiftedWindowAttention (V2: cosine attention, logit_scale) converted whole."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_saving(self, x, recurse=True) or x.dim() != 4:
+            return super().forward(x)  # type: ignore[misc]
+        bias = self.get_relative_position_bias()  # type: ignore[attr-defined]
+        logit_scale = getattr(self, "logit_scale", None)
+        n, height, width, c = x.shape
+        window = list(self.window_size)  # type: ignore[attr-defined]
+        pad_r = (window[1] - width % window[1]) % window[1]
+        pad_b = (window[0] - height % window[0]) % window[0]
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        _, pad_h, pad_w, _ = x.shape
+        # no shift where the window covers the padded map (stock's rule)
+        shift = tuple(0 if w >= p else s for w, p, s in zip(window, (pad_h, pad_w), self.shift_size))  # type: ignore[attr-defined]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        grid = WindowGrid(pad_h // window[0], pad_w // window[1], window[0], window[1], height, width, shift)
+        x = map_to_windows(x, grid)
+        qkv_bias = self.qkv.bias  # type: ignore[attr-defined]
+        if logit_scale is not None and qkv_bias is not None:  # V2: no bias on k
+            qkv_bias = qkv_bias.clone()
+            length = qkv_bias.numel() // 3
+            qkv_bias[length : 2 * length].zero_()
+        heads = self.num_heads  # type: ignore[attr-defined]
+        qkv = self._project(x, self.qkv, qkv_bias, grid)  # type: ignore[attr-defined]
+        qkv = qkv.reshape(x.size(0), x.size(1), 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        cfg = self.compressor.cfg
+        dropout = self.attention_dropout if self.training else 0.0  # type: ignore[attr-defined]
+        if dropout == 0.0 and cfg.compress_attention and cfg.backward_mode != "exact" and not torch.compiler.is_compiling():
+            x = WindowAttentionFn.apply(q, k, v, bias, logit_scale, qkv_bias, self.compressor, grid, x.dtype)
+        else:  # stock's attention saves what it saves (as DivisionMultiheadAttention's)
+            mask = shift_mask(grid, x.dtype, x.device) if sum(shift) > 0 else None
+            x = window_attention(q, k, v, bias, mask, logit_scale, dropout, self.training)
+        x = x.transpose(1, 2).reshape(x.size(0), x.size(2), c)
+        x = self._project(x, self.proj, self.proj.bias, grid)  # type: ignore[attr-defined]
+        x = F.dropout(x, p=self.dropout, training=self.training)  # type: ignore[attr-defined]
+        x = windows_to_map(x, grid)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x[:, :height, :width, :].contiguous()
+
+    def _project(self, x: torch.Tensor, linear: nn.Linear, bias: torch.Tensor | None, grid: WindowGrid) -> torch.Tensor:
+        """F.linear on windows, saving them as the record of the map they tile."""
+        (x, weight, bias_), autocast_off = _autocast(x, linear.weight, bias)
+        with autocast_off:
+            return LinearFn.apply(x, weight, bias_, self.compressor, grid, _master(weight, linear.weight))
+
+
+class _MapBlock(DivisionLayer):
+    """A Swin block or patch merging: stock's forward; its LayerNorm, Linear and GELU layers (the
+    MLP's too) told that their inputs are (N, H, W, C) maps."""
+
+    def convert_inner(self) -> None:
+        set_map_layers(self, self.compressor)
+        if isinstance(getattr(self, "mlp", None), nn.Sequential):
+            set_map_layers(self.mlp, self.compressor)
+
+
+SWIN_CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {}
+if tv_swin is not None:
+
+    class DivisionShiftedWindowAttention(_WindowAttention, tv_swin.ShiftedWindowAttention):
+        pass
+
+    class DivisionShiftedWindowAttentionV2(_WindowAttention, tv_swin.ShiftedWindowAttentionV2):
+        pass
+
+    class DivisionSwinTransformerBlock(_MapBlock, tv_swin.SwinTransformerBlock):
+        pass
+
+    class DivisionSwinTransformerBlockV2(_MapBlock, tv_swin.SwinTransformerBlockV2):
+        pass
+
+    class DivisionPatchMerging(_MapBlock, tv_swin.PatchMerging):
+        pass
+
+    class DivisionPatchMergingV2(_MapBlock, tv_swin.PatchMergingV2):
+        pass
+
+    SWIN_CONVERSIONS = {
+        tv_swin.ShiftedWindowAttention: DivisionShiftedWindowAttention,
+        tv_swin.ShiftedWindowAttentionV2: DivisionShiftedWindowAttentionV2,
+        tv_swin.SwinTransformerBlock: DivisionSwinTransformerBlock,
+        tv_swin.SwinTransformerBlockV2: DivisionSwinTransformerBlockV2,
+        tv_swin.PatchMerging: DivisionPatchMerging,
+        tv_swin.PatchMergingV2: DivisionPatchMergingV2,
+    }
