@@ -7,7 +7,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .compressor import Compressor
 from .config import DivisionConfig
-from .layers import CONVERSIONS, DivisionLayer
+from .layers import CONVERSIONS, DivisionLayer, set_maps_after_permute
 from .tokens import TokenGrid, infer_token_grid
 
 STATE_ATTR = "_division_compressor"
@@ -92,7 +92,7 @@ def convert_model(
         return layer
     compressor = Compressor(cfg) if compressor is None else compressor
     compressor.token_grid = token_grid
-    _convert_children(model, cfg, compressor)
+    _convert_inside(model, cfg, compressor)
     setattr(model, STATE_ATTR, compressor)
     model.register_forward_pre_hook(compressor)
     return model
@@ -109,7 +109,9 @@ def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compre
 
 def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
     """The layers inside `module`, then what a converted container converts of its own
-    (DivisionCNBlock.convert_inner)."""
+    (DivisionCNBlock.convert_inner) and the map layers of a Sequential (set_maps_after_permute)."""
     _convert_children(module, cfg, compressor)
     if isinstance(module, DivisionLayer) and hasattr(module, "convert_inner"):
         module.convert_inner()
+    if isinstance(module, nn.Sequential):
+        set_maps_after_permute(module, compressor)

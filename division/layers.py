@@ -36,10 +36,10 @@ from .functional import (
 )
 
 try:  # torchvision's squeeze-and-excitation and ConvNeXt blocks, converted when torchvision is there
-    from torchvision.models.convnext import CNBlock
-    from torchvision.ops.misc import SqueezeExcitation
+    from torchvision.models.convnext import CNBlock, LayerNorm2d
+    from torchvision.ops.misc import Permute, SqueezeExcitation
 except ImportError:  # pragma: no cover
-    CNBlock = SqueezeExcitation = None
+    CNBlock = LayerNorm2d = Permute = SqueezeExcitation = None
 
 
 def _needs_saving(module: nn.Module, x: torch.Tensor, recurse: bool = False) -> bool:
@@ -315,6 +315,22 @@ class DivisionLayerNorm(DivisionLayer, nn.LayerNorm):
             return LayerNormFn.apply(x, list(self.normalized_shape), weight, bias, self.eps, self.compressor, layout)
 
 
+if LayerNorm2d is not None:
+
+    class DivisionLayerNorm2d(DivisionLayer, LayerNorm2d):
+        """torchvision's LayerNorm2d (ConvNeXt's stem and downsampling): a layer norm over the
+        channels of an (N, C, H, W) map, run on its (N, H, W, C) permutation as stock runs it, the
+        input saved as a map record."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not _needs_saving(self, x) or x.dim() != 4 or len(self.normalized_shape) != 1:
+                return super().forward(x)
+            (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x.permute(0, 2, 3, 1), self.weight, self.bias)
+            with autocast_off:
+                y = LayerNormFn.apply(x, list(self.normalized_shape), weight, bias, self.eps, self.compressor, MAP)
+            return y.permute(0, 3, 1, 2)
+
+
 class DivisionGELU(DivisionLayer, nn.GELU):
     """(N, T, D) token inputs are saved as token records, (N, H, W, C) inputs of a map layer
     (ConvNeXt's blocks) as maps; others as stock."""
@@ -371,16 +387,31 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
         return out.transpose(1, 0), None
 
 
-def set_map_layers(container: nn.Module, compressor: Compressor) -> None:
+def set_map_layers(container: nn.Module, compressor: Compressor, names: set[str] | None = None) -> None:
     """After convert_model has converted a block's layers: its LayerNorm, Linear and GELU children
-    told that their inputs are (N, H, W, C) maps, the Linears converted too (whatever
-    compress_linear says: on a map they are pointwise convolutions)."""
+    (those in `names`, default all) told that their inputs are (N, H, W, C) maps, the Linears
+    converted too (whatever compress_linear says: on a map they are pointwise convolutions)."""
     for name, layer in list(container.named_children()):
+        if names is not None and name not in names:
+            continue
         if type(layer) is nn.Linear:
             layer = DivisionLinear.from_module(layer, compressor)
             setattr(container, name, layer)
         if isinstance(layer, (DivisionLinear, DivisionLayerNorm, DivisionGELU)):
             layer.map_input = True
+
+
+def set_maps_after_permute(sequential: nn.Sequential, compressor: Compressor) -> None:
+    """In a Sequential, the layers between torchvision's Permute([0, 2, 3, 1]) (N, C, H, W ->
+    N, H, W, C) and the next Permute run on maps (Swin's patch embedding: conv, permute, norm)."""
+    names, on_map = set(), False
+    for name, layer in sequential.named_children():
+        if Permute is not None and type(layer) is Permute:
+            on_map = list(layer.dims) == [0, 2, 3, 1]
+        elif on_map:
+            names.add(name)
+    if names:
+        set_map_layers(sequential, compressor, names)
 
 
 if CNBlock is not None:
@@ -427,6 +458,7 @@ if SqueezeExcitation is not None:
     CONVERSIONS[SqueezeExcitation] = DivisionSqueezeExcitation
 if CNBlock is not None:
     CONVERSIONS[CNBlock] = DivisionCNBlock
+    CONVERSIONS[LayerNorm2d] = DivisionLayerNorm2d
 
 from .swin import SWIN_CONVERSIONS  # noqa: E402  (built on the layers above)
 

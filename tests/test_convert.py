@@ -154,7 +154,8 @@ def test_revert_model_gives_stock_layers() -> None:
 
 @pytest.mark.parametrize("name, size", [
     ("mobilenet_v2", 64), ("efficientnet_b0", 64), ("squeezenet1_1", 64), ("convnext_tiny", 32),
-    ("googlenet", 64), ("inception_v3", 75), ("resnet18", 32), pytest.param("vgg11", 32, marks=pytest.mark.slow),
+    ("googlenet", 64), ("inception_v3", 75), ("resnet18", 32), ("swin_t", 64),
+    pytest.param("vgg11", 32, marks=pytest.mark.slow),
 ])
 def test_exact_mode_is_the_stock_model_bit_for_bit(name: str, size: int) -> None:
     """Dropout, stochastic depth and every converted layer: the same random draws, outputs and

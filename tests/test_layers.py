@@ -582,3 +582,32 @@ def test_convnext_block_saves_its_map_layers_and_layer_scale_input_compressed() 
     reverted = division.revert_model(layer)
     assert type(reverted) is CNBlock and [type(m) for m in reverted.block][2:6] == [nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear]
     assert "map_input" not in vars(reverted.block[3])
+
+
+def test_layer_norm_2d_and_layers_after_a_permute_save_map_records() -> None:
+    """torchvision's LayerNorm2d (ConvNeXt's stem and downsampling) and the LayerNorm / Linear /
+    GELU between a Permute([0, 2, 3, 1]) and the next Permute of a Sequential (Swin's patch
+    embedding) save their inputs as map records: exact mode is stock's bit for bit, a faithful
+    codec gives stock's gradients, DIVISION saves several times less; layers past the permute back
+    keep their rules (a Linear on (N, C) rows stays exact)."""
+    from torchvision.models.convnext import LayerNorm2d
+    from torchvision.ops.misc import Permute
+
+    make = lambda: nn.Sequential(  # noqa: E731
+        LayerNorm2d(16), nn.Conv2d(16, 16, 1), Permute([0, 2, 3, 1]), nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU(),
+        Permute([0, 3, 1, 2]), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )
+    x = torch.randn(4, 16, 12, 12)
+    stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    assert [type(m).__name__ for m in exact][:6] == [
+        "DivisionLayerNorm2d", "DivisionConv2d", "Permute", "DivisionLayerNorm", "DivisionLinear", "DivisionGELU"]
+    assert all(exact[i].map_input for i in (3, 4, 5)) and type(exact[9]) is nn.Linear
+    (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, faithful = converted_pair(make, FAITHFUL[0])
+    y2, g2 = run(faithful, x)
+    assert torch.equal(y0, y2) and all(rel_err(g2[k], g0[k]) < 1e-5 for k in g0)
+    _, layer = converted_pair(make, division.DivisionConfig())
+    assert saved_bytes(layer, x) * 6 < saved_bytes(stock, x)
+    reverted = division.revert_model(layer)
+    assert type(reverted[0]) is LayerNorm2d and type(reverted[4]) is nn.Linear and "map_input" not in vars(reverted[4])

@@ -77,7 +77,9 @@ def test_swin_layers_are_converted_and_reverted(version: int) -> None:
     block, merging = model.features[1][1], model.features[2]
     assert type(block).__name__ == f"DivisionSwinTransformerBlock{'V2' if version == 2 else ''}"
     assert type(block.attn).__name__ == f"DivisionShiftedWindowAttention{'V2' if version == 2 else ''}"
-    map_layers = [block.norm1, block.norm2, block.mlp[0], block.mlp[1], block.mlp[3], merging.norm, merging.reduction]
+    stem_norm = model.features[0][2]  # after the patch embedding's Permute
+    map_layers = [stem_norm, block.norm1, block.norm2, block.mlp[0], block.mlp[1], block.mlp[3], merging.norm,
+                  merging.reduction]
     assert all(isinstance(m, division.layers.DivisionLayer) and m.map_input for m in map_layers)
     assert type(block.attn.qkv) is nn.Linear  # the attention runs its projections itself
     if version == 2:  # the continuous position bias MLP runs on a table, not on a map
