@@ -234,6 +234,25 @@ class MaxPool2dFn(Function):
         return gx, None, None, None, None, None, None
 
 
+class AvgPool2dFn(Function):
+    """2-d average pooling keeping nothing of its input: stock's autograd saves the whole input,
+    whose shape and layout are all that avg_pool2d_backward reads. Backward passes it an empty
+    tensor of that shape and layout instead (allocated for the call, never read), so the
+    gradient is stock's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, ceil_mode: bool, count_include_pad: bool, divisor_override):
+        ctx.pool = (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        ctx.x_meta = (x.shape, x.dtype, memory_format_of(x))
+        return torch.ops.aten.avg_pool2d(x, *ctx.pool)
+
+    @staticmethod
+    def backward(ctx, gy):
+        shape, dtype, fmt = ctx.x_meta
+        carrier = torch.empty(shape, dtype=dtype, device=gy.device, memory_format=fmt)
+        return torch.ops.aten.avg_pool2d_backward(gy, carrier, *ctx.pool), None, None, None, None, None, None
+
+
 # ---- conv nets' other activations ---------------------------------------------------------------
 
 

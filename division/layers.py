@@ -23,6 +23,7 @@ from .functional import (
     TOKENS_SEQ_FIRST,
     ActivationFn,
     AttentionFn,
+    AvgPool2dFn,
     BatchNormFn,
     ClampMaskFn,
     ConvFn,
@@ -201,6 +202,19 @@ class DivisionMaxPool2d(DivisionLayer, nn.MaxPool2d):
         return MaxPool2dFn.apply(
             x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation),
             self.ceil_mode, self.compressor.kernels,
+        )
+
+
+class DivisionAvgPool2d(DivisionLayer, nn.AvgPool2d):
+    """Average pooling saving nothing of its input (AvgPool2dFn), where stock keeps all of it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_saving(self, x) or x.dim() != 4:
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return AvgPool2dFn.apply(
+            x, list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)), self.ceil_mode,
+            self.count_include_pad, self.divisor_override,
         )
 
 
@@ -444,6 +458,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ReLU: DivisionReLU,
     nn.Dropout: DivisionDropout,
     nn.MaxPool2d: DivisionMaxPool2d,
+    nn.AvgPool2d: DivisionAvgPool2d,
     nn.Linear: DivisionLinear,
     nn.LayerNorm: DivisionLayerNorm,
     nn.GELU: DivisionGELU,
