@@ -633,3 +633,23 @@ def test_average_pooling_saves_nothing_and_gives_stocks_gradients(pool: dict, ch
         assert g1["input"].stride() == g0["input"].stride() and g1["input"].dtype == g0["input"].dtype
     assert saved_bytes(layer, x) == 0 < saved_bytes(stock, x)
     assert type(division.revert_model(layer)) is nn.AvgPool2d
+
+
+@pytest.mark.parametrize("family", ["inception", "googlenet"])
+def test_basic_conv_keeps_a_mask_of_its_functional_relu(family: str) -> None:
+    """torchvision's BasicConv2d (conv, batch norm, F.relu in place): its layers converted, and the
+    ReLU's output, which stock keeps whole, kept as a 1-bit mask: stock's gradients bit for bit in
+    exact mode (the same ops), less saved than by its converted layers plus a float32 output."""
+    import importlib
+
+    basic = importlib.import_module(f"torchvision.models.{family}").BasicConv2d
+    make = lambda: basic(8, 16, kernel_size=3, padding=1)  # noqa: E731
+    x = torch.randn(4, 8, 12, 12)
+    stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    assert [type(m).__name__ for m in exact.children()] == ["DivisionConv2d", "DivisionBatchNorm2d"]
+    (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, layer = converted_pair(make, division.DivisionConfig())
+    whole = x.numel() * 4 + 2 * y0.numel() * 4  # stock: the input, the conv's output and the ReLU's
+    assert saved_bytes(stock, x) > whole and saved_bytes(layer, x) * 8 < saved_bytes(stock, x)
+    assert type(division.revert_model(layer)) is basic
