@@ -8,8 +8,8 @@ For each model (random weights, 10 classes): the activation memory autograd save
 training-mode forward (division.summary: each storage once, parameters left out) of the stock
 model, of the model with only the paper's layers converted (convolution, batch norm, ReLU,
 max-pool, dropout, Linear) and of the model as convert_model leaves it today (also ReLU6 and
-Hardtanh masks, SiLU / Hardswish / Mish inputs at activation_bits, squeeze-and-excitation and
-ConvNeXt blocks); and
+Hardtanh masks, SiLU / Hardswish / Mish inputs at activation_bits, average pooling, Inception's
+and GoogLeNet's conv blocks, squeeze-and-excitation, ConvNeXt and Swin blocks); and
 the cosine between the whole-model gradient and the exact one, on real Fashion-MNIST images
 (upsampled, three channels), mean and range over --draws draws. Dropout and stochastic depth are
 switched off, so that the gradients compared differ by the codec alone. Writes <out>.json,
@@ -36,7 +36,9 @@ import division
 from benchmarks.common import run_info
 from division.layers import CONVERSIONS, DivisionLayer
 
-MODELS = ["resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"]
+MODELS = ["resnet50", "densenet121", "googlenet", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+          "regnet_y_400mf", "convnext_tiny", "swin_t", "swin_v2_t"]
+BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}  # one output in training mode
 # what the paper's method converts; the rest of CONVERSIONS came later
 PAPER_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.MaxPool2d,
                 nn.Dropout, nn.Linear)
@@ -83,7 +85,7 @@ def flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> 
 def measure(name: str, x: torch.Tensor, y: torch.Tensor, memory_x: torch.Tensor, draws: int,
             cfg: division.DivisionConfig) -> dict[str, Any]:
     torch.manual_seed(0)
-    stock = without_randomness(torchvision.models.get_model(name, num_classes=10))
+    stock = without_randomness(torchvision.models.get_model(name, num_classes=10, **BUILD_KWARGS.get(name, {})))
     exact = flat_grad(stock, x, y, 0)
     row: dict[str, Any] = {"model": name}
     for variant in ("paper layers", "all layers"):
