@@ -56,7 +56,7 @@ def paper_layers_only(model: nn.Module) -> nn.Module:
     """The converted model with every layer the paper does not convert put back to stock: the
     other activations, the blocks that convert a multiply of their own (their paper layers stay
     converted) and the Linears of ConvNeXt's maps (the paper keeps Linear inputs exact)."""
-    for module in list(model.modules()):
+    for module in reversed(list(model.modules())):  # children first: a reverted block copies its children dict
         for name, child in list(module.named_children()):
             paper = any(type(child) is CONVERSIONS[k] for k in PAPER_LAYERS) and not getattr(child, "map_input", False)
             if isinstance(child, DivisionLayer) and not paper:
