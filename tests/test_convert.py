@@ -206,7 +206,7 @@ def test_a_lone_converted_layer_draws_anew_each_call_and_reverts() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "resnet50"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "resnet50", "densenet121", "swin_t"])
 def test_exact_mode_is_the_stock_model_bit_for_bit_on_cuda(name: str) -> None:
     """On a GPU too (cuDNN batch norm, fused dropout); deterministic cuDNN, or stock itself would
     not repeat bit for bit."""

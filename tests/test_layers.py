@@ -23,7 +23,7 @@ def run(module: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor
     module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     y = module(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1000 + seed))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1000 + seed)).to(y.device)
     y.backward(g)
     grads = {"input": x.grad}
     grads.update({n: p.grad for n, p in module.named_parameters()})
@@ -613,21 +613,36 @@ def test_layer_norm_2d_and_layers_after_a_permute_save_map_records() -> None:
     assert type(reverted[0]) is LayerNorm2d and type(reverted[4]) is nn.Linear and "map_input" not in vars(reverted[4])
 
 
-@pytest.mark.parametrize("pool", [
+AVG_POOLS = [
     dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=2, ceil_mode=True),
     dict(kernel_size=(3, 2), stride=1, padding=1, count_include_pad=False), dict(kernel_size=2, divisor_override=3),
-])
+]
+
+
+@pytest.mark.parametrize("pool", AVG_POOLS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_average_pooling_saves_nothing_and_gives_stocks_gradients(pool: dict, channels_last: bool) -> None:
+    check_average_pooling(pool, channels_last, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("pool", AVG_POOLS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_average_pooling_saves_nothing_and_gives_stocks_gradients_on_cuda(pool: dict, channels_last: bool) -> None:
+    check_average_pooling(pool, channels_last, "cuda")
+
+
+def check_average_pooling(pool: dict, channels_last: bool, device: str) -> None:
     """AvgPool2d keeps nothing of its input (stock keeps it all, for its shape): the same output and
     gradient as stock bit for bit, in the input's layout, under bf16 autocast too."""
-    x = torch.randn(3, 5, 11, 9)
+    x = torch.randn(3, 5, 11, 9, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     stock, layer = converted_pair(lambda: nn.AvgPool2d(**pool), division.DivisionConfig())
     assert type(layer).__name__ == "DivisionAvgPool2d"
     for autocast in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             (y0, g0), (y1, g1) = run(stock, x.bfloat16() if autocast else x), run(layer, x.bfloat16() if autocast else x)
         assert torch.equal(y0, y1) and torch.equal(g0["input"], g1["input"])
         assert g1["input"].stride() == g0["input"].stride() and g1["input"].dtype == g0["input"].dtype

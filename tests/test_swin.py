@@ -42,9 +42,9 @@ def grads_of(model: nn.Module, x: torch.Tensor, seed: int = 1, autocast: bool = 
     model.zero_grad(set_to_none=True)
     leaf = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(leaf)
-    F.cross_entropy(out.float(), torch.arange(x.shape[0]) % 10).backward()
+    F.cross_entropy(out.float(), torch.arange(x.shape[0], device=x.device) % 10).backward()
     return out.detach(), {"input": leaf.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
 
 
@@ -103,12 +103,14 @@ def test_exact_mode_is_stock_swin_bit_for_bit(version: int, size: int, autocast:
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("version", [1, 2])
-def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(version: int, size: int) -> None:
+def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(version: int, size: int, autocast: bool) -> None:
     """With a codec that gives its input back exactly (B = 1, float32 LFC), the recomputed window
     attention gives stock's gradients: q, k, v, the relative position bias (V2: its MLP) and the
-    logit scale, padded positions included (they come back as the qkv bias)."""
+    logit scale, padded positions included (they come back as the qkv bias), under bf16 autocast
+    too (the recomputation runs under forward's autocast state)."""
     stock = tiny_swin(version)
     faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     x = torch.randn(3, 3, size, size)
@@ -116,7 +118,7 @@ def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(version: i
     apply = swin.WindowAttentionFn.apply
     swin.WindowAttentionFn.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
     try:
-        (y0, g0), (y1, g1) = grads_of(stock, x), grads_of(faithful, x)
+        (y0, g0), (y1, g1) = grads_of(stock, x, autocast=autocast), grads_of(faithful, x, autocast=autocast)
     finally:
         swin.WindowAttentionFn.apply = apply  # type: ignore[method-assign]
     assert len(calls) == 4  # every block's attention was recomputed
@@ -145,6 +147,20 @@ def test_division_swin_saves_a_tenth_and_its_gradients_average_to_stocks(version
         one = F.cosine_similarity(draws[0], exact, dim=0).item()
         mean = F.cosine_similarity(torch.stack(draws).mean(0), exact, dim=0).item()
         assert low < one < mean and mean > high, (part, one, mean)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_division_swin_under_bf16_autocast(version: int) -> None:
+    """Under bf16 autocast the records are of the 16-bit projections' inputs and q, k, v, and the
+    attention is recomputed under autocast as forward ran it: stock's output, finite gradients near
+    stock's autocast ones."""
+    stock = tiny_swin(version)
+    x = torch.randn(4, 3, 40, 40)
+    y0, g0 = grads_of(stock, x, autocast=True)
+    y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock)), x, autocast=True)
+    assert torch.equal(y0, y1)
+    flat = lambda g: torch.cat([v.flatten().double() for k, v in g.items() if "features." in k])  # noqa: E731
+    assert torch.isfinite(flat(g1)).all() and F.cosine_similarity(flat(g1), flat(g0), dim=0) > 0.95
 
 
 def test_attention_keeps_what_stock_saves_under_dropout_or_when_asked() -> None:
@@ -187,3 +203,24 @@ def grads_of_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[
     y = model(leaf)
     y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
     return y.detach(), {"input": leaf.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_on_cuda(version: int) -> None:
+    """On a GPU (the compress kernels on channels_last maps, cuBLAS): exact mode is stock's bit for
+    bit; a faithful codec gives stock's gradients (the recomputed attention); DIVISION under bf16
+    autocast gives finite gradients near stock's."""
+    stock = tiny_swin(version).cuda()
+    x = torch.randn(3, 3, 40, 40, device="cuda")
+    y0, g0 = grads_of(stock, x)
+    for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig(block_size=1, lfc_dtype="float32")):
+        y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock), cfg), x)
+        assert torch.equal(y0, y1)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+    _, ga = grads_of(stock, x, autocast=True)
+    _, gd = grads_of(division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backend="cuda")), x, autocast=True)
+    flat = lambda g: torch.cat([v.flatten().double() for k, v in g.items() if "features." in k])  # noqa: E731
+    assert torch.isfinite(flat(gd)).all() and F.cosine_similarity(flat(gd), flat(ga), dim=0) > 0.95
