@@ -46,9 +46,11 @@ def conversion_for(
         return CONVERSIONS[kind], ""
     if kind in KNOWN_UNCONVERTED:
         return None, KNOWN_UNCONVERTED[kind]
-    for base in CONVERSIONS:
-        if isinstance(module, base):
-            return None, f"{kind.__name__} subclasses nn.{base.__name__} with its own forward"
+    bases = [base for base in CONVERSIONS if isinstance(module, base)]
+    if bases:  # the nearest (LayerNorm2d, not LayerNorm)
+        base = max(bases, key=lambda b: len(b.__mro__))
+        owner = "nn" if base.__module__.startswith("torch.nn") else base.__module__.split(".")[0]
+        return None, f"{kind.__name__} subclasses {owner}.{base.__name__} with its own forward"
     if next(module.children(), None) is None:
         return None, f"no DIVISION version of {kind.__name__}: its saved tensors stay as they are"
     return None, "container"

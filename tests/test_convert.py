@@ -297,3 +297,20 @@ def capture_and_replay(model: nn.Module, amp: bool, x: torch.Tensor, y: torch.Te
         model.zero_grad(set_to_none=True)
         step()
         return replays, flat_grad()
+
+
+def test_a_subclass_of_a_converted_class_is_kept_and_the_summary_says_whose() -> None:
+    """A subclass may change forward: it is not converted, and the reason names its nearest base,
+    from torch.nn or torchvision."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    class MyNorm(LayerNorm2d):
+        pass
+
+    model = division.convert_model(nn.Sequential(MyConv(3, 4, 1), MyNorm(4)))
+    reasons = {r.kind: r.reason for r in division.summary(model).rows}
+    assert reasons == {"MyConv": "MyConv subclasses nn.Conv2d with its own forward",
+                       "MyNorm": "MyNorm subclasses torchvision.LayerNorm2d with its own forward"}
