@@ -297,10 +297,10 @@ if InceptionConv is not None:
 
 class DivisionLinear(DivisionLayer, nn.Linear):
     """(N, T, D) token inputs are saved as token records (over the patch grid when the model has
-    one), (N, H, W, C) inputs of a map layer (`map_input`: set in ConvNeXt's blocks) as maps;
+    one), (N, H, W, C) inputs of a map layer (`map_input`: set_map_layers) as maps;
     other inputs along their last dimension when compress_linear, else exactly as stock."""
 
-    map_input = False  # the input is an (N, H, W, C) map (DivisionCNBlock sets it)
+    map_input = False  # the input is an (N, H, W, C) map (set_map_layers sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x) or x.dim() < 2:
@@ -339,7 +339,7 @@ def _token_or_map_layout(module: nn.Module, x: torch.Tensor) -> str | None:
 
 class DivisionLayerNorm(DivisionLayer, nn.LayerNorm):
     """(N, T, D) token inputs normalized over D are saved as token records, (N, H, W, C) inputs of a
-    map layer (ConvNeXt's blocks) as maps; others as stock."""
+    map layer (set_map_layers: ConvNeXt's and Swin's blocks) as maps; others as stock."""
 
     map_input = False
 
@@ -370,7 +370,7 @@ if LayerNorm2d is not None:
 
 class DivisionGELU(DivisionLayer, nn.GELU):
     """(N, T, D) token inputs are saved as token records, (N, H, W, C) inputs of a map layer
-    (ConvNeXt's blocks) as maps; others as stock."""
+    (set_map_layers: ConvNeXt's and Swin's blocks) as maps; others as stock."""
 
     map_input = False
 
