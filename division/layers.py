@@ -38,11 +38,9 @@ from .functional import (
 
 try:  # torchvision's blocks with layers of their own, converted when torchvision is there
     from torchvision.models.convnext import CNBlock, LayerNorm2d
-    from torchvision.models.googlenet import BasicConv2d as GoogLeNetConv
-    from torchvision.models.inception import BasicConv2d as InceptionConv
     from torchvision.ops.misc import Permute, SqueezeExcitation
 except ImportError:  # pragma: no cover
-    CNBlock = LayerNorm2d = GoogLeNetConv = InceptionConv = Permute = SqueezeExcitation = None
+    CNBlock = LayerNorm2d = Permute = SqueezeExcitation = None
 
 
 def _needs_saving(module: nn.Module, x: torch.Tensor, recurse: bool = False) -> bool:
@@ -274,27 +272,6 @@ if SqueezeExcitation is not None:
             return ScaleFn.apply(x, self._scale(x), self.compressor)
 
 
-class _ConvBatchNormReLU(DivisionLayer):
-    """torchvision's BasicConv2d (Inception v3, GoogLeNet): its conv and batch norm converted as
-    any others, and its functional in-place ReLU, whose output stock keeps whole, keeping a 1-bit
-    mask (ReLUFn)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))  # type: ignore[attr-defined]
-        if not _needs_saving(self, x):
-            return F.relu(x, inplace=True)
-        return ReLUFn.apply(x, True, self.compressor.kernels)
-
-
-if InceptionConv is not None:
-
-    class DivisionInceptionConv2d(_ConvBatchNormReLU, InceptionConv):
-        pass
-
-    class DivisionGoogLeNetConv2d(_ConvBatchNormReLU, GoogLeNetConv):
-        pass
-
-
 class DivisionLinear(DivisionLayer, nn.Linear):
     """(N, T, D) token inputs are saved as token records (over the patch grid when the model has
     one), (N, H, W, C) inputs of a map layer (`map_input`: set_map_layers) as maps;
@@ -494,13 +471,12 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
 }
 if SqueezeExcitation is not None:
     CONVERSIONS[SqueezeExcitation] = DivisionSqueezeExcitation
-if InceptionConv is not None:
-    CONVERSIONS[InceptionConv] = DivisionInceptionConv2d
-    CONVERSIONS[GoogLeNetConv] = DivisionGoogLeNetConv2d
 if CNBlock is not None:
     CONVERSIONS[CNBlock] = DivisionCNBlock
     CONVERSIONS[LayerNorm2d] = DivisionLayerNorm2d
 
-from .swin import SWIN_CONVERSIONS  # noqa: E402  (built on the layers above)
+from .inception import INCEPTION_CONVERSIONS  # noqa: E402  (built on the layers above)
+from .swin import SWIN_CONVERSIONS  # noqa: E402
 
+CONVERSIONS.update(INCEPTION_CONVERSIONS)
 CONVERSIONS.update(SWIN_CONVERSIONS)

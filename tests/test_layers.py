@@ -668,3 +668,27 @@ def test_basic_conv_keeps_a_mask_of_its_functional_relu(family: str) -> None:
     whole = x.numel() * 4 + 2 * y0.numel() * 4  # stock: the input, the conv's output and the ReLU's
     assert saved_bytes(stock, x) > whole and saved_bytes(layer, x) * 8 < saved_bytes(stock, x)
     assert type(division.revert_model(layer)) is basic
+
+
+@pytest.mark.parametrize("block", ["InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE"])
+def test_inception_blocks_pool_through_division(block: str) -> None:
+    """Inception v3's blocks pool in a branch of their own with F.avg_pool2d / F.max_pool2d, which
+    keep the block input whole (and int64 indices): converted, the same branches in the same order
+    with DIVISION's pools (nothing kept / a few bits per output), so exact mode is stock's bit for
+    bit and DIVISION keeps several times less than stock."""
+    from torchvision.models import inception
+
+    args = {"InceptionA": (8, 4), "InceptionC": (8, 4)}.get(block, (8,))
+    make = lambda: getattr(inception, block)(*args)  # noqa: E731
+    x = torch.randn(2, 8, 9, 9)
+    stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    assert type(exact).__name__ == f"Division{block}"
+    (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, layer = converted_pair(make, division.DivisionConfig())
+    # activations only, each storage once; an input that needs a gradient, as inside a model
+    report = division.summary(layer, torch.randn(2, 8, 17, 17).requires_grad_())
+    assert report.ratio > 8, report.ratio
+    pools = next(r for r in report.rows if r.name == "")  # the block's own (functional) ops
+    assert pools.saved_bytes * 8 <= pools.vanilla_bytes  # max-pool: offsets, not the input and int64 indices
+    assert type(division.revert_model(layer)) is getattr(inception, block)

@@ -186,14 +186,14 @@ def test_attention_keeps_what_stock_saves_under_dropout_or_when_asked() -> None:
     assert calls == []
 
 
-def test_a_block_alone_converts_and_its_partial_class_is_kept() -> None:
-    """A Swin block converted alone (a lone container) runs on an (N, H, W, C) input; a block class
-    built on torchvision's (partial norm layer) converts as well."""
+def test_a_block_converts_alone() -> None:
+    """A Swin block converted alone (a lone container, its norm layer given as a partial, as the
+    model builds it) runs on an (N, H, W, C) input as stock's, its layers converted."""
     block = tv_swin.SwinTransformerBlock(16, 2, [4, 4], [2, 2], norm_layer=partial(nn.LayerNorm, eps=1e-5))
     x = torch.randn(2, 8, 8, 16)
     stock = copy.deepcopy(block)
     layer = division.convert_model(block, division.DivisionConfig(backward_mode="exact"))
-    assert type(layer).__name__ == "DivisionSwinTransformerBlock"
+    assert type(layer).__name__ == "DivisionSwinTransformerBlock" and layer.norm1.map_input and layer.mlp[0].map_input
     (y0, g0), (y1, g1) = grads_of_map(stock, x), grads_of_map(layer, x)
     assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
 
