@@ -8,6 +8,7 @@ eval mode, under no_grad, or when nothing needs a gradient the stock forward run
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -72,6 +73,16 @@ def _master(weight: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor | Non
     return None if weight is parameter else parameter
 
 
+def _own_containers(module: nn.Module | None) -> nn.Module | None:
+    """`module` if it has no children, else a shallow copy whose containers are copied the same way:
+    its layers, parameters and hooks are the original's, the dicts that hold its children its own."""
+    if module is None or not module._modules:
+        return module
+    new = copy.copy(module)
+    new._modules = {name: _own_containers(child) for name, child in module._modules.items()}
+    return new
+
+
 class DivisionLayer:
     """Mixin: how a converted layer is made from an original one."""
 
@@ -83,7 +94,8 @@ class DivisionLayer:
     def from_module(cls, module: nn.Module, compressor: Compressor) -> nn.Module:
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
-        new._modules = module._modules.copy()  # a container's children convert in the new one alone
+        # a container's layers convert in the new one alone, nested containers' too
+        new._modules = {name: _own_containers(child) for name, child in module._modules.items()}
         new.compressor = compressor
         return new
 

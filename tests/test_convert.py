@@ -314,3 +314,23 @@ def test_a_subclass_of_a_converted_class_is_kept_and_the_summary_says_whose() ->
     reasons = {r.kind: r.reason for r in division.summary(model).rows}
     assert reasons == {"MyConv": "MyConv subclasses nn.Conv2d with its own forward",
                        "MyNorm": "MyNorm subclasses torchvision.LayerNorm2d with its own forward"}
+
+
+def test_converting_a_lone_block_leaves_the_original_as_it_was() -> None:
+    """A block converted alone is a new module sharing the original's parameters and hooks; the
+    original keeps its layers, its nested containers' (ConvNeXt's `block`, Swin's `mlp`) too."""
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.swin_transformer import SwinTransformerBlock
+
+    for block in (CNBlock(16, 0.5, 0.0), SwinTransformerBlock(16, 2, [4, 4], [2, 2])):
+        calls = []
+        inner = block.block if isinstance(block, CNBlock) else block.mlp
+        inner.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        before = [(name, type(m)) for name, m in block.named_modules()]
+        layer = division.convert_model(block)
+        assert [(name, type(m)) for name, m in block.named_modules()] == before
+        assert all(a is b for a, b in zip(layer.parameters(), block.parameters()))
+        assert any(isinstance(m, division.layers.DivisionLinear) for m in layer.modules())
+        x = torch.randn(2, 16, 8, 8) if isinstance(block, CNBlock) else torch.randn(2, 8, 8, 16)
+        layer(x.requires_grad_()).sum().backward()
+        assert calls == [1]  # the nested container's hook, shared
