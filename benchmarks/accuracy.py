@@ -23,7 +23,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from benchmarks.common import ROOT, run_info
+from benchmarks.common import ROOT, figure, run_info
 from harness.schema import register_configs
 
 # name -> overrides selecting the method
@@ -86,22 +86,14 @@ def markdown(summary: list[dict[str, Any]]) -> str:
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    names = [s["variant"] for s in summary]
-    ax.bar(names, [s["mean_top1"] for s in summary], yerr=[s["std_top1"] for s in summary], capsize=4)
-    lo = min(s["min_top1"] for s in summary)
-    ax.set_ylim(max(0.0, lo - 2), min(100.0, max(s["max_top1"] for s in summary) + 1))
-    ax.set_ylabel("final top-1 (%)")
-    ax.tick_params(axis="x", rotation=30)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(8, 4)) as (_, ax):
+        names = [s["variant"] for s in summary]
+        ax.bar(names, [s["mean_top1"] for s in summary], yerr=[s["std_top1"] for s in summary], capsize=4)
+        lo = min(s["min_top1"] for s in summary)
+        ax.set_ylim(max(0.0, lo - 2), min(100.0, max(s["max_top1"] for s in summary) + 1))
+        ax.set_ylabel("final top-1 (%)")
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
 
 
 def main(argv: list[str] | None = None) -> int:

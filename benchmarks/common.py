@@ -1,12 +1,14 @@
-"""What every benchmark result records about the run that made it."""
+"""What every benchmark result records about the run that made it, and how its plot is written."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,21 @@ def run_info(device: torch.device) -> dict[str, Any]:
         "git": GIT_AT_START,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+@contextlib.contextmanager
+def figure(path: Path, *grid: int, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """(fig, axes) of plt.subplots(*grid, **subplots), drawn off-screen (Agg) and written to `path`
+    as a PNG when the block ends without an error; closed either way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*grid, **subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torchvision
 
 import division
-from benchmarks.common import run_info
+from benchmarks.common import figure, run_info
 from harness.build import AMP_DTYPES
 from harness.measure import synchronize
 
@@ -133,22 +133,14 @@ def markdown(rows: dict[str, dict[str, float]], fixed: dict[str, dict[str, float
 
 
 def plot(rows: dict[str, dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(VARIANTS)
-    for i, v in enumerate(VARIANTS):
-        ax.bar([k + i * width for k in range(len(rows))], [r[v] for r in rows.values()], width, label=v)
-    ax.set_xticks([k + width for k in range(len(rows))], list(rows))
-    ax.set_ylabel("host us per layer call (forward + backward)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(7, 3.5)) as (_, ax):
+        width = 0.8 / len(VARIANTS)
+        for i, v in enumerate(VARIANTS):
+            ax.bar([k + i * width for k in range(len(rows))], [r[v] for r in rows.values()], width, label=v)
+        ax.set_xticks([k + width for k in range(len(rows))], list(rows))
+        ax.set_ylabel("host us per layer call (forward + backward)")
+        ax.set_title(title, fontsize=9)
+        ax.legend()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import run_info
+from benchmarks.common import figure, run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "benchmarks" / "kernel_sass_probe.cu"
@@ -208,20 +208,12 @@ def write_outputs(out: Path, rows: list[dict], info: dict) -> None:
                      f"{r['elements']:g} | {r['per_element']} | {top} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-    labels = [f"{r['phase']}, {r['path']}, {r['dtype']}" for r in rows]
-    ax.barh(range(len(rows)), [r["per_element"] for r in rows], color="tab:blue")
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("instructions per element (sm_90 SASS, hot path)")
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    plt.close(fig)
+    with figure(out.with_suffix(".png"), figsize=(9, 0.45 * len(rows) + 1.2)) as (_, ax):
+        labels = [f"{r['phase']}, {r['path']}, {r['dtype']}" for r in rows]
+        ax.barh(range(len(rows)), [r["per_element"] for r in rows], color="tab:blue")
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("instructions per element (sm_90 SASS, hot path)")
 
 
 def main(argv: list[str] | None = None) -> None:

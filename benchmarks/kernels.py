@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import division
-from benchmarks.common import run_info
+from benchmarks.common import figure, run_info
 from division.backend import load_extension
 
 RESNET50_SHAPES = [
@@ -267,27 +267,19 @@ def mask_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = sorted({(r["dtype"], r["layout"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
-    for ax, (dtype, layout) in zip(axes[0], groups):
-        sel = [r for r in rows if r["dtype"] == dtype and r["layout"] == layout]
-        labels = ["x".join(map(str, r["shape"][1:])) for r in sel]
-        pos = range(len(sel))
-        ax.bar([p - 0.2 for p in pos], [r["compress_vs_copy"] for r in sel], 0.4, label="compress")
-        ax.bar([p + 0.2 for p in pos], [r["decompress_vs_copy"] for r in sel], 0.4, label="decompress")
-        ax.axhline(0.7, color="k", ls="--", lw=1, label="target 0.7")
-        ax.set_xticks(list(pos), labels, rotation=45, ha="right")
-        ax.set_ylabel("GB/s as a fraction of a device copy's")
-        ax.set_title(f"{dtype}, {layout}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False) as (_, axes):
+        for ax, (dtype, layout) in zip(axes[0], groups):
+            sel = [r for r in rows if r["dtype"] == dtype and r["layout"] == layout]
+            labels = ["x".join(map(str, r["shape"][1:])) for r in sel]
+            pos = range(len(sel))
+            ax.bar([p - 0.2 for p in pos], [r["compress_vs_copy"] for r in sel], 0.4, label="compress")
+            ax.bar([p + 0.2 for p in pos], [r["decompress_vs_copy"] for r in sel], 0.4, label="decompress")
+            ax.axhline(0.7, color="k", ls="--", lw=1, label="target 0.7")
+            ax.set_xticks(list(pos), labels, rotation=45, ha="right")
+            ax.set_ylabel("GB/s as a fraction of a device copy's")
+            ax.set_title(f"{dtype}, {layout}")
+            ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ import torch
 
 import division
 import models
-from benchmarks.common import run_info
+from benchmarks.common import figure, run_info
 from harness.build import AMP_DTYPES
 from harness.loop import Batch, train_step
 from harness.measure import GIB, ActivationProbe
@@ -276,31 +276,23 @@ def markdown(rows: list[dict[str, Any]], mode: str) -> str:
 
 def plot(rows: list[dict[str, Any]], mode: str, path: Path) -> None:
     """A panel per model and precision; memory above img/s where both were measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     memory, speed = measures(mode)
     figures = ([("act_gib", "activation memory (GiB)")] if memory else []) + ([("img_per_s", "img/s")] if speed else [])
     panels = sorted({(r["model"], r["amp"]) for r in rows})
-    fig, axes = plt.subplots(len(figures), len(panels), figsize=(5 * len(panels), 4 * len(figures)), squeeze=False)
-    for row_axes, (key, label) in zip(axes, figures):
-        for ax, (model_name, amp) in zip(row_axes, panels):
-            for method in method_names():
-                pts = [(r["batch"], r[key]) for r in rows if r["model"] == model_name and r["amp"] == amp
-                       and r["method"] == method and r.get(key) is not None]
-                if pts:
-                    ax.plot(*zip(*sorted(pts)), marker="o", label=method)
-            ax.set_title(f"{model_name}, {amp}")
-            ax.set_xlabel("batch size")
-            ax.set_ylabel(label)
-            ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, len(figures), len(panels), figsize=(5 * len(panels), 4 * len(figures)), squeeze=False) as (_, axes):
+        for row_axes, (key, label) in zip(axes, figures):
+            for ax, (model_name, amp) in zip(row_axes, panels):
+                for method in method_names():
+                    pts = [(r["batch"], r[key]) for r in rows if r["model"] == model_name and r["amp"] == amp
+                           and r["method"] == method and r.get(key) is not None]
+                    if pts:
+                        ax.plot(*zip(*sorted(pts)), marker="o", label=method)
+                ax.set_title(f"{model_name}, {amp}")
+                ax.set_xlabel("batch size")
+                ax.set_ylabel(label)
+                ax.set_xscale("log", base=2)
+                ax.grid(alpha=0.3)
+                ax.legend()
 
 
 def main(argv: list[str] | None = None) -> int:

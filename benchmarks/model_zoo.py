@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 import division
-from benchmarks.common import run_info
+from benchmarks.common import figure, run_info
 from division.layers import CONVERSIONS, DivisionLayer
 
 MODELS = ["resnet50", "densenet121", "googlenet", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
@@ -117,27 +117,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    names = [r["model"] for r in rows]
-    width = 0.4
-    for i, v in enumerate(("paper layers", "all layers")):
-        offsets = [k + (i - 0.5) * width for k in range(len(rows))]
-        axes[0].bar(offsets, [r[v]["ratio"] for r in rows], width, label=v)
-        axes[1].bar(offsets, [r[v]["cosine_mean"] for r in rows], width, label=v)
-    axes[0].set_ylabel("activation memory, x smaller than stock")
-    axes[1].set_ylabel("gradient cosine to the exact one")
-    for ax in axes:
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(11, 3.8)) as (_, axes):
+        names = [r["model"] for r in rows]
+        width = 0.4
+        for i, v in enumerate(("paper layers", "all layers")):
+            offsets = [k + (i - 0.5) * width for k in range(len(rows))]
+            axes[0].bar(offsets, [r[v]["ratio"] for r in rows], width, label=v)
+            axes[1].bar(offsets, [r[v]["cosine_mean"] for r in rows], width, label=v)
+        axes[0].set_ylabel("activation memory, x smaller than stock")
+        axes[1].set_ylabel("gradient cosine to the exact one")
+        for ax in axes:
+            ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:

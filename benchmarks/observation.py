@@ -29,7 +29,7 @@ from torch import nn
 import data
 import division
 import models
-from benchmarks.common import run_info
+from benchmarks.common import figure, run_info
 from division.format import lfc_shape, plane_bytes
 from division.tokens import infer_token_grid
 
@@ -146,24 +146,16 @@ def markdown(results: dict[str, dict[str, Any]], blocks: list[int]) -> str:
 
 
 def plot(results: dict[str, dict[str, Any]], block: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, (state, res) in zip(axes[0], results.items()):
-        for mode in MODES:
-            layers = res[f"B{block}/{mode}"]["layers"]
-            ax.plot(range(len(layers)), [v["cosine"] for v in layers.values()], marker=".", label=mode)
-        ax.set_title(f"{state} weights, B={block}\nper-layer gradient cosine to the exact one")
-        ax.set_xlabel("layer (forward order)")
-        ax.set_ylabel("cosine")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, len(results), figsize=(6 * len(results), 4), squeeze=False) as (_, axes):
+        for ax, (state, res) in zip(axes[0], results.items()):
+            for mode in MODES:
+                layers = res[f"B{block}/{mode}"]["layers"]
+                ax.plot(range(len(layers)), [v["cosine"] for v in layers.values()], marker=".", label=mode)
+            ax.set_title(f"{state} weights, B={block}\nper-layer gradient cosine to the exact one")
+            ax.set_xlabel("layer (forward order)")
+            ax.set_ylabel("cosine")
+            ax.grid(alpha=0.3)
+            ax.legend()
 
 
 def main(argv: list[str] | None = None) -> int:
