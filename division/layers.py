@@ -73,6 +73,14 @@ def _master(weight: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor | Non
     return None if weight is parameter else parameter
 
 
+def saving_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compressor: Compressor,
+                  layout: Any) -> torch.Tensor:
+    """F.linear(x, weight, bias) saving x in `layout` (LinearFn), cast as autocast would cast it."""
+    (x, cast_weight, cast_bias), autocast_off = _autocast(x, weight, bias)
+    with autocast_off:
+        return LinearFn.apply(x, cast_weight, cast_bias, compressor, layout, _master(cast_weight, weight))
+
+
 def _own_containers(module: nn.Module | None) -> nn.Module | None:
     """`module` if it has no children, else a shallow copy whose containers are copied the same way:
     its layers, parameters and hooks are the original's, the dicts that hold its children its own."""
@@ -295,9 +303,7 @@ class DivisionLinear(DivisionLayer, nn.Linear):
         if not _needs_saving(self, x) or x.dim() < 2:
             return super().forward(x)
         if self.map_input and x.dim() == 4:
-            (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
-            with autocast_off:
-                return LinearFn.apply(x, weight, bias, self.compressor, MAP, _master(weight, self.weight))
+            return saving_linear(x, self.weight, self.bias, self.compressor, MAP)
         tokens = x.dim() == 3
         if not (tokens or self.compressor.cfg.compress_linear):
             # kept exact, as stock; but a view such as a ViT head's x[:, 0] would keep its whole
@@ -306,9 +312,7 @@ class DivisionLinear(DivisionLayer, nn.Linear):
             if not torch.compiler.is_compiling() and x.untyped_storage().nbytes() > 2 * x.numel() * x.element_size():
                 x = x.clone()
             return super().forward(x)
-        (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
-        with autocast_off:
-            return LinearFn.apply(x, weight, bias, self.compressor, TOKENS if tokens else ROWS, _master(weight, self.weight))
+        return saving_linear(x, self.weight, self.bias, self.compressor, TOKENS if tokens else ROWS)
 
 
 def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any], contextlib.AbstractContextManager]:

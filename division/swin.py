@@ -21,8 +21,8 @@ from torch.autograd import Function
 
 from .codec import decompress
 from .compressor import Compressor
-from .functional import LinearFn, _load_records, _save_records
-from .layers import DivisionLayer, _autocast, _master, _needs_saving, set_map_layers
+from .functional import _load_records, _save_records
+from .layers import DivisionLayer, _needs_saving, saving_linear, set_map_layers
 from .tokens import (
     WindowGrid,
     input_map_as_windows,
@@ -148,7 +148,7 @@ class _WindowAttention(DivisionLayer):
             length = qkv_bias.numel() // 3
             qkv_bias[length : 2 * length].zero_()
         heads = self.num_heads  # type: ignore[attr-defined]
-        qkv = self._project(x, self.qkv, qkv_bias, grid)  # type: ignore[attr-defined]
+        qkv = saving_linear(x, self.qkv.weight, qkv_bias, self.compressor, grid)  # type: ignore[attr-defined]
         qkv = qkv.reshape(x.size(0), x.size(1), 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         cfg = self.compressor.cfg
@@ -159,18 +159,13 @@ class _WindowAttention(DivisionLayer):
             mask = shift_mask(grid, x.dtype, x.device) if sum(shift) > 0 else None
             x = window_attention(q, k, v, bias, mask, logit_scale, dropout, self.training)
         x = x.transpose(1, 2).reshape(x.size(0), x.size(2), c)
-        x = self._project(x, self.proj, self.proj.bias, grid)  # type: ignore[attr-defined]
+        x = saving_linear(x, self.proj.weight, self.proj.bias, self.compressor, grid)  # type: ignore[attr-defined]
         x = F.dropout(x, p=self.dropout, training=self.training)  # type: ignore[attr-defined]
         x = windows_to_map(x, grid)
         if sum(shift) > 0:
             x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x[:, :height, :width, :].contiguous()
 
-    def _project(self, x: torch.Tensor, linear: nn.Linear, bias: torch.Tensor | None, grid: WindowGrid) -> torch.Tensor:
-        """F.linear on windows, saving them as the record of the map they tile."""
-        (x, weight, bias_), autocast_off = _autocast(x, linear.weight, bias)
-        with autocast_off:
-            return LinearFn.apply(x, weight, bias_, self.compressor, grid, _master(weight, linear.weight))
 
 
 class _MapBlock(DivisionLayer):
