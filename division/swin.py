@@ -28,7 +28,6 @@ from .tokens import (
     input_map_as_windows,
     map_to_windows,
     windows_as_input_map,
-    windows_to_map,
 )
 
 try:
@@ -130,18 +129,13 @@ class _WindowAttention(DivisionLayer):
             return super().forward(x)  # type: ignore[misc]
         bias = self.get_relative_position_bias()  # type: ignore[attr-defined]
         logit_scale = getattr(self, "logit_scale", None)
-        n, height, width, c = x.shape
+        _, height, width, c = x.shape
         window = list(self.window_size)  # type: ignore[attr-defined]
-        pad_r = (window[1] - width % window[1]) % window[1]
-        pad_b = (window[0] - height % window[0]) % window[0]
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        _, pad_h, pad_w, _ = x.shape
+        pad_h, pad_w = height + -height % window[0], width + -width % window[1]  # whole windows
         # no shift where the window covers the padded map (stock's rule)
         shift = tuple(0 if w >= p else s for w, p, s in zip(window, (pad_h, pad_w), self.shift_size))  # type: ignore[attr-defined]
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         grid = WindowGrid(pad_h // window[0], pad_w // window[1], window[0], window[1], height, width, shift)
-        x = map_to_windows(x, grid)
+        x = input_map_as_windows(x, grid)  # stock's pad, roll and partition
         qkv_bias = self.qkv.bias  # type: ignore[attr-defined]
         if logit_scale is not None and qkv_bias is not None:  # V2: no bias on k
             qkv_bias = qkv_bias.clone()
@@ -156,15 +150,12 @@ class _WindowAttention(DivisionLayer):
         if dropout == 0.0 and cfg.compress_attention and cfg.backward_mode != "exact" and not torch.compiler.is_compiling():
             x = WindowAttentionFn.apply(q, k, v, bias, logit_scale, qkv_bias, self.compressor, grid, x.dtype)
         else:  # stock's attention saves what it saves (as DivisionMultiheadAttention's)
-            mask = shift_mask(grid, x.dtype, x.device) if sum(shift) > 0 else None
+            mask = shift_mask(grid, x.dtype, x.device) if any(shift) else None
             x = window_attention(q, k, v, bias, mask, logit_scale, dropout, self.training)
         x = x.transpose(1, 2).reshape(x.size(0), x.size(2), c)
         x = saving_linear(x, self.proj.weight, self.proj.bias, self.compressor, grid)  # type: ignore[attr-defined]
         x = F.dropout(x, p=self.dropout, training=self.training)  # type: ignore[attr-defined]
-        x = windows_to_map(x, grid)
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        return x[:, :height, :width, :].contiguous()
+        return windows_as_input_map(x, grid)  # stock's reverse partition, roll and crop
 
 
 
