@@ -8,8 +8,9 @@ For each model (random weights, 10 classes): the activation memory autograd save
 training-mode forward (division.summary: each storage once, parameters left out) of the stock
 model, of the model with only the paper's layers converted (convolution, batch norm, ReLU,
 max-pool, dropout, Linear) and of the model as convert_model leaves it today (also ReLU6 and
-Hardtanh masks, SiLU / Hardswish / Mish inputs at activation_bits, average pooling, Inception's
-and GoogLeNet's conv blocks, squeeze-and-excitation, ConvNeXt and Swin blocks); and
+Hardtanh masks, SiLU / Hardswish / Mish inputs and those of GELUs after convolutions at
+activation_bits, average pooling, Inception's and GoogLeNet's conv blocks, squeeze-and-excitation,
+ConvNeXt, Swin and MaxViT blocks); and
 the cosine between the whole-model gradient and the exact one, on real Fashion-MNIST images
 (upsampled, three channels), mean and range over --draws draws. Dropout and stochastic depth are
 switched off, so that the gradients compared differ by the codec alone. Writes <out>.json,
@@ -37,8 +38,9 @@ from benchmarks.common import figure, run_info
 from division.layers import CONVERSIONS, DivisionLayer
 
 MODELS = ["resnet50", "densenet121", "googlenet", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
-          "regnet_y_400mf", "convnext_tiny", "swin_t", "swin_v2_t"]
+          "regnet_y_400mf", "convnext_tiny", "swin_t", "swin_v2_t", "maxvit_t"]
 BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}  # one output in training mode
+FIXED_SIZE = {"maxvit_t": 224}  # built for one image size (its partition grids): both batches at it
 # what the paper's method converts; the rest of CONVERSIONS came later
 PAPER_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.MaxPool2d,
                 nn.Dropout, nn.Linear)
@@ -58,7 +60,7 @@ def paper_layers_only(model: nn.Module) -> nn.Module:
     converted) and the Linears of ConvNeXt's maps (the paper keeps Linear inputs exact)."""
     for module in reversed(list(model.modules())):  # children first: a reverted block copies its children dict
         for name, child in list(module.named_children()):
-            paper = any(type(child) is CONVERSIONS[k] for k in PAPER_LAYERS) and not getattr(child, "map_input", False)
+            paper = any(type(child) is CONVERSIONS[k] for k in PAPER_LAYERS) and getattr(child, "map_layout", None) is None
             if isinstance(child, DivisionLayer) and not paper:
                 setattr(module, name, division.revert_model(child, recurse=False))
     return model
@@ -146,13 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.batch, args.memory_size, args.draws = 32, 4, 32, 2
-    x, y = load_images(args.batch, args.size, args.tiny)
-    memory_x = torch.randn(2, 3, args.memory_size, args.memory_size, generator=torch.Generator().manual_seed(1))
     cfg = division.DivisionConfig(activation_bits=args.activation_bits)
-    rows = [measure(name, x, y, memory_x, args.draws, cfg) for name in tqdm(args.models, desc="models")]
+    rows = []
+    for name in tqdm(args.models, desc="models"):
+        size, memory_size = (FIXED_SIZE[name],) * 2 if name in FIXED_SIZE else (args.size, args.memory_size)
+        x, y = load_images(args.batch, size, args.tiny)
+        memory_x = torch.randn(2, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(1))
+        rows.append(measure(name, x, y, memory_x, args.draws, cfg))
     table = markdown(rows)
     print(table)
-    info = {**run_info(torch.device("cpu")), "size": args.size, "batch": args.batch,
+    fixed = " ".join(f"{n} is built for {FIXED_SIZE[n]}x{FIXED_SIZE[n]} images: both its batches are at that size."
+                     for n in args.models if n in FIXED_SIZE)
+    info = {**run_info(torch.device("cpu")), "size": args.size, "batch": args.batch, "fixed_size": FIXED_SIZE,
             "memory_size": args.memory_size, "draws": args.draws, "config": cfg.to_dict()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Fashion-MNIST images at {args.size}x{args.size} (mean and range of {args.draws} draws), random "
         f"weights, dropout and stochastic depth off. \"paper's layers\": convolution, batch norm, ReLU, "
         f"max-pool, dropout converted; \"all converted\": what convert_model converts "
-        f"(activation_bits={cfg.activation_bits}).\n\n{table}\n"
+        f"(activation_bits={cfg.activation_bits}).{' ' + fixed if fixed else ''}\n\n{table}\n"
     )
     plot(rows, args.out.with_suffix(".png"))
     return 0

@@ -7,7 +7,8 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .compressor import Compressor
 from .config import DivisionConfig
-from .layers import CONVERSIONS, DivisionLayer, set_maps_after_permute
+from .layers import CONVERSIONS, DivisionLayer, set_conv_activations, set_maps_after_permute
+from .maxvit import MAXVIT_UNCONVERTED
 from .tokens import TokenGrid, infer_token_grid
 
 STATE_ATTR = "_division_compressor"
@@ -26,6 +27,7 @@ KNOWN_UNCONVERTED: dict[type[nn.Module], str] = {
     nn.Flatten: "a view: saves nothing",
     nn.Identity: "saves nothing",
     NonDynamicallyQuantizableLinear: "MultiheadAttention's output projection: the attention layer runs it",
+    **MAXVIT_UNCONVERTED,
 }
 
 
@@ -110,9 +112,10 @@ def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compre
 
 def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
     """The layers inside `module`, then what a converted container converts of its own
-    (DivisionCNBlock.convert_inner) and the map layers of a Sequential (set_maps_after_permute)."""
+    (DivisionCNBlock.convert_inner) and the map layers and conv-map activations of a Sequential."""
     _convert_children(module, cfg, compressor)
     if isinstance(module, DivisionLayer) and hasattr(module, "convert_inner"):
         module.convert_inner()
     if isinstance(module, nn.Sequential):
         set_maps_after_permute(module, compressor)
+        set_conv_activations(module)

@@ -7,6 +7,7 @@ saved-tensor hooks (e.g. `torch.autograd.graph.save_on_cpu`) and retain_graph wo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -26,10 +27,13 @@ from .masks import (
     relu_forward,
 )
 from .tokens import (
+    PartitionGrid,
     WindowGrid,
     compress_tokens,
     decompress_tokens,
     input_map_as_windows,
+    map_as_partitions,
+    partitions_as_map,
     windows_as_input_map,
 )
 
@@ -278,16 +282,24 @@ class ClampMaskFn(Function):
         return relu_backward(gy, bits, ctx.fmt, ctx.kernels), None, None, None, None
 
 
+def _gelu(approximate: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """GELU in ACTIVATIONS' form (it has no in-place variant: `inplace` is always False)."""
+    return (lambda x, inplace: F.gelu(x, approximate=approximate),
+            lambda gy, x: torch.ops.aten.gelu_backward(gy, x, approximate=approximate))
+
+
 # name: (stock's forward, aten's derivative at the input), as stock's autograd runs them
 ACTIVATIONS = {
     "silu": (F.silu, torch.ops.aten.silu_backward),
     "hardswish": (F.hardswish, torch.ops.aten.hardswish_backward),
     "mish": (F.mish, torch.ops.aten.mish_backward),
+    "gelu": _gelu("none"),
+    "gelu_tanh": _gelu("tanh"),
 }
 
 
 class ActivationFn(Function):
-    """An elementwise activation (SiLU, Hardswish, Mish) of an (N, C, *spatial) map saving its
+    """An elementwise activation (SiLU, Hardswish, Mish, GELU) of an (N, C, *spatial) map saving its
     input compressed with cfg.activation_bits HFC bits: backward is aten's derivative at the
     rebuilt input. In place, the input is compressed before it is overwritten (an exact record keeps
     a copy, as stock's autograd does for an in-place op whose derivative reads its input)."""
@@ -333,7 +345,9 @@ class ScaleFn(Function):
 
 ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
 MAP = "map"  # an (N, H, W, C) feature map with channels last, as ConvNeXt's and Swin's blocks run them
-Layout = str | WindowGrid  # how a layer's input lies; a WindowGrid: (N * R * K, h * w, C) windows
+CONV = "conv"  # an (N, C, *spatial) map, as convolutions give it (an activation's input: ActivationFn)
+# how a layer's input lies; a WindowGrid: (N * R * K, h * w, C) windows; a PartitionGrid: (N, G, P, C)
+Layout = str | WindowGrid | PartitionGrid
 
 
 def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) -> Any:
@@ -342,13 +356,16 @@ def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) ->
     (a channels_last tensor when x is contiguous); a WindowGrid: windows as the block input's
     positions they hold (tokens.windows_as_input_map: the padding is not kept, and comes back as
     zeros, which is what the padding of a qkv projection's input is; an output projection's
-    padded positions are cropped after it, so their gradient is zero)."""
+    padded positions are cropped after it, so their gradient is zero); a PartitionGrid: MaxViT's
+    partitions as the map they tile."""
     if layout == ROWS:
         return compressor.compress(x.reshape(-1, 1, x.shape[-1]))
     if layout == MAP:
         return compressor.compress(x.permute(0, 3, 1, 2))
     if isinstance(layout, WindowGrid):
         return compressor.compress(windows_as_input_map(x, layout).permute(0, 3, 1, 2))
+    if isinstance(layout, PartitionGrid):
+        return compressor.compress(partitions_as_map(x, layout).permute(0, 3, 1, 2))
     return compress_tokens(compressor, x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x)
 
 
@@ -360,6 +377,8 @@ def _decompress_layout(packed: Any, layout: Layout) -> torch.Tensor:
         return decompress(packed).permute(0, 2, 3, 1)
     if isinstance(layout, WindowGrid):
         return input_map_as_windows(decompress(packed).permute(0, 2, 3, 1), layout)
+    if isinstance(layout, PartitionGrid):
+        return map_as_partitions(decompress(packed).permute(0, 2, 3, 1), layout)
     x = decompress_tokens(packed)
     return x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x
 
@@ -397,12 +416,12 @@ class LinearFn(Function):
 
 
 class LayerNormFn(Function):
-    """Layer norm over the last dimension of (N, T, D) tokens or of an (N, H, W, C) map (MAP):
+    """Layer norm over the last dimension of (N, T, D) tokens or of a map (MAP, partitions):
     exact per-token statistics from forward, the input saved as a token record or a map record;
     aten's own backward, as stock's autograd runs."""
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps, compressor: Compressor, layout: str = TOKENS):
+    def forward(ctx, x, normalized_shape, weight, bias, eps, compressor: Compressor, layout: Layout = TOKENS):
         y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
         _save(ctx, _compress_layout(compressor, x, layout), weight, bias, mean, rstd)
         ctx.normalized_shape, ctx.layout = list(normalized_shape), layout
@@ -420,10 +439,11 @@ class LayerNormFn(Function):
 
 
 class GELUFn(Function):
-    """GELU on (N, T, D) tokens or an (N, H, W, C) map (MAP), its input saved as their record."""
+    """GELU on (N, T, D) tokens or an (N, H, W, C) map (MAP, partitions), its input saved as their
+    record."""
 
     @staticmethod
-    def forward(ctx, x, approximate: str, compressor: Compressor, layout: str = TOKENS):
+    def forward(ctx, x, approximate: str, compressor: Compressor, layout: Layout = TOKENS):
         _save(ctx, _compress_layout(compressor, x, layout))
         ctx.approximate, ctx.layout = approximate, layout
         return torch.ops.aten.gelu(x, approximate=approximate)

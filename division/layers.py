@@ -18,6 +18,7 @@ from torch.nn.modules.utils import _pair
 
 from .compressor import Compressor
 from .functional import (
+    CONV,
     MAP,
     ROWS,
     TOKENS,
@@ -31,6 +32,7 @@ from .functional import (
     DropoutFn,
     GELUFn,
     LayerNormFn,
+    Layout,
     LinearFn,
     MaxPool2dFn,
     ReLUFn,
@@ -96,7 +98,7 @@ class DivisionLayer:
 
     compressor: Compressor
     # what a conversion adds to the module's attributes (revert_model drops them again)
-    CONVERSION_ATTRIBUTES = ("compressor", "map_input")
+    CONVERSION_ATTRIBUTES = ("compressor", "map_layout")
 
     @classmethod
     def from_module(cls, module: nn.Module, compressor: Compressor) -> nn.Module:
@@ -294,16 +296,18 @@ if SqueezeExcitation is not None:
 
 class DivisionLinear(DivisionLayer, nn.Linear):
     """(N, T, D) token inputs are saved as token records (over the patch grid when the model has
-    one), (N, H, W, C) inputs of a map layer (`map_input`: set_map_layers) as maps;
+    one), the 4-D inputs of a map layer (`map_layout`: set_map_layers) as maps;
     other inputs along their last dimension when compress_linear, else exactly as stock."""
 
-    map_input = False  # the input is an (N, H, W, C) map (set_map_layers sets it)
+    # how a 4-D input lies: MAP ((N, H, W, C)) or MaxViT's partitions (set_map_layers sets it)
+    map_layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x) or x.dim() < 2:
             return super().forward(x)
-        if self.map_input and x.dim() == 4:
-            return saving_linear(x, self.weight, self.bias, self.compressor, MAP)
+        layout = _input_layout(self, x)
+        if x.dim() == 4 and layout is not None:
+            return saving_linear(x, self.weight, self.bias, self.compressor, layout)
         tokens = x.dim() == 3
         if not (tokens or self.compressor.cfg.compress_linear):
             # kept exact, as stock; but a view such as a ViT head's x[:, 0] would keep its whole
@@ -323,21 +327,28 @@ def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any],
     return cast, torch.autocast("cuda", enabled=False)
 
 
-def _token_or_map_layout(module: nn.Module, x: torch.Tensor) -> str | None:
-    """TOKENS for (N, T, D) inputs, MAP for the (N, H, W, C) inputs of a map layer, else None."""
+def _input_layout(module: nn.Module, x: torch.Tensor) -> Layout | None:
+    """How x lies, by what the module was told (`map_layout`) and x's shape: CONV for the
+    (N, C, *spatial) inputs of an activation after a convolution; TOKENS for other 3-D inputs; the
+    map layout of a 4-D input (MAP; a PartitionGrid that x fits); else None (stock's forward)."""
+    layout = getattr(module, "map_layout", None)
+    if layout == CONV:
+        return CONV if 3 <= x.dim() <= 5 else None
     if x.dim() == 3:
         return TOKENS
-    return MAP if x.dim() == 4 and getattr(module, "map_input", False) else None
+    if x.dim() != 4 or layout is None:
+        return None
+    return layout if layout == MAP or layout.fits(x) else None
 
 
 class DivisionLayerNorm(DivisionLayer, nn.LayerNorm):
-    """(N, T, D) token inputs normalized over D are saved as token records, (N, H, W, C) inputs of a
-    map layer (set_map_layers: ConvNeXt's and Swin's blocks) as maps; others as stock."""
+    """(N, T, D) token inputs normalized over D are saved as token records, the 4-D inputs of a
+    map layer (set_map_layers: ConvNeXt's, Swin's and MaxViT's blocks) as maps; others as stock."""
 
-    map_input = False
+    map_layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout = _token_or_map_layout(self, x)
+        layout = _input_layout(self, x)
         if not _needs_saving(self, x) or layout is None or len(self.normalized_shape) != 1:
             return super().forward(x)
         (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x, self.weight, self.bias)
@@ -362,15 +373,20 @@ if LayerNorm2d is not None:
 
 
 class DivisionGELU(DivisionLayer, nn.GELU):
-    """(N, T, D) token inputs are saved as token records, (N, H, W, C) inputs of a map layer
-    (set_map_layers: ConvNeXt's and Swin's blocks) as maps; others as stock."""
+    """(N, T, D) token inputs are saved as token records, the 4-D inputs of a map layer
+    (set_map_layers: ConvNeXt's, Swin's and MaxViT's blocks) as maps, the (N, C, *spatial) inputs
+    of a GELU after a convolution (set_conv_activations) as SiLU's are (ActivationFn); others as
+    stock (a lone 4-D input could be either kind of map)."""
 
-    map_input = False
+    map_layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout = _token_or_map_layout(self, x)
+        layout = _input_layout(self, x)
         if not _needs_saving(self, x) or layout is None:
             return super().forward(x)
+        if layout == CONV:
+            name = "gelu" if self.approximate == "none" else f"gelu_{self.approximate}"
+            return ActivationFn.apply(x, name, False, self.compressor)
         return GELUFn.apply(x, self.approximate, self.compressor, layout)
 
 
@@ -417,10 +433,12 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
         return out.transpose(1, 0), None
 
 
-def set_map_layers(container: nn.Module, compressor: Compressor, names: set[str] | None = None) -> None:
+def set_map_layers(container: nn.Module, compressor: Compressor, names: set[str] | None = None,
+                   layout: Layout = MAP) -> None:
     """After convert_model has converted a block's layers: its LayerNorm, Linear and GELU children
-    (those in `names`, default all) told that their inputs are (N, H, W, C) maps, the Linears
-    converted too (whatever compress_linear says: on a map they are pointwise convolutions)."""
+    (those in `names`, default all) told how their 4-D inputs lie (MAP: (N, H, W, C) maps; a
+    PartitionGrid), the Linears converted too (whatever compress_linear says: on a map they are
+    pointwise convolutions)."""
     for name, layer in list(container.named_children()):
         if names is not None and name not in names:
             continue
@@ -428,7 +446,7 @@ def set_map_layers(container: nn.Module, compressor: Compressor, names: set[str]
             layer = DivisionLinear.from_module(layer, compressor)
             setattr(container, name, layer)
         if isinstance(layer, (DivisionLinear, DivisionLayerNorm, DivisionGELU)):
-            layer.map_input = True
+            layer.map_layout = layout
 
 
 def set_maps_after_permute(sequential: nn.Sequential, compressor: Compressor) -> None:
@@ -444,12 +462,26 @@ def set_maps_after_permute(sequential: nn.Sequential, compressor: Compressor) ->
         set_map_layers(sequential, compressor, names)
 
 
+# layers whose output is an (N, C, *spatial) map, as a convolution gives it
+CONV_OUTPUTS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+def set_conv_activations(sequential: nn.Sequential) -> None:
+    """In a Sequential, a GELU right after a convolution or a batch, instance or group norm takes
+    (N, C, *spatial) maps (torchvision's Conv2dNormActivation: MaxViT's MBConv blocks and stem)."""
+    before: nn.Module | None = None
+    for layer in sequential.children():
+        if isinstance(layer, DivisionGELU) and isinstance(before, CONV_OUTPUTS):
+            layer.map_layout = CONV
+        before = layer
+
+
 if CNBlock is not None:
 
     class DivisionCNBlock(DivisionLayer, CNBlock):
         """torchvision's ConvNeXt block: its depthwise conv is converted as any other; its
         LayerNorm, two Linears (pointwise convolutions) and GELU run on an (N, H, W, C) map and save
-        their inputs as map records (map_input); `layer_scale * block(x)` saves the block's output
+        their inputs as map records (map_layout); `layer_scale * block(x)` saves the block's output
         compressed for the scale's gradient (ScaleFn) where stock keeps it whole."""
 
         def convert_inner(self) -> None:
@@ -492,7 +524,9 @@ if CNBlock is not None:
     CONVERSIONS[LayerNorm2d] = DivisionLayerNorm2d
 
 from .inception import INCEPTION_CONVERSIONS  # noqa: E402  (built on the layers above)
+from .maxvit import MAXVIT_CONVERSIONS  # noqa: E402
 from .swin import SWIN_CONVERSIONS  # noqa: E402
 
 CONVERSIONS.update(INCEPTION_CONVERSIONS)
 CONVERSIONS.update(SWIN_CONVERSIONS)
+CONVERSIONS.update(MAXVIT_CONVERSIONS)

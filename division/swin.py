@@ -1,7 +1,7 @@
 """torchvision's Swin Transformer (V1 and V2), converted.
 
 Swin runs on (N, H, W, C) maps: its LayerNorms, MLP Linears and GELU save their inputs as map
-records (map_input, as in ConvNeXt's blocks), and so do patch merging's. Its attention is a
+records (map_layout, as in ConvNeXt's blocks), and so do patch merging's. Its attention is a
 function of the whole block (shifted_window_attention), so the attention module is converted
 whole: the same ops in the same order as stock (exact mode is stock's bit for bit), with the qkv
 and output projections saving their window inputs as records of the map the windows tile

@@ -14,6 +14,8 @@ VisionTransformer and models.vit say it through `image_size`, `patch_size` and `
 A Swin Transformer's attention runs on windows: (N * R * K, h * w, C) tokens cut from an
 (N, R * h, K * w, C) map (WindowGrid). Their records are those of the map the windows tile, so
 that planes span the whole image and blocks of B x B neighbouring positions, not a window's 49.
+MaxViT's attention runs on (N, G, P, C) partitions of its map, windows or a dilated grid
+(PartitionGrid), recorded the same way.
 """
 
 from __future__ import annotations
@@ -173,3 +175,40 @@ def input_map_as_windows(m: torch.Tensor, grid: WindowGrid, fill: torch.Tensor |
     if any(grid.shift):
         m = torch.roll(m, shifts=(-grid.shift[0], -grid.shift[1]), dims=(1, 2))
     return map_to_windows(m, grid)
+
+
+@dataclass(frozen=True)
+class PartitionGrid:
+    """How MaxViT's (N, rows * cols, size * size, C) partitions tile its (N, C, rows * size,
+    cols * size) map (torchvision's WindowPartition: window `size` x `size` positions); `swapped`:
+    the two middle axes exchanged, (N, size * size, rows * cols, C), as its grid attention runs."""
+
+    size: int
+    rows: int
+    cols: int
+    swapped: bool = False
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether x is an (N, G, P, C) tensor of this grid's partitions."""
+        windows, positions = self.rows * self.cols, self.size * self.size
+        middle = (positions, windows) if self.swapped else (windows, positions)
+        return x.dim() == 4 and tuple(x.shape[1:3]) == middle
+
+
+def partitions_as_map(x: torch.Tensor, grid: PartitionGrid) -> torch.Tensor:
+    """The (N, H, W, C) map that (N, G, P, C) partitions hold (stock's departition: one copy)."""
+    n, c, s = x.shape[0], x.shape[-1], grid.size
+    if grid.swapped:
+        m = x.reshape(n, s, s, grid.rows, grid.cols, c).permute(0, 3, 1, 4, 2, 5)
+    else:
+        m = x.reshape(n, grid.rows, grid.cols, s, s, c).permute(0, 1, 3, 2, 4, 5)
+    return m.reshape(n, grid.rows * s, grid.cols * s, c)
+
+
+def map_as_partitions(m: torch.Tensor, grid: PartitionGrid) -> torch.Tensor:
+    """Inverse of partitions_as_map: the (N, G, P, C) partitions of an (N, H, W, C) map."""
+    n, c, s = m.shape[0], m.shape[-1], grid.size
+    m = m.reshape(n, grid.rows, s, grid.cols, s, c)
+    if grid.swapped:
+        return m.permute(0, 2, 4, 1, 3, 5).reshape(n, s * s, grid.rows * grid.cols, c)
+    return m.permute(0, 1, 3, 2, 4, 5).reshape(n, grid.rows * grid.cols, s * s, c)

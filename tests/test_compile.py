@@ -223,3 +223,29 @@ def test_swin_compiles_with_its_map_and_window_records() -> None:
     assert torch.isfinite(grads["compiled"]).all()
     assert F.cosine_similarity(grads["compiled"], grads["stock"], dim=0) > 0.95
     assert saved["compiled"] <= 1.01 * saved["core kept"] < saved["stock"], saved
+
+
+def test_maxvit_compiles_with_its_partition_records() -> None:
+    """torchvision's MaxViT (one block: MBConv, window and grid attention) traces without a graph
+    break; its conv-map GELUs and its partition layers keep their records under compile (the
+    attention core stock's, as Swin's): it saves what eager saves with compress_attention=False,
+    and its gradient stays near stock's."""
+    from division.saved import SavedBytes
+
+    torch.manual_seed(0)
+    base = torchvision.models.maxvit.MaxVit((32, 32), 8, 4, [16], [1], 8, 0.0, num_classes=10)
+    model = division.convert_model(copy.deepcopy(base), division.DivisionConfig())
+    core_kept = division.convert_model(copy.deepcopy(base), division.DivisionConfig(compress_attention=False))
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    grads, saved = {}, {}
+    for name, run in {"stock": base, "core kept": core_kept, "compiled": torch.compile(model, fullgraph=True)}.items():
+        counter = SavedBytes(exclude=run.parameters())
+        torch.manual_seed(0)
+        with counter.counting():
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        saved[name] = counter.total
+        grads[name] = torch.cat([p.grad.flatten() for n, p in run.named_parameters() if "blocks." in n])
+    assert torch.isfinite(grads["compiled"]).all()
+    assert F.cosine_similarity(grads["compiled"], grads["stock"], dim=0) > 0.95
+    assert saved["compiled"] <= 1.01 * saved["core kept"] < saved["stock"] / 3, saved

@@ -154,7 +154,7 @@ def test_revert_model_gives_stock_layers() -> None:
 
 @pytest.mark.parametrize("name, size", [
     ("mobilenet_v2", 64), ("efficientnet_b0", 64), ("squeezenet1_1", 64), ("convnext_tiny", 32),
-    ("googlenet", 64), ("inception_v3", 75), ("resnet18", 32), ("swin_t", 64),
+    ("googlenet", 64), ("inception_v3", 75), ("resnet18", 32), ("swin_t", 64), ("maxvit_t", 224),
     pytest.param("vgg11", 32, marks=pytest.mark.slow),
 ])
 def test_exact_mode_is_the_stock_model_bit_for_bit(name: str, size: int) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import division
+from division.functional import CONV, MAP
 
 FAITHFUL = [
     division.DivisionConfig(block_size=1, lfc_dtype="float32"),  # LFC is x: exact
@@ -509,6 +510,44 @@ def test_elementwise_activations_save_their_input_compressed(kind: str, inplace:
     assert saved_bytes(layer, x[:, :, 0, 0]) == saved_bytes(stock, x[:, :, 0, 0])  # (N, C): stock's
 
 
+GELU_AFTER = {
+    "conv1d": (lambda: nn.Conv1d(3, 6, 3, padding=1), (4, 3, 512)),
+    "conv2d": (lambda: nn.Conv2d(3, 6, 3, padding=1), (4, 3, 16, 16)),
+    "batchnorm2d": (lambda: nn.BatchNorm2d(3), (4, 3, 16, 16)),
+    "conv3d": (lambda: nn.Conv3d(3, 6, 3, padding=1), (2, 3, 16, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("before", list(GELU_AFTER))
+def test_gelu_after_a_convolution_saves_its_conv_map_as_silu_does(before: str, approximate: str) -> None:
+    """In a Sequential, a GELU right after a convolution or a norm of conv maps takes
+    (N, C, *spatial) maps (torchvision's Conv2dNormActivation): it saves its input as SiLU does
+    (activation_bits per element), exact mode stock's bit for bit, a faithful codec stock's gradient,
+    DIVISION's near it; a lone GELU or one after a Linear keeps stock's (a 4-D input is ambiguous)."""
+    make_before, shape = GELU_AFTER[before]
+    make = lambda: nn.Sequential(make_before(), nn.GELU(approximate))  # noqa: E731
+    x = torch.randn(shape) * 2
+    go = lambda m: run(m, x)  # noqa: E731
+    stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    assert exact[1].map_layout == CONV
+    (y0, g0), (y1, g1) = go(stock), go(exact)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, faithful = converted_pair(make, FAITHFUL[0])
+    y2, g2 = go(faithful)
+    assert torch.equal(y0, y2) and all(torch.equal(g0[k], g2[k]) for k in g0)
+    _, layer = converted_pair(make, division.DivisionConfig())
+    y3, g3 = go(layer)
+    assert torch.equal(y0, y3) and rel_err(g3["input"], g0["input"]) < 0.3
+    gelu_input = layer[0](x)
+    lfc_bits = 16 / 8 ** (x.dim() - 2)  # a bf16 LFC value per block of 8, 8 x 8 or 8 x 8 x 8
+    assert saved_bytes(layer[1], gelu_input) * 8 < gelu_input.numel() * (4 + lfc_bits + 0.5)  # activation_bits = 4
+    for other in (nn.Sequential(nn.GELU()), nn.Sequential(nn.Linear(16, 16), nn.GELU())):
+        converted = division.convert_model(other, division.DivisionConfig(compress_linear=True))
+        assert converted[-1].map_layout is None
+        assert saved_bytes(converted[-1], torch.randn(2, 3, 16, 16)) == 2 * 3 * 16 * 16 * 4
+
+
 def test_squeeze_excitation_saves_its_input_compressed_and_converts_its_layers() -> None:
     """torchvision's SE block: exact mode is stock's bit for bit (input and parameter gradients),
     a faithful codec gives stock's gradients to its precision, and DIVISION keeps a compressed copy
@@ -568,7 +607,7 @@ def test_convnext_block_saves_its_map_layers_and_layer_scale_input_compressed() 
     kinds = [type(m).__name__ for m in exact.block]
     assert kinds == ["DivisionConv2d", "Permute", "DivisionLayerNorm", "DivisionLinear", "DivisionGELU",
                      "DivisionLinear", "Permute"]
-    assert all(m.map_input for m in exact.block if type(m).__name__ in ("DivisionLayerNorm", "DivisionLinear", "DivisionGELU"))
+    assert all(m.map_layout == MAP for m in exact.block if type(m).__name__ in ("DivisionLayerNorm", "DivisionLinear", "DivisionGELU"))
     (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
     assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
     _, fine = converted_pair(make, FAITHFUL[2])
@@ -581,7 +620,7 @@ def test_convnext_block_saves_its_map_layers_and_layer_scale_input_compressed() 
     assert type(alone) is CNBlock and type(alone.block[0]).__name__ == "DivisionConv2d"
     reverted = division.revert_model(layer)
     assert type(reverted) is CNBlock and [type(m) for m in reverted.block][2:6] == [nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear]
-    assert "map_input" not in vars(reverted.block[3])
+    assert "map_layout" not in vars(reverted.block[3])
 
 
 def test_layer_norm_2d_and_layers_after_a_permute_save_map_records() -> None:
@@ -601,7 +640,7 @@ def test_layer_norm_2d_and_layers_after_a_permute_save_map_records() -> None:
     stock, exact = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
     assert [type(m).__name__ for m in exact][:6] == [
         "DivisionLayerNorm2d", "DivisionConv2d", "Permute", "DivisionLayerNorm", "DivisionLinear", "DivisionGELU"]
-    assert all(exact[i].map_input for i in (3, 4, 5)) and type(exact[9]) is nn.Linear
+    assert all(exact[i].map_layout == MAP for i in (3, 4, 5)) and type(exact[9]) is nn.Linear
     (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
     assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
     _, faithful = converted_pair(make, FAITHFUL[0])
@@ -610,7 +649,7 @@ def test_layer_norm_2d_and_layers_after_a_permute_save_map_records() -> None:
     _, layer = converted_pair(make, division.DivisionConfig())
     assert saved_bytes(layer, x) * 6 < saved_bytes(stock, x)
     reverted = division.revert_model(layer)
-    assert type(reverted[0]) is LayerNorm2d and type(reverted[4]) is nn.Linear and "map_input" not in vars(reverted[4])
+    assert type(reverted[0]) is LayerNorm2d and type(reverted[4]) is nn.Linear and "map_layout" not in vars(reverted[4])
 
 
 AVG_POOLS = [

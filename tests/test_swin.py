@@ -12,6 +12,7 @@ from torch import nn
 
 import division
 from division import swin
+from division.functional import MAP
 from division.tokens import (
     WindowGrid,
     input_map_as_windows,
@@ -80,13 +81,13 @@ def test_swin_layers_are_converted_and_reverted(version: int) -> None:
     stem_norm = model.features[0][2]  # after the patch embedding's Permute
     map_layers = [stem_norm, block.norm1, block.norm2, block.mlp[0], block.mlp[1], block.mlp[3], merging.norm,
                   merging.reduction]
-    assert all(isinstance(m, division.layers.DivisionLayer) and m.map_input for m in map_layers)
+    assert all(isinstance(m, division.layers.DivisionLayer) and m.map_layout == MAP for m in map_layers)
     assert type(block.attn.qkv) is nn.Linear  # the attention runs its projections itself
     if version == 2:  # the continuous position bias MLP runs on a table, not on a map
         assert type(block.attn.cpb_mlp[0]) is nn.Linear
     division.revert_model(model)
     assert type(model.features[1][1]) is (tv_swin.SwinTransformerBlockV2 if version == 2 else tv_swin.SwinTransformerBlock)
-    assert type(model.features[1][1].mlp[0]) is nn.Linear and "map_input" not in vars(model.features[1][1].mlp[0])
+    assert type(model.features[1][1].mlp[0]) is nn.Linear and "map_layout" not in vars(model.features[1][1].mlp[0])
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -193,7 +194,7 @@ def test_a_block_converts_alone() -> None:
     x = torch.randn(2, 8, 8, 16)
     stock = copy.deepcopy(block)
     layer = division.convert_model(block, division.DivisionConfig(backward_mode="exact"))
-    assert type(layer).__name__ == "DivisionSwinTransformerBlock" and layer.norm1.map_input and layer.mlp[0].map_input
+    assert type(layer).__name__ == "DivisionSwinTransformerBlock" and layer.norm1.map_layout == layer.mlp[0].map_layout == MAP
     (y0, g0), (y1, g1) = grads_of_map(stock, x), grads_of_map(layer, x)
     assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
 

@@ -1,0 +1,175 @@
+"""torchvision's MaxViT converted: GELU on conv maps, partition layers and relative attention."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import division
+from division import maxvit
+from division.functional import CONV
+from division.tokens import PartitionGrid, map_as_partitions, partitions_as_map
+
+tv_maxvit = pytest.importorskip("torchvision.models.maxvit")
+
+SIZE = 64  # a 32x32 stem map; blocks on 16x16 (4x4 windows of 4, a 4x4 grid of 4x4) and 8x8 maps
+
+
+def tiny_maxvit(size: int = SIZE) -> nn.Module:
+    torch.manual_seed(0)
+    return tv_maxvit.MaxVit((size, size), 8, 4, [16, 32], [1, 1], 8, 0.0, num_classes=10)
+
+
+def grads_of(model: nn.Module, x: torch.Tensor, seed: int = 1, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(leaf)
+    F.cross_entropy(out.float(), torch.arange(x.shape[0], device=x.device) % 10).backward()
+    return out.detach(), {"input": leaf.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def count_calls(fn: type, run) -> int:
+    calls = []
+    apply = fn.apply
+    fn.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
+    try:
+        run()
+    finally:
+        fn.apply = apply  # type: ignore[method-assign]
+    return len(calls)
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_partition_records_hold_the_map(swapped: bool) -> None:
+    """partitions_as_map is stock's departition (of the swapped grid partitions too) and
+    map_as_partitions stock's partition: records keep the (N, H, W, C) map the partitions tile."""
+    x = torch.randn(2, 5, 12, 8)  # (N, C, H, W): 3 x 2 windows of 4
+    partitioned = tv_maxvit.WindowPartition()(x, 4)
+    if swapped:
+        partitioned = partitioned.swapaxes(-2, -3)
+    grid = PartitionGrid(4, 3, 2, swapped)
+    assert grid.fits(partitioned) and not grid.fits(partitioned.transpose(1, 2))
+    m = partitions_as_map(partitioned, grid)
+    assert torch.equal(m, x.permute(0, 2, 3, 1))
+    assert torch.equal(map_as_partitions(m, grid), partitioned)
+
+
+def test_maxvit_layers_are_converted_and_reverted() -> None:
+    model = division.convert_model(tiny_maxvit())
+    layer = model.blocks[0].layers[0]
+    mbconv, window, grid = layer.layers[0], layer.layers[1], layer.layers[2]
+    assert mbconv.layers.conv_a[2].map_layout == CONV and mbconv.layers.conv_b[2].map_layout == CONV
+    assert model.stem[0][2].map_layout == CONV
+    for attention_layer, swapped in ((window, False), (grid, True)):
+        expected = PartitionGrid(4, 4, 4, swapped)
+        attention = attention_layer.attn_layer[1]
+        assert type(attention).__name__ == "DivisionRelativePositionalMultiHeadAttention"
+        assert attention.map_layout == attention.to_qkv.map_layout == attention.merge.map_layout == expected
+        assert attention_layer.attn_layer[0].map_layout == expected
+        assert all(attention_layer.mlp_layer[i].map_layout == expected for i in (0, 1, 2, 3))
+    assert type(model.classifier[3]) is nn.Linear  # (N, C) rows: kept exact as in the paper
+    division.revert_model(model)
+    assert type(model.blocks[0].layers[0].layers[1]) is tv_maxvit.PartitionAttentionLayer
+    assert type(model.blocks[0].layers[0].layers[1].attn_layer[1].to_qkv) is nn.Linear
+    assert not any(isinstance(m, division.layers.DivisionLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_exact_mode_is_stock_maxvit_bit_for_bit(autocast: bool) -> None:
+    """Stock's ops in stock's order: outputs and every gradient are stock's bit for bit."""
+    stock = tiny_maxvit()
+    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    (y0, g0), (y1, g1) = grads_of(stock, x, autocast=autocast), grads_of(exact, x, autocast=autocast)
+    assert torch.equal(y0, y1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(autocast: bool) -> None:
+    """With a codec that gives its input back exactly (B = 1, float32 LFC), the recomputed
+    attention of every partition layer gives stock's gradients (q, k, v, the relative position
+    bias table), under bf16 autocast too."""
+    stock = tiny_maxvit()
+    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    y0, g0 = grads_of(stock, x, autocast=autocast)
+    results = []
+    assert count_calls(maxvit.PartitionAttentionFn, lambda: results.append(grads_of(faithful, x, autocast=autocast))) == 4
+    y1, g1 = results[0]
+    assert torch.equal(y0, y1)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+
+
+def test_division_maxvit_saves_a_tenth_and_its_gradients_average_to_stocks() -> None:
+    """DIVISION's records in place of the conv maps, the GELUs' inputs, the partition layers'
+    inputs and the attention's q, k, v and softmax: several times less saved on this small model;
+    each draw's gradient is noise around stock's, which averages away."""
+    stock = tiny_maxvit()
+    model = division.convert_model(copy.deepcopy(stock))
+    x = torch.randn(4, 3, SIZE, SIZE)
+    assert division.summary(model, x).total_saved_bytes * 6 < division.summary(stock, x).total_saved_bytes
+    for part, (low, high) in {"blocks.": (0.95, 0.99), "relative_position_bias_table": (0.7, 0.95)}.items():
+        flat = lambda g: torch.cat([v.flatten().double() for k, v in g.items() if part in k])  # noqa: E731, B023
+        exact = flat(grads_of(stock, x)[1])
+        draws = [flat(grads_of(model, x, seed=s)[1]) for s in range(8)]
+        one = F.cosine_similarity(draws[0], exact, dim=0).item()
+        mean = F.cosine_similarity(torch.stack(draws).mean(0), exact, dim=0).item()
+        assert low < one < mean and mean > high, (part, one, mean)
+
+
+def test_division_maxvit_under_bf16_autocast() -> None:
+    """Under bf16 autocast the attention is recomputed as forward ran it: stock's output, finite
+    gradients near stock's autocast ones."""
+    stock = tiny_maxvit()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    y0, g0 = grads_of(stock, x, autocast=True)
+    y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock)), x, autocast=True)
+    assert torch.equal(y0, y1)
+    flat = lambda g: torch.cat([v.flatten().double() for k, v in g.items() if "blocks." in k])  # noqa: E731
+    assert torch.isfinite(flat(g1)).all() and F.cosine_similarity(flat(g1), flat(g0), dim=0) > 0.9
+
+
+def test_attention_keeps_what_stock_saves_when_asked() -> None:
+    """compress_attention=False or exact mode: the attention core is stock's (no recomputation)."""
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for cfg in (division.DivisionConfig(compress_attention=False), division.DivisionConfig(backward_mode="exact")):
+        model = division.convert_model(tiny_maxvit(), cfg)
+        assert count_calls(maxvit.PartitionAttentionFn, lambda: grads_of(model, x)) == 0  # noqa: B023
+
+
+def test_another_input_size_runs_stocks_layers() -> None:
+    """A partition layer's grid is fixed at construction (stock departitions by it): on inputs it
+    does not fit, the converted layers run stock's forward, which fails as stock's does."""
+    attention = division.convert_model(tiny_maxvit()).blocks[0].layers[0].layers[1]
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)  # the layer was built for 16x16 maps
+    with pytest.raises(RuntimeError):
+        tv_maxvit.PartitionAttentionLayer.forward(attention, x)
+    with pytest.raises(RuntimeError):
+        attention(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_maxvit_on_cuda() -> None:
+    """On a GPU: exact mode is stock's bit for bit; a faithful codec gives stock's gradients (the
+    recomputed attention); DIVISION under bf16 autocast gives finite gradients near stock's."""
+    stock = tiny_maxvit().cuda()
+    x = torch.randn(3, 3, SIZE, SIZE, device="cuda")
+    y0, g0 = grads_of(stock, x)
+    for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig(block_size=1, lfc_dtype="float32")):
+        y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock), cfg), x)
+        assert torch.equal(y0, y1)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+    _, ga = grads_of(stock, x, autocast=True)
+    _, gd = grads_of(division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backend="cuda")), x, autocast=True)
+    flat = lambda g: torch.cat([v.flatten().double() for k, v in g.items() if "blocks." in k])  # noqa: E731
+    assert torch.isfinite(flat(gd)).all() and F.cosine_similarity(flat(gd), flat(ga), dim=0) > 0.9
