@@ -2,6 +2,7 @@
 
     python benchmarks/model_zoo.py --out logs/bench/model_zoo
     python benchmarks/model_zoo.py --models efficientnet_b0 --activation-bits 2 --out /tmp/zoo2
+    python benchmarks/model_zoo.py --models maxvit_t --hfc-bits 4 --out /tmp/zoo4
     python benchmarks/model_zoo.py --models resnet18 mobilenet_v2 --tiny --out /tmp/zoo   # smoke test
 
 For each model (random weights, 10 classes): the activation memory autograd saves for one
@@ -143,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--activation-bits", type=int, default=division.DivisionConfig().activation_bits,
                         help="DivisionConfig.activation_bits (SiLU, Hardswish, Mish inputs)")
+    parser.add_argument("--hfc-bits", type=int, default=division.DivisionConfig().hfc_bits,
+                        help="DivisionConfig.hfc_bits (Q of every other record)")
     parser.add_argument("--tiny", action="store_true", help="smoke test: synthetic images, 32 px, 2 draws")
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.batch, args.memory_size, args.draws = 32, 4, 32, 2
-    cfg = division.DivisionConfig(activation_bits=args.activation_bits)
+    cfg = division.DivisionConfig(hfc_bits=args.hfc_bits, activation_bits=args.activation_bits)
     rows = []
     for name in tqdm(args.models, desc="models"):
         size, memory_size = (FIXED_SIZE[name],) * 2 if name in FIXED_SIZE else (args.size, args.memory_size)
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Fashion-MNIST images at {args.size}x{args.size} (mean and range of {args.draws} draws), random "
         f"weights, dropout and stochastic depth off. \"paper's layers\": convolution, batch norm, ReLU, "
         f"max-pool, dropout converted; \"all converted\": what convert_model converts "
-        f"(activation_bits={cfg.activation_bits}).{' ' + fixed if fixed else ''}\n\n{table}\n"
+        f"(hfc_bits={cfg.hfc_bits}, activation_bits={cfg.activation_bits}).{' ' + fixed if fixed else ''}\n\n{table}\n"
     )
     plot(rows, args.out.with_suffix(".png"))
     return 0
