@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
@@ -36,26 +38,55 @@ def conversion_for(
 ) -> tuple[type[nn.Module] | None, str]:
     """(converted class, "") or (None, why this module stays as it is). Linear layers are converted
     in a model with a token grid (a transformer, whose Linear inputs are token sequences) or when
-    compress_linear says so."""
+    compress_linear says so. A subclass of a converted class is converted when it defines no
+    method of its own (subclass_conversion)."""
     if isinstance(module, DivisionLayer):
         return None, "already converted"
     kind = type(module)
-    if kind in CONVERSIONS:
-        if kind is nn.Linear and not cfg.compress_linear and token_grid is None:
-            return None, "Linear inputs are kept exact as in the paper (compress_linear=False)"
-        if kind is nn.MaxPool2d and module.return_indices:
-            return None, "MaxPool2d(return_indices=True) is not converted"
-        return CONVERSIONS[kind], ""
     if kind in KNOWN_UNCONVERTED:
         return None, KNOWN_UNCONVERTED[kind]
-    bases = [base for base in CONVERSIONS if isinstance(module, base)]
-    if bases:  # the nearest (LayerNorm2d, not LayerNorm)
-        base = max(bases, key=lambda b: len(b.__mro__))
+    bases = [base for base in CONVERSIONS if issubclass(kind, base)]
+    if not bases:
+        if next(module.children(), None) is None:
+            return None, f"no DIVISION version of {kind.__name__}: its saved tensors stay as they are"
+        return None, "container"
+    base = max(bases, key=lambda b: len(b.__mro__))  # the nearest (LayerNorm2d, not LayerNorm)
+    methods = methods_of_its_own(kind, base)
+    if methods:
         owner = "nn" if base.__module__.startswith("torch.nn") else base.__module__.split(".")[0]
-        return None, f"{kind.__name__} subclasses {owner}.{base.__name__} with its own forward"
-    if next(module.children(), None) is None:
-        return None, f"no DIVISION version of {kind.__name__}: its saved tensors stay as they are"
-    return None, "container"
+        return None, f"{kind.__name__} subclasses {owner}.{base.__name__} with its own {', '.join(methods)}"
+    if base is nn.Linear and not cfg.compress_linear and token_grid is None:
+        return None, "Linear inputs are kept exact as in the paper (compress_linear=False)"
+    if base is nn.MaxPool2d and module.return_indices:
+        return None, "MaxPool2d(return_indices=True) is not converted"
+    return (CONVERSIONS[base] if kind is base else subclass_conversion(kind, CONVERSIONS[base])), ""
+
+
+def methods_of_its_own(kind: type[nn.Module], base: type[nn.Module]) -> list[str]:
+    """The methods and properties that `kind` and the classes between it and `base` define,
+    __init__ aside. A subclass without any only builds base's layer its own way (torchvision's
+    Conv3DSimple: a 3x3x3 Conv3d) and runs base's forward, which the conversion replaces."""
+    names = {
+        name
+        for cls in kind.__mro__[: kind.__mro__.index(base)]
+        for name, value in vars(cls).items()
+        if name != "__init__" and (inspect.isfunction(value) or isinstance(value, property))
+    }
+    return sorted(names)
+
+
+_SUBCLASS_CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def subclass_conversion(kind: type[nn.Module], converted: type[nn.Module]) -> type[nn.Module]:
+    """The converted class of `kind`, a subclass of a converted layer without methods of its own:
+    the converted forward on `kind` (made once per subclass; revert_model gives `kind` back)."""
+    if kind not in _SUBCLASS_CONVERSIONS:
+        _SUBCLASS_CONVERSIONS[kind] = type(
+            f"Division{kind.__name__}", (converted, kind),
+            {"__module__": converted.__module__, "__doc__": f"{kind.__name__} run by {converted.__name__}'s forward."},
+        )
+    return _SUBCLASS_CONVERSIONS[kind]
 
 
 def convert_model(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .convert import STATE_ATTR, conversion_for
-from .layers import CONVERSIONS, DivisionLayer
+from .layers import DivisionLayer
 from .saved import SavedBytes
 
 
@@ -89,7 +89,8 @@ def _fmt_bytes(n: int | None) -> str:
 def _stock_layer(layer: DivisionLayer) -> nn.Module:
     """The stock layer sharing the converted one's parameters, without a lone layer's compressor
     hook (convert_model gave it its own hook dict)."""
-    base = next(b for b, c in CONVERSIONS.items() if isinstance(layer, c))
+    # the class it was converted from: the first module class of its MRO that is not a conversion
+    base = next(c for c in type(layer).__mro__ if issubclass(c, nn.Module) and not issubclass(c, DivisionLayer))
     stock = base.__new__(base)
     stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in DivisionLayer.CONVERSION_ATTRIBUTES})
     stock._modules = layer._modules.copy()
@@ -163,7 +164,7 @@ def summary(model: nn.Module, example_input: torch.Tensor | None = None) -> Mode
         if next(module.children(), None) is not None:
             continue
         _, reason = conversion_for(module, probe_cfg, getattr(compressor, "token_grid", None))
-        if cfg is None and type(module) in CONVERSIONS and not reason:
+        if cfg is None and not reason:  # convertible
             reason = "model not converted"
         result.rows.append(LayerRow(name, type(module).__name__, False, reason))
     if example_input is None:

@@ -299,21 +299,53 @@ def capture_and_replay(model: nn.Module, amp: bool, x: torch.Tensor, y: torch.Te
         return replays, flat_grad()
 
 
-def test_a_subclass_of_a_converted_class_is_kept_and_the_summary_says_whose() -> None:
-    """A subclass may change forward: it is not converted, and the reason names its nearest base,
-    from torch.nn or torchvision."""
+def test_a_subclass_with_methods_of_its_own_is_kept_and_the_summary_says_whose() -> None:
+    """A subclass may change what forward does: one that defines methods (or properties) is not
+    converted, and the reason names them and its nearest base, from torch.nn or torchvision."""
     from torchvision.models.convnext import LayerNorm2d
 
     class MyConv(nn.Conv2d):
-        pass
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
 
     class MyNorm(LayerNorm2d):
-        pass
+        @property
+        def eps_value(self) -> float:
+            return self.eps
 
     model = division.convert_model(nn.Sequential(MyConv(3, 4, 1), MyNorm(4)))
     reasons = {r.kind: r.reason for r in division.summary(model).rows}
     assert reasons == {"MyConv": "MyConv subclasses nn.Conv2d with its own forward",
-                       "MyNorm": "MyNorm subclasses torchvision.LayerNorm2d with its own forward"}
+                       "MyNorm": "MyNorm subclasses torchvision.LayerNorm2d with its own eps_value"}
+
+
+def test_a_subclass_that_only_builds_its_layer_is_converted_and_reverted() -> None:
+    """A subclass defining only __init__ (static methods and data aside) runs its base's forward:
+    it is converted (torchvision's video ResNets build their convolutions so), exact mode gives
+    stock's outputs, gradients and draws, and revert_model gives the subclass back."""
+    video = pytest.importorskip("torchvision.models.video")
+    torch.manual_seed(0)
+    stock = video.r3d_18(num_classes=10)
+    converted = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    conv = converted.layer1[0].conv1[0]
+    assert type(conv).__name__ == "DivisionConv3DSimple" and isinstance(conv, video.resnet.Conv3DSimple)
+    assert conv.get_downsample_stride(2) == (2, 2, 2)
+    assert "Conv3DSimple" not in {r.kind for r in division.summary(converted).rows if not r.converted}
+    x, y = torch.randn(2, 3, 4, 32, 32), torch.tensor([1, 2])
+    results = []
+    for model in (stock, converted):
+        torch.manual_seed(1)
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    (out0, grads0), (out1, grads1) = results
+    assert torch.equal(out0, out1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    division.revert_model(converted)
+    reverted = converted.layer1[0].conv1[0]
+    assert type(reverted) is video.resnet.Conv3DSimple and reverted.weight is conv.weight
+    assert not any(isinstance(m, division.layers.DivisionLayer) for m in converted.modules())
+    unconverted = division.summary(video.r3d_18(num_classes=10)).rows
+    assert {r.reason for r in unconverted if r.kind == "Conv3DSimple"} == {"model not converted"}
 
 
 def test_converting_a_lone_block_leaves_the_original_as_it_was() -> None:
