@@ -57,8 +57,8 @@ def conversion_for(
         return None, f"{kind.__name__} subclasses {owner}.{base.__name__} with its own {', '.join(methods)}"
     if base is nn.Linear and not cfg.compress_linear and token_grid is None:
         return None, "Linear inputs are kept exact as in the paper (compress_linear=False)"
-    if base is nn.MaxPool2d and module.return_indices:
-        return None, "MaxPool2d(return_indices=True) is not converted"
+    if base in (nn.MaxPool2d, nn.MaxPool3d) and module.return_indices:
+        return None, f"{base.__name__}(return_indices=True) is not converted"
     return (CONVERSIONS[base] if kind is base else subclass_conversion(kind, CONVERSIONS[base])), ""
 
 

@@ -20,8 +20,8 @@ from .compressor import Compressor
 from .format import CompressedActivation, memory_format_of
 from .masks import (
     dropout_backward,
-    max_pool2d_backward,
-    max_pool2d_forward,
+    max_pool_backward,
+    max_pool_forward,
     pack_mask,
     relu_backward,
     relu_forward,
@@ -220,12 +220,13 @@ class DropoutFn(Function):
         return dropout_backward(gy, bits, ctx.fmt, ctx.scale, ctx.kernels), None, None, None
 
 
-class MaxPool2dFn(Function):
-    """2-d max pooling keeping each argmax as a few-bit offset inside its window."""
+class MaxPoolFn(Function):
+    """2-d or 3-d max pooling keeping each argmax as a few-bit offset inside its window (stock
+    keeps the input and int64 indices)."""
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode: bool, kernels: bool):
-        y, offsets = max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode, kernels)
+        y, offsets = max_pool_forward(x, kernel, stride, padding, dilation, ceil_mode, kernels)
         ctx.pool = (tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), ceil_mode)
         ctx.x_shape, ctx.fmt, ctx.kernels = x.shape, memory_format_of(x), kernels
         ctx.save_for_backward(offsets)
@@ -234,7 +235,7 @@ class MaxPool2dFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (offsets,) = ctx.saved_tensors
-        gx = max_pool2d_backward(gy, offsets, ctx.x_shape, *ctx.pool, ctx.fmt, ctx.kernels)
+        gx = max_pool_backward(gy, offsets, ctx.x_shape, *ctx.pool, ctx.fmt, ctx.kernels)
         return gx, None, None, None, None, None, None
 
 

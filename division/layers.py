@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _pair, _triple
 
 from .compressor import Compressor
 from .functional import (
@@ -34,7 +34,7 @@ from .functional import (
     LayerNormFn,
     Layout,
     LinearFn,
-    MaxPool2dFn,
+    MaxPoolFn,
     ReLUFn,
     ScaleFn,
 )
@@ -214,17 +214,31 @@ class DivisionDropout(DivisionLayer, nn.Dropout):
         return DropoutFn.apply(x, self.p, self.inplace, self.compressor.kernels)
 
 
-class DivisionMaxPool2d(DivisionLayer, nn.MaxPool2d):
+class _DivisionMaxPool(DivisionLayer):
+    """Max pooling keeping a few-bit window offset per output (MaxPoolFn), where stock keeps the
+    input and int64 indices."""
+
+    dims: int
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x):
-            return super().forward(x)
-        if _unbatched(x, 4):
+            return super().forward(x)  # type: ignore[misc]
+        if _unbatched(x, self.dims + 2):
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        stride = self.stride if self.stride is not None else self.kernel_size
-        return MaxPool2dFn.apply(
-            x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation),
-            self.ceil_mode, self.compressor.kernels,
+        expand = _pair if self.dims == 2 else _triple
+        stride = self.stride if self.stride is not None else self.kernel_size  # type: ignore[attr-defined]
+        return MaxPoolFn.apply(
+            x, expand(self.kernel_size), expand(stride), expand(self.padding), expand(self.dilation),  # type: ignore[attr-defined]
+            self.ceil_mode, self.compressor.kernels,  # type: ignore[attr-defined]
         )
+
+
+class DivisionMaxPool2d(_DivisionMaxPool, nn.MaxPool2d):
+    dims = 2
+
+
+class DivisionMaxPool3d(_DivisionMaxPool, nn.MaxPool3d):
+    dims = 3
 
 
 class DivisionAvgPool2d(DivisionLayer, nn.AvgPool2d):
@@ -506,6 +520,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ReLU: DivisionReLU,
     nn.Dropout: DivisionDropout,
     nn.MaxPool2d: DivisionMaxPool2d,
+    nn.MaxPool3d: DivisionMaxPool3d,
     nn.AvgPool2d: DivisionAvgPool2d,
     nn.Linear: DivisionLinear,
     nn.LayerNorm: DivisionLayerNorm,

@@ -3,7 +3,8 @@
 A mask is packed in the memory order of the tensor it describes (a channels_last activation needs
 no transpose), one bit per element with the HFC codes' little-endian bit order (`format.py`), in
 ceil(numel / 32) 32-bit words. Max-pool argmaxes are kept as their offset kh * KW + kw inside the
-window, `offset_bits` bits each, in the memory order of the pooled output, padded to a word.
+window ((kd * KH + kh) * KW + kw in 3-d), `offset_bits` bits each, in the memory order of the
+pooled output, padded to a word. The kernels pool 2-d maps; 3-d ones run the reference.
 
 Each function runs the fused kernels (torch.ops.division.*, cuda_ext/mask_phases.h) when `kernels`
 is true and the pure-PyTorch reference otherwise; the two give the same bits and the same values,
@@ -133,48 +134,89 @@ def dropout_backward(
 # ---- MaxPool2d ----------------------------------------------------------------------------------
 
 
-def _window_origins(out_size: int, stride: int, padding: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(out_size, device=device) * stride - padding
+def _windows(
+    out_shape: tuple[int, ...], in_shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+    padding: tuple[int, ...], dilation: tuple[int, ...], device: torch.device,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per spatial axis the windows' origins (shaped to broadcast over the output's spatial dims),
+    and the empty windows: those none of whose taps lie in the input. Stock allows them where the
+    dilation spans the input; its index then points past the plane (and its CPU backward writes
+    into the next one). Here they get offset 0, a tap outside the input, and no gradient."""
+    dims = len(out_shape)
+    origins, empty = [], torch.zeros((), dtype=torch.bool, device=device)
+    for axis in range(dims):
+        origin = torch.arange(out_shape[axis], device=device) * stride[axis] - padding[axis]
+        origins.append(origin.view([-1 if a == axis else 1 for a in range(dims)]))
+        taps = origin.view(-1, 1) + torch.arange(kernel[axis], device=device) * dilation[axis]
+        none = ~((taps >= 0) & (taps < in_shape[axis])).any(dim=1)
+        empty = empty | none.view([-1 if a == axis else 1 for a in range(dims)])
+    return origins, empty
 
 
-def _empty_windows(row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int], kernel: tuple[int, int],
-                   dilation: tuple[int, int]) -> torch.Tensor:
-    """(oh, ow) bool from the window origins (row (oh, 1), col (1, ow)): windows none of whose taps
-    lie in the input. Stock allows them where the dilation spans the input; its index then points
-    past the plane (and its CPU backward writes into the next one). Here they get offset 0, a tap
-    outside the input, and no gradient."""
-    def empty(origins: torch.Tensor, axis: int) -> torch.Tensor:
-        taps = origins.view(-1, 1) + torch.arange(kernel[axis], device=origins.device) * dilation[axis]
-        return ~((taps >= 0) & (taps < shape[axis])).any(dim=1)
-
-    return empty(row, 0).view(-1, 1) | empty(col, 1).view(1, -1)
-
-
-def max_pool2d_forward(
-    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-    dilation: tuple[int, int], ceil_mode: bool, kernels: bool,
+def max_pool_reference(
+    x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+    dilation: tuple[int, ...], ceil_mode: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max_pool2d(x), packed window offsets of the argmaxes)."""
-    if use_kernels(x, kernels):
-        return torch.ops.division.max_pool2d(dense(x), kernel, stride, padding, dilation, ceil_mode)
-    y, indices = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-    oh, ow = indices.shape[2:]
-    width = x.shape[3]
-    row = _window_origins(oh, stride[0], padding[0], x.device).view(oh, 1)
-    col = _window_origins(ow, stride[1], padding[1], x.device).view(1, ow)
-    ih, iw = indices // width, indices % width
-    local = ((ih - row) // dilation[0]) * kernel[1] + (iw - col) // dilation[1]
-    # stock's CUDA channels_last kernel points a window whose maximum is -inf at element 0 of the
-    # plane, outside the window: the first position of the window, as every other stock kernel
-    inside = (local >= 0) & (local < kernel[0] * kernel[1]) & ~_empty_windows(row, col, tuple(x.shape[2:]), kernel, dilation)
-    local = torch.where(inside, local, 0)
+    """(max_pool2d or max_pool3d of x, packed window offsets of the argmaxes): stock's pooling, its
+    int64 indices turned into offsets inside their windows."""
+    pool = F.max_pool2d if len(kernel) == 2 else F.max_pool3d
+    y, indices = pool(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    origins, empty = _windows(tuple(indices.shape[2:]), tuple(x.shape[2:]), kernel, stride, padding, dilation, x.device)
+    coords, rest = [], indices
+    for size in reversed(x.shape[2:]):
+        coords.insert(0, rest % size)
+        rest = rest // size
+    # stock's CUDA channels_last 2-d and CPU channels_last 3-d kernels point a window whose
+    # maximum is -inf outside the window (at element 0 of the plane; in the first depth plane): the
+    # window's first tap in the input here, as every other stock kernel and the division kernels
+    local, first, inside = torch.zeros_like(indices), torch.zeros_like(indices), ~empty
+    for axis, (coord, origin) in enumerate(zip(coords, origins)):
+        tap = (coord - origin) // dilation[axis]
+        inside = inside & (tap >= 0) & (tap < kernel[axis])
+        local = local * kernel[axis] + tap
+        first = first * kernel[axis] + origin.div(dilation[axis], rounding_mode="floor").neg().clamp(min=0)
+    local = torch.where(inside, local, torch.where(empty, 0, first))
     flat = _to_memory_order(local, memory_format_of(y)).to(torch.uint8)
-    return y, pack_codes(flat.view(1, -1), offset_bits(kernel[0] * kernel[1])).view(-1)
+    return y, pack_codes(flat.view(1, -1), offset_bits(math.prod(kernel))).view(-1)
 
 
-def max_pool2d_backward(
-    gy: torch.Tensor, offsets: torch.Tensor, input_shape: torch.Size, kernel: tuple[int, int],
-    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], ceil_mode: bool,
+def max_pool_backward_reference(
+    gy: torch.Tensor, offsets: torch.Tensor, input_shape: torch.Size, kernel: tuple[int, ...],
+    stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool,
+    fmt: torch.memory_format,
+) -> torch.Tensor:
+    """The input gradient from the output gradient and the offsets: stock's own backward on the
+    int64 indices rebuilt from them (its order and precision of the sums where windows overlap)."""
+    gy = gy.contiguous(memory_format=fmt)
+    local = unpack_codes(offsets.view(1, -1), offset_bits(math.prod(kernel)), gy.numel()).view(-1).long()
+    local = _from_memory_order(local, gy.shape, fmt)
+    origins, empty = _windows(tuple(gy.shape[2:]), tuple(input_shape[2:]), kernel, stride, padding, dilation, gy.device)
+    indices = torch.zeros_like(local)
+    for axis, origin in enumerate(origins):
+        tap = local // math.prod(kernel[axis + 1 :]) % kernel[axis]
+        indices = indices * input_shape[2 + axis] + origin + tap * dilation[axis]
+    # empty windows' gradient goes nowhere: 0 added to element 0 (stock's sums start from +0)
+    gy = gy.masked_fill(empty, 0).contiguous(memory_format=fmt)
+    indices = indices.masked_fill(empty, 0).contiguous(memory_format=fmt)
+    like = torch.empty(input_shape, dtype=gy.dtype, device=gy.device, memory_format=fmt)  # shape, dtype, layout
+    backward = torch.ops.aten.max_pool2d_with_indices_backward if len(kernel) == 2 else torch.ops.aten.max_pool3d_with_indices_backward
+    return backward(gy, like, kernel, stride, padding, dilation, ceil_mode, indices)
+
+
+def max_pool_forward(
+    x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+    dilation: tuple[int, ...], ceil_mode: bool, kernels: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_pool2d or max_pool3d of x, packed window offsets of the argmaxes); the kernel pools
+    2-d maps, the reference 3-d ones too."""
+    if len(kernel) == 2 and use_kernels(x, kernels):
+        return torch.ops.division.max_pool2d(dense(x), kernel, stride, padding, dilation, ceil_mode)
+    return max_pool_reference(x, kernel, stride, padding, dilation, ceil_mode)
+
+
+def max_pool_backward(
+    gy: torch.Tensor, offsets: torch.Tensor, input_shape: torch.Size, kernel: tuple[int, ...],
+    stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool,
     fmt: torch.memory_format, kernels: bool,
 ) -> torch.Tensor:
     """The input gradient from the output gradient and the offsets (fmt: the input's layout, which
@@ -182,25 +224,9 @@ def max_pool2d_backward(
     float32 and rounds once, as stock's CUDA kernel; stock's CPU kernel rounds every add of a
     half-precision gradient, so there stock's own backward runs (on indices rebuilt from offsets)."""
     gy = gy.contiguous(memory_format=fmt)
-    if use_kernels(gy, kernels) and (gy.is_cuda or gy.dtype == torch.float32):
+    if len(kernel) == 2 and use_kernels(gy, kernels) and (gy.is_cuda or gy.dtype == torch.float32):
         return torch.ops.division.max_pool2d_backward(
             gy, offsets, list(input_shape), kernel, stride, padding, dilation, ceil_mode,
             fmt == torch.channels_last,
         )
-    n, c, oh, ow = gy.shape
-    bits = offset_bits(kernel[0] * kernel[1])
-    local = unpack_codes(offsets.view(1, -1), bits, gy.numel()).view(-1).long()
-    local = _from_memory_order(local, gy.shape, fmt)
-    row = _window_origins(oh, stride[0], padding[0], gy.device).view(oh, 1)
-    col = _window_origins(ow, stride[1], padding[1], gy.device).view(1, ow)
-    ih = row + (local // kernel[1]) * dilation[0]
-    iw = col + (local % kernel[1]) * dilation[1]
-    empty = _empty_windows(row, col, tuple(input_shape[2:]), kernel, dilation)
-    # their gradient goes nowhere: 0 added to element 0 (stock's sums start from +0)
-    gy = gy.masked_fill(empty, 0).contiguous(memory_format=fmt)
-    ih, iw = ih.masked_fill(empty, 0), iw.masked_fill(empty, 0)
-    indices = (ih * input_shape[3] + iw).contiguous(memory_format=fmt)
-    like = torch.empty(input_shape, dtype=gy.dtype, device=gy.device, memory_format=fmt)  # shape, dtype, layout
-    return torch.ops.aten.max_pool2d_with_indices_backward(
-        gy, like, kernel, stride, padding, dilation, ceil_mode, indices
-    )
+    return max_pool_backward_reference(gy, offsets, input_shape, kernel, stride, padding, dilation, ceil_mode, fmt)

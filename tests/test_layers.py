@@ -199,6 +199,73 @@ def test_maxpool_compact_indices_give_the_exact_gradient(kwargs: dict) -> None:
     assert torch.equal(y0, y1) and torch.equal(g0["input"], g1["input"])
 
 
+POOL3D_CASES = [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),  # S3D's
+    dict(kernel_size=2),
+    dict(kernel_size=3, stride=2, ceil_mode=True),
+    dict(kernel_size=(2, 3, 5), stride=1, dilation=(1, 2, 2), padding=(0, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("kwargs", POOL3D_CASES)
+def test_maxpool3d_keeps_window_offsets_and_gives_stocks_gradient(kwargs: dict, layout: torch.memory_format,
+                                                                  dtype: torch.dtype) -> None:
+    """MaxPool3d keeps each argmax as its offset in the window (a byte or less per output) where
+    stock keeps the input and int64 indices: stock's output and gradient bit for bit, overlapping
+    windows, ties, -inf and NaN included, in either layout (the output and gradient in the input's,
+    as stock's). A window whose maximum is -inf sends its gradient to its first tap in the input,
+    as stock's contiguous kernel; stock's channels_last_3d kernel sends it into the first depth
+    plane, outside the window, so there stock's contiguous gradient is the witness."""
+    stock, layer = converted_pair(lambda: nn.MaxPool3d(**kwargs), division.DivisionConfig())
+    x = torch.randn(2, 3, 7, 9, 10).to(dtype)
+    x[:, :, ::2, ::2, ::2] = 3.0  # ties shared by overlapping windows
+    x[0, 0, :3, :4] = -float("inf")
+    x[1, 2, 1, 1, 1] = float("nan")
+    x = x.contiguous(memory_format=layout)
+    outs = []
+    for m, inputs in ((stock, x.contiguous()), (layer, x)):
+        leaf = inputs.clone().requires_grad_(True)
+        y = m(leaf * 1.0)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).to(dtype).contiguous(memory_format=layout))
+        outs.append((y.detach(), leaf.grad))
+    (y0, g0), (y1, g1) = outs
+    assert torch.equal(y0.nan_to_num(), y1.nan_to_num()) and torch.equal(y0.isnan(), y1.isnan())
+    assert torch.equal(g0, g1) and g1.is_contiguous(memory_format=layout) and y1.is_contiguous(memory_format=layout)
+    finite = x.nan_to_num(0.0, 4.0, 0.0)  # without -inf windows stock's own layout agrees too
+    (y2, g2), (y3, g3) = run(stock, finite), run(layer, finite)
+    assert torch.equal(y2, y3) and torch.equal(g2["input"], g3["input"]) and g3["input"].stride() == g2["input"].stride()
+    assert saved_bytes(layer, x) <= y0.numel() + 4 < saved_bytes(stock, x) / 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("kwargs", POOL3D_CASES)
+def test_maxpool3d_gives_stocks_gradient_on_cuda(kwargs: dict, layout: torch.memory_format) -> None:
+    """On a GPU (the reference's ops on CUDA tensors; no kernel pools 3-d maps): stock's output bit
+    for bit and its gradient, whose overlapping windows stock's CUDA backward sums with atomics in
+    no set order (so to float32 rounding), in either layout."""
+    stock, layer = converted_pair(lambda: nn.MaxPool3d(**kwargs), division.DivisionConfig())
+    x = torch.randn(2, 3, 7, 9, 10, device="cuda").contiguous(memory_format=layout)
+    (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+    assert torch.equal(y0, y1) and g1["input"].stride() == g0["input"].stride()
+    torch.testing.assert_close(g1["input"], g0["input"], rtol=1e-6, atol=1e-6)
+
+
+def test_maxpool3d_unbatched_and_with_indices_as_stock() -> None:
+    """An unbatched (C, D, H, W) input pools as stock's; return_indices=True stays stock's layer."""
+    stock, layer = converted_pair(lambda: nn.MaxPool3d(2), division.DivisionConfig())
+    x = torch.randn(3, 4, 6, 6)
+    (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+    assert torch.equal(y0, y1) and torch.equal(g0["input"], g1["input"])
+    kept = division.convert_model(nn.Sequential(nn.MaxPool3d(2, return_indices=True)))
+    assert type(kept[0]) is nn.MaxPool3d
+    assert division.summary(kept).rows[0].reason == "MaxPool3d(return_indices=True) is not converted"
+
+
 @pytest.mark.parametrize("mode", ["exact", "lfc_only", "hfc_only"])
 def test_backward_modes(mode: str) -> None:
     stock, layer = converted_pair(lambda: nn.Conv2d(3, 4, 3, padding=1), division.DivisionConfig(backward_mode=mode))

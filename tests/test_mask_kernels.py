@@ -175,13 +175,13 @@ def check_pool(x: torch.Tensor, p: dict) -> None:
     y_stock = F.max_pool2d(leaf, *args)
     y, offsets = torch.ops.division.max_pool2d(x, *args)
     assert same_bits(y, y_stock.detach()) and y.is_contiguous(memory_format=fmt)
-    y_ref, offsets_ref = masks.max_pool2d_forward(x, *args, kernels=False)
+    y_ref, offsets_ref = masks.max_pool_forward(x, *args, kernels=False)
     assert torch.equal(offsets, offsets_ref)
     grad = activations(tuple(y.shape), x.dtype, "contiguous", str(x.device), seed=5).nan_to_num(0.0, 1.0, -1.0)
     (gx_stock,) = torch.autograd.grad(y_stock, leaf, grad.contiguous(memory_format=memory_format_of(leaf)))
     grad = grad.contiguous(memory_format=fmt)
     gx = torch.ops.division.max_pool2d_backward(grad, offsets, list(x.shape), *args, fmt == torch.channels_last)
-    gx_ref = masks.max_pool2d_backward(grad, offsets_ref, x.shape, *args, fmt, kernels=False)
+    gx_ref = masks.max_pool_backward(grad, offsets_ref, x.shape, *args, fmt, kernels=False)
     assert (same_values if stock_nhwc_cuda else same_bits)(gx_ref, gx_stock)
     if stock_nhwc_cuda:
         finite = torch.where(x == -math.inf, 0.0, x).contiguous(memory_format=fmt).requires_grad_(True)
@@ -251,12 +251,12 @@ def check_empty_windows(device: str) -> None:
     args = ([2, 1], [1, 1], [1, 0], [3, 1], False)  # rows: taps -1 and 2 of a 2-row input
     x = activations((2, 3, 2, 5), torch.float32, "contiguous", device).nan_to_num(0.0, 1.0, -1.0)
     y, offsets = torch.ops.division.max_pool2d(x, *args)
-    y_ref, offsets_ref = masks.max_pool2d_forward(x, *args, kernels=False)
+    y_ref, offsets_ref = masks.max_pool_forward(x, *args, kernels=False)
     assert y.shape == (2, 3, 1, 5) and bool((y == -math.inf).all()) and same_bits(y_ref, y)
     assert torch.equal(offsets, offsets_ref) and not offsets.any()
     grad = torch.ones_like(y)
     gx = torch.ops.division.max_pool2d_backward(grad, offsets, list(x.shape), *args, False)
-    gx_ref = masks.max_pool2d_backward(grad, offsets_ref, x.shape, *args, torch.contiguous_format, kernels=False)
+    gx_ref = masks.max_pool_backward(grad, offsets_ref, x.shape, *args, torch.contiguous_format, kernels=False)
     assert same_bits(gx, torch.zeros_like(x)) and same_bits(gx_ref, gx)
 
 
