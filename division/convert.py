@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -84,9 +85,21 @@ def subclass_conversion(kind: type[nn.Module], converted: type[nn.Module]) -> ty
     if kind not in _SUBCLASS_CONVERSIONS:
         _SUBCLASS_CONVERSIONS[kind] = type(
             f"Division{kind.__name__}", (converted, kind),
-            {"__module__": converted.__module__, "__doc__": f"{kind.__name__} run by {converted.__name__}'s forward."},
+            {"__module__": converted.__module__, "__doc__": f"{kind.__name__} run by {converted.__name__}'s forward.",
+             "_division_origin": (kind, converted), "__reduce_ex__": _reduce_subclass_conversion},
         )
     return _SUBCLASS_CONVERSIONS[kind]
+
+
+def _reduce_subclass_conversion(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    """Pickle (torch.save of a whole model) and deepcopy by the subclass and its conversion, which
+    pickle finds by name, where the class made at conversion time has no importable name."""
+    return _new_subclass_conversion, type(self)._division_origin, self.__dict__.copy()
+
+
+def _new_subclass_conversion(kind: type[nn.Module], converted: type[nn.Module]) -> nn.Module:
+    cls = subclass_conversion(kind, converted)
+    return cls.__new__(cls)
 
 
 def convert_model(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -340,6 +341,13 @@ def test_a_subclass_that_only_builds_its_layer_is_converted_and_reverted() -> No
         results.append((out.detach(), [p.grad for p in model.parameters()]))
     (out0, grads0), (out1, grads1) = results
     assert torch.equal(out0, out1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    buffer = io.BytesIO()  # torch.save of the whole model: the class made at conversion pickles too
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.layer1[0].conv1[0]) is type(conv) and loaded.layer1[0].conv1[0].compressor is loaded._division_compressor
+    torch.manual_seed(1)
+    assert torch.equal(loaded(x), out0)
     division.revert_model(converted)
     reverted = converted.layer1[0].conv1[0]
     assert type(reverted) is video.resnet.Conv3DSimple and reverted.weight is conv.weight
