@@ -345,7 +345,7 @@ class ScaleFn(Function):
 
 
 ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
-MAP = "map"  # an (N, H, W, C) feature map with channels last, as ConvNeXt's and Swin's blocks run them
+MAP = "map"  # an (N, H, W, C) or (N, T, H, W, C) map, channels last, as ConvNeXt's and Swin's blocks run them
 CONV = "conv"  # an (N, C, *spatial) map, as convolutions give it (an activation's input: ActivationFn)
 # how a layer's input lies; a WindowGrid: (N * R * K, h * w, C) windows; a PartitionGrid: (N, G, P, C)
 Layout = str | WindowGrid | PartitionGrid
@@ -354,7 +354,8 @@ Layout = str | WindowGrid | PartitionGrid
 def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) -> Any:
     """ROWS: rows of the last dimension as 1-d planes; TOKENS: (N, T, D) tokens as a token record
     (TOKENS_SEQ_FIRST: (T, N, D)); MAP: an (N, H, W, C) map as the record of its (N, C, H, W) view
-    (a channels_last tensor when x is contiguous); a WindowGrid: windows as the block input's
+    (a channels_last tensor when x is contiguous; (N, T, H, W, C) maps as 3-d ones); a WindowGrid:
+    windows as the block input's
     positions they hold (tokens.windows_as_input_map: the padding is not kept, and comes back as
     zeros, which is what the padding of a qkv projection's input is; an output projection's
     padded positions are cropped after it, so their gradient is zero); a PartitionGrid: MaxViT's
@@ -362,9 +363,9 @@ def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) ->
     if layout == ROWS:
         return compressor.compress(x.reshape(-1, 1, x.shape[-1]))
     if layout == MAP:
-        return compressor.compress(x.permute(0, 3, 1, 2))
+        return compressor.compress(x.movedim(-1, 1))
     if isinstance(layout, WindowGrid):
-        return compressor.compress(windows_as_input_map(x, layout).permute(0, 3, 1, 2))
+        return compressor.compress(windows_as_input_map(x, layout).movedim(-1, 1))
     if isinstance(layout, PartitionGrid):
         return compressor.compress(partitions_as_map(x, layout).permute(0, 3, 1, 2))
     return compress_tokens(compressor, x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x)
@@ -375,9 +376,9 @@ def _decompress_layout(packed: Any, layout: Layout) -> torch.Tensor:
     if layout == ROWS:
         return decompress(packed)
     if layout == MAP:
-        return decompress(packed).permute(0, 2, 3, 1)
+        return decompress(packed).movedim(1, -1)
     if isinstance(layout, WindowGrid):
-        return input_map_as_windows(decompress(packed).permute(0, 2, 3, 1), layout)
+        return input_map_as_windows(decompress(packed).movedim(1, -1), layout)
     if isinstance(layout, PartitionGrid):
         return map_as_partitions(decompress(packed).permute(0, 2, 3, 1), layout)
     x = decompress_tokens(packed)

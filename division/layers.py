@@ -310,17 +310,17 @@ if SqueezeExcitation is not None:
 
 class DivisionLinear(DivisionLayer, nn.Linear):
     """(N, T, D) token inputs are saved as token records (over the patch grid when the model has
-    one), the 4-D inputs of a map layer (`map_layout`: set_map_layers) as maps;
+    one), the 4-D and 5-D inputs of a map layer (`map_layout`: set_map_layers) as maps;
     other inputs along their last dimension when compress_linear, else exactly as stock."""
 
-    # how a 4-D input lies: MAP ((N, H, W, C)) or MaxViT's partitions (set_map_layers sets it)
+    # how a 4-D or 5-D input lies: MAP ((N, H, W, C), (N, T, H, W, C)) or MaxViT's partitions (set_map_layers sets it)
     map_layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x) or x.dim() < 2:
             return super().forward(x)
         layout = _input_layout(self, x)
-        if x.dim() == 4 and layout is not None:
+        if x.dim() > 3 and layout is not None:
             return saving_linear(x, self.weight, self.bias, self.compressor, layout)
         tokens = x.dim() == 3
         if not (tokens or self.compressor.cfg.compress_linear):
@@ -344,19 +344,19 @@ def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any],
 def _input_layout(module: nn.Module, x: torch.Tensor) -> Layout | None:
     """How x lies, by what the module was told (`map_layout`) and x's shape: CONV for the
     (N, C, *spatial) inputs of an activation after a convolution; TOKENS for other 3-D inputs; the
-    map layout of a 4-D input (MAP; a PartitionGrid that x fits); else None (stock's forward)."""
+    map layout of a 4-D or 5-D input (MAP; a PartitionGrid that x fits); else None (stock's forward)."""
     layout = getattr(module, "map_layout", None)
     if layout == CONV:
         return CONV if 3 <= x.dim() <= 5 else None
     if x.dim() == 3:
         return TOKENS
-    if x.dim() != 4 or layout is None:
+    if x.dim() not in (4, 5) or layout is None:
         return None
     return layout if layout == MAP or layout.fits(x) else None
 
 
 class DivisionLayerNorm(DivisionLayer, nn.LayerNorm):
-    """(N, T, D) token inputs normalized over D are saved as token records, the 4-D inputs of a
+    """(N, T, D) token inputs normalized over D are saved as token records, the 4-D and 5-D inputs of a
     map layer (set_map_layers: ConvNeXt's, Swin's and MaxViT's blocks) as maps; others as stock."""
 
     map_layout: Layout | None = None
@@ -387,7 +387,7 @@ if LayerNorm2d is not None:
 
 
 class DivisionGELU(DivisionLayer, nn.GELU):
-    """(N, T, D) token inputs are saved as token records, the 4-D inputs of a map layer
+    """(N, T, D) token inputs are saved as token records, the 4-D and 5-D inputs of a map layer
     (set_map_layers: ConvNeXt's, Swin's and MaxViT's blocks) as maps, the (N, C, *spatial) inputs
     of a GELU after a convolution (set_conv_activations) as SiLU's are (ActivationFn); others as
     stock (a lone 4-D input could be either kind of map)."""
@@ -450,7 +450,7 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
 def set_map_layers(container: nn.Module, compressor: Compressor, names: set[str] | None = None,
                    layout: Layout = MAP) -> None:
     """After convert_model has converted a block's layers: its LayerNorm, Linear and GELU children
-    (those in `names`, default all) told how their 4-D inputs lie (MAP: (N, H, W, C) maps; a
+    (those in `names`, default all) told how their 4-D and 5-D inputs lie (MAP: channels-last maps; a
     PartitionGrid), the Linears converted too (whatever compress_linear says: on a map they are
     pointwise convolutions)."""
     for name, layer in list(container.named_children()):

@@ -1,4 +1,4 @@
-"""torchvision's Swin Transformer (V1 and V2), converted.
+"""torchvision's Swin Transformer (V1 and V2) and Video Swin Transformer, converted.
 
 Swin runs on (N, H, W, C) maps: its LayerNorms, MLP Linears and GELU save their inputs as map
 records (map_layout, as in ConvNeXt's blocks), and so do patch merging's. Its attention is a
@@ -8,11 +8,15 @@ and output projections saving their window inputs as records of the map the wind
 (tokens.WindowGrid), and (eager, without attention dropout) q, k and v saved the same way in place
 of what stock keeps (q, k, v and the softmax of every window, heads x 49 values per token):
 WindowAttentionFn recomputes the attention from them in backward, as AttentionFn does for ViT.
+Video Swin runs the same blocks on (N, T, H, W, C) maps with 3-d windows (ShiftedWindowAttention3d).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,21 +36,19 @@ from .tokens import (
 
 try:
     from torchvision.models import swin_transformer as tv_swin
+    from torchvision.models.video import swin_transformer as tv_swin3d
 except ImportError:  # pragma: no cover
-    tv_swin = None
+    tv_swin = tv_swin3d = None
 
 
 def shift_mask(grid: WindowGrid, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Stock's attention mask of shifted windows, (windows, h * w, h * w): -100 between positions
-    that came from different regions of the rolled map, else 0 (in the block input's dtype)."""
-    mask = torch.zeros((grid.rows * grid.height, grid.cols * grid.width), dtype=dtype, device=device)
-    h_slices = ((0, -grid.height), (-grid.height, -grid.shift[0]), (-grid.shift[0], None))
-    w_slices = ((0, -grid.width), (-grid.width, -grid.shift[1]), (-grid.shift[1], None))
-    count = 0
-    for h in h_slices:
-        for w in w_slices:
-            mask[h[0] : h[1], w[0] : w[1]] = count
-            count += 1
+    """Stock's attention mask of shifted windows, (windows, window size, window size): -100 between
+    positions that came from different regions of the rolled map, else 0 (in the block input's
+    dtype)."""
+    mask = torch.zeros(grid.padded_size, dtype=dtype, device=device)
+    regions = [((0, -w), (-w, -s), (-s, None)) for w, s in zip(grid.window, grid.shift)]
+    for count, region in enumerate(itertools.product(*regions)):
+        mask[tuple(slice(start, stop) for start, stop in region)] = count
     mask = map_to_windows(mask.view(1, *mask.shape, 1), grid).squeeze(-1)
     mask = mask.unsqueeze(1) - mask.unsqueeze(2)
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
@@ -82,35 +84,41 @@ class WindowAttentionFn(Function):
     """window_attention without dropout, saving q, k and v as records of the block input's
     positions (tokens.windows_as_input_map); backward recomputes the attention on their
     reconstructions (under forward's autocast state) and differentiates it there: q, k, v, the
-    bias and V2's logit scale. The shift mask is rebuilt, not saved. Padded positions come back as
-    what the qkv projection gave them, exactly: its bias (`qkv_bias`, None: zeros), since a padded
-    key's cosine has a gradient of 1 / eps in V2, which a rebuilt nonzero key would spread."""
+    bias and V2's logit scale. The shift mask is rebuilt, not saved, and so is the relative position
+    bias (`position_bias`: heads x window size^2 values, 7 MiB for a Video Swin window of 8x7x7 and
+    12 heads, whatever the batch). Padded positions come back as what the qkv projection gave
+    them, exactly: its bias (`qkv_bias`, None: zeros), since a padded key's cosine has a gradient
+    of 1 / eps in V2, which a rebuilt nonzero key would spread."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, logit_scale, qkv_bias, compressor: Compressor, grid: WindowGrid, mask_dtype):
+    def forward(ctx, q, k, v, bias, logit_scale, qkv_bias, compressor: Compressor, grid: WindowGrid, mask_dtype,
+                position_bias: Callable[[], torch.Tensor]):
         mask = shift_mask(grid, mask_dtype, q.device) if any(grid.shift) else None
         out = window_attention(q, k, v, bias, mask, logit_scale)
-        maps = [windows_as_input_map(_heads_to_windows(t), grid).permute(0, 3, 1, 2) for t in (q, k, v)]
+        maps = [windows_as_input_map(_heads_to_windows(t), grid).movedim(-1, 1) for t in (q, k, v)]
         fill = None if qkv_bias is None or not grid.padded else qkv_bias.detach().to(q.dtype)
-        _save_records(ctx, [compressor.compress(m) for m in maps], bias, logit_scale, fill)
+        _save_records(ctx, [compressor.compress(m) for m in maps], logit_scale, fill)
         device = q.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.geometry = (q.shape, grid, mask_dtype)
+        ctx.position_bias = position_bias
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        records, (bias, logit_scale, fill) = _load_records(ctx)
+        records, (logit_scale, fill) = _load_records(ctx)
         (w, h, t, d), grid, mask_dtype = ctx.geometry
+        device, enabled, dtype = ctx.autocast
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            bias = ctx.position_bias()  # as forward computed it
         fills = (None,) * 3 if fill is None else fill.chunk(3)
         qkv = [
-            input_map_as_windows(decompress(r).permute(0, 2, 3, 1), grid, f).view(w, t, h, d).transpose(1, 2)
+            input_map_as_windows(decompress(r).movedim(1, -1), grid, f).view(w, t, h, d).transpose(1, 2)
             .detach().requires_grad_(True)
             for r, f in zip(records, fills)
         ]
         extra = [p.detach().requires_grad_(True) if p is not None and need else None
                  for p, need in zip((bias, logit_scale), ctx.needs_input_grad[3:5])]
-        device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             mask = shift_mask(grid, mask_dtype, gy.device) if any(grid.shift) else None
             out = window_attention(*qkv, bias if extra[0] is None else extra[0], mask,
@@ -118,23 +126,31 @@ class WindowAttentionFn(Function):
         grads = iter(torch.autograd.grad(out, qkv + [e for e in extra if e is not None], gy))
         gq, gk, gv = next(grads), next(grads), next(grads)
         gbias, gscale = (None if e is None else next(grads) for e in extra)
-        return gq, gk, gv, gbias, gscale, None, None, None, None
+        return gq, gk, gv, gbias, gscale, None, None, None, None, None
 
 
 class _WindowAttention(DivisionLayer):
-    """torchvision's ShiftedWindowAttention (V2: cosine attention, logit_scale) converted whole."""
+    """torchvision's ShiftedWindowAttention (V2: cosine attention, logit_scale) and Video Swin's
+    ShiftedWindowAttention3d converted whole."""
+
+    def window_grid(self, size: tuple[int, ...]) -> WindowGrid:
+        """Stock's windows of an input map of `size`: whole windows of window_size over the padded
+        map, no shift along an axis whose window covers the padded map."""
+        window = tuple(self.window_size)  # type: ignore[attr-defined]
+        padded = tuple(s + -s % w for s, w in zip(size, window))
+        shift = tuple(0 if w >= p else s for w, p, s in zip(window, padded, self.shift_size))  # type: ignore[attr-defined]
+        return WindowGrid(tuple(p // w for p, w in zip(padded, window)), window, size, shift)
+
+    def position_bias(self, grid: WindowGrid) -> torch.Tensor:
+        return self.get_relative_position_bias()  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_saving(self, x, recurse=True) or x.dim() != 4:
+        if not _needs_saving(self, x, recurse=True) or x.dim() != len(self.window_size) + 2:  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
-        bias = self.get_relative_position_bias()  # type: ignore[attr-defined]
+        c = x.shape[-1]
+        grid = self.window_grid(tuple(x.shape[1:-1]))
+        bias = self.position_bias(grid)
         logit_scale = getattr(self, "logit_scale", None)
-        _, height, width, c = x.shape
-        window = list(self.window_size)  # type: ignore[attr-defined]
-        pad_h, pad_w = height + -height % window[0], width + -width % window[1]  # whole windows
-        # no shift where the window covers the padded map (stock's rule)
-        shift = tuple(0 if w >= p else s for w, p, s in zip(window, (pad_h, pad_w), self.shift_size))  # type: ignore[attr-defined]
-        grid = WindowGrid(pad_h // window[0], pad_w // window[1], window[0], window[1], height, width, shift)
         x = input_map_as_windows(x, grid)  # stock's pad, roll and partition
         qkv_bias = self.qkv.bias  # type: ignore[attr-defined]
         if logit_scale is not None and qkv_bias is not None:  # V2: no bias on k
@@ -148,9 +164,10 @@ class _WindowAttention(DivisionLayer):
         cfg = self.compressor.cfg
         dropout = self.attention_dropout if self.training else 0.0  # type: ignore[attr-defined]
         if dropout == 0.0 and cfg.compress_attention and cfg.backward_mode != "exact" and not torch.compiler.is_compiling():
-            x = WindowAttentionFn.apply(q, k, v, bias, logit_scale, qkv_bias, self.compressor, grid, x.dtype)
+            x = WindowAttentionFn.apply(q, k, v, bias, logit_scale, qkv_bias, self.compressor, grid, x.dtype,
+                                        partial(self.position_bias, grid))
         else:  # stock's attention saves what it saves (as DivisionMultiheadAttention's)
-            mask = shift_mask(grid, x.dtype, x.device) if any(shift) else None
+            mask = shift_mask(grid, x.dtype, x.device) if any(grid.shift) else None
             x = window_attention(q, k, v, bias, mask, logit_scale, dropout, self.training)
         x = x.transpose(1, 2).reshape(x.size(0), x.size(2), c)
         x = saving_linear(x, self.proj.weight, self.proj.bias, self.compressor, grid)  # type: ignore[attr-defined]
@@ -158,10 +175,24 @@ class _WindowAttention(DivisionLayer):
         return windows_as_input_map(x, grid)  # stock's reverse partition, roll and crop
 
 
+class _WindowAttention3d(_WindowAttention):
+    """Video Swin's windows: a window larger than the input shrinks to it (no shift there), as
+    stock's _get_window_and_shift_size, and the position bias is that of the window used."""
+
+    def window_grid(self, size: tuple[int, ...]) -> WindowGrid:
+        window = tuple(min(s, w) for s, w in zip(size, self.window_size))  # type: ignore[attr-defined]
+        shift = tuple(0 if s <= w else t for s, w, t in zip(size, self.window_size, self.shift_size))  # type: ignore[attr-defined]
+        padded = tuple(s + -s % w for s, w in zip(size, window))
+        return WindowGrid(tuple(p // w for p, w in zip(padded, window)), window, size, shift)
+
+    def position_bias(self, grid: WindowGrid) -> torch.Tensor:
+        return self.get_relative_position_bias(list(grid.window))  # type: ignore[attr-defined]
+
 
 class _MapBlock(DivisionLayer):
-    """A Swin block or patch merging: stock's forward; its LayerNorm, Linear and GELU layers (the
-    MLP's too) told that their inputs are (N, H, W, C) maps."""
+    """A Swin block, patch merging or Video Swin's patch embedding: stock's forward; its LayerNorm,
+    Linear and GELU layers (the MLP's too) told that their inputs are (N, H, W, C) or
+    (N, T, H, W, C) maps."""
 
     def convert_inner(self) -> None:
         set_map_layers(self, self.compressor)
@@ -198,3 +229,12 @@ if tv_swin is not None:
         tv_swin.PatchMerging: DivisionPatchMerging,
         tv_swin.PatchMergingV2: DivisionPatchMergingV2,
     }
+
+    class DivisionShiftedWindowAttention3d(_WindowAttention3d, tv_swin3d.ShiftedWindowAttention3d):
+        pass
+
+    class DivisionPatchEmbed3d(_MapBlock, tv_swin3d.PatchEmbed3d):
+        pass
+
+    SWIN_CONVERSIONS[tv_swin3d.ShiftedWindowAttention3d] = DivisionShiftedWindowAttention3d
+    SWIN_CONVERSIONS[tv_swin3d.PatchEmbed3d] = DivisionPatchEmbed3d

@@ -12,14 +12,16 @@ The grid comes from `convert_model(..., token_grid=...)` or from the model: torc
 VisionTransformer and models.vit say it through `image_size`, `patch_size` and `class_token`.
 
 A Swin Transformer's attention runs on windows: (N * R * K, h * w, C) tokens cut from an
-(N, R * h, K * w, C) map (WindowGrid). Their records are those of the map the windows tile, so
-that planes span the whole image and blocks of B x B neighbouring positions, not a window's 49.
+(N, R * h, K * w, C) map (WindowGrid; a Video Swin's from an (N, T, H, W, C) map). Their records
+are those of the map the windows tile, so that planes span the whole image and blocks of B x B
+neighbouring positions, not a window's 49.
 MaxViT's attention runs on (N, G, P, C) partitions of its map, windows or a dilated grid
 (PartitionGrid), recorded the same way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,56 +126,63 @@ def decompress_tokens(record: TokenRecord) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class WindowGrid:
-    """How (N * rows * cols, height * width, C) windows tile an (N, rows * height, cols * width, C)
-    map (torchvision's shifted_window_attention: the block's (N, map_height, map_width, C) input
-    padded at the bottom and right to whole windows, then rolled by -shift)."""
+    """How (N * prod(counts), prod(window), C) windows tile an (N, *padded, C) map, 2-d (Swin) or
+    3-d (Video Swin): torchvision's shifted_window_attention takes the block's (N, *size, C) input,
+    pads it at the end of each axis to `counts` whole windows, rolls it by -shift and partitions it."""
 
-    rows: int
-    cols: int
-    height: int
-    width: int
-    map_height: int
-    map_width: int
-    shift: tuple[int, int] = (0, 0)
+    counts: tuple[int, ...]  # windows along each axis
+    window: tuple[int, ...]  # a window's size along each axis
+    size: tuple[int, ...]  # the block input's map, before padding
+    shift: tuple[int, ...]
+
+    @property
+    def padded_size(self) -> tuple[int, ...]:
+        return tuple(n * w for n, w in zip(self.counts, self.window))
 
     @property
     def padded(self) -> bool:
-        return (self.map_height, self.map_width) != (self.rows * self.height, self.cols * self.width)
+        return self.size != self.padded_size
 
 
 def map_to_windows(m: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
-    """(N, H, W, C) map -> (N * rows * cols, height * width, C) windows (stock's partition ops)."""
-    n, _, _, c = m.shape
-    m = m.view(n, grid.rows, grid.height, grid.cols, grid.width, c)
-    return m.permute(0, 1, 3, 2, 4, 5).reshape(n * grid.rows * grid.cols, grid.height * grid.width, c)
+    """(N, *padded, C) map -> (N * prod(counts), prod(window), C) windows (stock's partition ops)."""
+    n, c, d = m.shape[0], m.shape[-1], len(grid.window)
+    m = m.view(n, *(v for pair in zip(grid.counts, grid.window) for v in pair), c)
+    m = m.permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1)
+    return m.reshape(n * math.prod(grid.counts), math.prod(grid.window), c)
 
 
 def windows_to_map(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     """Inverse of map_to_windows (stock's reverse-windows ops)."""
-    c = x.shape[-1]
-    x = x.view(-1, grid.rows, grid.cols, grid.height, grid.width, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, grid.rows * grid.height, grid.cols * grid.width, c)
+    c, d = x.shape[-1], len(grid.window)
+    x = x.view(-1, *grid.counts, *grid.window, c)
+    x = x.permute(0, *(a for i in range(d) for a in (1 + i, 1 + d + i)), 2 * d + 1)
+    return x.reshape(-1, *grid.padded_size, c)
 
 
 def windows_as_input_map(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
-    """The (N, map_height, map_width, C) map of the block input's positions that windows hold:
-    rolled back and without the padding (what a record keeps of them)."""
+    """The (N, *size, C) map of the block input's positions that windows hold: rolled back and
+    without the padding (what a record keeps of them)."""
     m = windows_to_map(x, grid)
+    dims = tuple(range(1, len(grid.window) + 1))
     if any(grid.shift):
-        m = torch.roll(m, shifts=grid.shift, dims=(1, 2))
-    return m[:, : grid.map_height, : grid.map_width].contiguous()
+        m = torch.roll(m, shifts=grid.shift, dims=dims)
+    return m[(slice(None), *(slice(None, s) for s in grid.size))].contiguous()
 
 
 def input_map_as_windows(m: torch.Tensor, grid: WindowGrid, fill: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of windows_as_input_map, the padding as zeros (what the block input's padding is) or
     as `fill`, one value per channel (what a projection gives there: its bias)."""
-    pad = (0, 0, 0, grid.cols * grid.width - grid.map_width, 0, grid.rows * grid.height - grid.map_height)
+    pad = [0, 0]
+    for size, padded in zip(reversed(grid.size), reversed(grid.padded_size)):
+        pad += [0, padded - size]
     m = torch.nn.functional.pad(m, pad)
     if fill is not None and grid.padded:
-        m[:, grid.map_height :] = fill
-        m[:, :, grid.map_width :] = fill
+        for axis, size in enumerate(grid.size):
+            m[(slice(None),) * (axis + 1) + (slice(size, None),)] = fill
+    dims = tuple(range(1, len(grid.window) + 1))
     if any(grid.shift):
-        m = torch.roll(m, shifts=(-grid.shift[0], -grid.shift[1]), dims=(1, 2))
+        m = torch.roll(m, shifts=tuple(-s for s in grid.shift), dims=dims)
     return map_to_windows(m, grid)
 
 

@@ -58,7 +58,7 @@ def test_window_records_hold_the_block_inputs_positions() -> None:
     input's positions, rolled back and without padding, and gives the padding back as zeros or as
     a per-channel fill."""
     m = torch.randn(2, 10, 10, 3)
-    grid = WindowGrid(3, 3, 4, 4, 10, 10, (2, 2))
+    grid = WindowGrid((3, 3), (4, 4), (10, 10), (2, 2))
     padded = torch.roll(F.pad(m, (0, 0, 0, 2, 0, 2)), shifts=(-2, -2), dims=(1, 2))
     stock = padded.view(2, 3, 4, 3, 4, 3).permute(0, 1, 3, 2, 4, 5).reshape(18, 16, 3)
     assert torch.equal(map_to_windows(padded, grid), stock)
@@ -225,3 +225,87 @@ def test_swin_on_cuda(version: int) -> None:
     _, gd = grads_of(division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backend="cuda")), x, autocast=True)
     flat = lambda g: torch.cat([v.flatten().double() for k, v in g.items() if "features." in k])  # noqa: E731
     assert torch.isfinite(flat(gd)).all() and F.cosine_similarity(flat(gd), flat(ga), dim=0) > 0.95
+
+
+# ---- Video Swin: (N, T, H, W, C) maps, 3-d windows ------------------------------------------------
+
+tv_swin3d = pytest.importorskip("torchvision.models.video.swin_transformer")
+# (8, 32, 32) clips: a 4x8x8 map in 2x2x2 windows of (2, 4, 4), the second block shifted by
+# (1, 2, 2); then 4x4x4, whose window shrinks to 4x4 in H and W. (6, 40, 40): 3x10x10, padded.
+CLIPS = ((8, 32, 32), (6, 40, 40))
+
+
+def tiny_swin3d() -> nn.Module:
+    torch.manual_seed(0)
+    model = tv_swin3d.SwinTransformer3d([2, 4, 4], 16, [2, 2], [2, 4], [2, 4, 4], stochastic_depth_prob=0.0,
+                                        num_classes=10, norm_layer=partial(nn.LayerNorm, eps=1e-5))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.5)
+    return model
+
+
+def test_3d_window_records_hold_the_block_inputs_positions() -> None:
+    """map_to_windows is stock's 3-d partition, and a record keeps the block input's positions."""
+    m = torch.randn(2, 3, 10, 10, 4)
+    grid = WindowGrid((2, 3, 3), (2, 4, 4), (3, 10, 10), (1, 2, 2))
+    padded = torch.roll(F.pad(m, (0, 0, 0, 2, 0, 2, 0, 1)), shifts=(-1, -2, -2), dims=(1, 2, 3))
+    stock = padded.view(2, 2, 2, 3, 4, 3, 4, 4).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(36, 32, 4)
+    assert torch.equal(map_to_windows(padded, grid), stock)
+    assert torch.equal(windows_to_map(stock, grid), padded)
+    assert torch.equal(windows_as_input_map(stock, grid), m)
+    assert torch.equal(input_map_as_windows(m, grid), stock)
+
+
+def test_video_swin_layers_are_converted() -> None:
+    model = division.convert_model(tiny_swin3d())
+    block = model.features[0][1]
+    assert type(block.attn).__name__ == "DivisionShiftedWindowAttention3d"
+    assert type(model.patch_embed).__name__ == "DivisionPatchEmbed3d" and model.patch_embed.norm.map_layout == MAP
+    assert block.norm1.map_layout == block.mlp[0].map_layout == model.features[1].reduction.map_layout == MAP
+    division.revert_model(model)
+    assert type(model.features[0][1].attn) is tv_swin3d.ShiftedWindowAttention3d
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("clip", CLIPS)
+def test_exact_mode_is_stock_video_swin_bit_for_bit(clip: tuple[int, int, int], autocast: bool) -> None:
+    stock = tiny_swin3d()
+    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    x = torch.randn(2, 3, *clip)
+    (y0, g0), (y1, g1) = grads_of(stock, x, autocast=autocast), grads_of(exact, x, autocast=autocast)
+    assert torch.equal(y0, y1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_video_swin_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(clip: tuple[int, int, int]) -> None:
+    """A codec that gives its input back exactly: the recomputed 3-d window attention (shift mask,
+    shrunk windows, padding) gives stock's gradients."""
+    stock = tiny_swin3d()
+    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
+    x = torch.randn(2, 3, *clip)
+    calls = []
+    apply = swin.WindowAttentionFn.apply
+    swin.WindowAttentionFn.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
+    try:
+        (y0, g0), (y1, g1) = grads_of(stock, x), grads_of(faithful, x)
+    finally:
+        swin.WindowAttentionFn.apply = apply  # type: ignore[method-assign]
+    assert len(calls) == 4 and torch.equal(y0, y1)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+
+
+def test_division_video_swin_saves_less_and_its_gradients_average_to_stocks() -> None:
+    stock = tiny_swin3d()
+    model = division.convert_model(copy.deepcopy(stock))
+    x = torch.randn(2, 3, 16, 64, 64)
+    assert saved_bytes(model, x) * 6 < saved_bytes(stock, x)
+    flat = lambda g: torch.cat([v.flatten().double() for k, v in g.items() if "features." in k])  # noqa: E731
+    exact = flat(grads_of(stock, x)[1])
+    draws = [flat(grads_of(model, x, seed=s)[1]) for s in range(8)]
+    one = F.cosine_similarity(draws[0], exact, dim=0).item()
+    mean = F.cosine_similarity(torch.stack(draws).mean(0), exact, dim=0).item()
+    assert 0.9 < one < mean and mean > 0.98, (one, mean)
