@@ -309,3 +309,18 @@ def test_division_video_swin_saves_less_and_its_gradients_average_to_stocks() ->
     one = F.cosine_similarity(draws[0], exact, dim=0).item()
     mean = F.cosine_similarity(torch.stack(draws).mean(0), exact, dim=0).item()
     assert 0.9 < one < mean and mean > 0.98, (one, mean)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_video_swin_on_cuda() -> None:
+    """On a GPU (the compress kernels on channels_last_3d maps): exact mode is stock's bit for bit,
+    a faithful codec gives stock's gradients."""
+    stock = tiny_swin3d().cuda()
+    x = torch.randn(2, 3, 6, 40, 40, device="cuda")
+    y0, g0 = grads_of(stock, x)
+    for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig(block_size=1, lfc_dtype="float32")):
+        y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock), cfg), x)
+        assert torch.equal(y0, y1)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
