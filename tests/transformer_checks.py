@@ -1,0 +1,77 @@
+"""Checks shared by the tests of converted transformer blocks (Swin, Video Swin, MaxViT)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import division
+
+
+def grads_of(model: nn.Module, x: torch.Tensor, seed: int = 1, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and gradients (input and parameters) of a cross-entropy step, under bf16 autocast if asked."""
+    model.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(leaf)
+    F.cross_entropy(out.float(), torch.arange(x.shape[0], device=x.device) % 10).backward()
+    return out.detach(), {"input": leaf.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def flat_grads(grads: dict[str, torch.Tensor], part: str) -> torch.Tensor:
+    return torch.cat([v.flatten().double() for k, v in grads.items() if part in k])
+
+
+def check_on_cuda(stock: nn.Module, x: torch.Tensor, part: str, min_cosine: float | None) -> None:
+    """On a GPU: exact mode is stock's bit for bit; a faithful codec (B = 1, float32 LFC) gives
+    stock's gradients (a recomputed attention included); with `min_cosine`, DIVISION under bf16
+    autocast gives finite gradients of `part` near stock's."""
+    y0, g0 = grads_of(stock, x)
+    for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig(block_size=1, lfc_dtype="float32")):
+        y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock), cfg), x)
+        assert torch.equal(y0, y1)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+    if min_cosine is None:
+        return
+    _, ga = grads_of(stock, x, autocast=True)
+    _, gd = grads_of(division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backend="cuda")), x, autocast=True)
+    assert torch.isfinite(flat_grads(gd, part)).all()
+    assert F.cosine_similarity(flat_grads(gd, part), flat_grads(ga, part), dim=0) > min_cosine
+
+
+def check_compiled_keeps_records(base: nn.Module, x: torch.Tensor, part: str, fewer: float) -> None:
+    """A converted model traces without a graph break (fullgraph) and keeps its records under
+    compile: it saves what eager saves with the attention core left stock's (compress_attention
+    False: the recomputation's nested autograd does not trace), `fewer` times less than stock at
+    least; the gradient of `part` stays near stock's."""
+    from division.saved import SavedBytes
+
+    model = division.convert_model(copy.deepcopy(base), division.DivisionConfig())
+    core_kept = division.convert_model(copy.deepcopy(base), division.DivisionConfig(compress_attention=False))
+    y = torch.arange(x.shape[0]) % 10
+    grads, saved = {}, {}
+    for name, run in {"stock": base, "core kept": core_kept, "compiled": torch.compile(model, fullgraph=True)}.items():
+        counter = SavedBytes(exclude=run.parameters())
+        torch.manual_seed(0)
+        with counter.counting():
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        saved[name] = counter.total
+        grads[name] = torch.cat([p.grad.flatten() for n, p in run.named_parameters() if part in n])
+    assert torch.isfinite(grads["compiled"]).all()
+    assert F.cosine_similarity(grads["compiled"], grads["stock"], dim=0) > 0.95
+    assert saved["compiled"] <= 1.01 * saved["core kept"] < saved["stock"] / fewer, saved
+
+
+def draw_cosines(stock: nn.Module, model: nn.Module, x: torch.Tensor, part: str, draws: int = 8) -> tuple[float, float]:
+    """Cosines to stock's gradient of `part`: of one DIVISION draw's, and of the mean of `draws` draws'
+    (DIVISION's noise averages away: the second is the larger)."""
+    exact = flat_grads(grads_of(stock, x)[1], part)
+    runs = [flat_grads(grads_of(model, x, seed=s)[1], part) for s in range(draws)]
+    one = F.cosine_similarity(runs[0], exact, dim=0).item()
+    return one, F.cosine_similarity(torch.stack(runs).mean(0), exact, dim=0).item()
