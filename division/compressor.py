@@ -36,7 +36,7 @@ from .codec import PLANE_INDEX_END, encode
 from .config import DivisionConfig
 from .format import SUPPORTED_DTYPES, CompressedActivation, division_plane_bytes
 from .hashing import content_seed, draw_seed
-from .tokens import TokenGrid
+from .tokens import TokenGrids
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Compressor:
         self.generation = 0
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.shared_hits = 0  # how many compressions sharing saved (for tests and summaries)
-        self.token_grid: TokenGrid | None = None  # the patch grid of (N, T, D) inputs (tokens.py)
+        self.token_grid: TokenGrids | None = None  # the patch grid(s) of (N, T, D) inputs (tokens.py)
         # per device: this forward's seed (drawn at its first compression there) and the hash's
         # index of the next plane compressed under it; replaced whole, so threads never mix them
         self._streams: dict[torch.device, tuple[torch.Tensor, int]] = {}

@@ -12,7 +12,8 @@ from .compressor import Compressor
 from .config import DivisionConfig
 from .layers import CONVERSIONS, DivisionLayer, set_conv_activations, set_maps_after_permute
 from .maxvit import MAXVIT_UNCONVERTED
-from .tokens import TokenGrid, infer_token_grid
+from .mvit import mvit_token_grids
+from .tokens import TokenGrid, TokenGrids, infer_token_grid
 
 STATE_ATTR = "_division_compressor"
 
@@ -35,7 +36,7 @@ KNOWN_UNCONVERTED: dict[type[nn.Module], str] = {
 
 
 def conversion_for(
-    module: nn.Module, cfg: DivisionConfig, token_grid: TokenGrid | None = None
+    module: nn.Module, cfg: DivisionConfig, token_grid: TokenGrids | None = None
 ) -> tuple[type[nn.Module] | None, str]:
     """(converted class, "") or (None, why this module stays as it is). Linear layers are converted
     in a model with a token grid (a transformer, whose Linear inputs are token sequences) or when
@@ -104,7 +105,7 @@ def _new_subclass_conversion(kind: type[nn.Module], converted: type[nn.Module]) 
 
 def convert_model(
     model: nn.Module, cfg: DivisionConfig | None = None, *, compressor: Compressor | None = None,
-    token_grid: TokenGrid | None = None,
+    token_grid: TokenGrids | None = None,
 ) -> nn.Module:
     """Patch every convertible layer of `model` in place and return the model.
 
@@ -112,9 +113,10 @@ def convert_model(
     state_dict keys and optimizer references stay valid). If `model` itself is a single layer, a
     converted layer sharing its parameters is returned instead. `compressor` replaces the DIVISION
     codec by another one (the ActNN baseline of groupquant.py). `token_grid` says how a
-    transformer's (N, T, D) tokens lie on its patch grid (tokens.py); by default it is read from
-    the model (torchvision's VisionTransformer and models.vit say it), and token inputs of unknown
-    grid are compressed in blocks of B consecutive tokens.
+    transformer's (N, T, D) tokens lie on its patch grid (tokens.py), or a sequence of grids told
+    apart by their length; by default it is read from the model (torchvision's VisionTransformer,
+    models.vit and MViT say it), and token inputs of unknown grid are compressed in blocks of B
+    consecutive tokens.
     """
     cfg = DivisionConfig() if cfg is None else cfg
     if not isinstance(cfg, DivisionConfig):
@@ -123,9 +125,14 @@ def convert_model(
         raise TypeError(f"convert_model: expected an nn.Module, got {type(model).__name__}")
     if hasattr(model, STATE_ATTR) or isinstance(model, DivisionLayer):
         raise ValueError("convert_model: this model is already converted; convert a fresh copy instead")
-    if token_grid is not None and not isinstance(token_grid, TokenGrid):
+    if isinstance(token_grid, (list, tuple)):
+        token_grid = tuple(token_grid)
+        if not token_grid or not all(isinstance(g, TokenGrid) for g in token_grid):
+            raise TypeError("convert_model: token_grid must be a division.TokenGrid or a non-empty sequence of them")
+    elif token_grid is not None and not isinstance(token_grid, TokenGrid):
         raise TypeError(f"convert_model: token_grid must be a division.TokenGrid, got {type(token_grid).__name__}")
-    token_grid = infer_token_grid(model) if token_grid is None else token_grid
+    if token_grid is None:
+        token_grid = infer_token_grid(model) or mvit_token_grids(model)
     new_cls, _ = conversion_for(model, cfg, token_grid)
     if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share
         single = compressor or Compressor(cfg.replace(share_inputs=False))

@@ -347,6 +347,7 @@ class ScaleFn(Function):
 ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
 MAP = "map"  # an (N, H, W, C) or (N, T, H, W, C) map, channels last, as ConvNeXt's and Swin's blocks run them
 CONV = "conv"  # an (N, C, *spatial) map, as convolutions give it (an activation's input: ActivationFn)
+HEADS = "heads"  # (N, heads, T, d): each head's (N, T, d) tokens (MViT's pooled q, k, v)
 # how a layer's input lies; a WindowGrid: (N * R * K, h * w, C) windows; a PartitionGrid: (N, G, P, C)
 Layout = str | WindowGrid | PartitionGrid
 
@@ -362,6 +363,8 @@ def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) ->
     partitions as the map they tile."""
     if layout == ROWS:
         return compressor.compress(x.reshape(-1, 1, x.shape[-1]))
+    if layout == HEADS:
+        return compress_tokens(compressor, x.reshape(-1, *x.shape[2:]))
     if layout == MAP:
         return compressor.compress(x.movedim(-1, 1))
     if isinstance(layout, WindowGrid):
@@ -371,10 +374,12 @@ def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) ->
     return compress_tokens(compressor, x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x)
 
 
-def _decompress_layout(packed: Any, layout: Layout) -> torch.Tensor:
-    """The input rebuilt in its layout (ROWS: as (rows, 1, D))."""
+def _decompress_layout(packed: Any, layout: Layout, shape: torch.Size) -> torch.Tensor:
+    """The input (of `shape`) rebuilt in its layout (ROWS: as (rows, 1, D))."""
     if layout == ROWS:
         return decompress(packed)
+    if layout == HEADS:
+        return decompress_tokens(packed).view(shape)
     if layout == MAP:
         return decompress(packed).movedim(1, -1)
     if isinstance(layout, WindowGrid):
@@ -407,7 +412,7 @@ class LinearFn(Function):
         if ctx.needs_input_grad[0]:
             gx = gy2.mm(_weight(ctx, saved)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x_hat = _decompress_layout(packed, ctx.layout)
+            x_hat = _decompress_layout(packed, ctx.layout, ctx.x_shape)
             gw = gy2.t().mm(x_hat.reshape(gy2.shape[0], -1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)
@@ -435,7 +440,7 @@ class LayerNormFn(Function):
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
                 bias is not None and ctx.needs_input_grad[3]]
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            gy, _decompress_layout(packed, ctx.layout), ctx.normalized_shape, mean, rstd, weight, bias, mask
+            gy, _decompress_layout(packed, ctx.layout, gy.shape), ctx.normalized_shape, mean, rstd, weight, bias, mask
         )
         return gx, None, gw, gb, None, None, None
 
@@ -453,7 +458,7 @@ class GELUFn(Function):
     @staticmethod
     def backward(ctx, gy):
         packed, _ = _load(ctx)
-        gx = torch.ops.aten.gelu_backward(gy, _decompress_layout(packed, ctx.layout), approximate=ctx.approximate)
+        gx = torch.ops.aten.gelu_backward(gy, _decompress_layout(packed, ctx.layout, gy.shape), approximate=ctx.approximate)
         return gx, None, None, None
 
 

@@ -19,6 +19,7 @@ from torch.nn.modules.utils import _pair, _triple
 from .compressor import Compressor
 from .functional import (
     CONV,
+    HEADS,
     MAP,
     ROWS,
     TOKENS,
@@ -227,6 +228,9 @@ class _DivisionMaxPool(DivisionLayer):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         expand = _pair if self.dims == 2 else _triple
         stride = self.stride if self.stride is not None else self.kernel_size  # type: ignore[attr-defined]
+        pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
+        if torch.is_autocast_enabled(x.device.type):  # stock's dtype: CPU autocast runs max_pool3d in float32
+            x = x.to(pool(x.new_zeros((1,) * x.dim()), 1).dtype)
         return MaxPoolFn.apply(
             x, expand(self.kernel_size), expand(stride), expand(self.padding), expand(self.dilation),  # type: ignore[attr-defined]
             self.ceil_mode, self.compressor.kernels,  # type: ignore[attr-defined]
@@ -313,7 +317,7 @@ class DivisionLinear(DivisionLayer, nn.Linear):
     one), the 4-D and 5-D inputs of a map layer (`map_layout`: set_map_layers) as maps;
     other inputs along their last dimension when compress_linear, else exactly as stock."""
 
-    # how a 4-D or 5-D input lies: MAP ((N, H, W, C), (N, T, H, W, C)) or MaxViT's partitions (set_map_layers sets it)
+    # how a 4-D or 5-D input lies (set_map_layers sets it): MAP, or MaxViT's partitions
     map_layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,11 +347,14 @@ def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any],
 
 def _input_layout(module: nn.Module, x: torch.Tensor) -> Layout | None:
     """How x lies, by what the module was told (`map_layout`) and x's shape: CONV for the
-    (N, C, *spatial) inputs of an activation after a convolution; TOKENS for other 3-D inputs; the
+    (N, C, *spatial) inputs of an activation after a convolution; HEADS for the (N, heads, T, d)
+    inputs of a layer told so (MViT's pooling norms); TOKENS for other 3-D inputs; the
     map layout of a 4-D or 5-D input (MAP; a PartitionGrid that x fits); else None (stock's forward)."""
     layout = getattr(module, "map_layout", None)
     if layout == CONV:
         return CONV if 3 <= x.dim() <= 5 else None
+    if layout == HEADS:
+        return HEADS if x.dim() == 4 else None
     if x.dim() == 3:
         return TOKENS
     if x.dim() not in (4, 5) or layout is None:
@@ -540,8 +547,10 @@ if CNBlock is not None:
 
 from .inception import INCEPTION_CONVERSIONS  # noqa: E402  (built on the layers above)
 from .maxvit import MAXVIT_CONVERSIONS  # noqa: E402
+from .mvit import MVIT_CONVERSIONS  # noqa: E402
 from .swin import SWIN_CONVERSIONS  # noqa: E402
 
 CONVERSIONS.update(INCEPTION_CONVERSIONS)
 CONVERSIONS.update(SWIN_CONVERSIONS)
 CONVERSIONS.update(MAXVIT_CONVERSIONS)
+CONVERSIONS.update(MVIT_CONVERSIONS)

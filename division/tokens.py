@@ -31,14 +31,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """P prefix tokens, then H x W patch tokens in row-major order."""
+    """P prefix tokens, then H x W patch tokens in row-major order (a video's T x H x W, time
+    first: `time` > 1)."""
 
     height: int
     width: int
     prefix: int = 0
+    time: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("height", "width"):
+        for name in ("height", "width", "time"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TokenGrid.{name}={value!r} is invalid: expected an integer >= 1")
@@ -47,7 +49,11 @@ class TokenGrid:
 
     @property
     def length(self) -> int:
-        return self.prefix + self.height * self.width
+        return self.prefix + self.time * self.height * self.width
+
+
+# what a model's tokens lie on: one grid, or several told apart by their length (MViT's stages)
+TokenGrids = TokenGrid | tuple[TokenGrid, ...]
 
 
 def infer_token_grid(model: nn.Module) -> TokenGrid | None:
@@ -81,25 +87,32 @@ class TokenRecord:
         return self.inner.nbytes + extra
 
 
-def grid_for(x: torch.Tensor, grid: TokenGrid | None) -> TokenGrid | None:
-    """The grid that applies to this (N, T, D) input: None when T does not match it."""
-    return grid if grid is not None and x.shape[1] == grid.length else None
+def grid_for(x: torch.Tensor, grids: TokenGrids | None) -> TokenGrid | None:
+    """The grid that applies to this (N, T, D) input: the one of length T; None when no grid, or
+    more than one, has that length."""
+    if grids is None:
+        return None
+    fitting = {g for g in (grids if isinstance(grids, tuple) else (grids,)) if g.length == x.shape[1]}
+    return fitting.pop() if len(fitting) == 1 else None
 
 
 def as_map(x: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
     """The patch tokens of (N, T, D) x as a channels_last (N, D, H, W) map (a view when x is
-    contiguous and has no prefix), or the whole sequence as (N, D, T, 1) without a grid."""
+    contiguous and has no prefix; a video's as a channels_last_3d (N, D, T, H, W) map), or the
+    whole sequence as (N, D, T, 1) without a grid."""
     n, t, d = x.shape
     if grid is None:
         return x.contiguous().view(n, t, 1, d).permute(0, 3, 1, 2)
-    patches = x[:, grid.prefix :] if grid.prefix else x
-    return patches.contiguous().view(n, grid.height, grid.width, d).permute(0, 3, 1, 2)
+    patches = (x[:, grid.prefix :] if grid.prefix else x).contiguous()
+    if grid.time > 1:
+        return patches.view(n, grid.time, grid.height, grid.width, d).permute(0, 4, 1, 2, 3)
+    return patches.view(n, grid.height, grid.width, d).permute(0, 3, 1, 2)
 
 
 def from_map(m: torch.Tensor, prefix: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
     """Inverse of as_map: (N, T, D) from the map (channels_last) and the prefix tokens."""
     n, t, d = shape
-    patches = m.permute(0, 2, 3, 1).reshape(n, -1, d)
+    patches = m.movedim(1, -1).reshape(n, -1, d)
     return patches if prefix is None else torch.cat([prefix, patches], dim=1)
 
 

@@ -255,6 +255,19 @@ def test_maxpool3d_gives_stocks_gradient_on_cuda(kwargs: dict, layout: torch.mem
     torch.testing.assert_close(g1["input"], g0["input"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_maxpool_under_cpu_autocast_runs_at_stocks_dtype(dims: int) -> None:
+    """CPU autocast runs max_pool3d in float32 (not max_pool2d, nor the variants returning indices):
+    the converted layers give stock's output dtype, values and gradient."""
+    make = (lambda: nn.MaxPool2d(3, 2, 1)) if dims == 2 else (lambda: nn.MaxPool3d(3, 2, 1))  # noqa: E731
+    stock, layer = converted_pair(make, division.DivisionConfig())
+    x = torch.randn(2, 3, *(9,) * dims).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+    assert y1.dtype == y0.dtype == (torch.float32 if dims == 3 else torch.bfloat16)
+    assert torch.equal(y0, y1) and torch.equal(g0["input"], g1["input"]) and g1["input"].dtype == torch.bfloat16
+
+
 def test_maxpool3d_unbatched_and_with_indices_as_stock() -> None:
     """An unbatched (C, D, H, W) input pools as stock's; return_indices=True stays stock's layer."""
     stock, layer = converted_pair(lambda: nn.MaxPool3d(2), division.DivisionConfig())

@@ -113,6 +113,26 @@ def test_patch_tokens_are_a_channels_last_map_of_their_grid() -> None:
     assert as_map(plain, TokenGrid(5, 7)).data_ptr() == plain.data_ptr()  # no copy without a prefix
 
 
+def test_video_tokens_are_a_channels_last_3d_map_and_grids_are_told_apart_by_length() -> None:
+    """A video's T x H x W patch tokens are a channels_last_3d (N, D, T, H, W) map; of several
+    grids, an input takes the one of its length, and none when two different grids share it."""
+    x = torch.randn(2, 1 + 3 * 4 * 5, 6)
+    grid = TokenGrid(4, 5, prefix=1, time=3)
+    m = as_map(x, grid)
+    assert m.shape == (2, 6, 3, 4, 5) and m.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(m, x[:, 1:].reshape(2, 3, 4, 5, 6).permute(0, 4, 1, 2, 3))
+    compressor = Compressor(division.DivisionConfig(block_size=1, lfc_dtype="float32"))
+    compressor.token_grid = (TokenGrid(2, 2, 1, 3), grid)
+    record = compress_tokens(compressor, x)
+    assert record.grid == grid and torch.equal(decompress_tokens(record), x)
+    compressor.token_grid = (grid, TokenGrid(10, 6, prefix=1), grid)  # the same length, 61
+    assert compress_tokens(compressor, x).grid is None
+    model = division.convert_model(small_vit(), token_grid=[TokenGrid(8, 8, 1), TokenGrid(4, 4, 1)])
+    assert model._division_compressor.token_grid == (TokenGrid(8, 8, 1), TokenGrid(4, 4, 1))
+    with pytest.raises(TypeError, match="a non-empty sequence of them"):
+        division.convert_model(small_vit(), token_grid=[])
+
+
 @pytest.mark.parametrize("prefix", [2, 0])
 def test_token_record_is_the_division_record_of_the_map_plus_exact_prefix(prefix: int) -> None:
     torch.manual_seed(0)
