@@ -9,7 +9,9 @@ feature) plane) plus the few prefix tokens kept exact. Without a grid, or when T
 (another image size), the whole sequence is one column: (N, D, T, 1), blocks of B tokens.
 
 The grid comes from `convert_model(..., token_grid=...)` or from the model: torchvision's
-VisionTransformer and models.vit say it through `image_size`, `patch_size` and `class_token`.
+VisionTransformer and models.vit say it through `image_size`, `patch_size` and `class_token`. A
+video's T x H x W patch tokens are a channels_last_3d (N, D, T, H, W) map; a model whose stages
+pool their tokens (MViT) has one grid per stage, and each input takes the grid of its length.
 
 A Swin Transformer's attention runs on windows: (N * R * K, h * w, C) tokens cut from an
 (N, R * h, K * w, C) map (WindowGrid; a Video Swin's from an (N, T, H, W, C) map). Their records
