@@ -486,3 +486,16 @@ def test_step_peak_benchmark(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "peak.json").read_text())
     assert result["calls"]["division::compress"] == 37 and result["calls"]["division::decompress"] == 40
     assert result["peak_mib"] > 0 and "step peak" in res.stdout
+
+
+def test_video_zoo_benchmark(tmp_path: Path) -> None:
+    """The video table: every model saves less converted than stock, by a ratio the rows agree on."""
+    script = str(ROOT / "benchmarks" / "video_zoo.py")
+    res = subprocess.run([sys.executable, script, "--models", "r3d_18", "swin3d_t", "--tiny", "--out", str(tmp_path / "video")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["model"]: r for r in check_outputs(tmp_path / "video")["rows"]}
+    assert rows.keys() == {"r3d_18", "swin3d_t"}
+    assert all(0 < r["saved_mib"] < r["stock_mib"] / 4 and abs(r["ratio"] - r["stock_mib"] / r["saved_mib"]) < 1e-6
+               for r in rows.values())
+    assert "| swin3d_t | 4x32x32, 1 |" in (tmp_path / "video.md").read_text()
