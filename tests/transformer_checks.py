@@ -44,11 +44,13 @@ def check_on_cuda(stock: nn.Module, x: torch.Tensor, part: str, min_cosine: floa
     assert F.cosine_similarity(flat_grads(gd, part), flat_grads(ga, part), dim=0) > min_cosine
 
 
-def check_compiled_keeps_records(base: nn.Module, x: torch.Tensor, part: str, fewer: float) -> None:
+def check_compiled_keeps_records(base: nn.Module, x: torch.Tensor, part: str, fewer: float,
+                                 min_cosine: float = 0.95, slack: float = 1.01) -> None:
     """A converted model traces without a graph break (fullgraph) and keeps its records under
     compile: it saves what eager saves with the attention core left stock's (compress_attention
-    False: the recomputation's nested autograd does not trace), `fewer` times less than stock at
-    least; the gradient of `part` stays near stock's."""
+    False: the recomputation's nested autograd does not trace; up to `slack` times that, what the
+    partitioner chooses to save differing a little), `fewer` times less than stock at least; the
+    gradient of `part` stays near stock's (one draw: a cosine above `min_cosine`)."""
     from division.saved import SavedBytes
 
     model = division.convert_model(copy.deepcopy(base), division.DivisionConfig())
@@ -64,8 +66,8 @@ def check_compiled_keeps_records(base: nn.Module, x: torch.Tensor, part: str, fe
         saved[name] = counter.total
         grads[name] = torch.cat([p.grad.flatten() for n, p in run.named_parameters() if part in n])
     assert torch.isfinite(grads["compiled"]).all()
-    assert F.cosine_similarity(grads["compiled"], grads["stock"], dim=0) > 0.95
-    assert saved["compiled"] <= 1.01 * saved["core kept"] < saved["stock"] / fewer, saved
+    assert F.cosine_similarity(grads["compiled"], grads["stock"], dim=0) > min_cosine
+    assert saved["compiled"] <= slack * saved["core kept"] < saved["stock"] / fewer, saved
 
 
 def draw_cosines(stock: nn.Module, model: nn.Module, x: torch.Tensor, part: str, draws: int = 8) -> tuple[float, float]:
