@@ -131,7 +131,7 @@ def dropout_backward(
     return gy * unpack_bits_reference(bits, gy.shape, fmt) * scale
 
 
-# ---- MaxPool2d ----------------------------------------------------------------------------------
+# ---- MaxPool2d and MaxPool3d ---------------------------------------------------------------------
 
 
 def _windows(

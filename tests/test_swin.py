@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformer_checks import check_on_cuda, draw_cosines, flat_grads, grads_of
+from transformer_checks import (
+    assert_exact_mode_is_stock,
+    assert_same_gradients,
+    check_on_cuda,
+    count_applies,
+    draw_cosines,
+    flat_grads,
+    grads_of,
+)
 
 import division
 from division import swin
@@ -87,12 +95,7 @@ def test_swin_layers_are_converted_and_reverted(version: int) -> None:
 def test_exact_mode_is_stock_swin_bit_for_bit(version: int, size: int, autocast: bool) -> None:
     """The converted attention runs stock's ops in stock's order: outputs and every gradient are
     stock's bit for bit, shifted and padded windows included, under bf16 autocast too."""
-    stock = tiny_swin(version)
-    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
-    x = torch.randn(3, 3, size, size)
-    (y0, g0), (y1, g1) = grads_of(stock, x, autocast=autocast), grads_of(exact, x, autocast=autocast)
-    assert torch.equal(y0, y1)
-    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert_exact_mode_is_stock(tiny_swin(version), torch.randn(3, 3, size, size), autocast)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -106,17 +109,12 @@ def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(version: i
     stock = tiny_swin(version)
     faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     x = torch.randn(3, 3, size, size)
-    calls = []
-    apply = swin.WindowAttentionFn.apply
-    swin.WindowAttentionFn.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
-    try:
-        (y0, g0), (y1, g1) = grads_of(stock, x, autocast=autocast), grads_of(faithful, x, autocast=autocast)
-    finally:
-        swin.WindowAttentionFn.apply = apply  # type: ignore[method-assign]
-    assert len(calls) == 4  # every block's attention was recomputed
-    assert torch.equal(y0, y1)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+    y0, g0 = grads_of(stock, x, autocast=autocast)
+    results = []
+    run = lambda: results.append(grads_of(faithful, x, autocast=autocast))  # noqa: E731
+    assert count_applies(swin.WindowAttentionFn, run) == 4  # every block's attention was recomputed
+    assert torch.equal(y0, results[0][0])
+    assert_same_gradients(results[0][1], g0)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -160,18 +158,10 @@ def test_attention_keeps_what_stock_saves_under_dropout_or_when_asked() -> None:
         if isinstance(m, tv_swin.ShiftedWindowAttention):
             m.attention_dropout = 0.2
     x = torch.randn(2, 3, 32, 32)
-    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
-    (y0, g0), (y1, g1) = grads_of(stock, x), grads_of(exact, x)
-    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
-    calls = []
-    apply = swin.WindowAttentionFn.apply
-    swin.WindowAttentionFn.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
-    try:
-        grads_of(division.convert_model(copy.deepcopy(stock)), x)
-        grads_of(division.convert_model(tiny_swin(1), division.DivisionConfig(compress_attention=False)), x)
-    finally:
-        swin.WindowAttentionFn.apply = apply  # type: ignore[method-assign]
-    assert calls == []
+    assert_exact_mode_is_stock(stock, x)
+    for model in (division.convert_model(copy.deepcopy(stock)),
+                  division.convert_model(tiny_swin(1), division.DivisionConfig(compress_attention=False))):
+        assert count_applies(swin.WindowAttentionFn, lambda: grads_of(model, x)) == 0  # noqa: B023
 
 
 def test_a_block_converts_alone() -> None:
@@ -245,12 +235,7 @@ def test_video_swin_layers_are_converted() -> None:
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("clip", CLIPS)
 def test_exact_mode_is_stock_video_swin_bit_for_bit(clip: tuple[int, int, int], autocast: bool) -> None:
-    stock = tiny_swin3d()
-    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
-    x = torch.randn(2, 3, *clip)
-    (y0, g0), (y1, g1) = grads_of(stock, x, autocast=autocast), grads_of(exact, x, autocast=autocast)
-    assert torch.equal(y0, y1)
-    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert_exact_mode_is_stock(tiny_swin3d(), torch.randn(2, 3, *clip), autocast)
 
 
 @pytest.mark.parametrize("clip", CLIPS)
@@ -260,16 +245,11 @@ def test_video_swin_attention_gradients_are_autograds_on_the_reconstructed_q_k_v
     stock = tiny_swin3d()
     faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     x = torch.randn(2, 3, *clip)
-    calls = []
-    apply = swin.WindowAttentionFn.apply
-    swin.WindowAttentionFn.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
-    try:
-        (y0, g0), (y1, g1) = grads_of(stock, x), grads_of(faithful, x)
-    finally:
-        swin.WindowAttentionFn.apply = apply  # type: ignore[method-assign]
-    assert len(calls) == 4 and torch.equal(y0, y1)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+    y0, g0 = grads_of(stock, x)
+    results = []
+    assert count_applies(swin.WindowAttentionFn, lambda: results.append(grads_of(faithful, x))) == 4
+    assert torch.equal(y0, results[0][0])
+    assert_same_gradients(results[0][1], g0)
 
 
 def test_division_video_swin_saves_less_and_its_gradients_average_to_stocks() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,25 @@ def flat_grads(grads: dict[str, torch.Tensor], part: str) -> torch.Tensor:
     return torch.cat([v.flatten().double() for k, v in grads.items() if part in k])
 
 
+def assert_exact_mode_is_stock(stock: nn.Module, x: torch.Tensor, autocast: bool = False) -> None:
+    """Exact mode runs stock's ops in stock's order: the output and every gradient bit for bit."""
+    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    (y0, g0), (y1, g1) = grads_of(stock, x, autocast=autocast), grads_of(exact, x, autocast=autocast)
+    assert torch.equal(y0, y1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def assert_same_gradients(g1: dict[str, torch.Tensor], g0: dict[str, torch.Tensor], model_scale: bool = False) -> None:
+    """g1 is g0 to float32 rounding (the recomputation reorders nothing but its sums): each
+    tensor to 1e-6 of its own largest entry, or of the model's largest (`model_scale`: for a
+    gradient that is exactly 0, computed as float noise)."""
+    assert g0.keys() == g1.keys()
+    scale = max(g.abs().max().item() for g in g0.values()) if model_scale else None
+    for k in g0:
+        atol = 1e-6 * (scale if scale is not None else g0[k].abs().max().item())
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=atol, msg=k)
+
+
 def check_on_cuda(stock: nn.Module, x: torch.Tensor, part: str, min_cosine: float | None) -> None:
     """On a GPU: exact mode is stock's bit for bit; a faithful codec (B = 1, float32 LFC) gives
     stock's gradients (a recomputed attention included); with `min_cosine`, DIVISION under bf16
@@ -34,8 +55,7 @@ def check_on_cuda(stock: nn.Module, x: torch.Tensor, part: str, min_cosine: floa
     for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig(block_size=1, lfc_dtype="float32")):
         y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock), cfg), x)
         assert torch.equal(y0, y1)
-        for k in g0:
-            torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max().item(), msg=k)
+        assert_same_gradients(g1, g0, model_scale=True)
     if min_cosine is None:
         return
     _, ga = grads_of(stock, x, autocast=True)
@@ -77,3 +97,15 @@ def draw_cosines(stock: nn.Module, model: nn.Module, x: torch.Tensor, part: str,
     runs = [flat_grads(grads_of(model, x, seed=s)[1], part) for s in range(draws)]
     one = F.cosine_similarity(runs[0], exact, dim=0).item()
     return one, F.cosine_similarity(torch.stack(runs).mean(0), exact, dim=0).item()
+
+
+def count_applies(function: type, run: Callable[[], Any]) -> int:
+    """How many times `run()` applies the autograd Function `function`."""
+    calls = []
+    apply = function.apply
+    function.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
+    try:
+        run()
+    finally:
+        function.apply = apply  # type: ignore[method-assign]
+    return len(calls)
