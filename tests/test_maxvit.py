@@ -6,15 +6,14 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformer_checks import (
     assert_exact_mode_is_stock,
     assert_same_gradients,
+    check_division_under_autocast,
     check_on_cuda,
     count_applies,
     draw_cosines,
-    flat_grads,
     grads_of,
 )
 
@@ -107,11 +106,7 @@ def test_division_maxvit_under_bf16_autocast() -> None:
     gradients near stock's autocast ones."""
     stock = tiny_maxvit()
     x = torch.randn(4, 3, SIZE, SIZE)
-    y0, g0 = grads_of(stock, x, autocast=True)
-    y1, g1 = grads_of(division.convert_model(copy.deepcopy(stock)), x, autocast=True)
-    assert torch.equal(y0, y1)
-    assert torch.isfinite(flat_grads(g1, "blocks.")).all()
-    assert F.cosine_similarity(flat_grads(g1, "blocks."), flat_grads(g0, "blocks."), dim=0) > 0.9
+    check_division_under_autocast(stock, x, "blocks.", min_cosine=0.9)
 
 
 def test_attention_keeps_what_stock_saves_when_asked() -> None:
