@@ -5,6 +5,7 @@
     python benchmarks/memory_speed.py --mode both --compile --out logs/bench/compiled   # one build each
     python benchmarks/memory_speed.py --mode speed --compile reduce-overhead --out ...    # CUDA graphs
     python benchmarks/memory_speed.py --mode memory --tiny --out /tmp/mem       # CPU smoke test
+    python benchmarks/memory_speed.py --mode both --models mvit_v2_s --frames 16 --batches 8 --methods vanilla division --out ...   # video
 
 Grid: models (ResNet-50, WRN-50-2) x batch sizes (64, 128, 256, 512) x methods (vanilla, division,
 checkpoint, swap, actnn) x precision (fp32, bf16 autocast), synthetic 224x224 data already on the
@@ -14,7 +15,8 @@ minus allocated before the batch, minus output and loss) and the peak allocated 
 above the same start; the step lets go of its batch after forward (harness.loop.Batch), so the
 batch counts where a layer keeps it. `--find-max` also searches the largest batch that fits
 (cuDNN's autotuner off, each try printed as it ends).
-speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats.
+speed: img/s of whole training steps, timed with CUDA events after warm-up, median over repeats
+(with --frames, of clips: a video model's batch is (batch, 3, frames, size, size)).
 both: memory, then speed, of each model built (and compiled) once; the measured step is one of the
 warm-up steps. A compile of ResNet-50 takes a minute or more: this halves the compiles.
 --compile [MODE] runs every model under torch.compile(fullgraph=True, mode=MODE) (default inductor
@@ -60,10 +62,13 @@ def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, de
     torch.manual_seed(0)
     model = models.build_model(model_name, num_classes=1000)
     prepared = prepare(model, method, division.DivisionConfig())
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    fmt = torch.contiguous_format
+    if args.channels_last:
+        fmt = torch.channels_last_3d if args.frames else torch.channels_last
     model = prepared.model.to(device).to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    frames = (args.frames,) if args.frames else ()
+    x = torch.randn(batch, 3, *frames, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device)
     run = torch.compile(model, fullgraph=True, mode=args.compile) if args.compile else model
     return run, prepared, opt, x, y
@@ -304,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=("off", "bf16"))
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--frames", type=int, default=0,
+                        help="video models (r3d_18, s3d, swin3d_t, mvit_v2_s, ...): clips of this many frames")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES[1:],
                         metavar="MODE", help="torch.compile(model, fullgraph=True, mode=MODE) every model "
@@ -344,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, args.mode)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    info = {**run_info(device), "mode": args.mode, "image_size": args.image_size,
+    info = {**run_info(device), "mode": args.mode, "image_size": args.image_size, "frames": args.frames,
             "channels_last": args.channels_last, "compile": args.compile}
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"{args.mode} benchmark on {info['device']}, torch {info['torch']}, git {info['git']}, {info['date']}"
         f"{', channels_last' if args.channels_last else ''}"
+        f"{f', clips of {args.frames} frames (img/s counts clips)' if args.frames else ''}"
         f"{f', torch.compile mode={args.compile}' if args.compile else ''}\n\n"
         f"`{info['command']}`\n\n{table}\n" + (CPU_COMPILED_NOTE if memory and args.compile and device.type == "cpu" else "")
     )

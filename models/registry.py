@@ -41,11 +41,14 @@ def list_models() -> list[str]:
 
 
 def _torchvision_names() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
+    """torchvision's classifiers, of images and of videos (clips: (N, 3, T, H, W))."""
+    return torchvision.models.list_models(module=torchvision.models) + torchvision.models.list_models(
+        module=torchvision.models.video)
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """A registered model, or any torchvision classification model by its name (weights=None).
+    """A registered model, or any torchvision classification model, of images or videos, by its
+    name (weights=None).
 
     Registered names win over torchvision's: "resnet18" and "densenet121" are the CIFAR variants
     of the paper (3x3 stem, no max-pool), not torchvision's ImageNet ones; "torchvision.resnet18"
@@ -68,7 +71,8 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Mo
         return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
     raise ValueError(
         f"unknown model {name!r}: registered models are {', '.join(list_models())}; any torchvision "
-        "classification model name (e.g. resnet34, mobilenet_v2, torchvision.resnet18) is accepted too"
+        "classification model name (e.g. resnet34, mobilenet_v2, torchvision.resnet18; r3d_18, mvit_v2_s for "
+        "clips) is accepted too"
     )
 
 
@@ -80,6 +84,12 @@ def check_image_size(name: str, image_size: int, in_channels: int, num_classes: 
     and the model is run once on meta tensors (shapes only, nothing computed), so that an input
     too small for its pooling stops here rather than deep inside the first step.
     """
+    if name.removeprefix(TORCHVISION_PREFIX) in torchvision.models.list_models(module=torchvision.models.video):
+        raise ValueError(
+            f"model={name} classifies video clips (N, 3, frames, H, W) and the training data are images; "
+            "measure its memory and speed with benchmarks/memory_speed.py --frames, or convert it in a "
+            "loop of your own (division.convert_model)"
+        )
     designed = _IMAGE_SIZE.get(name)
     if designed is not None and image_size > 2 * designed:
         raise ValueError(

@@ -499,3 +499,19 @@ def test_video_zoo_benchmark(tmp_path: Path) -> None:
     assert all(0 < r["saved_mib"] < r["stock_mib"] / 4 and abs(r["ratio"] - r["stock_mib"] / r["saved_mib"]) < 1e-6
                for r in rows.values())
     assert "| swin3d_t | 4x32x32, 1 |" in (tmp_path / "video.md").read_text()
+
+
+def test_memory_speed_takes_video_clips(tmp_path: Path) -> None:
+    """--frames: a torchvision video classifier on (batch, 3, frames, size, size) clips, memory and
+    clips/s of vanilla and DIVISION side by side."""
+    script = str(ROOT / "benchmarks" / "memory_speed.py")
+    res = subprocess.run([sys.executable, script, "--mode", "both", "--models", "r3d_18", "--frames", "4", "--image-size", "32",
+                          "--batches", "2", "--methods", "vanilla", "division", "--amp", "off", "--warmup", "1", "--steps", "1",
+                          "--repeats", "2", "--device", "cpu", "--out", str(tmp_path / "video")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = check_outputs(tmp_path / "video")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert result["frames"] == 4 and 0 < rows["division"]["act_gib"] < rows["vanilla"]["act_gib"] / 4
+    assert "clips of 4 frames (img/s counts clips)" in (tmp_path / "video.md").read_text()
+

@@ -189,6 +189,10 @@ def test_image_size_check_refuses_what_would_fail_or_mislead() -> None:
     models.check_image_size("densenet161", 29, 3, 1000)  # the smallest its pooling takes
     with pytest.raises(ValueError, match=r"cannot take 28x28"):
         models.check_image_size("densenet161", 28, 3, 10)
+    # torchvision's video classifiers build, but take clips: the harness's images are refused by name
+    assert type(models.build_model("r3d_18")).__name__ == "VideoResNet"
+    with pytest.raises(ValueError, match=r"model=r3d_18 classifies video clips .*memory_speed.py --frames"):
+        models.check_image_size("r3d_18", 112, 3, 10)
 
 
 def test_bad_names_and_arguments_say_what_is_accepted() -> None:
