@@ -70,6 +70,29 @@ def _load_records(ctx: Any) -> tuple[list[Any], tuple[torch.Tensor | None, ...]]
     return records, saved[start:]
 
 
+AutocastState = tuple[str, bool, torch.dtype]
+
+
+def autocast_state(device_type: str) -> AutocastState:
+    """Forward's autocast state, for backward to recompute under (recompute_grads)."""
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def recompute_grads(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor | None], needs: Any,
+                    state: AutocastState, gy: torch.Tensor) -> list[torch.Tensor | None]:
+    """The backward of a Function that saved records in place of what `fn` keeps: `fn` runs again on
+    `inputs` (rebuilt from the records, or kept; None for an absent one) under forward's autocast
+    `state`, and is differentiated there: the gradients of the inputs that need one (`needs`), None
+    for the others."""
+    leaves = [None if t is None else t.detach().requires_grad_(bool(need)) for t, need in zip(inputs, needs)]
+    device, enabled, dtype = state
+    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        out = fn(*leaves)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, gy))
+    return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+
+
 def _keep_weight(ctx: Any, weight: torch.Tensor, master: torch.Tensor | None) -> torch.Tensor:
     """What a layer saves of its weight. Under autocast `weight` is a cast copy of the parameter
     `master`: the parameter is saved and cast again in backward (`_weight`), so the copy is freed

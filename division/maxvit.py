@@ -22,7 +22,7 @@ from torch.autograd import Function
 
 from .codec import decompress
 from .compressor import Compressor
-from .functional import _load_records, _save_records
+from .functional import _load_records, _save_records, autocast_state, recompute_grads
 from .layers import DivisionLayer, _needs_saving, set_map_layers
 from .tokens import PartitionGrid, map_as_partitions, partitions_as_map
 
@@ -62,8 +62,7 @@ class PartitionAttentionFn(Function):
     def forward(ctx, q, k, v, bias, scale: float, compressor: Compressor, grid: PartitionGrid):
         out = relative_attention(q, k, v, bias, scale)
         _save_records(ctx, [compressor.compress(_heads_as_map(t, grid)) for t in (q, k, v)], bias)
-        device = q.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(q.device.type)
         ctx.geometry = (q.shape, scale, grid)
         return out
 
@@ -71,13 +70,10 @@ class PartitionAttentionFn(Function):
     def backward(ctx, gy):
         records, (bias,) = _load_records(ctx)
         shape, scale, grid = ctx.geometry
-        qkv = [_map_as_heads(decompress(r), grid, shape).detach().requires_grad_(True) for r in records]
-        bias = bias.detach().requires_grad_(ctx.needs_input_grad[3])
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            out = relative_attention(*qkv, bias, scale)
-        grads = torch.autograd.grad(out, qkv + [bias] * bias.requires_grad, gy)
-        return *grads[:3], grads[3] if bias.requires_grad else None, None, None, None
+        qkv = [_map_as_heads(decompress(r), grid, shape) for r in records]
+        grads = recompute_grads(lambda q, k, v, b: relative_attention(q, k, v, b, scale), [*qkv, bias],
+                                ctx.needs_input_grad[:4], ctx.autocast, gy)
+        return *grads, None, None, None
 
 
 class _RelativeAttention(DivisionLayer):

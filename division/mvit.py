@@ -20,7 +20,14 @@ from torch import nn
 from torch.autograd import Function
 
 from .compressor import Compressor
-from .functional import HEADS, _heads_to_tokens, _load_records, _save_records
+from .functional import (
+    HEADS,
+    _heads_to_tokens,
+    _load_records,
+    _save_records,
+    autocast_state,
+    recompute_grads,
+)
 from .layers import DivisionLayer, DivisionLayerNorm, _needs_saving
 from .tokens import TokenGrid, compress_tokens, decompress_tokens
 
@@ -84,28 +91,19 @@ class MultiscaleAttentionFn(Function):
         rel_pos = None if rel_h is None else (rel_h, rel_w, rel_t)
         out = multiscale_attention(q, k, v, rel_pos, *geometry)
         _save_records(ctx, [compress_tokens(compressor, _heads_to_tokens(t)) for t in (q, k, v)], rel_h, rel_w, rel_t)
-        device = q.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(q.device.type)
         ctx.shapes, ctx.geometry = (q.shape, k.shape, v.shape), geometry
         return out
 
     @staticmethod
     def backward(ctx, gy):
         records, tables = _load_records(ctx)
-        qkv = [
-            decompress_tokens(r).view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True)
-            for r, (n, h, t, d) in zip(records, ctx.shapes)
-        ]
-        needs = ctx.needs_input_grad[3:6]
-        rel_pos = None if tables[0] is None else tuple(p.detach().requires_grad_(need) for p, need in zip(tables, needs))
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            out = multiscale_attention(*qkv, rel_pos, *ctx.geometry)
-        wanted = qkv + [p for p in rel_pos or () if p.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, gy))
-        gq, gk, gv = next(grads), next(grads), next(grads)
-        gtables = [next(grads) if rel_pos is not None and p.requires_grad else None for p in rel_pos or (None,) * 3]
-        return gq, gk, gv, *gtables, None, None
+        qkv = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2) for r, (n, h, t, d) in zip(records, ctx.shapes)]
+
+        def attention(q, k, v, rel_h, rel_w, rel_t):
+            return multiscale_attention(q, k, v, None if rel_h is None else (rel_h, rel_w, rel_t), *ctx.geometry)
+
+        return *recompute_grads(attention, [*qkv, *tables], ctx.needs_input_grad[:6], ctx.autocast, gy), None, None
 
 
 class _MultiscaleAttention(DivisionLayer):

@@ -25,7 +25,7 @@ from torch.autograd import Function
 
 from .codec import decompress
 from .compressor import Compressor
-from .functional import _load_records, _save_records
+from .functional import _load_records, _save_records, autocast_state, recompute_grads
 from .layers import DivisionLayer, _needs_saving, saving_linear, set_map_layers
 from .tokens import (
     WindowGrid,
@@ -98,8 +98,7 @@ class WindowAttentionFn(Function):
         maps = [windows_as_input_map(_heads_to_windows(t), grid).movedim(-1, 1) for t in (q, k, v)]
         fill = None if qkv_bias is None or not grid.padded else qkv_bias.detach().to(q.dtype)
         _save_records(ctx, [compressor.compress(m) for m in maps], logit_scale, fill)
-        device = q.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(q.device.type)
         ctx.geometry = (q.shape, grid, mask_dtype)
         ctx.position_bias = position_bias
         return out
@@ -114,19 +113,12 @@ class WindowAttentionFn(Function):
         fills = (None,) * 3 if fill is None else fill.chunk(3)
         qkv = [
             input_map_as_windows(decompress(r).movedim(1, -1), grid, f).view(w, t, h, d).transpose(1, 2)
-            .detach().requires_grad_(True)
             for r, f in zip(records, fills)
         ]
-        extra = [p.detach().requires_grad_(True) if p is not None and need else None
-                 for p, need in zip((bias, logit_scale), ctx.needs_input_grad[3:5])]
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            mask = shift_mask(grid, mask_dtype, gy.device) if any(grid.shift) else None
-            out = window_attention(*qkv, bias if extra[0] is None else extra[0], mask,
-                                   logit_scale if extra[1] is None else extra[1])
-        grads = iter(torch.autograd.grad(out, qkv + [e for e in extra if e is not None], gy))
-        gq, gk, gv = next(grads), next(grads), next(grads)
-        gbias, gscale = (None if e is None else next(grads) for e in extra)
-        return gq, gk, gv, gbias, gscale, None, None, None, None, None
+        mask = shift_mask(grid, mask_dtype, gy.device) if any(grid.shift) else None
+        grads = recompute_grads(lambda q, k, v, b, s: window_attention(q, k, v, b, mask, s), [*qkv, bias, logit_scale],
+                                ctx.needs_input_grad[:5], ctx.autocast, gy)
+        return *grads, None, None, None, None, None
 
 
 class _WindowAttention(DivisionLayer):
