@@ -393,7 +393,7 @@ def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) ->
     if isinstance(layout, WindowGrid):
         return compressor.compress(windows_as_input_map(x, layout).movedim(-1, 1))
     if isinstance(layout, PartitionGrid):
-        return compressor.compress(partitions_as_map(x, layout).permute(0, 3, 1, 2))
+        return compressor.compress(partitions_as_map(x, layout).movedim(-1, 1))
     return compress_tokens(compressor, x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x)
 
 
@@ -408,7 +408,7 @@ def _decompress_layout(packed: Any, layout: Layout, shape: torch.Size) -> torch.
     if isinstance(layout, WindowGrid):
         return input_map_as_windows(decompress(packed).movedim(1, -1), layout)
     if isinstance(layout, PartitionGrid):
-        return map_as_partitions(decompress(packed).permute(0, 2, 3, 1), layout)
+        return map_as_partitions(decompress(packed).movedim(1, -1), layout)
     x = decompress_tokens(packed)
     return x.transpose(0, 1) if layout == TOKENS_SEQ_FIRST else x
 
