@@ -3,6 +3,7 @@
     python benchmarks/model_zoo.py --out logs/bench/model_zoo
     python benchmarks/model_zoo.py --models efficientnet_b0 --activation-bits 2 --out /tmp/zoo2
     python benchmarks/model_zoo.py --models maxvit_t --hfc-bits 4 --out /tmp/zoo4
+    python benchmarks/model_zoo.py --models maxvit_t --layer-bits 'blocks.*_attention=4' --out /tmp/zoo_attn4
     python benchmarks/model_zoo.py --models resnet18 mobilenet_v2 --tiny --out /tmp/zoo   # smoke test
 
 For each model (random weights, 10 classes): the activation memory autograd saves for one
@@ -135,6 +136,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.legend(fontsize=8)
 
 
+def pattern_bits(text: str) -> tuple[str, int]:
+    pattern, sep, bits = text.rpartition("=")
+    if not sep or not pattern or not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=Q, as 'blocks.*_attention=4'")
+    return pattern, int(bits)
+
+
+def plan_text(cfg: division.DivisionConfig) -> str:
+    """The per-layer settings of the run, as the table's caption says them."""
+    parts = [f"layer_bits {dict(cfg.layer_bits)}" if cfg.layer_bits else "", f"exclude {list(cfg.exclude)}" if cfg.exclude else ""]
+    return "".join(f", {p}" for p in parts if p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -146,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="DivisionConfig.activation_bits (SiLU, Hardswish, Mish inputs)")
     parser.add_argument("--hfc-bits", type=int, default=division.DivisionConfig().hfc_bits,
                         help="DivisionConfig.hfc_bits (Q of every other record)")
+    parser.add_argument("--layer-bits", nargs="*", default=[], metavar="PATTERN=Q", type=pattern_bits,
+                        help="DivisionConfig.layer_bits: Q of the records of the modules PATTERN names")
+    parser.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN", help="DivisionConfig.exclude")
     parser.add_argument("--tiny", action="store_true", help="smoke test: synthetic images, 32 px, 2 draws")
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.batch, args.memory_size, args.draws = 32, 4, 32, 2
-    cfg = division.DivisionConfig(hfc_bits=args.hfc_bits, activation_bits=args.activation_bits)
+    cfg = division.DivisionConfig(hfc_bits=args.hfc_bits, activation_bits=args.activation_bits,
+                                  layer_bits=args.layer_bits, exclude=args.exclude)
     rows = []
     for name in tqdm(args.models, desc="models"):
         size, memory_size = (FIXED_SIZE[name],) * 2 if name in FIXED_SIZE else (args.size, args.memory_size)
@@ -173,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Fashion-MNIST images at {args.size}x{args.size} (mean and range of {args.draws} draws), random "
         f"weights, dropout and stochastic depth off. \"paper's layers\": convolution, batch norm, ReLU, "
         f"max-pool, dropout converted; \"all converted\": what convert_model converts "
-        f"(hfc_bits={cfg.hfc_bits}, activation_bits={cfg.activation_bits}).{' ' + fixed if fixed else ''}\n\n{table}\n"
+        f"(hfc_bits={cfg.hfc_bits}, activation_bits={cfg.activation_bits}{plan_text(cfg)}).{' ' + fixed if fixed else ''}"
+        f"\n\n{table}\n"
     )
     plot(rows, args.out.with_suffix(".png"))
     return 0

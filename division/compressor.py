@@ -61,6 +61,7 @@ class Compressor:
         self._streams: dict[torch.device, tuple[torch.Tensor, int]] = {}
         self._forward_seed: torch.Tensor | None = None  # under torch.compile (_compiled_seed)
         self._configs: dict[int, DivisionConfig] = {}  # the config at other HFC widths (_with_bits)
+        self._at_bits: dict[int, BitsCompressor] = {}  # views for DivisionConfig.layer_bits (at_bits)
 
     def new_forward(self) -> None:
         """Called before each forward of the root module: earlier records stop being reusable,
@@ -142,6 +143,12 @@ class Compressor:
         self._entries[x] = _Entry(self.generation, x._version, mode, bits, packed)
         return packed
 
+    def at_bits(self, bits: int) -> BitsCompressor:
+        """This compressor as seen by layers whose records take `bits` HFC bits (layer_bits)."""
+        if bits not in self._at_bits:
+            self._at_bits[bits] = BitsCompressor(self, bits)
+        return self._at_bits[bits]
+
     def __call__(self, module: object, args: object) -> None:
         """Forward pre-hook of the converted root module (under compile: a new seed only; the
         cache is unused there)."""
@@ -161,3 +168,27 @@ class Compressor:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["cfg"])
         self.token_grid = state.get("token_grid")
+
+
+class BitsCompressor:
+    """What the layers that DivisionConfig.layer_bits gives Q HFC bits call: the model's compressor
+    (its sharing cache, seed and plane numbering, so records stay distinct and shared as before),
+    with Q in place of hfc_bits and activation_bits. Holds no state of its own."""
+
+    def __init__(self, root: Compressor, bits: int) -> None:
+        self.root = root
+        self.cfg = root.cfg.replace(hfc_bits=bits, activation_bits=bits)
+
+    @property
+    def kernels(self) -> bool:
+        return self.root.kernels
+
+    @property
+    def token_grid(self) -> TokenGrids | None:
+        return self.root.token_grid
+
+    def compress(self, x: torch.Tensor, mode: str | None = None, bits: int | None = None) -> CompressedActivation:
+        return self.root.compress(x, mode, self.cfg.hfc_bits if bits is None else bits)
+
+    def record_mode(self, x: torch.Tensor, mode: str, bits: int) -> str:
+        return self.root.record_mode(x, mode, bits)

@@ -7,6 +7,7 @@ a sweep dies before any GPU time is spent.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -52,6 +53,15 @@ class DivisionConfig:
         weight gradient's noise is: EfficientNet-B0's whole-model gradient cosine to the exact one
         is 0.36 with 2 bits there, 0.72 with 4, 0.73 with 8 (0.74 with those inputs kept whole;
         benchmarks/model_zoo.py --activation-bits).
+    exclude: patterns (fnmatch, `*` crosses dots) of module names, as `model.named_modules()`
+        gives them, that convert_model leaves stock with everything inside them ("conv1",
+        "layer4", "features.*.attn"): layers whose gradients you want exact, or that another tool
+        handles. A pattern that names no module is an error, so a typo does not pass silently.
+    layer_bits: {pattern: Q}: the HFC bits of the records of the modules a pattern names and of
+        everything inside them (their activations' too), in place of hfc_bits and activation_bits.
+        The nearest enclosing match decides ({"layer4": 4, "layer4.2": 8}); among patterns naming
+        the same module, the first. Stored as a tuple of (pattern, Q) pairs, so the config stays
+        hashable.
     """
 
     block_size: int = 8
@@ -63,8 +73,12 @@ class DivisionConfig:
     share_inputs: bool = True
     compress_attention: bool = True
     activation_bits: int = 4
+    exclude: tuple[str, ...] = ()
+    layer_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", _patterns(self.exclude))
+        object.__setattr__(self, "layer_bits", _pattern_bits(self.layer_bits))
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
@@ -73,6 +87,9 @@ class DivisionConfig:
                 _fail(f.name, value, "expected True or False")
             if f.type in ("str", str) and not isinstance(value, str):
                 _fail(f.name, value, "expected a string")
+        for pattern, bits in self.layer_bits:
+            if bits not in HFC_BITS:
+                _fail("layer_bits", {pattern: bits}, f"expected Q in {HFC_BITS} (Q must divide 8)")
         if self.block_size < 1:
             _fail("block_size", self.block_size, "expected an integer >= 1")
         for name in ("hfc_bits", "activation_bits"):
@@ -100,3 +117,27 @@ class DivisionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    """exclude as a tuple of non-empty strings (a lone string is one pattern, not its letters)."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Iterable) or not all(isinstance(p, str) and p for p in items):
+        _fail("exclude", value, "expected a list of module name patterns (non-empty strings)")
+    return tuple(items)
+
+
+def _pattern_bits(value: Any) -> tuple[tuple[str, int], ...]:
+    """layer_bits as (pattern, Q) pairs, from a mapping or from pairs."""
+    if isinstance(value, Mapping):
+        pairs = tuple(value.items())
+    elif isinstance(value, Iterable) and not isinstance(value, str):
+        pairs = tuple(tuple(item) if isinstance(item, (tuple, list)) else (item,) for item in value)
+    else:
+        pairs = ((),)
+    if not all(len(pair) == 2 and isinstance(pair[0], str) and pair[0] for pair in pairs):
+        _fail("layer_bits", value, "expected a mapping {module name pattern: Q}")
+    for pattern, bits in pairs:
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            _fail("layer_bits", {pattern: bits}, "expected an integer Q")
+    return pairs

@@ -13,6 +13,7 @@ from .config import DivisionConfig
 from .layers import CONVERSIONS, DivisionLayer, set_conv_activations, set_maps_after_permute
 from .maxvit import MAXVIT_UNCONVERTED
 from .mvit import mvit_token_grids
+from .plan import LayerPlan, layer_plan
 from .tokens import TokenGrid, TokenGrids, infer_token_grid
 
 STATE_ATTR = "_division_compressor"
@@ -133,12 +134,17 @@ def convert_model(
         raise TypeError(f"convert_model: token_grid must be a division.TokenGrid, got {type(token_grid).__name__}")
     if token_grid is None:
         token_grid = infer_token_grid(model) or mvit_token_grids(model)
+    if compressor is not None and cfg.layer_bits and type(compressor).encode is not Compressor.encode:
+        raise ValueError(f"convert_model: DivisionConfig.layer_bits sets DIVISION's HFC bits; {type(compressor).__name__} "
+                         "has bits of its own for every input: leave layer_bits empty")
+    plan = layer_plan(model, cfg)
     new_cls, _ = conversion_for(model, cfg, token_grid)
     if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share
         single = compressor or Compressor(cfg.replace(share_inputs=False))
         single.token_grid = token_grid
         layer = new_cls.from_module(model, single)
         _convert_inside(layer, cfg, single)  # a lone container's layers (squeeze-and-excitation)
+        _follow_plan(layer, "", plan, single)
         # the layer is its own root: each call draws this forward's seed, as a model's forward
         # does, so torch.manual_seed reproduces it; its own hook dict, not the original's
         layer._forward_pre_hooks = layer._forward_pre_hooks.copy()
@@ -147,6 +153,7 @@ def convert_model(
     compressor = Compressor(cfg) if compressor is None else compressor
     compressor.token_grid = token_grid
     _convert_inside(model, cfg, compressor)
+    _follow_plan(model, "", plan, compressor)
     setattr(model, STATE_ATTR, compressor)
     model.register_forward_pre_hook(compressor)
     return model
@@ -161,6 +168,37 @@ def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compre
         _convert_inside(child, cfg, compressor)  # a converted container's layers too
 
 
+def _follow_plan(module: nn.Module, prefix: str, plan: LayerPlan, compressor: Compressor) -> None:
+    """After conversion: the layers the plan excludes reverted to stock (with what is inside them),
+    those it gives other bits handed the compressor at their bits. A layer that computes its
+    children itself (an attention running its projections' weights) takes them along: a plan that
+    sets them apart from it is refused, since it could not take effect."""
+    if not plan:
+        return
+    for name, child in list(module.named_children()):
+        full = f"{prefix}.{name}" if prefix else name
+        if full in plan.excluded:
+            setattr(module, name, revert_model(child))
+            continue
+        if isinstance(child, DivisionLayer):
+            bits = plan.bits.get(full)
+            if bits is not None:
+                child.compressor = compressor.at_bits(bits[0])
+            if child.COMPUTES_CHILDREN:
+                _check_children_follow(child, full, plan)
+        _follow_plan(child, full, plan, compressor)
+
+
+def _check_children_follow(layer: nn.Module, name: str, plan: LayerPlan) -> None:
+    for inner in plan.inside(name):
+        if plan.excluded.get(inner) is not None or plan.bits.get(inner) != plan.bits.get(name):
+            raise ValueError(
+                f"convert_model: {inner!r} is part of the converted {type(layer).__name__} {name!r}, which "
+                f"runs it itself: DivisionConfig.exclude and layer_bits can name {name!r} as a whole, not "
+                "what is inside it"
+            )
+
+
 def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
     """The layers inside `module`, then what a converted container converts of its own
     (DivisionCNBlock.convert_inner) and the map layers and conv-map activations of a Sequential."""
@@ -170,3 +208,38 @@ def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compress
     if isinstance(module, nn.Sequential):
         set_maps_after_permute(module, compressor)
         set_conv_activations(module)
+
+
+def _stock_layer(layer: DivisionLayer) -> nn.Module:
+    """The stock layer sharing the converted one's parameters, without a lone layer's compressor
+    hook (convert_model gave it its own hook dict)."""
+    # the class it was converted from: the first module class of its MRO that is not a conversion
+    base = next(c for c in type(layer).__mro__ if issubclass(c, nn.Module) and not issubclass(c, DivisionLayer))
+    stock = base.__new__(base)
+    stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in DivisionLayer.CONVERSION_ATTRIBUTES})
+    stock._modules = layer._modules.copy()
+    hooks = layer._forward_pre_hooks
+    if any(hook is layer.compressor for hook in hooks.values()):
+        stock._forward_pre_hooks = type(hooks)((k, h) for k, h in hooks.items() if h is not layer.compressor)
+    return stock
+
+
+def revert_model(model: nn.Module, recurse: bool = True) -> nn.Module:
+    """Undo convert_model in place: every converted layer becomes its stock torch.nn class again
+    (a converted lone layer is returned as a stock layer sharing its parameters). recurse=False
+    reverts a converted lone container (a squeeze-and-excitation or ConvNeXt block) alone, its
+    converted layers left as they are."""
+    if isinstance(model, DivisionLayer):
+        stock = _stock_layer(model)
+        return revert_model(stock) if recurse else stock
+    for name, child in list(model.named_children()):
+        if isinstance(child, DivisionLayer):
+            child = _stock_layer(child)
+            setattr(model, name, child)
+        revert_model(child)  # a converted container's layers too
+    compressor = model.__dict__.pop(STATE_ATTR, None)
+    if compressor is not None:
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if hook is compressor:
+                del model._forward_pre_hooks[key]
+    return model

@@ -100,6 +100,11 @@ class DivisionLayer:
     compressor: Compressor
     # what a conversion adds to the module's attributes (revert_model drops them again)
     CONVERSION_ATTRIBUTES = ("compressor", "map_layout")
+    # its forward runs its children's weights itself (an attention's projections), so they are
+    # converted, excluded and given bits with it (convert._follow_plan)
+    COMPUTES_CHILDREN = False
+    # its records hold HFC codes (False: masks or window offsets only, which take no bits)
+    HFC_RECORDS = True
 
     @classmethod
     def from_module(cls, module: nn.Module, compressor: Compressor) -> nn.Module:
@@ -202,6 +207,8 @@ class DivisionBatchNorm3d(_DivisionBatchNorm, nn.BatchNorm3d):
 
 
 class DivisionReLU(DivisionLayer, nn.ReLU):
+    HFC_RECORDS = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x):
             return super().forward(x)
@@ -209,6 +216,8 @@ class DivisionReLU(DivisionLayer, nn.ReLU):
 
 
 class DivisionDropout(DivisionLayer, nn.Dropout):
+    HFC_RECORDS = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p in (0.0, 1.0) or not _needs_saving(self, x):  # p = 1: stock keeps no mask either
             return super().forward(x)
@@ -218,6 +227,8 @@ class DivisionDropout(DivisionLayer, nn.Dropout):
 class _DivisionMaxPool(DivisionLayer):
     """Max pooling keeping a few-bit window offset per output (MaxPoolFn), where stock keeps the
     input and int64 indices."""
+
+    HFC_RECORDS = False
 
     dims: int
 
@@ -248,6 +259,8 @@ class DivisionMaxPool3d(_DivisionMaxPool, nn.MaxPool3d):
 class DivisionAvgPool2d(DivisionLayer, nn.AvgPool2d):
     """Average pooling saving nothing of its input (AvgPool2dFn), where stock keeps all of it."""
 
+    HFC_RECORDS = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x) or x.dim() != 4:
             return super().forward(x)
@@ -260,6 +273,8 @@ class DivisionAvgPool2d(DivisionLayer, nn.AvgPool2d):
 
 class _ClampMask(DivisionLayer):
     """Hardtanh / ReLU6 keeping a 1-bit mask of where the gradient passes (ClampMaskFn)."""
+
+    HFC_RECORDS = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x):
@@ -418,6 +433,8 @@ class DivisionMultiheadAttention(DivisionLayer, nn.MultiheadAttention):
     scaled_dot_product_attention keeps (AttentionFn: recomputed in backward). The op order is
     stock's (F.multi_head_attention_forward), so exact mode is stock bit for bit. Other calls
     (masks, attention weights, cross-attention) run stock's forward."""
+
+    COMPUTES_CHILDREN = True
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,

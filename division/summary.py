@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import STATE_ATTR, conversion_for
+from .convert import STATE_ATTR, conversion_for, revert_model
 from .layers import DivisionLayer
+from .plan import LayerPlan, layer_plan
 from .saved import SavedBytes
 
 
@@ -25,6 +26,7 @@ class LayerRow:
     kind: str
     converted: bool
     reason: str = ""
+    bits: int | None = None  # Q of its records where DivisionConfig.layer_bits sets it
     input_shape: tuple[int, ...] | None = None
     saved_bytes: int = 0
     vanilla_bytes: int = 0
@@ -56,7 +58,7 @@ class ModelSummary:
         head = ["layer", "type", "status"] + (["input", "saved", "stock"] if measured else [])
         lines = []
         for r in self.rows:
-            status = "converted" if r.converted else f"kept: {r.reason}"
+            status = ("converted" + (f" (Q={r.bits})" if r.bits is not None else "")) if r.converted else f"kept: {r.reason}"
             cells = [r.name or "(root)", r.kind, status]
             if measured:
                 shape = "x".join(map(str, r.input_shape)) if r.input_shape else "-"
@@ -84,41 +86,6 @@ def _fmt_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
-
-
-def _stock_layer(layer: DivisionLayer) -> nn.Module:
-    """The stock layer sharing the converted one's parameters, without a lone layer's compressor
-    hook (convert_model gave it its own hook dict)."""
-    # the class it was converted from: the first module class of its MRO that is not a conversion
-    base = next(c for c in type(layer).__mro__ if issubclass(c, nn.Module) and not issubclass(c, DivisionLayer))
-    stock = base.__new__(base)
-    stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in DivisionLayer.CONVERSION_ATTRIBUTES})
-    stock._modules = layer._modules.copy()
-    hooks = layer._forward_pre_hooks
-    if any(hook is layer.compressor for hook in hooks.values()):
-        stock._forward_pre_hooks = type(hooks)((k, h) for k, h in hooks.items() if h is not layer.compressor)
-    return stock
-
-
-def revert_model(model: nn.Module, recurse: bool = True) -> nn.Module:
-    """Undo convert_model in place: every converted layer becomes its stock torch.nn class again
-    (a converted lone layer is returned as a stock layer sharing its parameters). recurse=False
-    reverts a converted lone container (a squeeze-and-excitation or ConvNeXt block) alone, its
-    converted layers left as they are."""
-    if isinstance(model, DivisionLayer):
-        stock = _stock_layer(model)
-        return revert_model(stock) if recurse else stock
-    for name, child in list(model.named_children()):
-        if isinstance(child, DivisionLayer):
-            child = _stock_layer(child)
-            setattr(model, name, child)
-        revert_model(child)  # a converted container's layers too
-    compressor = model.__dict__.pop(STATE_ATTR, None)
-    if compressor is not None:
-        for key, hook in list(model._forward_pre_hooks.items()):
-            if hook is compressor:
-                del model._forward_pre_hooks[key]
-    return model
 
 
 def _measure(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], dict[str, tuple[int, ...]], int]:
@@ -157,13 +124,17 @@ def summary(model: nn.Module, example_input: torch.Tensor | None = None) -> Mode
     from .config import DivisionConfig
 
     probe_cfg = cfg if cfg is not None else DivisionConfig()
+    plan = layer_plan(model, cfg) if cfg is not None else LayerPlan()
     for name, module in model.named_modules():
         if isinstance(module, DivisionLayer):
-            result.rows.append(LayerRow(name, type(module).__name__, True))
+            bits = plan.bits.get(name) if module.HFC_RECORDS else None
+            result.rows.append(LayerRow(name, type(module).__name__, True, bits=bits and bits[0]))
             continue
         if next(module.children(), None) is not None:
             continue
         _, reason = conversion_for(module, probe_cfg, getattr(compressor, "token_grid", None))
+        if name in plan.excluded:
+            reason = f"excluded by DivisionConfig.exclude {plan.excluded[name]!r}"
         if cfg is None and not reason:  # convertible
             reason = "model not converted"
         result.rows.append(LayerRow(name, type(module).__name__, False, reason))

@@ -125,6 +125,8 @@ class _WindowAttention(DivisionLayer):
     """torchvision's ShiftedWindowAttention (V2: cosine attention, logit_scale) and Video Swin's
     ShiftedWindowAttention3d converted whole."""
 
+    COMPUTES_CHILDREN = True
+
     def window_grid(self, size: tuple[int, ...]) -> WindowGrid:
         """Stock's windows of an input map of `size`: whole windows of window_size over the padded
         map, no shift along an axis whose window covers the padded map."""

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import data as datasets
+import division
 import models
 
 from . import distributed
@@ -149,12 +150,21 @@ def describe(run: Run) -> str:
     return (
         f"{cfg.experiment_name}: {cfg.model.name} ({n_params / 1e6:.2f}M params) on {run.info.name} "
         f"({run.loaders.train_size} train / {run.loaders.val_size} val images), method={method}"
-        + (f" (B={dcfg.block_size}, Q={dcfg.hfc_bits}, {dcfg.backward_mode})" if method == "division" else "")
+        + (_division_settings(dcfg) if method == "division" else "")
         + f", device={run.device}, processes={run.dist.world_size}, batch {tr.batch_size} "
         f"({tr.batch_size // run.dist.world_size} per process), amp={enum_value(tr.amp)}, "
         f"channels_last={tr.channels_last}"
         + ("" if tr.compile == "off" else f", torch.compile mode={tr.compile} (the first steps compile)")
     )
+
+
+def _division_settings(dcfg: division.DivisionConfig) -> str:
+    parts = [f"B={dcfg.block_size}", f"Q={dcfg.hfc_bits}", dcfg.backward_mode]
+    if dcfg.layer_bits:
+        parts.append("Q of " + ", ".join(f"{pattern}={bits}" for pattern, bits in dcfg.layer_bits))
+    if dcfg.exclude:
+        parts.append("stock: " + ", ".join(dcfg.exclude))
+    return f" ({', '.join(parts)})"
 
 
 def apply_determinism(cfg: DictConfig, device: torch.device) -> None:

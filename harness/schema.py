@@ -73,10 +73,17 @@ def _section_of(config_class: type) -> type:
     """A mutable dataclass with `config_class`'s fields, types and defaults (Hydra cannot fill a
     frozen one), so the `division` section never drifts from the library's config."""
     hints = typing.get_type_hints(config_class)
-    return make_dataclass(
-        "DivisionSection",
-        [(f.name, hints[f.name], field(default=f.default)) for f in fields(config_class)],
-    )
+    return make_dataclass("DivisionSection", [_section_field(f.name, hints[f.name], f.default) for f in fields(config_class)])
+
+
+def _section_field(name: str, hint: typing.Any, default: typing.Any) -> tuple[str, typing.Any, typing.Any]:
+    """A config field as Hydra types it: the library's tuples of patterns and of (pattern, Q) pairs
+    are a list (`division.exclude=[conv1,fc]`) and a mapping (`division.layer_bits={layer4:4}`)."""
+    if hint == tuple[str, ...]:
+        return name, list[str], field(default_factory=lambda: list(default))
+    if hint == tuple[tuple[str, int], ...]:
+        return name, dict[str, int], field(default_factory=lambda: dict(default))
+    return name, hint, field(default=default)
 
 
 DivisionSection = _section_of(division.DivisionConfig)
@@ -147,7 +154,9 @@ def flatten(tree: typing.Any, prefix: str = "") -> dict[str, typing.Any]:
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
+    schema = OmegaConf.structured(TrainConfig)
+    OmegaConf.set_struct(schema.division.layer_bits, False)  # its keys are the user's patterns
+    cs.store(name="train_schema", node=schema)
     for name in method_names():  # `method=NAME` for every registered method
         cs.store(group="method", name=name, node=MethodConfig(name=name))
 

@@ -52,6 +52,11 @@ def assert_within_one_step(x: torch.Tensor, packed: division.CompressedActivatio
         ("backend", "triton", "auto"),
         ("backward_mode", "lfc", "lfc_only"),
         ("compress_linear", "yes", "True or False"),
+        ("exclude", [1], "module name patterns"),
+        ("exclude", ["conv1", ""], "non-empty"),
+        ("layer_bits", {"layer4": 3}, "(1, 2, 4, 8)"),
+        ("layer_bits", {"layer4": "4"}, "integer Q"),
+        ("layer_bits", ["layer4"], "{module name pattern: Q}"),
     ],
 )
 def test_bad_config_names_field_value_and_allowed(field: str, value: object, allowed: str) -> None:

@@ -139,6 +139,16 @@ def test_compiled_model_compresses_a_tensor_two_layers_read_once(share: bool) ->
     assert compiled == {"division::compress": records, "division::decompress": records}
 
 
+def test_layer_bits_compile_and_keep_records_apart() -> None:
+    """With layer_bits giving b 8 bits, a and b read h at two Qs: two records of h, compiled as in
+    eager (the common-subexpression elimination does not merge them), and no graph break."""
+    torch.manual_seed(0)
+    model = division.convert_model(TwoReaders(), division.DivisionConfig(layer_bits={"b": 8}))
+    x = torch.randn(2, 3, 16, 16)
+    assert codec_calls(model, x) == {"division::compress": 3, "division::decompress": 3}
+    assert codec_calls(torch.compile(model, fullgraph=True), x) == {"division::compress": 3, "division::decompress": 3}
+
+
 def test_exact_mode_under_compile_gives_eager_gradients() -> None:
     check_exact_mode_gives_eager_gradients("cpu")
 

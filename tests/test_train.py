@@ -89,10 +89,30 @@ def test_the_division_section_is_division_config() -> None:
     library = dataclasses.fields(division.DivisionConfig)
     section = make_cfg().division
     assert list(section) == [f.name for f in library]
-    assert {k: section[k] for k in section} == {f.name: f.default for f in library}
-    assert typing.get_type_hints(DivisionSection) == typing.get_type_hints(division.DivisionConfig)
+    assert division_config(make_cfg()) == division.DivisionConfig()
+    # the tuples of patterns are Hydra's list and mapping; every other field is typed as the library's
+    hints, library_hints = typing.get_type_hints(DivisionSection), typing.get_type_hints(division.DivisionConfig)
+    assert (hints.pop("exclude"), hints.pop("layer_bits")) == (list[str], dict[str, int])
+    assert hints == {k: v for k, v in library_hints.items() if k not in ("exclude", "layer_bits")}
     assert division_config(make_cfg("division.block_size=4", "division.backward_mode=lfc_only")) == \
         division.DivisionConfig(block_size=4, backward_mode="lfc_only")
+
+
+def test_layer_patterns_from_the_command_line(tmp_path: Path) -> None:
+    """division.exclude=[...] and division.layer_bits={...} reach convert_model (dotted names as
+    keys); a pattern that names no module fails before the first step."""
+    cfg = make_cfg(*TINY, "trainer.max_steps=1", "division.exclude=[conv1]", "division.layer_bits={layer4:4,layer3.1:8}")
+    assert division_config(cfg) == division.DivisionConfig(exclude=("conv1",), layer_bits={"layer4": 4, "layer3.1": 8})
+    _, _, info = build.build_data(cfg)
+    model = build.build_state(cfg, info, torch.device("cpu"))[0].model
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1).__name__ == "DivisionBatchNorm2d"
+    assert model.layer4[0].conv1.compressor.cfg.hfc_bits == 4 and model.layer3[1].conv2.compressor.cfg.hfc_bits == 8
+    assert model.layer3[0].conv1.compressor.cfg.hfc_bits == 2
+    with pytest.raises(ValueError, match="'layer9' names no module of this CifarResNet"):
+        train(make_cfg(*TINY, "trainer.max_steps=1", "division.exclude=[layer9]"), tmp_path / "bad")
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg("division.layer_bits={layer4:x}")
+    assert "could not be converted to Integer" in str(err.value.__cause__)
 
 
 def test_run_writes_metrics_tensorboard_checkpoint_and_config(tmp_path: Path) -> None:
