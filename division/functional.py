@@ -78,6 +78,14 @@ def autocast_state(device_type: str) -> AutocastState:
     return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def rerun(state: AutocastState, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() as forward computed it, under forward's autocast `state`, outside autograd: what a
+    Function rebuilds in backward rather than keep (a relative position bias)."""
+    device, enabled, dtype = state
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        return fn()
+
+
 def recompute_grads(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor | None], needs: Any,
                     state: AutocastState, gy: torch.Tensor) -> list[torch.Tensor | None]:
     """The backward of a Function that saved records in place of what `fn` keeps: `fn` runs again on

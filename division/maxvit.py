@@ -15,6 +15,8 @@ from them in backward, as AttentionFn does for ViT.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ from torch.autograd import Function
 
 from .codec import decompress
 from .compressor import Compressor
-from .functional import _load_records, _save_records, autocast_state, recompute_grads
+from .functional import _load_records, _save_records, autocast_state, recompute_grads, rerun
 from .layers import DivisionLayer, _needs_saving, set_map_layers
 from .tokens import PartitionGrid, map_as_partitions, partitions_as_map
 
@@ -56,24 +58,28 @@ def _map_as_heads(m: torch.Tensor, grid: PartitionGrid, shape: torch.Size) -> to
 class PartitionAttentionFn(Function):
     """relative_attention saving q, k and v as records of the map the partitions tile; backward
     recomputes the attention on their reconstructions (under forward's autocast state) and
-    differentiates it there: q, k, v and the relative position bias."""
+    differentiates it there: q, k, v and the relative position bias. The bias is rebuilt
+    (`position_bias`), not kept: heads x P^2 values a layer, whatever the batch."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale: float, compressor: Compressor, grid: PartitionGrid):
+    def forward(ctx, q, k, v, bias, scale: float, compressor: Compressor, grid: PartitionGrid,
+                position_bias: Callable[[], torch.Tensor]):
         out = relative_attention(q, k, v, bias, scale)
-        _save_records(ctx, [compressor.compress(_heads_as_map(t, grid)) for t in (q, k, v)], bias)
+        _save_records(ctx, [compressor.compress(_heads_as_map(t, grid)) for t in (q, k, v)])
         ctx.autocast = autocast_state(q.device.type)
         ctx.geometry = (q.shape, scale, grid)
+        ctx.position_bias = position_bias
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        records, (bias,) = _load_records(ctx)
+        records, _ = _load_records(ctx)
         shape, scale, grid = ctx.geometry
+        bias = rerun(ctx.autocast, ctx.position_bias)  # as forward computed it
         qkv = [_map_as_heads(decompress(r), grid, shape) for r in records]
         grads = recompute_grads(lambda q, k, v, b: relative_attention(q, k, v, b, scale), [*qkv, bias],
                                 ctx.needs_input_grad[:4], ctx.autocast, gy)
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 class _RelativeAttention(DivisionLayer):
@@ -94,7 +100,8 @@ class _RelativeAttention(DivisionLayer):
         scale = self.scale_factor  # type: ignore[attr-defined]
         cfg = self.compressor.cfg
         if cfg.compress_attention and cfg.backward_mode != "exact" and not torch.compiler.is_compiling():
-            out = PartitionAttentionFn.apply(q, k, v, bias, scale, self.compressor, grid)
+            out = PartitionAttentionFn.apply(q, k, v, bias, scale, self.compressor, grid,
+                                             self.get_relative_positional_bias)  # type: ignore[attr-defined]
         else:  # stock's attention saves what it saves (as DivisionMultiheadAttention's)
             out = relative_attention(q, k, v, bias, scale)
         return self.merge(out.permute(0, 1, 3, 2, 4).reshape(n, g, p, d))  # type: ignore[operator]

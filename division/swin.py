@@ -25,7 +25,7 @@ from torch.autograd import Function
 
 from .codec import decompress
 from .compressor import Compressor
-from .functional import _load_records, _save_records, autocast_state, recompute_grads
+from .functional import _load_records, _save_records, autocast_state, recompute_grads, rerun
 from .layers import DivisionLayer, _needs_saving, saving_linear, set_map_layers
 from .tokens import (
     WindowGrid,
@@ -107,9 +107,7 @@ class WindowAttentionFn(Function):
     def backward(ctx, gy):
         records, (logit_scale, fill) = _load_records(ctx)
         (w, h, t, d), grid, mask_dtype = ctx.geometry
-        device, enabled, dtype = ctx.autocast
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            bias = ctx.position_bias()  # as forward computed it
+        bias = rerun(ctx.autocast, ctx.position_bias)  # as forward computed it
         fills = (None,) * 3 if fill is None else fill.chunk(3)
         qkv = [
             input_map_as_windows(decompress(r).movedim(1, -1), grid, f).view(w, t, h, d).transpose(1, 2)

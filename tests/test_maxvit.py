@@ -101,6 +101,19 @@ def test_division_maxvit_saves_a_tenth_and_its_gradients_average_to_stocks() -> 
         assert low < one < mean and mean > high, (part, one, mean)
 
 
+def test_the_attention_rebuilds_its_position_bias_in_backward() -> None:
+    """The relative position bias (1, heads, P, P) is not among what forward saves: backward
+    rebuilds it from the table (the faithful-gradient test above checks its gradient)."""
+    model = division.convert_model(tiny_maxvit())
+    attentions = [m for m in model.modules() if isinstance(m, maxvit._RelativeAttention)]
+    bias_shapes = {tuple(m.get_relative_positional_bias().shape) for m in attentions}
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        n = count_applies(maxvit.PartitionAttentionFn, lambda: model(torch.randn(2, 3, SIZE, SIZE)))
+    assert n == len(attentions) == 4 and bias_shapes == {(1, 2, 16, 16), (1, 4, 16, 16)}
+    assert not bias_shapes & set(shapes)
+
+
 def test_division_maxvit_under_bf16_autocast() -> None:
     """Under bf16 autocast the attention is recomputed as forward ran it: stock's output, finite
     gradients near stock's autocast ones."""
