@@ -270,23 +270,31 @@ class MaxPoolFn(Function):
         return gx, None, None, None, None, None, None
 
 
-class AvgPool2dFn(Function):
-    """2-d average pooling keeping nothing of its input: stock's autograd saves the whole input,
-    whose shape and layout are all that avg_pool2d_backward reads. Backward passes it an empty
-    tensor of that shape and layout instead (allocated for the call, never read), so the
+AVG_POOL_OPS = {2: (torch.ops.aten.avg_pool2d, torch.ops.aten.avg_pool2d_backward),
+                3: (torch.ops.aten.avg_pool3d, torch.ops.aten.avg_pool3d_backward)}
+
+
+class AvgPoolFn(Function):
+    """2-d or 3-d average pooling keeping nothing of its input: stock's autograd saves the whole
+    input, whose shape and layout are all that avg_pool{2,3}d_backward reads. Backward passes it an
+    empty tensor of that shape and layout instead (allocated for the call, never read), so the
     gradient is stock's bit for bit."""
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, ceil_mode: bool, count_include_pad: bool, divisor_override):
         ctx.pool = (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
-        ctx.x_meta = (x.shape, x.dtype, memory_format_of(x))
-        return torch.ops.aten.avg_pool2d(x, *ctx.pool)
+        y = AVG_POOL_OPS[len(kernel)][0](x, *ctx.pool)
+        # the dtype the op ran at: autocast runs avg_pool3d in float32 on the CPU (autograd casts
+        # the gradient back to x's dtype, as after stock's autocast cast)
+        ctx.x_meta = (x.shape, y.dtype, memory_format_of(x))
+        return y
 
     @staticmethod
     def backward(ctx, gy):
         shape, dtype, fmt = ctx.x_meta
         carrier = torch.empty(shape, dtype=dtype, device=gy.device, memory_format=fmt)
-        return torch.ops.aten.avg_pool2d_backward(gy, carrier, *ctx.pool), None, None, None, None, None, None
+        gx = AVG_POOL_OPS[len(ctx.pool[0])][1](gy, carrier, *ctx.pool)
+        return gx, None, None, None, None, None, None
 
 
 # ---- conv nets' other activations ---------------------------------------------------------------

@@ -4,7 +4,7 @@ Both build every convolution as a BasicConv2d: conv, batch norm, then a function
 whose output stock keeps whole; converted, it keeps a 1-bit mask. Inception v3's blocks also pool
 functionally in a branch of their own (F.avg_pool2d, which keeps the block input for its shape,
 and F.max_pool2d, which keeps it and int64 indices): the converted blocks run the same branches in
-the same order with DIVISION's pools (AvgPool2dFn keeps nothing, MaxPoolFn a few bits per
+the same order with DIVISION's pools (AvgPoolFn keeps nothing, MaxPoolFn a few bits per
 output), so exact mode is stock's bit for bit.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import AvgPool2dFn, MaxPoolFn, ReLUFn
+from .functional import AvgPoolFn, MaxPoolFn, ReLUFn
 from .layers import DivisionLayer, _needs_saving
 
 try:
@@ -43,7 +43,7 @@ class _InceptionBlock(DivisionLayer):
         """F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)."""
         if not _needs_saving(self, x) or x.dim() != 4:
             return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
-        return AvgPool2dFn.apply(x, [3, 3], [1, 1], [1, 1], False, True, None)
+        return AvgPoolFn.apply(x, [3, 3], [1, 1], [1, 1], False, True, None)
 
     def _max_pool(self, x: torch.Tensor) -> torch.Tensor:
         """F.max_pool2d(x, kernel_size=3, stride=2)."""

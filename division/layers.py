@@ -26,7 +26,7 @@ from .functional import (
     TOKENS_SEQ_FIRST,
     ActivationFn,
     AttentionFn,
-    AvgPool2dFn,
+    AvgPoolFn,
     BatchNormFn,
     ClampMaskFn,
     ConvFn,
@@ -256,19 +256,29 @@ class DivisionMaxPool3d(_DivisionMaxPool, nn.MaxPool3d):
     dims = 3
 
 
-class DivisionAvgPool2d(DivisionLayer, nn.AvgPool2d):
-    """Average pooling saving nothing of its input (AvgPool2dFn), where stock keeps all of it."""
+class _DivisionAvgPool(DivisionLayer):
+    """Average pooling saving nothing of its input (AvgPoolFn), where stock keeps all of it."""
 
     HFC_RECORDS = False
+    dims: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_saving(self, x) or x.dim() != 4:
-            return super().forward(x)
-        stride = self.stride if self.stride is not None else self.kernel_size
-        return AvgPool2dFn.apply(
-            x, list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)), self.ceil_mode,
-            self.count_include_pad, self.divisor_override,
+        if not _needs_saving(self, x) or x.dim() != self.dims + 2:
+            return super().forward(x)  # type: ignore[misc]
+        expand = _pair if self.dims == 2 else _triple
+        stride = self.stride if self.stride is not None else self.kernel_size  # type: ignore[attr-defined]
+        return AvgPoolFn.apply(
+            x, list(expand(self.kernel_size)), list(expand(stride)), list(expand(self.padding)),  # type: ignore[attr-defined]
+            self.ceil_mode, self.count_include_pad, self.divisor_override,  # type: ignore[attr-defined]
         )
+
+
+class DivisionAvgPool2d(_DivisionAvgPool, nn.AvgPool2d):
+    dims = 2
+
+
+class DivisionAvgPool3d(_DivisionAvgPool, nn.AvgPool3d):
+    dims = 3
 
 
 class _ClampMask(DivisionLayer):
@@ -546,6 +556,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.MaxPool2d: DivisionMaxPool2d,
     nn.MaxPool3d: DivisionMaxPool3d,
     nn.AvgPool2d: DivisionAvgPool2d,
+    nn.AvgPool3d: DivisionAvgPool3d,
     nn.Linear: DivisionLinear,
     nn.LayerNorm: DivisionLayerNorm,
     nn.GELU: DivisionGELU,

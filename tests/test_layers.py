@@ -736,37 +736,44 @@ AVG_POOLS = [
     dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=2, ceil_mode=True),
     dict(kernel_size=(3, 2), stride=1, padding=1, count_include_pad=False), dict(kernel_size=2, divisor_override=3),
 ]
+AVG_POOLS_3D = [
+    dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=(2, 3, 3), stride=(1, 2, 2), ceil_mode=True),
+    dict(kernel_size=(3, 2, 2), stride=1, padding=1, count_include_pad=False), dict(kernel_size=2, divisor_override=3),
+]
+AVG_POOL_CASES = [(2, p) for p in AVG_POOLS] + [(3, p) for p in AVG_POOLS_3D]
 
 
-@pytest.mark.parametrize("pool", AVG_POOLS)
+@pytest.mark.parametrize("dims, pool", AVG_POOL_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_average_pooling_saves_nothing_and_gives_stocks_gradients(pool: dict, channels_last: bool) -> None:
-    check_average_pooling(pool, channels_last, "cpu")
+def test_average_pooling_saves_nothing_and_gives_stocks_gradients(dims: int, pool: dict, channels_last: bool) -> None:
+    check_average_pooling(dims, pool, channels_last, "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("pool", AVG_POOLS)
+@pytest.mark.parametrize("dims, pool", AVG_POOL_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_average_pooling_saves_nothing_and_gives_stocks_gradients_on_cuda(pool: dict, channels_last: bool) -> None:
-    check_average_pooling(pool, channels_last, "cuda")
+def test_average_pooling_saves_nothing_and_gives_stocks_gradients_on_cuda(dims: int, pool: dict, channels_last: bool) -> None:
+    check_average_pooling(dims, pool, channels_last, "cuda")
 
 
-def check_average_pooling(pool: dict, channels_last: bool, device: str) -> None:
-    """AvgPool2d keeps nothing of its input (stock keeps it all, for its shape): the same output and
-    gradient as stock bit for bit, in the input's layout, under bf16 autocast too."""
-    x = torch.randn(3, 5, 11, 9, device=device)
+def check_average_pooling(dims: int, pool: dict, channels_last: bool, device: str) -> None:
+    """AvgPool2d and AvgPool3d keep nothing of their input (stock keeps it all, for its shape): the
+    same output and gradient as stock bit for bit, in the input's layout, under bf16 autocast too
+    (where the CPU runs avg_pool3d in float32)."""
+    x = torch.randn(3, 5, 11, 9, device=device) if dims == 2 else torch.randn(2, 3, 7, 11, 9, device=device)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    stock, layer = converted_pair(lambda: nn.AvgPool2d(**pool), division.DivisionConfig())
-    assert type(layer).__name__ == "DivisionAvgPool2d"
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    kind = nn.AvgPool2d if dims == 2 else nn.AvgPool3d
+    stock, layer = converted_pair(lambda: kind(**pool), division.DivisionConfig())
+    assert type(layer).__name__ == f"DivisionAvgPool{dims}d"
     for autocast in (False, True):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             (y0, g0), (y1, g1) = run(stock, x.bfloat16() if autocast else x), run(layer, x.bfloat16() if autocast else x)
         assert torch.equal(y0, y1) and torch.equal(g0["input"], g1["input"])
         assert g1["input"].stride() == g0["input"].stride() and g1["input"].dtype == g0["input"].dtype
     assert saved_bytes(layer, x) == 0 < saved_bytes(stock, x)
-    assert type(division.revert_model(layer)) is nn.AvgPool2d
+    assert type(division.revert_model(layer)) is kind
 
 
 @pytest.mark.parametrize("family", ["inception", "googlenet"])
