@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,6 +309,37 @@ def test_model_zoo_benchmark(tmp_path: Path) -> None:
     assert mobile["all layers"]["converted"] > mobile["paper layers"]["converted"]
     assert all(0 < r[v]["cosine_min"] <= r[v]["cosine_mean"] < 1 for r in rows.values() for v in ("paper layers", "all layers"))
     assert "| mobilenet_v3_small |" in (tmp_path / "zoo.md").read_text()
+
+
+def test_a_group_alone_is_everything_else_excluded() -> None:
+    from benchmarks.layer_sensitivity import depth_groups, outside
+
+    model = torchvision.models.resnet18()
+    top = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
+    assert depth_groups(model, 1) == top
+    assert outside(model, "layer1") == [n for n in top if n != "layer1"]
+    assert outside(model, "layer1.0.conv*") == [
+        "conv1", "bn1", "relu", "maxpool", "layer1.0.bn1", "layer1.0.relu", "layer1.0.bn2", "layer1.1", *top[5:]]
+    assert outside(model, "layer[34]") == [n for n in top if n not in ("layer3", "layer4")]
+
+
+def test_layer_sensitivity_benchmark(tmp_path: Path) -> None:
+    """Each group alone compressed: it saves memory and costs gradient error, less at 4 bits than
+    at 2; the whole model compressed costs more than any group alone. A group naming nothing fails."""
+    script = str(ROOT / "benchmarks" / "layer_sensitivity.py")
+    res = subprocess.run([sys.executable, script, "--model", "resnet18", "--groups", "conv1", "layer1", "layer[34]",
+                          "--more-bits", "4", "--tiny", "--out", str(tmp_path / "sens")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["group"]: r for r in check_outputs(tmp_path / "sens")["rows"]}
+    assert list(rows) == ["conv1", "layer1", "layer[34]", "whole model"]
+    assert rows["layer1"]["exclude"] == ["conv1", "bn1", "relu", "maxpool", "layer2", "layer3", "layer4", "avgpool", "fc"]
+    for r in rows.values():
+        assert 0 < r["q4"]["error"] < r["q2"]["error"] < 1, r
+    assert rows["layer1"]["q2"]["saved_mib"] > 0 and rows["layer1"]["q2"]["saved_mib"] > rows["layer1"]["q4"]["saved_mib"]
+    assert all(rows["whole model"]["q2"]["error"] > r["q2"]["error"] for g, r in rows.items() if g != "whole model")
+    res = subprocess.run([sys.executable, script, "--model", "resnet18", "--groups", "layer9", "--tiny",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "'layer9' names no module of ResNet" in res.stderr
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
