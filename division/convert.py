@@ -137,6 +137,7 @@ def convert_model(
         raise ValueError(f"convert_model: DivisionConfig.layer_bits sets DIVISION's HFC bits; {type(compressor).__name__} "
                          "has bits of its own for every input: leave layer_bits empty")
     plan = layer_plan(model, cfg)
+    _check_plan_applies(model, cfg, token_grid, plan)  # before anything is converted in place
     new_cls, _ = conversion_for(model, cfg, token_grid)
     if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share
         single = compressor or Compressor(cfg.replace(share_inputs=False))
@@ -169,9 +170,7 @@ def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compre
 
 def _follow_plan(module: nn.Module, prefix: str, plan: LayerPlan, compressor: Compressor) -> None:
     """After conversion: the layers the plan excludes reverted to stock (with what is inside them),
-    those it gives other bits handed the compressor at their bits. A layer that computes its
-    children itself (an attention running its projections' weights) takes them along: a plan that
-    sets them apart from it is refused, since it could not take effect."""
+    those it gives other bits handed the compressor at their bits."""
     if not plan:
         return
     for name, child in list(module.named_children()):
@@ -179,23 +178,27 @@ def _follow_plan(module: nn.Module, prefix: str, plan: LayerPlan, compressor: Co
         if full in plan.excluded:
             setattr(module, name, revert_model(child))
             continue
-        if isinstance(child, DivisionLayer):
-            bits = plan.bits.get(full)
-            if bits is not None:
-                child.compressor = compressor.at_bits(bits[0])
-            if child.COMPUTES_CHILDREN:
-                _check_children_follow(child, full, plan)
+        bits = plan.bits.get(full)
+        if bits is not None and isinstance(child, DivisionLayer):
+            child.compressor = compressor.at_bits(bits[0])
         _follow_plan(child, full, plan, compressor)
 
 
-def _check_children_follow(layer: nn.Module, name: str, plan: LayerPlan) -> None:
-    for inner in plan.inside(name):
-        if plan.excluded.get(inner) is not None or plan.bits.get(inner) != plan.bits.get(name):
-            raise ValueError(
-                f"convert_model: {inner!r} is part of the converted {type(layer).__name__} {name!r}, which "
-                f"runs it itself: DivisionConfig.exclude and layer_bits can name {name!r} as a whole, not "
-                "what is inside it"
-            )
+def _check_plan_applies(model: nn.Module, cfg: DivisionConfig, token_grid: TokenGrids | None, plan: LayerPlan) -> None:
+    """A layer that computes its children itself (an attention running its projections' weights)
+    takes them along: a plan that sets them apart from it is refused, since it could not take effect."""
+    if not plan:
+        return
+    for name, module in model.named_modules():
+        new_cls, _ = conversion_for(module, cfg, token_grid)
+        if new_cls is None or not new_cls.COMPUTES_CHILDREN or name in plan.excluded:
+            continue
+        for inner in plan.inside(name):
+            if inner in plan.excluded or plan.bits.get(inner) != plan.bits.get(name):
+                raise ValueError(
+                    f"convert_model: {inner!r} is part of {type(module).__name__} {name!r}, which DIVISION "
+                    f"converts whole: DivisionConfig.exclude and layer_bits can name {name!r}, not what is inside it"
+                )
 
 
 def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:

@@ -150,12 +150,31 @@ def attention_model() -> nn.Module:
 def test_what_an_attention_runs_itself_goes_with_it(cfg: dict) -> None:
     """MultiheadAttention runs its output projection's weights itself: the projection cannot be
     excluded or given bits apart from it (that would not take effect), the attention can."""
-    with pytest.raises(ValueError, match="'attn.out_proj' is part of the converted DivisionMultiheadAttention 'attn'"):
-        division.convert_model(attention_model(), division.DivisionConfig(**cfg))
+    model = attention_model()
+    with pytest.raises(ValueError, match="'attn.out_proj' is part of MultiheadAttention 'attn', which DIVISION converts whole"):
+        division.convert_model(model, division.DivisionConfig(**cfg))
+    assert type(model.attn) is nn.MultiheadAttention and not hasattr(model, STATE_ATTR)  # refused before converting
     model = division.convert_model(attention_model(), division.DivisionConfig(exclude=["attn"]))
     assert type(model.attn) is nn.MultiheadAttention
     model = division.convert_model(attention_model(), division.DivisionConfig(layer_bits={"attn": 8}))
     assert model.attn.compressor.cfg.hfc_bits == 8
+
+
+def test_a_swin_window_attention_goes_with_its_projections() -> None:
+    """Swin's converted window attention runs its qkv projection itself: naming the projection is
+    refused, naming the attention applies (its records at the attention's Q) and the block's MLP
+    Linears, which it calls as layers, can be set apart."""
+    from test_swin import tiny_swin
+
+    with pytest.raises(ValueError, match="'features.1.0.attn.qkv' is part of ShiftedWindowAttention"):
+        division.convert_model(tiny_swin(1), division.DivisionConfig(exclude=["features.1.0.attn.qkv"]))
+    cfg = division.DivisionConfig(layer_bits={"features.1.0.attn": 8}, exclude=["features.1.0.mlp.0"])
+    model = division.convert_model(tiny_swin(1), cfg)
+    block = model.features[1][0]
+    assert block.attn.compressor.cfg.hfc_bits == 8 and block.norm1.compressor.cfg.hfc_bits == 2
+    assert type(block.mlp[0]) is nn.Linear and isinstance(block.mlp[3], DivisionLayer)
+    x = torch.randn(2, 3, 32, 32)
+    nn.functional.cross_entropy(model(x), torch.arange(2)).backward()
 
 
 def test_layer_bits_with_another_codec_is_refused() -> None:
