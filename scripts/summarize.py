@@ -69,7 +69,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "data": last.get("data"),
         "method": last.get("method"),
         "B": settings.get("block_size"),
-        "Q": settings.get("hfc_bits", settings.get("bits")),
+        "Q": bits_cell(settings),
         "epochs": f"{done}/{planned}" if planned else done,
         "top1": last.get("val_acc1"),
         "best_top1": max(top1s) if top1s else None,
@@ -81,6 +81,14 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     }
     common = {"run": name, "status": row["status"], "path": str(run_dir), **flatten(cfg, "cfg")}
     return row, [{**common, **flatten(e)} for e in epochs]
+
+
+def bits_cell(settings: dict[str, Any]) -> Any:
+    """Q, and where a run set them, its per-layer bits and the layers it left stock."""
+    bits = settings.get("hfc_bits", settings.get("bits"))
+    plan = [f"{pattern}={q}" for pattern, q in settings.get("layer_bits") or []]
+    plan += [f"stock: {', '.join(settings['exclude'])}"] if settings.get("exclude") else []
+    return f"{bits} ({'; '.join(plan)})" if plan else bits
 
 
 def run_dirs(path: Path) -> list[Path]:

@@ -108,6 +108,10 @@ def test_layer_patterns_from_the_command_line(tmp_path: Path) -> None:
     assert type(model.conv1) is nn.Conv2d and type(model.bn1).__name__ == "DivisionBatchNorm2d"
     assert model.layer4[0].conv1.compressor.cfg.hfc_bits == 4 and model.layer3[1].conv2.compressor.cfg.hfc_bits == 8
     assert model.layer3[0].conv1.compressor.cfg.hfc_bits == 2
+    train(cfg, tmp_path / "runs" / "planned")  # the summary table says Q and the plan
+    md = tmp_path / "table.md"
+    assert _summarize().main([str(tmp_path / "runs"), "--markdown", str(md), "--parquet", str(tmp_path / "e.parquet")]) == 0
+    assert "| division | 8 | 2 (layer4=4; layer3.1=8; stock: conv1) |" in md.read_text()
     with pytest.raises(ValueError, match="'layer9' names no module of this CifarResNet"):
         train(make_cfg(*TINY, "trainer.max_steps=1", "division.exclude=[layer9]"), tmp_path / "bad")
     with pytest.raises(ConfigCompositionException) as err:
