@@ -101,7 +101,7 @@ class DivisionLayer:
     # what a conversion adds to the module's attributes (revert_model drops them again)
     CONVERSION_ATTRIBUTES = ("compressor", "map_layout")
     # its forward runs its children's weights itself (an attention's projections), so they are
-    # converted, excluded and given bits with it (convert._follow_plan)
+    # converted, excluded and given bits with it (convert._check_plan_applies)
     COMPUTES_CHILDREN = False
     # its records hold HFC codes (False: masks or window offsets only, which take no bits)
     HFC_RECORDS = True

@@ -128,7 +128,7 @@ def summary(model: nn.Module, example_input: torch.Tensor | None = None) -> Mode
     for name, module in model.named_modules():
         if isinstance(module, DivisionLayer):
             bits = plan.bits.get(name) if module.HFC_RECORDS else None
-            result.rows.append(LayerRow(name, type(module).__name__, True, bits=bits and bits[0]))
+            result.rows.append(LayerRow(name, type(module).__name__, True, bits=bits[0] if bits else None))
             continue
         if next(module.children(), None) is not None:
             continue
