@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import os
@@ -69,3 +70,24 @@ def figure(path: Path, *grid: int, **subplots: Any) -> Iterator[tuple[Any, Any]]
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """--layer-bits PATTERN=Q ... and --exclude PATTERN ...: DivisionConfig's per-layer settings."""
+    parser.add_argument("--layer-bits", nargs="*", default=[], metavar="PATTERN=Q", type=pattern_bits,
+                        help="DivisionConfig.layer_bits: Q of the records of the modules PATTERN names")
+    parser.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
+                        help="DivisionConfig.exclude: modules left stock")
+
+
+def pattern_bits(text: str) -> tuple[str, int]:
+    pattern, sep, bits = text.rpartition("=")
+    if not sep or not pattern or not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=Q, as 'blocks.*_attention=4'")
+    return pattern, int(bits)
+
+
+def plan_text(cfg: division.DivisionConfig) -> str:
+    """The per-layer settings of the run, as the table's caption says them."""
+    parts = [f"layer_bits {dict(cfg.layer_bits)}" if cfg.layer_bits else "", f"exclude {list(cfg.exclude)}" if cfg.exclude else ""]
+    return "".join(f", {p}" for p in parts if p)

@@ -41,7 +41,7 @@ import torch
 
 import division
 import models
-from benchmarks.common import figure, run_info
+from benchmarks.common import add_plan_arguments, figure, run_info
 from harness.build import AMP_DTYPES
 from harness.loop import Batch, train_step
 from harness.measure import GIB, ActivationProbe
@@ -61,7 +61,7 @@ def setup(model_name: str, method: str, batch: int, args: argparse.Namespace, de
     """(module to run, prepared method, optimizer, batch, labels); the module is compiled with --compile."""
     torch.manual_seed(0)
     model = models.build_model(model_name, num_classes=1000)
-    prepared = prepare(model, method, division.DivisionConfig())
+    prepared = prepare(model, method, division.DivisionConfig(layer_bits=args.layer_bits, exclude=args.exclude))
     fmt = torch.contiguous_format
     if args.channels_last:
         fmt = torch.channels_last_3d if args.frames else torch.channels_last
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="speed mode: steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_plan_arguments(parser)  # division's per-layer settings
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: resnet18 at 32x32, batches 2 and 4")
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = parser.parse_args(argv)

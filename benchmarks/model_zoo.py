@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import data
 import division
-from benchmarks.common import figure, run_info
+from benchmarks.common import add_plan_arguments, figure, plan_text, run_info
 from division.layers import CONVERSIONS, DivisionLayer
 
 MODELS = ["resnet50", "densenet121", "googlenet", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
@@ -136,19 +136,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.legend(fontsize=8)
 
 
-def pattern_bits(text: str) -> tuple[str, int]:
-    pattern, sep, bits = text.rpartition("=")
-    if not sep or not pattern or not bits.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=Q, as 'blocks.*_attention=4'")
-    return pattern, int(bits)
-
-
-def plan_text(cfg: division.DivisionConfig) -> str:
-    """The per-layer settings of the run, as the table's caption says them."""
-    parts = [f"layer_bits {dict(cfg.layer_bits)}" if cfg.layer_bits else "", f"exclude {list(cfg.exclude)}" if cfg.exclude else ""]
-    return "".join(f", {p}" for p in parts if p)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -160,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="DivisionConfig.activation_bits (SiLU, Hardswish, Mish inputs)")
     parser.add_argument("--hfc-bits", type=int, default=division.DivisionConfig().hfc_bits,
                         help="DivisionConfig.hfc_bits (Q of every other record)")
-    parser.add_argument("--layer-bits", nargs="*", default=[], metavar="PATTERN=Q", type=pattern_bits,
-                        help="DivisionConfig.layer_bits: Q of the records of the modules PATTERN names")
-    parser.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN", help="DivisionConfig.exclude")
+    add_plan_arguments(parser)
     parser.add_argument("--tiny", action="store_true", help="smoke test: synthetic images, 32 px, 2 draws")
     parser.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = parser.parse_args(argv)

@@ -292,6 +292,12 @@ def test_memory_speed_benchmark_on_the_cpu(tmp_path: Path) -> None:
     md = (tmp_path / "both.md").read_text()
     assert "| activation GiB | x smaller than vanilla | peak GiB | img/s | x vanilla |" in md
     assert "| resnet18 | off | 4 | vanilla | " in md
+    # --exclude '*' leaves every layer stock: division saves what vanilla saves
+    res = subprocess.run([sys.executable, script, "--mode", "memory", *common, "--exclude", "*",
+                          "--out", str(tmp_path / "stock")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "stock.json").read_text())["rows"]
+    assert all(r["act_gib"] == act[r["batch"], "vanilla", False] for r in rows)
 
 
 def test_model_zoo_benchmark(tmp_path: Path) -> None:
