@@ -117,8 +117,8 @@ def convert_model(
     apart by their length; by default it is read from the model (torchvision's VisionTransformer,
     models.vit and MViT say it), and token inputs of unknown grid are compressed in blocks of B
     consecutive tokens. `cfg.exclude` and `cfg.layer_bits` pick modules by name (plan.py): those
-    excluded stay stock, the others' records take the Q their pattern says. Every check (the
-    patterns included) runs before the model is touched.
+    excluded stay stock, the others' records take the Q their pattern says; the patterns are
+    checked before the model is touched.
     """
     cfg = DivisionConfig() if cfg is None else cfg
     if not isinstance(cfg, DivisionConfig):
