@@ -13,7 +13,14 @@ the benchmark reports the activation memory the group's compression saves on a t
 whole-model gradient and the exact one on Fashion-MNIST images (mean of --draws draws), at
 --hfc-bits and, with --more-bits, at that Q too. The noise of independent groups adds up nearly:
 the row "whole model" (everything compressed) is about the sum of the rows. Error per MiB saved
-ranks the groups: give more bits (or exclude) where it is highest. Writes <out>.json, .md, .png.
+ranks the groups: give more bits (or exclude) where it is highest, as the suggested plan does:
+for at most --budget more activation memory than every group at --hfc-bits, the upgrades (a
+larger Q measured, or stock) that remove the most error per MiB, one at a time (its figures are
+the rows' sums: a prediction to check with model_zoo.py's --layer-bits and --exclude). Groups
+interact where one tensor is saved by layers of two of them (a ReLU's output is the next
+convolution's input: a ReLU converted alone adds its mask to what the convolution keeps), so keep
+such layers in one group where you can.
+Writes <out>.json, .md, .png.
 """
 
 from __future__ import annotations
@@ -93,6 +100,53 @@ def markdown(rows: list[dict[str, Any]], bits: list[int], stock_mib: float) -> s
     return "\n".join(out) + f"\n\nStock model: {stock_mib:.1f} MiB of activations saved for backward."
 
 
+NOISE = 1e-6  # an error below this is the float rounding of an exact gradient's cosine
+
+
+def suggest(rows: list[dict[str, Any]], bits: list[int], stock_mib: float, budget: float) -> dict[str, Any]:
+    """The plan that removes the most summed error for at most `budget` (a fraction) more memory
+    than every group at bits[0]: greedy upgrades, each to a larger measured Q or to stock."""
+    options = {r["group"]: [(q, r[f"q{q}"]["saved_mib"], r[f"q{q}"]["error"]) for q in bits] + [(None, 0.0, 0.0)]
+               for r in rows if r["group"] != "whole model"}
+    choice = dict.fromkeys(options, 0)
+    base = stock_mib - sum(opts[0][1] for opts in options.values())
+    allowed, spent = budget * base, 0.0
+    while True:
+        best = None
+        for group, opts in options.items():
+            now = opts[choice[group]]
+            for j in range(choice[group] + 1, len(opts)):
+                cost, gain = now[1] - opts[j][1], now[2] - opts[j][2]
+                if gain <= NOISE or spent + cost > allowed:
+                    continue
+                ratio = gain / cost if cost > 0 else float("inf")
+                if best is None or ratio > best[0]:
+                    best = (ratio, group, j, cost)
+        if best is None:
+            break
+        _, group, j, cost = best
+        choice[group], spent = j, spent + cost
+    chosen = {g: options[g][i] for g, i in choice.items()}
+    return {
+        "budget": budget,
+        "layer_bits": {g: q for g, (q, _, _) in chosen.items() if q is not None and q != bits[0]},
+        "exclude": [g for g, (q, _, _) in chosen.items() if q is None],
+        "memory_mib": stock_mib - sum(saved for _, saved, _ in chosen.values()), "base_memory_mib": base,
+        "error": sum(err for _, _, err in chosen.values()), "base_error": sum(opts[0][2] for opts in options.values()),
+    }
+
+
+def suggestion_text(plan: dict[str, Any], model: str, bits: list[int]) -> str:
+    flags = "".join([" --layer-bits " + " ".join(f"'{g}={q}'" for g, q in plan["layer_bits"].items())] * bool(plan["layer_bits"])
+                    + [" --exclude " + " ".join(f"'{g}'" for g in plan["exclude"])] * bool(plan["exclude"]))
+    if not flags:
+        return f"Suggested plan for at most {plan['budget']:.0%} more memory: every group at Q={bits[0]} (no upgrade fits)."
+    return (f"Suggested plan for at most {plan['budget']:.0%} more memory than every group at Q={bits[0]} "
+            f"({plan['base_memory_mib']:.1f} MiB): {plan['memory_mib']:.1f} MiB, summed 1 - cosine "
+            f"{plan['base_error']:.3f} -> {plan['error']:.3f}; check it with "
+            f"`python benchmarks/model_zoo.py --models {model}{flags} --out ...`")
+
+
 def plot(rows: list[dict[str, Any]], bits: list[int], path: Path) -> None:
     groups = [r for r in rows if r["group"] != "whole model"]
     with figure(path, 1, 2, figsize=(11, 3.8)) as (_, axes):
@@ -115,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", nargs="*", default=[], metavar="PATTERN", help="module name patterns")
     parser.add_argument("--depth", type=int, default=1, help="without --groups: the modules at this depth")
     parser.add_argument("--hfc-bits", type=int, default=division.DivisionConfig().hfc_bits)
-    parser.add_argument("--more-bits", type=int, default=None, help="also measure each group at this Q")
+    parser.add_argument("--more-bits", type=int, nargs="*", default=[], help="also measure each group at these Qs")
+    parser.add_argument("--budget", type=float, default=0.05,
+                        help="suggest a plan for at most this fraction more memory (0.05: 5%%)")
     parser.add_argument("--size", type=int, default=64, help="image side of the gradient batch")
     parser.add_argument("--batch", type=int, default=16, help="images in the gradient batch")
     parser.add_argument("--memory-size", type=int, default=224, help="image side of the memory batch (2 images)")
@@ -133,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_x = torch.randn(2, 3, args.memory_size, args.memory_size, generator=torch.Generator().manual_seed(1))
     data = {"x": x, "y": y, "memory_x": memory_x, "exact": flat_grad(stock, x, y, 0)}
     groups = args.groups or depth_groups(stock, args.depth)
-    bits = [args.hfc_bits] + ([args.more_bits] if args.more_bits else [])
+    bits = [args.hfc_bits] + sorted(set(args.more_bits) - {args.hfc_bits})
     try:
         plans = [(g, outside(stock, g)) for g in groups] + [("whole model", [])]
     except ValueError as err:
@@ -143,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"group": group, "exclude": exclude,
                      **{f"q{q}": measure_group(stock, exclude, q, data, args.draws) for q in bits}})
     stock_mib = division.summary(stock, memory_x).total_vanilla_bytes / 2**20
-    table = markdown(rows, bits, stock_mib)
+    plan = suggest(rows, bits, stock_mib, args.budget)
+    table = markdown(rows, bits, stock_mib) + "\n\n" + suggestion_text(plan, args.model, bits)
     print(table)
     info = {**run_info(torch.device("cpu")), "model": args.model, "size": args.size, "batch": args.batch,
             "memory_size": args.memory_size, "draws": args.draws, "bits": bits, "stock_mib": stock_mib}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows, "suggested": plan}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"Gradient error by group, {args.model}, {info['device']}, torch {info['torch']}, git {info['git']}\n\n"
         f"`{info['command']}`\n\nEach row: that group alone compressed (everything else stock). MiB saved: "

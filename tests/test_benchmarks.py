@@ -329,6 +329,25 @@ def test_a_group_alone_is_everything_else_excluded() -> None:
     assert outside(model, "layer[34]") == [n for n in top if n not in ("layer3", "layer4")]
 
 
+def sensitivity_row(group: str, q2: tuple[float, float], q4: tuple[float, float]) -> dict:
+    return {"group": group, **{f"q{q}": {"saved_mib": saved, "error": err} for q, (saved, err) in ((2, q2), (4, q4))}}
+
+
+def test_the_suggested_plan_buys_the_most_error_per_mib_within_the_budget() -> None:
+    """Group a: 4 bits cost 1 MiB and remove 0.19 of error, stock 9 MiB more for 0.01; group b:
+    4 bits cost 10 MiB for 0.08. Every group at 2 bits keeps 120 - 110 = 10 MiB."""
+    from benchmarks.layer_sensitivity import suggest
+
+    rows = [sensitivity_row("a", (10, 0.2), (9, 0.01)), sensitivity_row("b", (100, 0.1), (90, 0.02)),
+            sensitivity_row("whole model", (110, 0.3), (99, 0.03))]
+    plan = suggest(rows, [2, 4], 120, 0.1)  # 1 MiB to spend: a at 4 bits
+    assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({"a": 4}, [], 11)
+    assert plan["base_error"] == pytest.approx(0.3) and plan["error"] == pytest.approx(0.11)
+    plan = suggest(rows, [2, 4], 120, 1.0)  # 10 MiB: a at 4 (0.19 per MiB), then a stock (9 MiB) before b (10, no longer fits)
+    assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({}, ["a"], 20)
+    assert suggest(rows, [2, 4], 120, 0.05)["layer_bits"] == {}  # nothing fits in 0.5 MiB
+
+
 def test_layer_sensitivity_benchmark(tmp_path: Path) -> None:
     """Each group alone compressed: it saves memory and costs gradient error, less at 4 bits than
     at 2; the whole model compressed costs more than any group alone. A group naming nothing fails."""
@@ -343,6 +362,9 @@ def test_layer_sensitivity_benchmark(tmp_path: Path) -> None:
         assert 0 < r["q4"]["error"] < r["q2"]["error"] < 1, r
     assert rows["layer1"]["q2"]["saved_mib"] > 0 and rows["layer1"]["q2"]["saved_mib"] > rows["layer1"]["q4"]["saved_mib"]
     assert all(rows["whole model"]["q2"]["error"] > r["q2"]["error"] for g, r in rows.items() if g != "whole model")
+    suggested = json.loads((tmp_path / "sens.json").read_text())["suggested"]
+    assert suggested["memory_mib"] <= (1 + 0.05) * suggested["base_memory_mib"] + 1e-9
+    assert suggested["error"] <= suggested["base_error"] and "Suggested plan" in (tmp_path / "sens.md").read_text()
     res = subprocess.run([sys.executable, script, "--model", "resnet18", "--groups", "layer9", "--tiny",
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "'layer9' names no module of ResNet" in res.stderr
