@@ -16,7 +16,8 @@ the row "whole model" (everything compressed) is about the sum of the rows. Erro
 ranks the groups: give more bits (or exclude) where it is highest, as the suggested plan does:
 for at most --budget more activation memory than every group at --hfc-bits, the upgrades (a
 larger Q measured, or stock) that remove the most error per MiB, one at a time (its figures are
-the rows' sums: a prediction to check with model_zoo.py's --layer-bits and --exclude). Groups
+the whole model's with the rows' differences: a prediction to check with model_zoo.py's
+--layer-bits and --exclude). Groups
 interact where one tensor is saved by layers of two of them (a ReLU's output is the next
 convolution's input: a ReLU converted alone adds its mask to what the convolution keeps), so keep
 such layers in one group where you can.
@@ -104,13 +105,16 @@ NOISE = 1e-6  # an error below this is the float rounding of an exact gradient's
 
 
 def suggest(rows: list[dict[str, Any]], bits: list[int], stock_mib: float, budget: float) -> dict[str, Any]:
-    """The plan that removes the most summed error for at most `budget` (a fraction) more memory
-    than every group at bits[0]: greedy upgrades, each to a larger measured Q or to stock."""
+    """The plan that removes the most error for at most `budget` (a fraction) more memory than the
+    whole model at bits[0]: greedy upgrades, each to a larger measured Q or to stock, the most error
+    removed per MiB first. Costs and gains are the groups' rows' differences, added to the whole
+    model's measured memory and error (the rows' own sums count twice what two groups share)."""
     options = {r["group"]: [(q, r[f"q{q}"]["saved_mib"], r[f"q{q}"]["error"]) for q in bits] + [(None, 0.0, 0.0)]
                for r in rows if r["group"] != "whole model"}
+    whole = next(r for r in rows if r["group"] == "whole model")[f"q{bits[0]}"]
+    base_memory = stock_mib - whole["saved_mib"]
     choice = dict.fromkeys(options, 0)
-    base = stock_mib - sum(opts[0][1] for opts in options.values())
-    allowed, spent = budget * base, 0.0
+    allowed, spent, removed = budget * base_memory, 0.0, 0.0
     while True:
         best = None
         for group, opts in options.items():
@@ -121,18 +125,17 @@ def suggest(rows: list[dict[str, Any]], bits: list[int], stock_mib: float, budge
                     continue
                 ratio = gain / cost if cost > 0 else float("inf")
                 if best is None or ratio > best[0]:
-                    best = (ratio, group, j, cost)
+                    best = (ratio, group, j, cost, gain)
         if best is None:
             break
-        _, group, j, cost = best
-        choice[group], spent = j, spent + cost
-    chosen = {g: options[g][i] for g, i in choice.items()}
+        _, group, j, cost, gain = best
+        choice[group], spent, removed = j, spent + cost, removed + gain
+    chosen = {g: options[g][i][0] for g, i in choice.items() if i > 0}
     return {
-        "budget": budget,
-        "layer_bits": {g: q for g, (q, _, _) in chosen.items() if q is not None and q != bits[0]},
-        "exclude": [g for g, (q, _, _) in chosen.items() if q is None],
-        "memory_mib": stock_mib - sum(saved for _, saved, _ in chosen.values()), "base_memory_mib": base,
-        "error": sum(err for _, _, err in chosen.values()), "base_error": sum(opts[0][2] for opts in options.values()),
+        "budget": budget, "layer_bits": {g: q for g, q in chosen.items() if q is not None},
+        "exclude": [g for g, q in chosen.items() if q is None],
+        "memory_mib": base_memory + spent, "base_memory_mib": base_memory,
+        "error": max(0.0, whole["error"] - removed), "base_error": whole["error"],
     }
 
 
@@ -142,7 +145,7 @@ def suggestion_text(plan: dict[str, Any], model: str, bits: list[int]) -> str:
     if not flags:
         return f"Suggested plan for at most {plan['budget']:.0%} more memory: every group at Q={bits[0]} (no upgrade fits)."
     return (f"Suggested plan for at most {plan['budget']:.0%} more memory than every group at Q={bits[0]} "
-            f"({plan['base_memory_mib']:.1f} MiB): {plan['memory_mib']:.1f} MiB, summed 1 - cosine "
+            f"({plan['base_memory_mib']:.1f} MiB): predicted {plan['memory_mib']:.1f} MiB, 1 - cosine "
             f"{plan['base_error']:.3f} -> {plan['error']:.3f}; check it with "
             f"`python benchmarks/model_zoo.py --models {model}{flags} --out ...`")
 

@@ -335,17 +335,19 @@ def sensitivity_row(group: str, q2: tuple[float, float], q4: tuple[float, float]
 
 def test_the_suggested_plan_buys_the_most_error_per_mib_within_the_budget() -> None:
     """Group a: 4 bits cost 1 MiB and remove 0.19 of error, stock 9 MiB more for 0.01; group b:
-    4 bits cost 10 MiB for 0.08. Every group at 2 bits keeps 120 - 110 = 10 MiB."""
+    4 bits cost 10 MiB for 0.08. The whole model at 2 bits keeps 120 - 108 = 12 MiB, 1 - cosine
+    0.25 (not the rows' sums: what two groups share counts once)."""
     from benchmarks.layer_sensitivity import suggest
 
     rows = [sensitivity_row("a", (10, 0.2), (9, 0.01)), sensitivity_row("b", (100, 0.1), (90, 0.02)),
-            sensitivity_row("whole model", (110, 0.3), (99, 0.03))]
-    plan = suggest(rows, [2, 4], 120, 0.1)  # 1 MiB to spend: a at 4 bits
-    assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({"a": 4}, [], 11)
-    assert plan["base_error"] == pytest.approx(0.3) and plan["error"] == pytest.approx(0.11)
-    plan = suggest(rows, [2, 4], 120, 1.0)  # 10 MiB: a at 4 (0.19 per MiB), then a stock (9 MiB) before b (10, no longer fits)
-    assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({}, ["a"], 20)
-    assert suggest(rows, [2, 4], 120, 0.05)["layer_bits"] == {}  # nothing fits in 0.5 MiB
+            sensitivity_row("whole model", (108, 0.25), (99, 0.03))]
+    plan = suggest(rows, [2, 4], 120, 0.1)  # 1.2 MiB to spend: a at 4 bits
+    assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({"a": 4}, [], 13)
+    assert plan["base_error"] == 0.25 and plan["error"] == pytest.approx(0.06)
+    plan = suggest(rows, [2, 4], 120, 1.0)  # 12 MiB: a at 4 (0.19 per MiB), then a stock (9 MiB) before b (10, no longer fits)
+    assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({}, ["a"], 22)
+    assert plan["error"] == pytest.approx(0.05)
+    assert suggest(rows, [2, 4], 120, 0.05)["layer_bits"] == {}  # nothing fits in 0.6 MiB
 
 
 def test_layer_sensitivity_benchmark(tmp_path: Path) -> None:
