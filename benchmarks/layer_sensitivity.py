@@ -14,7 +14,7 @@ whole-model gradient and the exact one on Fashion-MNIST images (mean of --draws 
 --hfc-bits and, with --more-bits, at that Q too. The noise of independent groups adds up nearly:
 the row "whole model" (everything compressed) is about the sum of the rows. Error per MiB saved
 ranks the groups: give more bits (or exclude) where it is highest, as the suggested plan does:
-for at most --budget more activation memory than every group at --hfc-bits, the upgrades (a
+for at most --budget more activation memory than the whole model at --hfc-bits, the upgrades (a
 larger Q measured, or stock) that remove the most error per MiB, one at a time (its figures are
 the whole model's with the rows' differences: a prediction to check with model_zoo.py's
 --layer-bits and --exclude). Groups
@@ -143,8 +143,8 @@ def suggestion_text(plan: dict[str, Any], model: str, bits: list[int]) -> str:
     flags = "".join([" --layer-bits " + " ".join(f"'{g}={q}'" for g, q in plan["layer_bits"].items())] * bool(plan["layer_bits"])
                     + [" --exclude " + " ".join(f"'{g}'" for g in plan["exclude"])] * bool(plan["exclude"]))
     if not flags:
-        return f"Suggested plan for at most {plan['budget']:.0%} more memory: every group at Q={bits[0]} (no upgrade fits)."
-    return (f"Suggested plan for at most {plan['budget']:.0%} more memory than every group at Q={bits[0]} "
+        return f"Suggested plan for at most {plan['budget']:.0%} more memory: the whole model at Q={bits[0]} (no upgrade fits)."
+    return (f"Suggested plan for at most {plan['budget']:.0%} more memory than the whole model at Q={bits[0]} "
             f"({plan['base_memory_mib']:.1f} MiB): predicted {plan['memory_mib']:.1f} MiB, 1 - cosine "
             f"{plan['base_error']:.3f} -> {plan['error']:.3f}; check it with "
             f"`python benchmarks/model_zoo.py --models {model}{flags} --out ...`")
