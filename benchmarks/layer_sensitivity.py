@@ -11,16 +11,14 @@ group the model is converted with that group alone compressed (every other modul
 the benchmark reports the activation memory the group's compression saves on a training forward
 (batch 2, division.summary) and the gradient error it alone causes, 1 - cosine between the
 whole-model gradient and the exact one on Fashion-MNIST images (mean of --draws draws), at
---hfc-bits and, with --more-bits, at that Q too. The noise of independent groups adds up nearly:
-the row "whole model" (everything compressed) is about the sum of the rows. Error per MiB saved
-ranks the groups: give more bits (or exclude) where it is highest, as the suggested plan does:
-for at most --budget more activation memory than the whole model at --hfc-bits, the upgrades (a
-larger Q measured, or stock) that remove the most error per MiB, one at a time (its figures are
-the whole model's with the rows' differences: a prediction to check with model_zoo.py's
---layer-bits and --exclude). Groups
-interact where one tensor is saved by layers of two of them (a ReLU's output is the next
-convolution's input: a ReLU converted alone adds its mask to what the convolution keeps), so keep
-such layers in one group where you can.
+--hfc-bits and, with --more-bits, at those Qs too. Error per MiB saved ranks the groups: give more
+bits (or exclude) where it is highest. The suggested plan does that for at most --budget more
+activation memory than the whole model at --hfc-bits: the upgrades (a larger Q measured, or stock)
+that remove the most error per MiB, one at a time. Its figures are the whole model's with the
+rows' differences, a prediction: memory adds up across groups (what two groups share aside: a
+ReLU converted alone adds its mask to what the next convolution keeps, so keep such layers in one
+group), errors less so (the rows' errors sum to more than the whole model's, and a group's upgrade
+removes less than its row says), so check the plan with model_zoo.py's --layer-bits and --exclude.
 Writes <out>.json, .md, .png.
 """
 
@@ -211,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows, "suggested": plan}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"Gradient error by group, {args.model}, {info['device']}, torch {info['torch']}, git {info['git']}\n\n"
-        f"`{info['command']}`\n\nEach row: that group alone compressed (everything else stock). MiB saved: "
+        f"`{info['command']}`\n\nEach row: that group alone compressed (everything else stock); \"whole model\": all of it. MiB saved: "
         f"activation memory of one training forward, batch 2, {args.memory_size}x{args.memory_size}, less than "
         f"stock's; 1 - cosine: the whole-model gradient against the exact one, {args.batch} Fashion-MNIST images "
         f"at {args.size}x{args.size}, mean (range) of {args.draws} draws, random weights, dropout and stochastic "
-        f"depth off. The groups' errors add up to about the last row's.\n\n{table}\n"
+        f"depth off. The suggested plan's figures are predicted from the rows (see the script's docstring)."
+        f"\n\n{table}\n"
     )
     plot(rows, bits, args.out.with_suffix(".png"))
     return 0
