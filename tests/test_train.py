@@ -496,6 +496,10 @@ def test_resume_under_other_settings_is_refused_before_anything_changes(tmp_path
         train(make_cfg(*TINY, "division.hfc_bits=4", "trainer.resume=auto"), tmp_path)
     with pytest.raises(ValueError, match=r"model.name: 'resnet18' -> 'resnet164'"):
         train(make_cfg(*TINY, "model=resnet164", "trainer.resume=auto"), tmp_path)
+    with pytest.raises(ValueError, match=r"division.layer_bits.layer4: '<absent>' -> 4"):
+        train(make_cfg(*TINY, "division.layer_bits={layer4:4}", "trainer.resume=auto"), tmp_path)
+    with pytest.raises(ValueError, match=r"division.exclude: \[\] -> \['conv1'\]"):
+        train(make_cfg(*TINY, "division.exclude=[conv1]", "trainer.resume=auto"), tmp_path)
     assert _files(tmp_path) == before
     # where things are, and how much is trained or logged, may change
     assert train(make_cfg(*TINY, "trainer.max_steps=3", "trainer.log_every=2", "trainer.resume=auto"), tmp_path)["step"] == 3
