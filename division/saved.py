@@ -34,7 +34,10 @@ class SavedBytes:
             self._seen.add(key)
             owner = self._owner()
             self.per_owner[owner] = self.per_owner.get(owner, 0) + storage.nbytes()
-        return t
+        # detached: a saved output kept with its grad_fn would be a reference cycle through C++
+        # that no gc breaks when the graph dies without a backward, as summary's forward does
+        # (pytorch/pytorch#115255); autograd restores the grad_fn on unpacking
+        return t.detach()
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[SavedBytes]:

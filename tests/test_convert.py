@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import division
 from benchmarks.op_count import OpCounter
 from division.compressor import Compressor
 from division.hashing import draw_seed
+from division.saved import SavedBytes
 
 
 def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.05) -> list[float]:
@@ -374,3 +377,23 @@ def test_converting_a_lone_block_leaves_the_original_as_it_was() -> None:
         x = torch.randn(2, 16, 8, 8) if isinstance(block, CNBlock) else torch.randn(2, 8, 8, 16)
         layer(x.requires_grad_()).sum().backward()
         assert calls == [1]  # the nested container's hook, shared
+
+
+def test_counting_saved_bytes_keeps_nothing_alive() -> None:
+    """SavedBytes hands autograd a detached tensor: the graph of a forward without backward (what
+    summary runs) dies with its last reference, and a backward still gets the saved values. A pack
+    hook returning the live tensor leaks a saved output through a reference cycle in C++ that no gc
+    breaks (pytorch/pytorch#115255): summary grew a ResNet-50 process by its stock activations at
+    every call."""
+    x = torch.randn(64, requires_grad=True)
+    counter = SavedBytes()
+    with counter.counting():
+        y = x.exp()  # exp saves its output
+    assert counter.total == 64 * 4
+    alive = weakref.ref(y)
+    del y
+    gc.collect()
+    assert alive() is None
+    with counter.counting():
+        x.exp().sum().backward()
+    assert torch.equal(x.grad, x.detach().exp())
