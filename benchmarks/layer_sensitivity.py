@@ -113,20 +113,8 @@ def suggest(rows: list[dict[str, Any]], bits: list[int], stock_mib: float, budge
     base_memory = stock_mib - whole["saved_mib"]
     choice = dict.fromkeys(options, 0)
     allowed, spent, removed = budget * base_memory, 0.0, 0.0
-    while True:
-        best = None
-        for group, opts in options.items():
-            now = opts[choice[group]]
-            for j in range(choice[group] + 1, len(opts)):
-                cost, gain = now[1] - opts[j][1], now[2] - opts[j][2]
-                if gain <= NOISE or spent + cost > allowed:
-                    continue
-                ratio = gain / cost if cost > 0 else float("inf")
-                if best is None or ratio > best[0]:
-                    best = (ratio, group, j, cost, gain)
-        if best is None:
-            break
-        _, group, j, cost, gain = best
+    while (best := best_upgrade(options, choice, allowed - spent)) is not None:
+        group, j, cost, gain = best
         choice[group], spent, removed = j, spent + cost, removed + gain
     chosen = {g: options[g][i][0] for g, i in choice.items() if i > 0}
     return {
@@ -135,6 +123,26 @@ def suggest(rows: list[dict[str, Any]], bits: list[int], stock_mib: float, budge
         "memory_mib": base_memory + spent, "base_memory_mib": base_memory,
         "error": max(0.0, whole["error"] - removed), "base_error": whole["error"],
     }
+
+
+Option = tuple[int | None, float, float]  # (Q or None for stock, MiB saved, error)
+
+
+def best_upgrade(options: dict[str, list[Option]], choice: dict[str, int],
+                 left: float) -> tuple[str, int, float, float] | None:
+    """(group, option, MiB it costs, error it removes) of the upgrade removing the most error per
+    MiB within `left` MiB, or None."""
+    best, best_ratio = None, 0.0
+    for group, opts in options.items():
+        now = opts[choice[group]]
+        for j in range(choice[group] + 1, len(opts)):
+            cost, gain = now[1] - opts[j][1], now[2] - opts[j][2]
+            if gain <= NOISE or cost > left:
+                continue
+            ratio = gain / cost if cost > 0 else float("inf")
+            if best is None or ratio > best_ratio:
+                best, best_ratio = (group, j, cost, gain), ratio
+    return best
 
 
 def suggestion_text(plan: dict[str, Any], model: str, bits: list[int]) -> str:

@@ -344,9 +344,12 @@ def test_the_suggested_plan_buys_the_most_error_per_mib_within_the_budget() -> N
     plan = suggest(rows, [2, 4], 120, 0.1)  # 1.2 MiB to spend: a at 4 bits
     assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({"a": 4}, [], 13)
     assert plan["base_error"] == 0.25 and plan["error"] == pytest.approx(0.06)
-    plan = suggest(rows, [2, 4], 120, 1.0)  # 12 MiB: a at 4 (0.19 per MiB), then a stock (9 MiB) before b (10, no longer fits)
+    plan = suggest(rows, [2, 4], 120, 0.875)  # 10.5 MiB: a at 4 (0.19 per MiB), then b (10 MiB) no longer fits, a stock (9) does
     assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({}, ["a"], 22)
     assert plan["error"] == pytest.approx(0.05)
+    plan = suggest(rows, [2, 4], 120, 1.0)  # 12 MiB: a at 4, then b at 4 (0.008 per MiB, before a stock's 0.0011)
+    assert (plan["layer_bits"], plan["exclude"], plan["memory_mib"]) == ({"a": 4, "b": 4}, [], 23)
+    assert plan["error"] == 0.0  # the rows' gains exceed the whole model's error: the prediction stops at 0
     assert suggest(rows, [2, 4], 120, 0.05)["layer_bits"] == {}  # nothing fits in 0.6 MiB
 
 
