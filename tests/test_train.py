@@ -331,7 +331,8 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
 
 
 class _BatchWatch(loop.ActivationProbe):
-    """Notes, just before backward, whether the input batch behind `ref` is still alive."""
+    """Notes, just before backward, whether the input batch's memory behind `ref` (a weak reference
+    to its storage, which autograd may keep through another tensor object) is still alive."""
 
     refs: typing.ClassVar[list] = []
     alive: typing.ClassVar[list[bool]] = []
@@ -348,7 +349,7 @@ def test_train_step_lets_go_of_the_batch_after_forward(method: str, kept: bool) 
     torch.manual_seed(0)
     prepared = methods.prepare(build.models.build_model("resnet18", num_classes=10), method, division.DivisionConfig())
     x = torch.randn(2, 3, 16, 16)
-    _BatchWatch.refs, _BatchWatch.alive = [weakref.ref(x)], []
+    _BatchWatch.refs, _BatchWatch.alive = [weakref.ref(x.untyped_storage())], []
     batch = loop.Batch(x, torch.arange(2))
     del x
     probe = _BatchWatch(torch.device("cpu"), prepared.model)
@@ -366,7 +367,7 @@ def test_training_loop_holds_no_batch_of_its_own_during_backward(tmp_path: Path,
     _BatchWatch.refs, _BatchWatch.alive = [], []
 
     def watched(model: nn.Module, batch: loop.Batch, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
-        _BatchWatch.refs.append(weakref.ref(batch._x))
+        _BatchWatch.refs.append(weakref.ref(batch._x.untyped_storage()))
         return real(model, batch, *args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", watched)
