@@ -18,7 +18,8 @@ that remove the most error per MiB, one at a time. Its figures are the whole mod
 rows' differences, a prediction: memory adds up across groups (what two groups share aside: a
 ReLU converted alone adds its mask to what the next convolution keeps, so keep such layers in one
 group), errors less so (the rows' errors sum to more than the whole model's, and a group's upgrade
-removes less than its row says), so check the plan with model_zoo.py's --layer-bits and --exclude.
+removes less than its row says), so the plan is then converted and measured as the rows were, and
+both figures are given.
 Writes <out>.json, .md, .png.
 """
 
@@ -75,8 +76,8 @@ def parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def measure_group(stock: nn.Module, exclude: list[str], bits: int, data: dict[str, Any], draws: int) -> dict[str, float]:
-    cfg = division.DivisionConfig(hfc_bits=bits, exclude=exclude)
+def measure(stock: nn.Module, cfg: division.DivisionConfig, data: dict[str, Any], draws: int) -> dict[str, float]:
+    """The activation memory the model converted under `cfg` saves, and its gradient error."""
     model = division.convert_model(copy.deepcopy(stock), cfg)
     report = division.summary(model, data["memory_x"])
     cosines = [F.cosine_similarity(flat_grad(model, data["x"], data["y"], s), data["exact"], dim=0).item()
@@ -145,15 +146,17 @@ def best_upgrade(options: dict[str, list[Option]], choice: dict[str, int],
     return best
 
 
-def suggestion_text(plan: dict[str, Any], model: str, bits: list[int]) -> str:
+def suggestion_text(plan: dict[str, Any], bits: list[int]) -> str:
     flags = "".join([" --layer-bits " + " ".join(f"'{g}={q}'" for g, q in plan["layer_bits"].items())] * bool(plan["layer_bits"])
                     + [" --exclude " + " ".join(f"'{g}'" for g in plan["exclude"])] * bool(plan["exclude"]))
     if not flags:
         return f"Suggested plan for at most {plan['budget']:.0%} more memory: the whole model at Q={bits[0]} (no upgrade fits)."
+    measured = plan["measured"]
     return (f"Suggested plan for at most {plan['budget']:.0%} more memory than the whole model at Q={bits[0]} "
-            f"({plan['base_memory_mib']:.1f} MiB): predicted {plan['memory_mib']:.1f} MiB, 1 - cosine "
-            f"{plan['base_error']:.3f} -> {plan['error']:.3f}; check it with "
-            f"`python benchmarks/model_zoo.py --models {model}{flags} --out ...`")
+            f"({plan['base_memory_mib']:.1f} MiB, 1 - cosine {plan['base_error']:.3f}):{flags}. Predicted "
+            f"{plan['memory_mib']:.1f} MiB and {plan['error']:.3f}; measured (the plan converted and measured as "
+            f"the rows were) {measured['memory_mib']:.1f} MiB and {measured['error']:.3f}. In a model: "
+            f"`DivisionConfig(layer_bits={plan['layer_bits']}, exclude={plan['exclude']})`.")
 
 
 def plot(rows: list[dict[str, Any]], bits: list[int], path: Path) -> None:
@@ -206,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for group, exclude in tqdm(plans, desc="groups"):
         rows.append({"group": group, "exclude": exclude,
-                     **{f"q{q}": measure_group(stock, exclude, q, data, args.draws) for q in bits}})
+                     **{f"q{q}": measure(stock, division.DivisionConfig(hfc_bits=q, exclude=exclude), data, args.draws)
+                        for q in bits}})
     stock_mib = division.summary(stock, memory_x).total_vanilla_bytes / 2**20
     plan = suggest(rows, bits, stock_mib, args.budget)
-    table = markdown(rows, bits, stock_mib) + "\n\n" + suggestion_text(plan, args.model, bits)
+    if plan["layer_bits"] or plan["exclude"]:  # the prediction checked: the plan measured as the rows were
+        cfg = division.DivisionConfig(hfc_bits=bits[0], layer_bits=plan["layer_bits"], exclude=plan["exclude"])
+        measured = measure(stock, cfg, data, args.draws)
+        plan["measured"] = {"memory_mib": stock_mib - measured["saved_mib"], "error": measured["error"]}
+    table = markdown(rows, bits, stock_mib) + "\n\n" + suggestion_text(plan, bits)
     print(table)
     info = {**run_info(torch.device("cpu")), "model": args.model, "size": args.size, "batch": args.batch,
             "memory_size": args.memory_size, "draws": args.draws, "bits": bits, "stock_mib": stock_mib}
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         f"activation memory of one training forward, batch 2, {args.memory_size}x{args.memory_size}, less than "
         f"stock's; 1 - cosine: the whole-model gradient against the exact one, {args.batch} Fashion-MNIST images "
         f"at {args.size}x{args.size}, mean (range) of {args.draws} draws, random weights, dropout and stochastic "
-        f"depth off. The suggested plan's figures are predicted from the rows (see the script's docstring)."
+        f"depth off. The suggested plan is predicted from the rows (see the script's docstring), then measured."
         f"\n\n{table}\n"
     )
     plot(rows, bits, args.out.with_suffix(".png"))

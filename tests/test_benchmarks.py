@@ -370,6 +370,9 @@ def test_layer_sensitivity_benchmark(tmp_path: Path) -> None:
     suggested = json.loads((tmp_path / "sens.json").read_text())["suggested"]
     assert suggested["memory_mib"] <= (1 + 0.05) * suggested["base_memory_mib"] + 1e-9
     assert suggested["error"] <= suggested["base_error"] and "Suggested plan" in (tmp_path / "sens.md").read_text()
+    if suggested["layer_bits"] or suggested["exclude"]:  # measured too: less error than the whole model at 2 bits
+        assert suggested["measured"]["error"] < suggested["base_error"]
+        assert suggested["measured"]["memory_mib"] > suggested["base_memory_mib"] * 0.9
     res = subprocess.run([sys.executable, script, "--model", "resnet18", "--groups", "layer9", "--tiny",
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "'layer9' names no module of ResNet" in res.stderr
