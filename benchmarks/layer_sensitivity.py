@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import statistics
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from benchmarks.model_zoo import (
     load_images,
     without_randomness,
 )
+from division.plan import layer_plan
 
 
 def depth_groups(model: nn.Module, depth: int) -> list[str]:
@@ -58,22 +58,15 @@ def depth_groups(model: nn.Module, depth: int) -> list[str]:
 
 def outside(model: nn.Module, group: str) -> list[str]:
     """The fewest module names whose subtrees hold every module outside `group` and nothing in it
-    (DivisionConfig.exclude for "this group alone")."""
+    (DivisionConfig.exclude for "this group alone"). The group's modules are those DivisionConfig's
+    own matching picks for the pattern (division.plan: the modules it names and all inside them)."""
+    try:
+        inside = set(layer_plan(model, division.DivisionConfig(exclude=(group,))).excluded)
+    except ValueError:  # the pattern names no module
+        raise ValueError(f"--groups: {group!r} names no module of {type(model).__name__}") from None
     names = [name for name, _ in model.named_modules() if name]
-    inside = {n for n in names if any(fnmatchcase(a, group) for a in ancestors(n))}
-    if not inside:
-        raise ValueError(f"--groups: {group!r} names no module of {type(model).__name__}")
     holds = {n for n in names if any(m == n or m.startswith(n + ".") for m in inside)}  # n or its subtree in group
-    return [n for n in names if n not in holds and parent(n) in holds | {""}]
-
-
-def ancestors(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def parent(name: str) -> str:
-    return name.rpartition(".")[0]
+    return [n for n in names if n not in holds and n.rpartition(".")[0] in holds | {""}]
 
 
 def measure(stock: nn.Module, cfg: division.DivisionConfig, data: dict[str, Any], draws: int) -> dict[str, float]:
