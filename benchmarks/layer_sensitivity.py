@@ -11,7 +11,8 @@ group the model is converted with that group alone compressed (every other modul
 the benchmark reports the activation memory the group's compression saves on a training forward
 (batch 2, division.summary) and the gradient error it alone causes, 1 - cosine between the
 whole-model gradient and the exact one on Fashion-MNIST images (mean of --draws draws), at
---hfc-bits and, with --more-bits, at those Qs too. Error per MiB saved ranks the groups: give more
+--hfc-bits and, with --more-bits, at those Qs too, given as layer_bits gives them (the group's
+HFC and activation records at that Q; at --hfc-bits, activation layers at activation_bits). Error per MiB saved ranks the groups: give more
 bits (or exclude) where it is highest. The suggested plan does that for at most --budget more
 activation memory than the whole model at --hfc-bits: the upgrades (a larger Q measured, or stock)
 that remove the most error per MiB, one at a time. Its figures are the whole model's with the
@@ -49,6 +50,8 @@ from benchmarks.model_zoo import (
 )
 from division.plan import layer_plan
 
+WHOLE_MODEL = "whole model"  # the last row: every group compressed
+
 
 def depth_groups(model: nn.Module, depth: int) -> list[str]:
     """The module names `depth` levels down (and leaves above that level): every layer in one."""
@@ -67,6 +70,15 @@ def outside(model: nn.Module, group: str) -> list[str]:
     names = [name for name, _ in model.named_modules() if name]
     holds = {n for n in names if any(m == n or m.startswith(n + ".") for m in inside)}  # n or its subtree in group
     return [n for n in names if n not in holds and n.rpartition(".")[0] in holds | {""}]
+
+
+def row_config(group: str, exclude: list[str], q: int, base_q: int) -> division.DivisionConfig:
+    """A row's conversion at Q = `q`: the group given `q` as a plan gives it (layer_bits, which sets
+    both hfc_bits and activation_bits), so a suggested upgrade means what its row measured; at the
+    base Q, the defaults (activation layers at activation_bits)."""
+    pattern = "*" if group == WHOLE_MODEL else group
+    return division.DivisionConfig(hfc_bits=base_q, exclude=tuple(exclude),
+                                   layer_bits=() if q == base_q else ((pattern, q),))
 
 
 def measure(stock: nn.Module, cfg: division.DivisionConfig, data: dict[str, Any], draws: int) -> dict[str, float]:
@@ -102,8 +114,8 @@ def suggest(rows: list[dict[str, Any]], bits: list[int], stock_mib: float, budge
     removed per MiB first. Costs and gains are the groups' rows' differences, added to the whole
     model's measured memory and error (the rows' own sums count twice what two groups share)."""
     options = {r["group"]: [(q, r[f"q{q}"]["saved_mib"], r[f"q{q}"]["error"]) for q in bits] + [(None, 0.0, 0.0)]
-               for r in rows if r["group"] != "whole model"}
-    whole = next(r for r in rows if r["group"] == "whole model")[f"q{bits[0]}"]
+               for r in rows if r["group"] != WHOLE_MODEL}
+    whole = next(r for r in rows if r["group"] == WHOLE_MODEL)[f"q{bits[0]}"]
     base_memory = stock_mib - whole["saved_mib"]
     choice = dict.fromkeys(options, 0)
     allowed, spent, removed = budget * base_memory, 0.0, 0.0
@@ -153,7 +165,7 @@ def suggestion_text(plan: dict[str, Any], bits: list[int]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], bits: list[int], path: Path) -> None:
-    groups = [r for r in rows if r["group"] != "whole model"]
+    groups = [r for r in rows if r["group"] != WHOLE_MODEL]
     with figure(path, 1, 2, figsize=(11, 3.8)) as (_, axes):
         width = 0.8 / len(bits)
         for i, q in enumerate(bits):
@@ -196,14 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     groups = args.groups or depth_groups(stock, args.depth)
     bits = [args.hfc_bits] + sorted(set(args.more_bits) - {args.hfc_bits})
     try:
-        plans = [(g, outside(stock, g)) for g in groups] + [("whole model", [])]
+        plans = [(g, outside(stock, g)) for g in groups] + [(WHOLE_MODEL, [])]
     except ValueError as err:
         parser.error(str(err))
     rows = []
     for group, exclude in tqdm(plans, desc="groups"):
         rows.append({"group": group, "exclude": exclude,
-                     **{f"q{q}": measure(stock, division.DivisionConfig(hfc_bits=q, exclude=exclude), data, args.draws)
-                        for q in bits}})
+                     **{f"q{q}": measure(stock, row_config(group, exclude, q, bits[0]), data, args.draws) for q in bits}})
     stock_mib = division.summary(stock, memory_x).total_vanilla_bytes / 2**20
     plan = suggest(rows, bits, stock_mib, args.budget)
     if plan["layer_bits"] or plan["exclude"]:  # the prediction checked: the plan measured as the rows were
@@ -218,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows, "suggested": plan}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"Gradient error by group, {args.model}, {info['device']}, torch {info['torch']}, git {info['git']}\n\n"
-        f"`{info['command']}`\n\nEach row: that group alone compressed (everything else stock); \"whole model\": all of it. MiB saved: "
+        f"`{info['command']}`\n\nEach row: that group alone compressed (everything else stock); \"whole model\": all of it; "
+        f"at Q={bits[0]} as DivisionConfig(hfc_bits={bits[0]}) compresses it, at a larger Q as layer_bits does (HFC and "
+        f"activation records at that Q). MiB saved: "
         f"activation memory of one training forward, batch 2, {args.memory_size}x{args.memory_size}, less than "
         f"stock's; 1 - cosine: the whole-model gradient against the exact one, {args.batch} Fashion-MNIST images "
         f"at {args.size}x{args.size}, mean (range) of {args.draws} draws, random weights, dropout and stochastic "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -16,6 +17,8 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+
+import division
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,6 +330,24 @@ def test_a_group_alone_is_everything_else_excluded() -> None:
     assert outside(model, "layer1.0.conv*") == [
         "conv1", "bn1", "relu", "maxpool", "layer1.0.bn1", "layer1.0.relu", "layer1.0.bn2", "layer1.1", *top[5:]]
     assert outside(model, "layer[34]") == [n for n in top if n not in ("layer3", "layer4")]
+
+
+def test_a_sensitivity_row_gives_its_group_the_bits_a_plan_would() -> None:
+    """The suggested plan upgrades a group with layer_bits, which sets the Q of its activation
+    records too (GELU's conv maps): a row at Q=8 must measure that, not HFC records alone at 8."""
+    from benchmarks.layer_sensitivity import WHOLE_MODEL, row_config
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+
+    def saved(cfg: division.DivisionConfig) -> list[int]:
+        return [r.saved_bytes for r in division.summary(division.convert_model(copy.deepcopy(model), cfg), x).rows]
+
+    at_eight = saved(division.DivisionConfig(hfc_bits=8, activation_bits=8))
+    assert saved(row_config("1", [], 8, 2))[1] == at_eight[1]  # the GELU alone named: its record at Q=8
+    assert saved(row_config(WHOLE_MODEL, [], 8, 2)) == at_eight
+    assert saved(row_config(WHOLE_MODEL, [], 2, 2)) == saved(division.DivisionConfig())
+    assert saved(row_config("0", ["1", "2"], 4, 2))[1:] == saved(division.DivisionConfig(exclude=("*",)))[1:]
 
 
 def sensitivity_row(group: str, q2: tuple[float, float], q4: tuple[float, float]) -> dict:
