@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .compressor import Compressor
@@ -139,7 +140,8 @@ def convert_model(
         raise ValueError(f"convert_model: DivisionConfig.layer_bits sets DIVISION's HFC bits; {type(compressor).__name__} "
                          "has bits of its own for every input: leave layer_bits empty")
     plan = layer_plan(model, cfg)
-    _check_plan_applies(model, cfg, token_grid, plan)  # before anything is converted in place
+    _check_initialized(model, plan)  # before anything is converted in place
+    _check_plan_applies(model, cfg, token_grid, plan)
     new_cls, _ = conversion_for(model, cfg, token_grid)
     if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share
         single = compressor or Compressor(cfg.replace(share_inputs=False))
@@ -184,6 +186,20 @@ def _follow_plan(module: nn.Module, prefix: str, plan: LayerPlan, compressor: Co
         if bits is not None and isinstance(child, DivisionLayer):
             child.compressor = compressor.at_bits(bits[0])
         _follow_plan(child, full, plan, compressor)
+
+
+def _check_initialized(model: nn.Module, plan: LayerPlan) -> None:
+    """An uninitialized lazy layer (LazyConv2d) becomes its stock class at its first forward,
+    after convert_model has passed it by: it would train stock, silently. Refused, with PyTorch's
+    own remedy for lazy modules."""
+    for name, module in model.named_modules():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params() and name not in plan.excluded:
+            raise ValueError(
+                f"convert_model: {name or 'the model'!r} is an uninitialized {type(module).__name__}: it becomes "
+                f"a stock {module.cls_to_become.__name__} at its first forward, which convert_model could not "
+                "convert. Run one forward with a dummy batch first, then convert_model (or name it in "
+                "DivisionConfig.exclude)"
+            )
 
 
 def _check_plan_applies(model: nn.Module, cfg: DivisionConfig, token_grid: TokenGrids | None, plan: LayerPlan) -> None:

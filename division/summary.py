@@ -135,8 +135,8 @@ def summary(model: nn.Module, example_input: torch.Tensor | None = None) -> Mode
         _, reason = conversion_for(module, probe_cfg, getattr(compressor, "token_grid", None))
         if name in plan.excluded:
             reason = f"excluded by DivisionConfig.exclude {plan.excluded[name]!r}"
-        if cfg is None and not reason:  # convertible
-            reason = "model not converted"
+        if not reason:  # convertible, yet stock
+            reason = "model not converted" if cfg is None else "added or changed after convert_model"
         result.rows.append(LayerRow(name, type(module).__name__, False, reason))
     if example_input is None:
         return result

@@ -118,6 +118,36 @@ def test_converting_twice_and_bad_arguments_are_errors() -> None:
         division.convert_model(nn.Sequential(nn.Conv2d(3, 3, 1)), {"block_size": 8})  # type: ignore[arg-type]
 
 
+def test_lazy_layers_are_converted_once_initialized_and_refused_before() -> None:
+    """An uninitialized LazyConv2d turns into a stock Conv2d at its first forward, after
+    convert_model: refused with the remedy. After one dummy forward it is a Conv2d and converts."""
+    def model() -> nn.Sequential:
+        return nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+
+    lazy = model()
+    with pytest.raises(ValueError, match=r"'0' is an uninitialized LazyConv2d: it becomes a stock Conv2d .* dummy batch"):
+        division.convert_model(lazy)
+    assert type(lazy[2]) is nn.ReLU  # refused before anything was converted
+    kept = division.convert_model(model(), division.DivisionConfig(exclude=("0", "1")))
+    assert type(kept[2]).__name__ == "DivisionReLU"
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    stock = model()
+    stock(x)
+    converted = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    assert all(row.converted for row in division.summary(converted).rows)
+    stock(x).square().sum().backward()
+    converted(x).square().sum().backward()
+    assert torch.equal(stock[0].weight.grad, converted[0].weight.grad)
+
+
+def test_summary_says_why_a_convertible_layer_is_stock() -> None:
+    model = division.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    model.append(nn.Conv2d(4, 4, 3))
+    assert division.summary(model).rows[2].reason == "added or changed after convert_model"
+    assert division.summary(nn.Sequential(nn.Conv2d(3, 4, 3))).rows[0].reason == "model not converted"
+
+
 def test_deepcopy_and_pickle_of_a_converted_model() -> None:
     model = division.convert_model(torchvision.models.resnet18(num_classes=10))
     twin = copy.deepcopy(model)
