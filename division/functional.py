@@ -46,8 +46,8 @@ def _save(ctx: Any, packed: CompressedActivation | None, *others: torch.Tensor |
     _save_records(ctx, [packed], *others)
 
 
-def _load(ctx: Any) -> tuple[CompressedActivation | None, tuple[torch.Tensor | None, ...]]:
-    (packed,), others = _load_records(ctx)
+def _load(ctx: Any, differentiable: bool = True) -> tuple[CompressedActivation | None, tuple[torch.Tensor | None, ...]]:
+    (packed,), others = _load_records(ctx, differentiable)
     return packed, others
 
 
@@ -62,12 +62,46 @@ def _save_records(ctx: Any, records: list[Any], *others: torch.Tensor | None) ->
     ctx.save_for_backward(*tensors, *others)
 
 
-def _load_records(ctx: Any) -> tuple[list[Any], tuple[torch.Tensor | None, ...]]:
+def _load_records(ctx: Any, differentiable: bool = True) -> tuple[list[Any], tuple[torch.Tensor | None, ...]]:
+    """The records and other tensors `_save_records` saved. `differentiable`: the Function's
+    backward, run with create_graph=True on exact records, gives stock's gradients of gradients."""
     saved, start, records = ctx.saved_tensors, 0, []
     for record, size in ctx.records:
         records.append(None if record is None else record.with_tensors(saved[start : start + size]))
         start += size
+    if differentiated():
+        check_double_backward(ctx, records, differentiable)
     return records, saved[start:]
+
+
+def differentiated() -> bool:
+    """Whether this backward's gradients will be differentiated again: a backward with
+    create_graph=True (gradient penalties, MAML) runs with grad mode on; a plain one, and
+    torch.compile's trace of backward, with it off. The mask layers' backward then runs the
+    reference's ops, which autograd differentiates (the kernels are not differentiable ops)."""
+    return torch.is_grad_enabled()
+
+
+def check_double_backward(ctx: Any, records: list[Any], differentiable: bool) -> None:
+    """Gradients of gradients through a layer need its input with its autograd history. A record
+    rebuilt from codes is a constant to autograd, so the terms through the input would be missing,
+    silently: refused, as is a Function whose backward does not keep that history even in exact mode."""
+    layer = type(ctx).__name__.removesuffix("Backward")
+    if not differentiable:
+        raise RuntimeError(
+            f"DIVISION's {layer} does not support a backward with create_graph=True (gradients of "
+            "gradients), even with backward_mode='exact': name the layers such a loss differentiates "
+            "through in DivisionConfig.exclude to keep them stock"
+        )
+    exact = [getattr(getattr(r, "inner", r), "mode", None) == "exact" for r in records if r is not None]
+    if not all(exact):  # a TokenRecord holds its codec's record as `inner`
+        raise RuntimeError(
+            f"DIVISION's {layer}: a backward with create_graph=True (gradients of gradients: a gradient "
+            "penalty, MAML) would differentiate through an input rebuilt from its compressed record, which "
+            "autograd sees as a constant, so terms of those gradients would be missing. For such a loss, "
+            "convert with DivisionConfig(backward_mode='exact'), or name the layers it differentiates "
+            "through in DivisionConfig.exclude"
+        )
 
 
 AutocastState = tuple[str, bool, torch.dtype]
@@ -216,7 +250,7 @@ class ReLUFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return relu_backward(gy, bits, ctx.fmt, ctx.kernels), None, None
+        return relu_backward(gy, bits, ctx.fmt, ctx.kernels and not differentiated()), None, None
 
 
 @lru_cache(maxsize=64)
@@ -248,7 +282,7 @@ class DropoutFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return dropout_backward(gy, bits, ctx.fmt, ctx.scale, ctx.kernels), None, None, None
+        return dropout_backward(gy, bits, ctx.fmt, ctx.scale, ctx.kernels and not differentiated()), None, None, None
 
 
 class MaxPoolFn(Function):
@@ -266,7 +300,7 @@ class MaxPoolFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (offsets,) = ctx.saved_tensors
-        gx = max_pool_backward(gy, offsets, ctx.x_shape, *ctx.pool, ctx.fmt, ctx.kernels)
+        gx = max_pool_backward(gy, offsets, ctx.x_shape, *ctx.pool, ctx.fmt, ctx.kernels and not differentiated())
         return gx, None, None, None, None, None, None
 
 
@@ -319,7 +353,7 @@ class ClampMaskFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return relu_backward(gy, bits, ctx.fmt, ctx.kernels), None, None, None, None
+        return relu_backward(gy, bits, ctx.fmt, ctx.kernels and not differentiated()), None, None, None, None
 
 
 def _gelu(approximate: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
@@ -354,12 +388,12 @@ class ActivationFn(Function):
         y = ACTIVATIONS[name][0](x, inplace=inplace)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.name = name
+        ctx.name, ctx.copied = name, keep_copy
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        packed, _ = _load(ctx)
+        packed, _ = _load(ctx, differentiable=not ctx.copied)  # a copy made in forward has no history
         return ACTIVATIONS[ctx.name][1](gy, decompress(packed)), None, None, None
 
 
@@ -445,7 +479,7 @@ class LinearFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        packed, (saved,) = _load(ctx)
+        packed, (saved,) = _load(ctx, differentiable=False)
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -475,7 +509,7 @@ class LayerNormFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        packed, (weight, bias, mean, rstd) = _load(ctx)
+        packed, (weight, bias, mean, rstd) = _load(ctx, differentiable=False)
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
                 bias is not None and ctx.needs_input_grad[3]]
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
@@ -496,7 +530,7 @@ class GELUFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        packed, _ = _load(ctx)
+        packed, _ = _load(ctx, differentiable=False)
         gx = torch.ops.aten.gelu_backward(gy, _decompress_layout(packed, ctx.layout, gy.shape), approximate=ctx.approximate)
         return gx, None, None, None
 
@@ -523,7 +557,7 @@ class AttentionFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        records, _ = _load_records(ctx)
+        records, _ = _load_records(ctx, differentiable=False)
         n, h, t, d = ctx.shape
         qkv = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True) for r in records]
         with torch.enable_grad():

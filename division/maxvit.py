@@ -73,7 +73,7 @@ class PartitionAttentionFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        records, _ = _load_records(ctx)
+        records, _ = _load_records(ctx, differentiable=False)
         shape, scale, grid = ctx.geometry
         bias = rerun(ctx.autocast, ctx.position_bias)  # as forward computed it
         qkv = [_map_as_heads(decompress(r), grid, shape) for r in records]

@@ -97,7 +97,7 @@ class MultiscaleAttentionFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        records, tables = _load_records(ctx)
+        records, tables = _load_records(ctx, differentiable=False)
         qkv = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2) for r, (n, h, t, d) in zip(records, ctx.shapes)]
 
         def attention(q, k, v, rel_h, rel_w, rel_t):

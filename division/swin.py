@@ -105,7 +105,7 @@ class WindowAttentionFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        records, (logit_scale, fill) = _load_records(ctx)
+        records, (logit_scale, fill) = _load_records(ctx, differentiable=False)
         (w, h, t, d), grid, mask_dtype = ctx.geometry
         bias = rerun(ctx.autocast, ctx.position_bias)  # as forward computed it
         fills = (None,) * 3 if fill is None else fill.chunk(3)

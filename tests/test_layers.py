@@ -11,6 +11,7 @@ from torch import nn
 
 import division
 from division.functional import CONV, MAP
+from division.layers import DivisionLayer
 
 FAITHFUL = [
     division.DivisionConfig(block_size=1, lfc_dtype="float32"),  # LFC is x: exact
@@ -818,3 +819,70 @@ def test_inception_blocks_pool_through_division(block: str) -> None:
     pools = next(r for r in report.rows if r.name == "")  # the block's own (functional) ops
     assert pools.saved_bytes * 8 <= pools.vanilla_bytes  # max-pool: offsets, not the input and int64 indices
     assert type(division.revert_model(layer)) is getattr(inception, block)
+
+
+# ---- gradients of gradients (backward with create_graph=True) ------------------------------------
+
+SECOND_ORDER_LAYERS = {
+    "conv": lambda: nn.Conv2d(4, 4, 3, padding=1),
+    "batch_norm": lambda: nn.BatchNorm2d(4),
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5),
+    "max_pool": lambda: nn.MaxPool2d(3, 1, 1),
+    "avg_pool": lambda: nn.AvgPool2d(3, 1, 1),
+    "dropout": lambda: nn.Dropout(0.3),
+    "gelu": nn.GELU,
+    "hardswish": nn.Hardswish,
+    "squeeze_excitation": lambda: __import__("torchvision").ops.SqueezeExcitation(4, 2),
+}
+
+
+def penalty_gradients(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gradient penalty's gradients (input and parameters): |d loss / d (x, params)|^2 backward."""
+    x = x.clone().requires_grad_(True)
+    params = list(model.parameters())
+    torch.manual_seed(5)  # dropout's draw
+    grads = torch.autograd.grad(model(x).sin().sum(), [x, *params], create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+    return torch.cat([x.grad.flatten(), *(p.grad.flatten() for p in params)])
+
+
+@pytest.mark.parametrize("layer", list(SECOND_ORDER_LAYERS))
+def test_exact_mode_gives_stocks_gradients_of_gradients(layer: str) -> None:
+    """Between two convolutions (a conv map in, and the next layer's gradient out): the mask
+    layers' backward runs differentiable ops when its gradients will be differentiated (the
+    kernels are not differentiable ops: the ReLU's gave a penalty gradient 92% off), the others
+    read their exact records with their history."""
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), SECOND_ORDER_LAYERS[layer](), nn.Conv2d(4, 2, 3, padding=1))
+
+    stock, converted = converted_pair(make, division.DivisionConfig(backward_mode="exact"))
+    assert sum(isinstance(m, DivisionLayer) for m in converted.modules()) >= 3
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(penalty_gradients(converted, x), penalty_gradients(stock, x), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_of_gradients_through_compressed_records_are_refused() -> None:
+    """A rebuilt input is a constant to autograd: the terms through it would be missing, silently.
+    The mask layers keep exact masks in every mode, so a model of them alone still differentiates."""
+    model = division.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)))
+    with pytest.raises(RuntimeError, match=r"DIVISION's ConvFn: a backward with create_graph=True .*\(backward_mode='exact'\)"):
+        penalty_gradients(model, torch.randn(2, 3, 8, 8))
+    penalty_gradients(division.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), division.DivisionConfig(exclude=("0",))),
+                      torch.randn(2, 3, 8, 8))  # stock conv, converted ReLU: runs
+    stock, masks = converted_pair(lambda: nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3)), division.DivisionConfig())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(penalty_gradients(masks, x), penalty_gradients(stock, x))
+
+
+def test_layers_without_gradients_of_gradients_say_so_in_exact_mode() -> None:
+    """Linear, LayerNorm and GELU on tokens save a reshaped input (no history), attention recomputes
+    on detached q, k, v: refused even when exact, with the way out (exclude)."""
+    cfg = division.DivisionConfig(backward_mode="exact", compress_linear=True)
+    model = division.convert_model(nn.Sequential(nn.Linear(6, 5), nn.ReLU()), cfg)
+    with pytest.raises(RuntimeError, match=r"DIVISION's LinearFn does not support .* DivisionConfig.exclude"):
+        penalty_gradients(model, torch.randn(2, 3, 6))
+    stock, kept = converted_pair(lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU()), cfg.replace(exclude=("0",)))
+    x = torch.randn(2, 3, 6)
+    torch.testing.assert_close(penalty_gradients(kept, x), penalty_gradients(stock, x))
