@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import division
+from division.plan import describe_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,5 +90,5 @@ def pattern_bits(text: str) -> tuple[str, int]:
 
 def plan_text(cfg: division.DivisionConfig) -> str:
     """The per-layer settings of the run, as the table's caption says them."""
-    parts = [f"layer_bits {dict(cfg.layer_bits)}" if cfg.layer_bits else "", f"exclude {list(cfg.exclude)}" if cfg.exclude else ""]
-    return "".join(f", {p}" for p in parts if p)
+    plan = describe_plan(cfg.layer_bits, cfg.exclude)
+    return f"; {plan}" if plan else ""

@@ -8,8 +8,10 @@ last block 8 bits and the rest of layer4 4. Exclusion wins over bits.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from torch import nn
 
@@ -51,6 +53,15 @@ def layer_plan(model: nn.Module, cfg: DivisionConfig) -> LayerPlan:
         if bits is not None:
             plan.bits[name] = bits
     return plan
+
+
+def describe_plan(layer_bits: Iterable[Sequence[Any]], exclude: Iterable[str]) -> str:
+    """A config's patterns in the one short form that run logs and result tables give them:
+    "layer4=4; conv1=8; stock: fc" ("" without patterns). Plain pairs and names, as a run's
+    saved settings hold them too."""
+    parts = [f"{pattern}={bits}" for pattern, bits in layer_bits]
+    stock = ", ".join(exclude)
+    return "; ".join(parts + ([f"stock: {stock}"] if stock else []))
 
 
 def _check_all_used(model: nn.Module, names: list[str], cfg: DivisionConfig) -> None:

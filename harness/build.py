@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 import data as datasets
 import division
 import models
+from division.plan import describe_plan
 
 from . import distributed
 from .loaders import Loaders, build_loaders
@@ -159,12 +160,8 @@ def describe(run: Run) -> str:
 
 
 def _division_settings(dcfg: division.DivisionConfig) -> str:
-    parts = [f"B={dcfg.block_size}", f"Q={dcfg.hfc_bits}", dcfg.backward_mode]
-    if dcfg.layer_bits:
-        parts.append("Q of " + ", ".join(f"{pattern}={bits}" for pattern, bits in dcfg.layer_bits))
-    if dcfg.exclude:
-        parts.append("stock: " + ", ".join(dcfg.exclude))
-    return f" ({', '.join(parts)})"
+    plan = describe_plan(dcfg.layer_bits, dcfg.exclude)
+    return f" (B={dcfg.block_size}, Q={dcfg.hfc_bits}, {dcfg.backward_mode}{'; ' + plan if plan else ''})"
 
 
 def apply_determinism(cfg: DictConfig, device: torch.device) -> None:

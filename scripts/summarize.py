@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from division.plan import describe_plan
 from harness.schema import flatten
 
 COLUMNS = ("run", "status", "model", "data", "method", "B", "Q", "epochs", "top1", "best_top1", "top5",
@@ -86,9 +87,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def bits_cell(settings: dict[str, Any]) -> Any:
     """Q, and where a run set them, its per-layer bits and the layers it left stock."""
     bits = settings.get("hfc_bits", settings.get("bits"))
-    plan = [f"{pattern}={q}" for pattern, q in settings.get("layer_bits") or []]
-    plan += [f"stock: {', '.join(settings['exclude'])}"] if settings.get("exclude") else []
-    return f"{bits} ({'; '.join(plan)})" if plan else bits
+    plan = describe_plan(settings.get("layer_bits") or [], settings.get("exclude") or [])
+    return f"{bits} ({plan})" if plan else bits
 
 
 def run_dirs(path: Path) -> list[Path]:

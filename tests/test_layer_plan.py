@@ -181,3 +181,12 @@ def test_layer_bits_with_another_codec_is_refused() -> None:
     with pytest.raises(ValueError, match="GroupQuantCompressor has bits of its own"):
         division.convert_model(resnet18(), division.DivisionConfig(layer_bits={"layer4": 4}),
                                compressor=GroupQuantCompressor(2))
+
+
+def test_a_plan_is_described_one_way_everywhere() -> None:
+    """Run lines, result tables and benchmark captions say a plan in this one form."""
+    from division.plan import describe_plan
+
+    assert describe_plan((("layer4", 4), ("conv1", 8)), ("fc", "layer1.0")) == "layer4=4; conv1=8; stock: fc, layer1.0"
+    assert describe_plan([["layer4", 4]], []) == "layer4=4"  # as a run's saved settings hold it
+    assert describe_plan((), ("fc",)) == "stock: fc" and describe_plan((), ()) == ""
