@@ -224,6 +224,14 @@ class DivisionDropout(DivisionLayer, nn.Dropout):
         return DropoutFn.apply(x, self.p, self.inplace, self.compressor.kernels)
 
 
+def _pool_geometry(pool: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A pooling layer's kernel, stride (the kernel's when None, as stock's) and padding, one
+    entry per spatial dimension."""
+    expand = _pair if pool.dims == 2 else _triple
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return expand(pool.kernel_size), expand(stride), expand(pool.padding)
+
+
 class _DivisionMaxPool(DivisionLayer):
     """Max pooling keeping a few-bit window offset per output (MaxPoolFn), where stock keeps the
     input and int64 indices."""
@@ -237,15 +245,12 @@ class _DivisionMaxPool(DivisionLayer):
             return super().forward(x)  # type: ignore[misc]
         if _unbatched(x, self.dims + 2):
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        expand = _pair if self.dims == 2 else _triple
-        stride = self.stride if self.stride is not None else self.kernel_size  # type: ignore[attr-defined]
+        kernel, stride, padding = _pool_geometry(self)
         pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
         if torch.is_autocast_enabled(x.device.type):  # stock's dtype: CPU autocast runs max_pool3d in float32
             x = x.to(pool(x.new_zeros((1,) * x.dim()), 1).dtype)
-        return MaxPoolFn.apply(
-            x, expand(self.kernel_size), expand(stride), expand(self.padding), expand(self.dilation),  # type: ignore[attr-defined]
-            self.ceil_mode, self.compressor.kernels,  # type: ignore[attr-defined]
-        )
+        dilation = (_pair if self.dims == 2 else _triple)(self.dilation)  # type: ignore[attr-defined]
+        return MaxPoolFn.apply(x, kernel, stride, padding, dilation, self.ceil_mode, self.compressor.kernels)  # type: ignore[attr-defined]
 
 
 class DivisionMaxPool2d(_DivisionMaxPool, nn.MaxPool2d):
@@ -265,10 +270,9 @@ class _DivisionAvgPool(DivisionLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x) or x.dim() != self.dims + 2:
             return super().forward(x)  # type: ignore[misc]
-        expand = _pair if self.dims == 2 else _triple
-        stride = self.stride if self.stride is not None else self.kernel_size  # type: ignore[attr-defined]
+        kernel, stride, padding = _pool_geometry(self)
         return AvgPoolFn.apply(
-            x, list(expand(self.kernel_size)), list(expand(stride)), list(expand(self.padding)),  # type: ignore[attr-defined]
+            x, list(kernel), list(stride), list(padding),
             self.ceil_mode, self.count_include_pad, self.divisor_override,  # type: ignore[attr-defined]
         )
 
