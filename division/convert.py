@@ -45,7 +45,13 @@ def conversion_for(
     method of its own (subclass_conversion)."""
     if isinstance(module, DivisionLayer):
         return None, "already converted"
-    kind = type(module)
+    return _conversion_for_kind(type(module), module, cfg, token_grid)
+
+
+def _conversion_for_kind(
+    kind: type[nn.Module], module: nn.Module, cfg: DivisionConfig, token_grid: TokenGrids | None
+) -> tuple[type[nn.Module] | None, str]:
+    """conversion_for, `module` taken as a `kind` (what a lazy layer becomes at its first forward)."""
     if kind in KNOWN_UNCONVERTED:
         return None, KNOWN_UNCONVERTED[kind]
     bases = [base for base in CONVERSIONS if issubclass(kind, base)]
@@ -140,7 +146,7 @@ def convert_model(
         raise ValueError(f"convert_model: DivisionConfig.layer_bits sets DIVISION's HFC bits; {type(compressor).__name__} "
                          "has bits of its own for every input: leave layer_bits empty")
     plan = layer_plan(model, cfg)
-    _check_initialized(model, plan)  # before anything is converted in place
+    _check_initialized(model, cfg, token_grid, plan)  # before anything is converted in place
     _check_plan_applies(model, cfg, token_grid, plan)
     new_cls, _ = conversion_for(model, cfg, token_grid)
     if new_cls is not None:  # a lone layer reads no tensor another layer reads: nothing to share
@@ -188,12 +194,13 @@ def _follow_plan(module: nn.Module, prefix: str, plan: LayerPlan, compressor: Co
         _follow_plan(child, full, plan, compressor)
 
 
-def _check_initialized(model: nn.Module, plan: LayerPlan) -> None:
+def _check_initialized(model: nn.Module, cfg: DivisionConfig, token_grid: TokenGrids | None, plan: LayerPlan) -> None:
     """An uninitialized lazy layer (LazyConv2d) becomes its stock class at its first forward,
-    after convert_model has passed it by: it would train stock, silently. Refused, with PyTorch's
-    own remedy for lazy modules."""
+    after convert_model has passed it by: where that class would be converted, it would train
+    stock, silently. Refused, with PyTorch's own remedy for lazy modules."""
     for name, module in model.named_modules():
-        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params() and name not in plan.excluded:
+        if (isinstance(module, LazyModuleMixin) and module.has_uninitialized_params() and name not in plan.excluded
+                and _conversion_for_kind(module.cls_to_become, module, cfg, token_grid)[0] is not None):
             raise ValueError(
                 f"convert_model: {name or 'the model'!r} is an uninitialized {type(module).__name__}: it becomes "
                 f"a stock {module.cls_to_become.__name__} at its first forward, which convert_model could not "

@@ -130,6 +130,11 @@ def test_lazy_layers_are_converted_once_initialized_and_refused_before() -> None
     assert type(lazy[2]) is nn.ReLU  # refused before anything was converted
     kept = division.convert_model(model(), division.DivisionConfig(exclude=("0", "1")))
     assert type(kept[2]).__name__ == "DivisionReLU"
+    head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))  # a Linear stays stock anyway
+    assert type(division.convert_model(head)[0]).__name__ == "DivisionConv2d"
+    with pytest.raises(ValueError, match="'2' is an uninitialized LazyLinear"):
+        division.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)),
+                               division.DivisionConfig(compress_linear=True))
     x = torch.randn(2, 3, 8, 8)
     torch.manual_seed(0)
     stock = model()
