@@ -235,6 +235,34 @@ class BatchNormFn(Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
+class GroupNormFn(Function):
+    """Group norm of an (N, C, *spatial) input saving it compressed: exact per-group statistics
+    from forward; backward is aten's native_group_norm_backward on the rebuilt input, as stock's
+    autograd runs it (in the input's layout, which the layer made stock's: see DivisionGroupNorm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float, compressor: Compressor, mode):
+        n, c = x.shape[:2]
+        hxw = x.numel() // max(n * c, 1)
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hxw, groups, eps)
+        _save(ctx, compressor.compress(x, mode), weight, mean, rstd)
+        ctx.group = (n, c, hxw, groups)
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        # stock's double backward runs another formula (infinitely_differentiable_native_group_norm_backward)
+        packed, (weight, mean, rstd) = _load(ctx, differentiable=False)
+        x_hat = decompress(packed)
+        mask = [ctx.needs_input_grad[0], ctx.has_weight and ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            gy.contiguous(memory_format=memory_format_of(x_hat)), x_hat, mean, rstd, weight, *ctx.group, mask
+        )
+        return gx, gw, gb, None, None, None, None
+
+
 class ReLUFn(Function):
     """ReLU keeping a 1-bit mask of where the gradient passes instead of its output."""
 

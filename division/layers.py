@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair, _triple
 
 from .compressor import Compressor
+from .format import memory_format_of
 from .functional import (
     CONV,
     HEADS,
@@ -32,6 +33,7 @@ from .functional import (
     ConvFn,
     DropoutFn,
     GELUFn,
+    GroupNormFn,
     LayerNormFn,
     Layout,
     LinearFn,
@@ -206,6 +208,24 @@ class DivisionBatchNorm3d(_DivisionBatchNorm, nn.BatchNorm3d):
     pass
 
 
+class DivisionGroupNorm(DivisionLayer, nn.GroupNorm):
+    """Group norm saving its (N, C, *spatial) input compressed (GroupNormFn), where stock keeps it
+    whole: the norms of diffusion U-Nets' and detection heads' blocks. The input takes stock's
+    layout first (on the CPU its own, channels_last or contiguous; contiguous elsewhere: group_norm's
+    own copy), so values and gradients are stock's in exact mode; (N, C) inputs, which have no spatial
+    extent, are kept exact; inputs stock rejects go to stock's forward, for its error."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not _needs_saving(self, x) or x.dim() < 2 or x.shape[1] != self.num_channels
+                or self.num_channels % self.num_groups or x.numel() // self.num_groups == 1):
+            return super().forward(x)
+        (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x, self.weight, self.bias)
+        x = x.contiguous(memory_format=memory_format_of(x)) if x.device.type == "cpu" else x.contiguous()
+        with autocast_off:
+            return GroupNormFn.apply(x, weight, bias, self.num_groups, self.eps, self.compressor,
+                                     "exact" if x.dim() == 2 else None)
+
+
 class DivisionReLU(DivisionLayer, nn.ReLU):
     HFC_RECORDS = False
 
@@ -367,7 +387,8 @@ class DivisionLinear(DivisionLayer, nn.Linear):
 
 
 def _fp32_under_cuda_autocast(*tensors: torch.Tensor | None) -> tuple[list[Any], contextlib.AbstractContextManager]:
-    """layer_norm is on CUDA autocast's float32 list (CPU autocast leaves it alone): cast as stock."""
+    """layer_norm and group_norm are on CUDA autocast's float32 list (CPU autocast leaves them
+    alone): cast as stock."""
     if not (tensors[0].is_cuda and torch.is_autocast_enabled("cuda")):
         return list(tensors), contextlib.nullcontext()
     cast = [t.float() if t is not None and t.is_floating_point() else t for t in tensors]
@@ -563,6 +584,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.AvgPool3d: DivisionAvgPool3d,
     nn.Linear: DivisionLinear,
     nn.LayerNorm: DivisionLayerNorm,
+    nn.GroupNorm: DivisionGroupNorm,
     nn.GELU: DivisionGELU,
     nn.MultiheadAttention: DivisionMultiheadAttention,
     nn.Hardtanh: DivisionHardtanh,

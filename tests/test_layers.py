@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import division
@@ -56,6 +58,9 @@ CONV_CASES = {
     "batchnorm2d_affine_off": (lambda: nn.BatchNorm2d(5, affine=False), (4, 5, 9, 10)),
     "batchnorm3d": (lambda: nn.BatchNorm3d(3), (2, 3, 4, 8, 8)),
     "linear3d": (lambda: nn.Linear(12, 5), (3, 7, 12)),
+    "groupnorm2d": (lambda: nn.GroupNorm(3, 6), (3, 6, 9, 10)),
+    "groupnorm1d_affine_off": (lambda: nn.GroupNorm(2, 4, affine=False), (4, 4, 30)),
+    "groupnorm3d": (lambda: nn.GroupNorm(1, 4), (2, 4, 4, 8, 8)),
 }
 
 
@@ -77,7 +82,7 @@ def test_gradients_match_autograd_when_the_codec_is_faithful(case: str, cfg: div
         assert rel_err(g1[name], g0[name]) < tol, name
 
 
-@pytest.mark.parametrize("case", ["conv2d", "conv2d_stride_groups", "batchnorm2d", "conv1d"])
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_stride_groups", "batchnorm2d", "conv1d", "groupnorm2d"])
 def test_gradient_mean_converges_at_default_settings(case: str) -> None:
     make, shape = CONV_CASES[case]
     stock, layer = converted_pair(make, division.DivisionConfig(block_size=8, hfc_bits=2))
@@ -886,3 +891,89 @@ def test_layers_without_gradients_of_gradients_say_so_in_exact_mode() -> None:
     stock, kept = converted_pair(lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU()), cfg.replace(exclude=("0",)))
     x = torch.randn(2, 3, 6)
     torch.testing.assert_close(penalty_gradients(kept, x), penalty_gradients(stock, x))
+
+
+# ---- GroupNorm ----------------------------------------------------------------------------------
+
+GROUP_NORM_SHAPES = [((4, 8, 6, 6), torch.contiguous_format), ((4, 8, 6, 6), torch.channels_last), ((4, 8, 10), None),
+                     ((2, 8, 3, 4, 5), torch.channels_last_3d), ((4, 8), None), ((3, 8, 1, 1), None)]
+
+
+def group_norm_pair(cfg: division.DivisionConfig, affine: bool = True) -> tuple[nn.Module, nn.Module]:
+    def make() -> nn.Module:
+        norm = nn.GroupNorm(4, 8, affine=affine)
+        if affine:
+            nn.init.normal_(norm.weight)
+            nn.init.normal_(norm.bias)
+        return norm
+    return converted_pair(make, cfg)
+
+
+def group_norm_input(shape: tuple[int, ...], layout: torch.memory_format | None, device: str = "cpu") -> torch.Tensor:
+    x = torch.randn(shape, device=device) * 3 + 1
+    return x if layout is None else x.contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(("shape", "layout"), GROUP_NORM_SHAPES)
+def test_group_norm_in_exact_mode_is_stock_bit_for_bit(shape: tuple[int, ...], layout: torch.memory_format | None,
+                                                        affine: bool) -> None:
+    """Output (values and layout), input and parameter gradients: stock's native_group_norm and its
+    backward on the same layout; (N, C) inputs, which have no spatial extent, are kept exact."""
+    stock, layer = group_norm_pair(division.DivisionConfig(backward_mode="exact"), affine)
+    assert type(layer).__name__ == "DivisionGroupNorm"
+    x = group_norm_input(shape, layout)
+    (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+    assert torch.equal(y0, y1) and y0.stride() == y1.stride()
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+@pytest.mark.parametrize(("shape", "layout"), [((4, 8, 32, 32), torch.contiguous_format), ((4, 8, 32, 32), torch.channels_last),
+                                               ((4, 8, 512), None), ((2, 8, 8, 16, 16), torch.channels_last_3d)])
+def test_group_norm_saves_its_input_compressed(shape: tuple[int, ...], layout: torch.memory_format | None) -> None:
+    """At the defaults the record is about a tenth of the input stock keeps; in a single draw the
+    input gradient stays near the exact one and the bias gradient (no input in it) is exact. (The
+    weight gradient sums the rebuilt input's noise against a random gradient: on white-noise
+    inputs, which give the LFC nothing, one draw is far from it; its mean is what converges.)"""
+    stock, layer = group_norm_pair(division.DivisionConfig())
+    x = group_norm_input(shape, layout)
+    (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+    assert torch.equal(y0, y1)
+    assert saved_bytes(layer, x) < saved_bytes(stock, x) / 7
+    assert F.cosine_similarity(g0["input"].flatten(), g1["input"].flatten(), dim=0) > 0.95
+    assert torch.equal(g0["bias"], g1["bias"])
+
+
+def test_group_norm_under_cpu_autocast_and_stocks_errors() -> None:
+    """CPU autocast leaves group_norm at the input's dtype, as stock; inputs stock refuses get its error."""
+    stock, layer = group_norm_pair(division.DivisionConfig(backward_mode="exact"))
+    x = torch.randn(2, 8, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+    assert y1.dtype == y0.dtype == torch.bfloat16 and torch.equal(y0, y1) and torch.equal(g0["input"], g1["input"])
+    for bad in (torch.randn(2, 6, 5, 5), torch.randn(1, 4, 1, 1)):
+        with pytest.raises((RuntimeError, ValueError)) as stock_error:
+            run(stock, bad)
+        with pytest.raises(type(stock_error.value), match=re.escape(str(stock_error.value))):
+            run(layer, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize(("shape", "layout"), GROUP_NORM_SHAPES)
+def test_group_norm_on_cuda(shape: tuple[int, ...], layout: torch.memory_format | None, autocast: bool) -> None:
+    """On a GPU stock's group_norm runs on a contiguous copy (its output contiguous too) and CUDA
+    autocast runs it in float32: exact mode gives stock's values, layout and gradients bit for bit;
+    DIVISION keeps a tenth of the input, gradients near stock's."""
+    for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig()):
+        stock, layer = group_norm_pair(cfg)
+        stock, layer = stock.cuda(), layer.cuda()
+        x = group_norm_input(shape, layout, "cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            (y0, g0), (y1, g1) = run(stock, x), run(layer, x)
+        assert y1.dtype == y0.dtype and torch.equal(y0, y1) and y0.stride() == y1.stride()
+        if cfg.backward_mode == "exact":
+            assert all(torch.equal(g0[name], g1[name]) for name in g0)
+        elif len(shape) > 2:
+            assert F.cosine_similarity(g0["input"].flatten(), g1["input"].flatten(), dim=0) > 0.9
