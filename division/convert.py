@@ -21,9 +21,6 @@ STATE_ATTR = "_division_compressor"
 
 # Layers left alone on purpose, with the reason a summary gives.
 KNOWN_UNCONVERTED: dict[type[nn.Module], str] = {
-    nn.ConvTranspose1d: "transposed convolutions are not converted",
-    nn.ConvTranspose2d: "transposed convolutions are not converted",
-    nn.ConvTranspose3d: "transposed convolutions are not converted",
     nn.SyncBatchNorm: "SyncBatchNorm is not converted (its statistics span processes)",
     nn.AdaptiveAvgPool2d: "pooling to 1x1 is a mean, which saves nothing (other sizes keep the input)",
     nn.AvgPool1d: "keeps its input, whose shape alone backward reads (AvgPool2d and 3d are converted)",

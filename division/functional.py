@@ -149,25 +149,27 @@ def _weight(ctx: Any, saved: torch.Tensor) -> torch.Tensor:
 
 
 class ConvFn(Function):
-    """N-d convolution (not transposed) saving a compressed input for the weight gradient.
-    `master`: the parameter `weight` was cast from under autocast (see _keep_weight), else None."""
+    """N-d convolution, or with `transposed` a transposed one (its `output_padding`), saving a
+    compressed input for the weight gradient: aten's convolution and its backward, as stock's
+    autograd runs them. `master`: the parameter `weight` was cast from under autocast (see
+    _keep_weight), else None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, compressor: Compressor, master=None):
-        zeros = [0] * len(stride)
-        y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, compressor: Compressor, master=None,
+                transposed: bool = False, output_padding=None):
+        output_padding = list(output_padding) if transposed else [0] * len(stride)
+        y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         packed = compressor.compress(x) if ctx.needs_input_grad[1] else None
         _save(ctx, packed, _keep_weight(ctx, weight, master))
-        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.conv = (list(stride), list(padding), list(dilation), transposed, output_padding, groups)
         ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         packed, (saved,) = _load(ctx)
         weight = _weight(ctx, saved)
-        stride, padding, dilation, groups = ctx.conv
         if packed is not None:
             x_hat = decompress(packed)
         else:  # only grad_input is needed: its shape suffices (as torch.nn.grad.conv2d_input)
@@ -178,12 +180,9 @@ class ConvFn(Function):
             # strides than cuDNN returns (pytorch/pytorch#171622): give all three one layout
             fmt = memory_format_of(x_hat)
             gy, weight = gy.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            gy, x_hat, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
-            dilation, False, [0] * len(stride), groups, mask,
-        )
-        return gx, gw, gb, None, None, None, None, None, None
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(gy, x_hat, weight, ctx.bias_sizes, *ctx.conv, mask)
+        return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 class BatchNormFn(Function):

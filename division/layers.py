@@ -161,6 +161,41 @@ def _explicit_padding(
     return x, left
 
 
+class _DivisionConvTransposeNd(DivisionLayer):
+    """Transposed convolution (decoders, U-Nets, generators) saving a compressed input, as ConvFn
+    does for a convolution; the output padding as stock's forward works it out (`output_size`)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if not _needs_saving(self, x) or self.padding_mode != "zeros":  # stock's error for the others
+            return super().forward(x, output_size)  # type: ignore[misc]
+        dims = self.weight.dim() - 2
+        output_padding = self._output_padding(  # type: ignore[attr-defined]
+            x, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation)
+        if _unbatched(x, dims + 2):
+            return self._transposed(x.unsqueeze(0), list(output_padding)).squeeze(0)
+        return self._transposed(x, list(output_padding))
+
+    def _transposed(self, x: torch.Tensor, output_padding: list[int]) -> torch.Tensor:
+        (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
+        with autocast_off:
+            return ConvFn.apply(
+                x, weight, bias, list(self.stride), list(self.padding), list(self.dilation),
+                self.groups, self.compressor, _master(weight, self.weight), True, output_padding,
+            )
+
+
+class DivisionConvTranspose1d(_DivisionConvTransposeNd, nn.ConvTranspose1d):
+    pass
+
+
+class DivisionConvTranspose2d(_DivisionConvTransposeNd, nn.ConvTranspose2d):
+    pass
+
+
+class DivisionConvTranspose3d(_DivisionConvTransposeNd, nn.ConvTranspose3d):
+    pass
+
+
 class DivisionConv1d(_DivisionConvNd, nn.Conv1d):
     pass
 
@@ -573,6 +608,9 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: DivisionConv1d,
     nn.Conv2d: DivisionConv2d,
     nn.Conv3d: DivisionConv3d,
+    nn.ConvTranspose1d: DivisionConvTranspose1d,
+    nn.ConvTranspose2d: DivisionConvTranspose2d,
+    nn.ConvTranspose3d: DivisionConvTranspose3d,
     nn.BatchNorm1d: DivisionBatchNorm1d,
     nn.BatchNorm2d: DivisionBatchNorm2d,
     nn.BatchNorm3d: DivisionBatchNorm3d,

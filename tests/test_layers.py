@@ -58,6 +58,9 @@ CONV_CASES = {
     "batchnorm2d_affine_off": (lambda: nn.BatchNorm2d(5, affine=False), (4, 5, 9, 10)),
     "batchnorm3d": (lambda: nn.BatchNorm3d(3), (2, 3, 4, 8, 8)),
     "linear3d": (lambda: nn.Linear(12, 5), (3, 7, 12)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (2, 4, 9, 8)),
+    "conv_transpose1d_groups": (lambda: nn.ConvTranspose1d(4, 6, 4, stride=2, groups=2, bias=False), (2, 4, 30)),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(3, 2, 2, stride=2, dilation=2), (2, 3, 4, 6, 5)),
     "groupnorm2d": (lambda: nn.GroupNorm(3, 6), (3, 6, 9, 10)),
     "groupnorm1d_affine_off": (lambda: nn.GroupNorm(2, 4, affine=False), (4, 4, 30)),
     "groupnorm3d": (lambda: nn.GroupNorm(1, 4), (2, 4, 4, 8, 8)),
@@ -977,3 +980,82 @@ def test_group_norm_on_cuda(shape: tuple[int, ...], layout: torch.memory_format 
             assert all(torch.equal(g0[name], g1[name]) for name in g0)
         elif len(shape) > 2:
             assert F.cosine_similarity(g0["input"].flatten(), g1["input"].flatten(), dim=0) > 0.9
+
+
+# ---- transposed convolutions ---------------------------------------------------------------------
+
+CONV_TRANSPOSE_CASES = {
+    "stride2_output_padding": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (2, 4, 7, 7), None),
+    "output_size": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1), (2, 4, 7, 7), [14, 14]),
+    "groups_dilation_no_bias": (lambda: nn.ConvTranspose2d(4, 8, 4, stride=2, groups=2, dilation=2, bias=False), (2, 4, 6, 5), None),
+    "unbatched": (lambda: nn.ConvTranspose2d(4, 6, 2, stride=2), (4, 7, 7), None),
+    "1d": (lambda: nn.ConvTranspose1d(4, 6, 4, stride=2, padding=1), (2, 4, 20), None),
+    "3d": (lambda: nn.ConvTranspose3d(4, 2, 2, stride=2), (2, 4, 3, 4, 5), None),
+}
+
+
+def run_transposed(module: nn.Module, x: torch.Tensor, output_size: list[int] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    y = module(x, output_size=output_size)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device))
+    return y.detach(), {"input": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", list(CONV_TRANSPOSE_CASES))
+def test_transposed_convolutions_in_exact_mode_are_stock_bit_for_bit(case: str, channels_last: bool) -> None:
+    """Decoders' and generators' layers: output (values and layout), input and parameter gradients
+    as stock's (aten's convolution and its backward, transposed, with stock's output padding,
+    `output_size` included); DIVISION's input gradient, which needs no input, is stock's too."""
+    make, shape, output_size = CONV_TRANSPOSE_CASES[case]
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last is a 4-d layout")
+    x = torch.randn(shape)
+    for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig()):
+        stock, layer = converted_pair(make, cfg)
+        if channels_last:
+            x, stock, layer = (t.to(memory_format=torch.channels_last) for t in (x, stock, layer))
+        assert type(layer).__name__.startswith("DivisionConvTranspose")
+        (y0, g0), (y1, g1) = run_transposed(stock, x, output_size), run_transposed(layer, x, output_size)
+        assert torch.equal(y0, y1) and y0.stride() == y1.stride()
+        exact = g0 if cfg.backward_mode == "exact" else {"input": g0["input"]}
+        assert all(torch.equal(g0[k], g1[k]) for k in exact)
+
+
+def test_transposed_convolution_saves_its_input_compressed() -> None:
+    stock, layer = converted_pair(lambda: nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), division.DivisionConfig())
+    x = torch.randn(2, 16, 32, 32)
+    weight = layer.weight.numel() * 4  # both keep the weight (8 KiB)
+    assert saved_bytes(layer, x) - weight < (saved_bytes(stock, x) - weight) / 12  # 128 KiB -> 9.3 KiB
+
+
+def test_transposed_convolution_under_autocast_and_stocks_errors() -> None:
+    stock, layer = converted_pair(lambda: nn.ConvTranspose2d(4, 6, 3, stride=2), division.DivisionConfig(backward_mode="exact"))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y0, g0), (y1, g1) = run_transposed(stock, x, None), run_transposed(layer, x, None)
+    assert y1.dtype == y0.dtype == torch.bfloat16 and torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    with pytest.raises(ValueError, match='Only "zeros" padding mode is supported for ConvTranspose2d'):
+        run_transposed(division.convert_model(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, padding_mode="reflect")))[0], x, None)
+    with pytest.raises(ValueError, match="requested an output size of"):
+        run_transposed(layer, x, [40, 40])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("case", ["stride2_output_padding", "groups_dilation_no_bias", "3d"])
+def test_transposed_convolutions_on_cuda(case: str, autocast: bool) -> None:
+    """cuDNN's transposed convolution and its backward through aten, deterministic (or stock would
+    not repeat itself bit for bit): exact mode is stock's; DIVISION's input gradient too."""
+    make, shape, output_size = CONV_TRANSPOSE_CASES[case]
+    x = torch.randn(shape, device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for cfg in (division.DivisionConfig(backward_mode="exact"), division.DivisionConfig()):
+            stock, layer = (m.cuda() for m in converted_pair(make, cfg))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                (y0, g0), (y1, g1) = run_transposed(stock, x, output_size), run_transposed(layer, x, output_size)
+            assert torch.equal(y0, y1)
+            exact = g0 if cfg.backward_mode == "exact" else {"input": g0["input"]}
+            assert all(torch.equal(g0[k], g1[k]) for k in exact)
