@@ -25,6 +25,7 @@ from .masks import (
     pack_mask,
     relu_backward,
     relu_forward,
+    unpack_bits_reference,
 )
 from .tokens import (
     PartitionGrid,
@@ -381,6 +382,29 @@ class ClampMaskFn(Function):
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
         return relu_backward(gy, bits, ctx.fmt, ctx.kernels and not differentiated()), None, None, None, None
+
+
+class LeakyReLUFn(Function):
+    """LeakyReLU keeping a 1-bit mask of x > 0, the test stock's leaky_relu_backward applies to its
+    input (to its output in place, which agrees for the slopes stock allows there: >= 0; NaN fails
+    both), so the gradient, gy where x > 0 and gy * slope elsewhere, is stock's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, slope: float, inplace: bool, kernels: bool):
+        inplace = inplace and not torch.compiler.is_compiling()  # as relu_forward: inductor fuses
+        keep = x > 0
+        y = F.leaky_relu(x, slope, inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.fmt, ctx.slope = memory_format_of(keep), slope
+        ctx.save_for_backward(pack_mask(keep, kernels))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (bits,) = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=ctx.fmt)
+        return torch.where(unpack_bits_reference(bits, gy.shape, ctx.fmt), gy, gy * ctx.slope), None, None, None
 
 
 def _gelu(approximate: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:

@@ -36,6 +36,7 @@ from .functional import (
     GroupNormFn,
     LayerNormFn,
     Layout,
+    LeakyReLUFn,
     LinearFn,
     MaxPoolFn,
     ReLUFn,
@@ -351,6 +352,19 @@ class _ClampMask(DivisionLayer):
         return ClampMaskFn.apply(x, self.min_val, self.max_val, self.inplace, self.compressor.kernels)
 
 
+class DivisionLeakyReLU(DivisionLayer, nn.LeakyReLU):
+    """LeakyReLU keeping a 1-bit mask of where its input is positive (LeakyReLUFn), where stock
+    keeps the input (GANs' discriminators, YOLO-style detectors). In place with a negative slope,
+    which stock's backward refuses, it runs stock's layer, for stock's error."""
+
+    HFC_RECORDS = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_saving(self, x) or (self.inplace and self.negative_slope < 0):
+            return super().forward(x)
+        return LeakyReLUFn.apply(x, self.negative_slope, self.inplace, self.compressor.kernels)
+
+
 class DivisionHardtanh(_ClampMask, nn.Hardtanh):
     pass
 
@@ -626,6 +640,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.GELU: DivisionGELU,
     nn.MultiheadAttention: DivisionMultiheadAttention,
     nn.Hardtanh: DivisionHardtanh,
+    nn.LeakyReLU: DivisionLeakyReLU,
     nn.ReLU6: DivisionReLU6,
     nn.SiLU: DivisionSiLU,
     nn.Hardswish: DivisionHardswish,

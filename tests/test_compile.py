@@ -184,7 +184,7 @@ def test_converted_vit_trains_under_compile() -> None:
 
 
 def test_conv_net_activations_and_squeeze_excitation_compile() -> None:
-    """ReLU6, Hardtanh (masks), SiLU, Hardswish, Mish (compressed inputs; in place eagerly, out of
+    """ReLU6, Hardtanh, LeakyReLU (masks), SiLU, Hardswish, Mish (compressed inputs; in place eagerly, out of
     place under compile, as ReLU), average pooling, group norm, torchvision's squeeze-and-excitation and ConvNeXt block trace
     without a graph break; exact mode compiled gives eager's gradients, DIVISION's draws differ but
     stay close."""
@@ -195,7 +195,7 @@ def test_conv_net_activations_and_squeeze_excitation_compile() -> None:
     torch.manual_seed(0)
     base = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(inplace=True), nn.AvgPool2d(2, ceil_mode=True),
-        nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16),
+        nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.LeakyReLU(0.1, inplace=True),
         nn.SiLU(inplace=True), SqueezeExcitation(16, 4, nn.SiLU), nn.Hardswish(inplace=True), nn.Mish(),
         CNBlock(16, 0.5, 0.0), nn.Hardtanh(-1.0, 1.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )

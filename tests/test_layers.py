@@ -563,6 +563,58 @@ def test_relu6_and_hardtanh_masks_are_stock_bit_for_bit(kind: str, dtype: torch.
     assert saved_bytes(layer, x) == (x.numel() + 31) // 32 * 4  # one bit per element, in whole words
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slope", [0.01, 0.2, 0.0, -0.3, 1.5])
+def test_leaky_relu_mask_is_stock_bit_for_bit(slope: float, dtype: torch.dtype, inplace: bool,
+                                              layout: torch.memory_format) -> None:
+    """A 1-bit mask of x > 0: outputs, input gradients and their layouts equal stock's bit for bit,
+    -0, NaN and infinities included; in place with a negative slope stock's own layer runs (and
+    its backward raises stock's error)."""
+    stock, layer = converted_pair(lambda: nn.LeakyReLU(slope, inplace), division.DivisionConfig())
+    assert type(layer).__name__ == "DivisionLeakyReLU"
+    x = torch.randn(3, 8, 6, 5) * 4
+    x.view(-1)[:6] = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf"), 1e-30])
+    x = x.to(dtype).contiguous(memory_format=layout)
+    upstream = torch.randn(x.shape).to(dtype)
+    outs = []
+    for m in (stock, layer):
+        leaf = x.clone().requires_grad_(True)
+        y = m(leaf * 1.0)  # a non-leaf, as an in-place layer needs
+        if inplace and slope < 0:
+            with pytest.raises(RuntimeError, match="In-place leakyReLu backward calculation is triggered with a negative slope"):
+                y.backward(upstream)
+            continue
+        y.backward(upstream)
+        outs.append((y.detach(), leaf.grad))
+    if outs:
+        (y0, g0), (y1, g1) = outs
+        assert torch.equal(bits(y0), bits(y1)) and torch.equal(bits(g0), bits(g1))
+        assert y0.stride() == y1.stride() and g0.stride() == g1.stride()
+        assert saved_bytes(layer, x) == (x.numel() + 31) // 32 * 4  # one bit per element, in whole words
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leaky_relu_mask_on_cuda(dtype: torch.dtype) -> None:
+    """The mask packed by the pack_bool kernel, unpacked by the reference's ops: stock's CUDA
+    values and gradients bit for bit, in both layouts."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        stock, layer = (m.cuda() for m in converted_pair(lambda: nn.LeakyReLU(0.1), division.DivisionConfig()))
+        x = (torch.randn(4, 16, 33, 31, device="cuda") * 4).to(dtype).contiguous(memory_format=layout)
+        x.view(-1)[:3] = torch.tensor([-0.0, float("nan"), -float("inf")])
+        outs = []
+        for m in (stock, layer):
+            leaf = x.clone().requires_grad_(True)
+            y = m(leaf)
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), leaf.grad))
+        (y0, g0), (y1, g1) = outs
+        assert torch.equal(bits(y0), bits(y1)) and torch.equal(bits(g0), bits(g1)) and g0.stride() == g1.stride()
+
+
 ACTIVATION_LAYERS = {"silu": nn.SiLU, "hardswish": nn.Hardswish, "mish": nn.Mish}
 
 
@@ -837,6 +889,7 @@ SECOND_ORDER_LAYERS = {
     "relu": nn.ReLU,
     "relu6": nn.ReLU6,
     "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
     "max_pool": lambda: nn.MaxPool2d(3, 1, 1),
     "avg_pool": lambda: nn.AvgPool2d(3, 1, 1),
     "dropout": lambda: nn.Dropout(0.3),
