@@ -214,6 +214,11 @@ class _DivisionBatchNorm(DivisionLayer):
         self._check_input_dim(x)
         if not _needs_saving(self, x):
             return super().forward(x)  # type: ignore[misc]
+        return self.training_batch_norm(x)
+
+    def training_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Stock's training-mode batch norm (statistics, running averages, counter and errors),
+        saving x compressed (BatchNormFn)."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -656,8 +661,10 @@ from .inception import INCEPTION_CONVERSIONS  # noqa: E402  (built on the layers
 from .maxvit import MAXVIT_CONVERSIONS  # noqa: E402
 from .mvit import MVIT_CONVERSIONS  # noqa: E402
 from .swin import SWIN_CONVERSIONS  # noqa: E402
+from .timm_blocks import TIMM_CONVERSIONS  # noqa: E402
 
 CONVERSIONS.update(INCEPTION_CONVERSIONS)
 CONVERSIONS.update(SWIN_CONVERSIONS)
+CONVERSIONS.update(TIMM_CONVERSIONS)
 CONVERSIONS.update(MAXVIT_CONVERSIONS)
 CONVERSIONS.update(MVIT_CONVERSIONS)
