@@ -5,6 +5,7 @@
     python benchmarks/model_zoo.py --models maxvit_t --hfc-bits 4 --out /tmp/zoo4
     python benchmarks/model_zoo.py --models maxvit_t --layer-bits 'blocks.*_attention=4' --out /tmp/zoo_attn4
     python benchmarks/model_zoo.py --models resnet18 mobilenet_v2 --tiny --out /tmp/zoo   # smoke test
+    python benchmarks/model_zoo.py --timm --out logs/bench/model_zoo_timm   # timm's classifiers
 
 For each model (random weights, 10 classes): the activation memory autograd saves for one
 training-mode forward (division.summary: each storage once, parameters left out) of the stock
@@ -86,10 +87,24 @@ def flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> 
     return torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None])
 
 
+TIMM_MODELS = ["efficientnet_b0", "regnety_008", "mobilenetv3_large_100", "cspdarknet53", "densenet121",
+               "repvgg_a2", "ese_vovnet19b_dw", "resnet50"]
+
+
+def build_model(name: str, library: str) -> nn.Module:
+    """A classifier with random weights and 10 classes, from torchvision or timm (dropout and
+    drop-path at 0: the gradients compared differ by the codec alone)."""
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
+    return without_randomness(torchvision.models.get_model(name, num_classes=10, **BUILD_KWARGS.get(name, {})))
+
+
 def measure(name: str, x: torch.Tensor, y: torch.Tensor, memory_x: torch.Tensor, draws: int,
-            cfg: division.DivisionConfig) -> dict[str, Any]:
+            cfg: division.DivisionConfig, library: str = "torchvision") -> dict[str, Any]:
     torch.manual_seed(0)
-    stock = without_randomness(torchvision.models.get_model(name, num_classes=10, **BUILD_KWARGS.get(name, {})))
+    stock = build_model(name, library)
     exact = flat_grad(stock, x, y, 0)
     row: dict[str, Any] = {"model": name}
     for variant in ("paper layers", "all layers"):
@@ -138,7 +153,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="+", help=f"default: {' '.join(MODELS)} (with --timm: {' '.join(TIMM_MODELS)})")
+    parser.add_argument("--timm", action="store_true", help="the models are timm's (pip install timm)")
     parser.add_argument("--size", type=int, default=64, help="image side of the gradient batch")
     parser.add_argument("--batch", type=int, default=16, help="images in the gradient batch")
     parser.add_argument("--memory-size", type=int, default=224, help="image side of the memory batch (2 images)")
@@ -153,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.batch, args.memory_size, args.draws = 32, 4, 32, 2
+    library = "timm" if args.timm else "torchvision"
+    args.models = args.models or (TIMM_MODELS if args.timm else MODELS)
     cfg = division.DivisionConfig(hfc_bits=args.hfc_bits, activation_bits=args.activation_bits,
                                   layer_bits=args.layer_bits, exclude=args.exclude)
     rows = []
@@ -160,17 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         size, memory_size = (FIXED_SIZE[name],) * 2 if name in FIXED_SIZE else (args.size, args.memory_size)
         x, y = load_images(args.batch, size, args.tiny)
         memory_x = torch.randn(2, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(1))
-        rows.append(measure(name, x, y, memory_x, args.draws, cfg))
+        rows.append(measure(name, x, y, memory_x, args.draws, cfg, library))
     table = markdown(rows)
     print(table)
     fixed = " ".join(f"{n} is built for {FIXED_SIZE[n]}x{FIXED_SIZE[n]} images: both its batches are at that size."
                      for n in args.models if n in FIXED_SIZE)
     info = {**run_info(torch.device("cpu")), "size": args.size, "batch": args.batch, "fixed_size": FIXED_SIZE,
-            "memory_size": args.memory_size, "draws": args.draws, "config": cfg.to_dict()}
+            "memory_size": args.memory_size, "draws": args.draws, "config": cfg.to_dict(), "library": library}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
-        f"convert_model on torchvision classifiers, {info['device']}, torch {info['torch']}, git {info['git']}\n\n"
+        f"convert_model on {library} classifiers, {info['device']}, torch {info['torch']}, git {info['git']}\n\n"
         f"`{info['command']}`\n\nActivation memory of one training forward, batch 2, {args.memory_size}x"
         f"{args.memory_size}; gradient cosine to the exact gradient over all parameters, {args.batch} "
         f"Fashion-MNIST images at {args.size}x{args.size} (mean and range of {args.draws} draws), random "

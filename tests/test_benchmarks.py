@@ -320,6 +320,19 @@ def test_model_zoo_benchmark(tmp_path: Path) -> None:
     assert "| mobilenet_v3_small |" in (tmp_path / "zoo.md").read_text()
 
 
+def test_model_zoo_benchmark_on_timm_models(tmp_path: Path) -> None:
+    """--timm builds timm's classifiers: CSPDarkNet's norms are timm's BatchNormAct2d, which the
+    paper's layers leave stock and convert_model converts."""
+    pytest.importorskip("timm")
+    script = str(ROOT / "benchmarks" / "model_zoo.py")
+    res = subprocess.run([sys.executable, script, "--timm", "--models", "cspdarknet53", "--tiny",
+                          "--out", str(tmp_path / "zoo")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = check_outputs(tmp_path / "zoo")["rows"]
+    assert row["all layers"]["saved_mib"] < row["paper layers"]["saved_mib"] / 2
+    assert "convert_model on timm classifiers" in (tmp_path / "zoo.md").read_text()
+
+
 def test_a_group_alone_is_everything_else_excluded() -> None:
     from benchmarks.layer_sensitivity import depth_groups, outside
 
