@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 from typing import Any
 
 from torch import nn
@@ -42,7 +44,18 @@ def conversion_for(
     method of its own (subclass_conversion)."""
     if isinstance(module, DivisionLayer):
         return None, "already converted"
+    if "timm" in sys.modules:  # a timm model's layers: timm is imported by now
+        _add_timm_conversions()
     return _conversion_for_kind(type(module), module, cfg, token_grid)
+
+
+@functools.cache
+def _add_timm_conversions() -> None:
+    """timm's fused layers (timm_blocks.py) join CONVERSIONS, once: not at `import division`,
+    where importing timm would cost a second to everyone."""
+    from .timm_blocks import TIMM_CONVERSIONS
+
+    CONVERSIONS.update(TIMM_CONVERSIONS)
 
 
 def _conversion_for_kind(

@@ -661,10 +661,8 @@ from .inception import INCEPTION_CONVERSIONS  # noqa: E402  (built on the layers
 from .maxvit import MAXVIT_CONVERSIONS  # noqa: E402
 from .mvit import MVIT_CONVERSIONS  # noqa: E402
 from .swin import SWIN_CONVERSIONS  # noqa: E402
-from .timm_blocks import TIMM_CONVERSIONS  # noqa: E402
 
 CONVERSIONS.update(INCEPTION_CONVERSIONS)
 CONVERSIONS.update(SWIN_CONVERSIONS)
-CONVERSIONS.update(TIMM_CONVERSIONS)
 CONVERSIONS.update(MAXVIT_CONVERSIONS)
 CONVERSIONS.update(MVIT_CONVERSIONS)
