@@ -54,6 +54,8 @@ def without_randomness(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module).__name__ in RANDOM_LAYERS:
             module.p = 0.0
+        elif type(module).__name__ == "DropPath":  # timm's stochastic depth
+            module.drop_prob = 0.0
     return model
 
 
@@ -93,11 +95,11 @@ TIMM_MODELS = ["efficientnet_b0", "regnety_008", "mobilenetv3_large_100", "cspda
 
 def build_model(name: str, library: str) -> nn.Module:
     """A classifier with random weights and 10 classes, from torchvision or timm (dropout and
-    drop-path at 0: the gradients compared differ by the codec alone)."""
+    stochastic depth off: the gradients compared differ by the codec alone)."""
     if library == "timm":
         import timm
 
-        return timm.create_model(name, num_classes=10, drop_rate=0.0, drop_path_rate=0.0)
+        return without_randomness(timm.create_model(name, num_classes=10))
     return without_randomness(torchvision.models.get_model(name, num_classes=10, **BUILD_KWARGS.get(name, {})))
 
 
