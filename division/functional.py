@@ -263,6 +263,13 @@ class GroupNormFn(Function):
         return gx, gw, gb, None, None, None, None
 
 
+def _save_mask(ctx: Any, keep: torch.Tensor, kernels: bool) -> None:
+    """Save where the gradient passes as a 1-bit mask, with its layout (which backward's gradient
+    takes) and whether the kernels may unpack it."""
+    ctx.fmt, ctx.kernels = memory_format_of(keep), kernels
+    ctx.save_for_backward(pack_mask(keep, kernels))
+
+
 class ReLUFn(Function):
     """ReLU keeping a 1-bit mask of where the gradient passes instead of its output."""
 
@@ -302,9 +309,8 @@ class DropoutFn(Function):
             keep, scale = noise != 0, kept_scale(p, x.dtype)
         if inplace:
             ctx.mark_dirty(x)
-        bits = pack_mask(keep, kernels)
-        ctx.fmt, ctx.scale, ctx.kernels = memory_format_of(keep), scale, kernels
-        ctx.save_for_backward(bits)
+        ctx.scale = scale
+        _save_mask(ctx, keep, kernels)
         return y
 
     @staticmethod
@@ -373,9 +379,7 @@ class ClampMaskFn(Function):
         y = F.hardtanh(x, min_val, max_val, inplace)
         if inplace:
             ctx.mark_dirty(x)
-        keep = ~((y <= min_val) | (y >= max_val))
-        ctx.fmt, ctx.kernels = memory_format_of(keep), kernels
-        ctx.save_for_backward(pack_mask(keep, kernels))
+        _save_mask(ctx, ~((y <= min_val) | (y >= max_val)), kernels)
         return y
 
     @staticmethod
@@ -396,8 +400,8 @@ class LeakyReLUFn(Function):
         y = F.leaky_relu(x, slope, inplace)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.fmt, ctx.slope = memory_format_of(keep), slope
-        ctx.save_for_backward(pack_mask(keep, kernels))
+        ctx.slope = slope
+        _save_mask(ctx, keep, kernels)
         return y
 
     @staticmethod
