@@ -5,7 +5,9 @@ whose forward runs F.batch_norm itself, then its `drop` and `act` children. Stoc
 input whole; converted, the norm saves it compressed, as a converted BatchNorm2d does, and the
 children are converted as any others (an act of ReLU keeps a 1-bit mask, SiLU its compressed input).
 Its squeeze-and-excitation modules end in `x * gate`, which keeps x whole: converted, x is saved
-compressed (ScaleFn), as for torchvision's. Their forwards are written out again here, so each is
+compressed (ScaleFn), as for torchvision's. Its ViT's LayerNorm and attention are converted as
+torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from timm's
+model; the attention recomputed from q, k, v records). Their forwards are written out again here, so each is
 converted only while timm's own forward reads as the one written out (a later timm that changes it
 keeps its module stock, not a stale copy). Registered only when timm is installed.
 """
@@ -18,13 +20,15 @@ import textwrap
 import torch
 from torch import nn
 
-from .functional import ScaleFn
-from .layers import DivisionLayer, _DivisionBatchNorm, _needs_saving
+from .functional import AttentionFn, ScaleFn
+from .layers import DivisionLayer, DivisionLayerNorm, _DivisionBatchNorm, _needs_saving
 
 try:
     from timm.layers import BatchNormAct2d
+    from timm.layers import LayerNorm as TimmLayerNorm
     from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
     from timm.models._efficientnet_blocks import SqueezeExcite
+    from timm.models.vision_transformer import Attention as TimmAttention
 except ImportError:  # timm is optional
     BatchNormAct2d = None
 
@@ -58,6 +62,52 @@ def forward(self, x):
         x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
     x_se = self.fc(x_se)
     return x * self.gate(x_se)
+"""
+
+LAYER_NORM_FORWARD = """
+def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if self._fast_norm:
+        x = fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    else:
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    return x
+"""
+ATTENTION_FORWARD = """
+def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+) -> torch.Tensor:
+    B, N, C = x.shape
+    gate = self.gate(x).sigmoid() if self.gate is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.,
+            is_causal=is_causal,
+        )
+    else:
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn_bias = resolve_self_attn_mask(N, attn, attn_mask, is_causal)
+        attn = maybe_add_mask(attn, attn_bias)
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = attn @ v
+
+    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+    x = self.norm(x)
+    if gate is not None:
+        x = x * gate
+    x = self.proj(x)
+    x = self.proj_drop(x)
+    return x
 """
 
 
@@ -109,9 +159,39 @@ if BatchNormAct2d is not None:
                 return EffectiveSEModule.forward(self, x)
             return ScaleFn.apply(x, self.gate(self.fc(x.mean((2, 3), keepdim=True))), self.compressor)
 
+    class DivisionTimmLayerNorm(DivisionLayerNorm, TimmLayerNorm):
+        """timm's LayerNorm (its transformers' norms): as nn.LayerNorm converted (token and map
+        records), unless timm runs its fast (APEX) kernel, then timm's forward."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self._fast_norm:
+                return TimmLayerNorm.forward(self, x)
+            return DivisionLayerNorm.forward(self, x)
+
+    class DivisionTimmAttention(DivisionLayer, TimmAttention):
+        """timm's ViT attention: its qkv and proj Linears convert as any others (token records);
+        its fused attention, without mask, causality or dropout, saves q, k and v as token records
+        and is recomputed in backward (AttentionFn), as MultiheadAttention's; otherwise (and in
+        exact mode, where records would be exact copies) timm's forward."""
+
+        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+            cfg = self.compressor.cfg
+            dropout = self.attn_drop.p if self.training else 0.0
+            if (not _needs_saving(self, x, recurse=True) or not self.fused_attn or attn_mask is not None or is_causal
+                    or dropout or self.gate is not None or not cfg.compress_attention or cfg.backward_mode == "exact"
+                    or torch.compiler.is_compiling() or x.dim() != 3):
+                return TimmAttention.forward(self, x, attn_mask, is_causal)
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = AttentionFn.apply(self.q_norm(q), self.k_norm(k), v, self.compressor)
+            out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+            return self.proj_drop(self.proj(out))
+
     TIMM_CONVERSIONS[BatchNormAct2d] = DivisionBatchNormAct2d
     for _timm, _division, _forward in ((SqueezeExcite, DivisionSqueezeExcite, SQUEEZE_EXCITE_FORWARD),
                                        (SEModule, DivisionSEModule, SE_MODULE_FORWARD),
-                                       (EffectiveSEModule, DivisionEffectiveSEModule, EFFECTIVE_SE_FORWARD)):
+                                       (EffectiveSEModule, DivisionEffectiveSEModule, EFFECTIVE_SE_FORWARD),
+                                       (TimmLayerNorm, DivisionTimmLayerNorm, LAYER_NORM_FORWARD),
+                                       (TimmAttention, DivisionTimmAttention, ATTENTION_FORWARD)):
         if forward_reads(_timm, _forward):
             TIMM_CONVERSIONS[_timm] = _division

@@ -59,7 +59,13 @@ TokenGrids = TokenGrid | tuple[TokenGrid, ...]
 
 
 def infer_token_grid(model: nn.Module) -> TokenGrid | None:
-    """The grid of a model that says it (torchvision's VisionTransformer, models.vit), else None."""
+    """The grid of a model that says it (torchvision's VisionTransformer, models.vit; timm's
+    VisionTransformer through its patch embedding's grid and its prefix tokens, where the image
+    size is fixed), else None."""
+    grid, prefix = getattr(getattr(model, "patch_embed", None), "grid_size", None), getattr(model, "num_prefix_tokens", None)
+    if (isinstance(grid, tuple) and len(grid) == 2 and all(isinstance(g, int) and g >= 1 for g in grid)
+            and isinstance(prefix, int) and prefix >= 0 and not getattr(model, "dynamic_img_size", False)):
+        return TokenGrid(grid[0], grid[1], prefix)
     image, patch = getattr(model, "image_size", None), getattr(model, "patch_size", None)
     if not isinstance(image, int) or not isinstance(patch, int) or patch < 1 or image < patch:
         return None

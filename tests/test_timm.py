@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformer_checks import count_applies
 
 import division
 
@@ -90,3 +91,29 @@ def test_a_timm_forward_that_changed_is_not_converted() -> None:
             return x * 2
 
     assert not forward_reads(Changed, SE_MODULE_FORWARD)
+
+
+def test_timm_vit_tokens_lie_on_its_patch_grid_and_its_layers_save_records() -> None:
+    """timm's ViT says its grid through its patch embedding and prefix tokens: its LayerNorms,
+    Linears and GELUs save token records and its attention q, k, v records (recomputed in backward);
+    exact mode is timm's model bit for bit, DIVISION keeps a tenth of the activations."""
+    from division.functional import AttentionFn
+    from division.tokens import TokenGrid, infer_token_grid
+
+    torch.manual_seed(0)
+    stock = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+    assert infer_token_grid(stock) == TokenGrid(14, 14, 1)
+    x = torch.randn(2, 3, 224, 224)
+    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    kinds = {type(m).__name__ for m in exact.modules()}
+    assert {"DivisionTimmLayerNorm", "DivisionTimmAttention", "DivisionLinear", "DivisionGELU"} <= kinds
+    (y0, g0), (y1, g1) = grads(stock, x), grads(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    model = division.convert_model(copy.deepcopy(stock))
+    result = []
+    assert count_applies(AttentionFn, lambda: result.append(grads(model, x))) == len(stock.blocks)
+    ((y2, g2),) = result
+    assert torch.equal(y0, y2)
+    flat = [torch.cat([g[k].flatten() for k in g0 if k != "input"]) for g in (g0, g2)]
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.9
+    assert division.summary(model, x).ratio > 9
