@@ -250,8 +250,10 @@ def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compress
 def _stock_layer(layer: DivisionLayer) -> nn.Module:
     """The stock layer sharing the converted one's parameters, without a lone layer's compressor
     hook (convert_model gave it its own hook dict)."""
-    # the class it was converted from: the first module class of its MRO that is not a conversion
-    base = next(c for c in type(layer).__mro__ if issubclass(c, nn.Module) and not issubclass(c, DivisionLayer))
+    # the class it was converted from: the one it names (STOCK_CLASS), else the first module class
+    # of its MRO that is not a conversion
+    base = type(layer).STOCK_CLASS or next(
+        c for c in type(layer).__mro__ if issubclass(c, nn.Module) and not issubclass(c, DivisionLayer))
     stock = base.__new__(base)
     stock.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in DivisionLayer.CONVERSION_ATTRIBUTES})
     stock._modules = layer._modules.copy()

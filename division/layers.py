@@ -108,6 +108,8 @@ class DivisionLayer:
     COMPUTES_CHILDREN = False
     # its records hold HFC codes (False: masks or window offsets only, which take no bits)
     HFC_RECORDS = True
+    # the class revert_model gives back, where it is not the first stock class of the MRO
+    STOCK_CLASS: type[nn.Module] | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module, compressor: Compressor) -> nn.Module:

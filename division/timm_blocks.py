@@ -21,13 +21,22 @@ import torch
 from torch import nn
 
 from .functional import AttentionFn, ScaleFn
-from .layers import DivisionLayer, DivisionLayerNorm, _DivisionBatchNorm, _needs_saving
+from .layers import (
+    DivisionGELU,
+    DivisionLayer,
+    DivisionLayerNorm,
+    _DivisionBatchNorm,
+    _needs_saving,
+    set_map_layers,
+)
 
 try:
     from timm.layers import BatchNormAct2d
     from timm.layers import LayerNorm as TimmLayerNorm
+    from timm.layers.activations import GELU as TimmGELU
     from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
     from timm.models._efficientnet_blocks import SqueezeExcite
+    from timm.models.convnext import ConvNeXtBlock
     from timm.models.vision_transformer import Attention as TimmAttention
 except ImportError:  # timm is optional
     BatchNormAct2d = None
@@ -110,6 +119,30 @@ def forward(
     return x
 """
 
+TIMM_GELU_FORWARD = """
+def forward(self, input: torch.Tensor) -> torch.Tensor:
+    return F.gelu(input)
+"""
+CONVNEXT_BLOCK_FORWARD = """
+def forward(self, x: torch.Tensor) -> torch.Tensor:
+    \"\"\"Forward pass.\"\"\"
+    shortcut = x
+    x = self.conv_dw(x)
+    if self.use_conv_mlp:
+        x = self.norm(x)
+        x = self.mlp(x)
+    else:
+        x = x.permute(0, 2, 3, 1)
+        x = self.norm(x)
+        x = self.mlp(x)
+        x = x.permute(0, 3, 1, 2)
+    if self.gamma is not None:
+        x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+
+    x = self.drop_path(x) + self.shortcut(shortcut)
+    return x
+"""
+
 
 def forward_reads(cls: type[nn.Module], expected: str) -> bool:
     """Whether `cls.forward` is, line for line, the forward a converted version follows."""
@@ -187,11 +220,42 @@ if BatchNormAct2d is not None:
             out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
             return self.proj_drop(self.proj(out))
 
+    class DivisionTimmGELU(DivisionGELU, TimmGELU):
+        """timm's GELU (F.gelu, exact form; its MLPs'): as nn.GELU converted (token, map and conv-map
+        records), and reverted to timm's class."""
+
+        STOCK_CLASS = TimmGELU
+        approximate = "none"
+
+    class DivisionConvNeXtBlock(DivisionLayer, ConvNeXtBlock):
+        """timm's ConvNeXt block, as torchvision's (DivisionCNBlock): its LayerNorm and MLP run on
+        an (N, H, W, C) map and save map records (its Linears converted: pointwise convolutions),
+        and `x * gamma` saves x compressed (ScaleFn) where stock keeps it whole."""
+
+        def convert_inner(self) -> None:
+            if not self.use_conv_mlp:  # with conv_mlp, (N, C, H, W) maps and 1x1 convolutions
+                set_map_layers(self, self.compressor, {"norm"})
+                set_map_layers(self.mlp, self.compressor)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.gamma is None or not _needs_saving(self, x, recurse=True):
+                return ConvNeXtBlock.forward(self, x)
+            shortcut = x
+            x = self.conv_dw(x)
+            if self.use_conv_mlp:
+                x = self.mlp(self.norm(x))
+            else:
+                x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            x = ScaleFn.apply(x, self.gamma.reshape(1, -1, 1, 1), self.compressor)
+            return self.drop_path(x) + self.shortcut(shortcut)
+
     TIMM_CONVERSIONS[BatchNormAct2d] = DivisionBatchNormAct2d
     for _timm, _division, _forward in ((SqueezeExcite, DivisionSqueezeExcite, SQUEEZE_EXCITE_FORWARD),
                                        (SEModule, DivisionSEModule, SE_MODULE_FORWARD),
                                        (EffectiveSEModule, DivisionEffectiveSEModule, EFFECTIVE_SE_FORWARD),
                                        (TimmLayerNorm, DivisionTimmLayerNorm, LAYER_NORM_FORWARD),
-                                       (TimmAttention, DivisionTimmAttention, ATTENTION_FORWARD)):
+                                       (TimmAttention, DivisionTimmAttention, ATTENTION_FORWARD),
+                                       (ConvNeXtBlock, DivisionConvNeXtBlock, CONVNEXT_BLOCK_FORWARD),
+                                       (TimmGELU, DivisionTimmGELU, TIMM_GELU_FORWARD)):
         if forward_reads(_timm, _forward):
             TIMM_CONVERSIONS[_timm] = _division

@@ -117,3 +117,22 @@ def test_timm_vit_tokens_lie_on_its_patch_grid_and_its_layers_save_records() -> 
     flat = [torch.cat([g[k].flatten() for k in g0 if k != "input"]) for g in (g0, g2)]
     assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.9
     assert division.summary(model, x).ratio > 9
+
+
+def test_timm_convnext_blocks_save_map_records_and_revert_to_timms_layers() -> None:
+    """timm's ConvNeXt block as torchvision's: its LayerNorm, Linears and (timm's) GELU on the
+    (N, H, W, C) map save map records and `x * gamma` saves x compressed; exact mode is timm's
+    model bit for bit; revert_model gives back timm's own classes."""
+    torch.manual_seed(0)
+    stock = timm.create_model("convnext_tiny", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    block = exact.stages[0].blocks[0]
+    assert type(block).__name__ == "DivisionConvNeXtBlock" and type(block.mlp.act).__name__ == "DivisionTimmGELU"
+    assert block.norm.map_layout == block.mlp.fc1.map_layout == block.mlp.act.map_layout == "map"
+    (y0, g0), (y1, g1) = grads(stock, x), grads(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    model = division.convert_model(copy.deepcopy(stock))
+    assert division.summary(model, torch.randn(2, 3, 128, 128)).ratio > 6
+    reverted = division.revert_model(model)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in stock.modules()]
