@@ -5,11 +5,12 @@ whose forward runs F.batch_norm itself, then its `drop` and `act` children. Stoc
 input whole; converted, the norm saves it compressed, as a converted BatchNorm2d does, and the
 children are converted as any others (an act of ReLU keeps a 1-bit mask, SiLU its compressed input).
 Its squeeze-and-excitation modules end in `x * gate`, which keeps x whole: converted, x is saved
-compressed (ScaleFn), as for torchvision's. Its ViT's LayerNorm and attention are converted as
-torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from timm's
-model; the attention recomputed from q, k, v records). Their forwards are written out again here, so each is
-converted only while timm's own forward reads as the one written out (a later timm that changes it
-keeps its module stock, not a stale copy). Registered only when timm is installed.
+compressed (ScaleFn), as for torchvision's. Its ViT's LayerNorm, GELU and attention are converted
+as torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from
+timm's model; the attention recomputed from q, k, v records), its ConvNeXt block as torchvision's
+(map records, `x * gamma` compressed). Where a forward is written out again here, the module is
+converted only while timm's own forward reads as the one written out (a later timm that changes
+it keeps its module stock, not a stale copy). Registered once timm is imported (convert.py).
 """
 
 from __future__ import annotations
