@@ -493,10 +493,16 @@ if LayerNorm2d is not None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not _needs_saving(self, x) or x.dim() != 4 or len(self.normalized_shape) != 1:
                 return super().forward(x)
-            (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x.permute(0, 2, 3, 1), self.weight, self.bias)
-            with autocast_off:
-                y = LayerNormFn.apply(x, list(self.normalized_shape), weight, bias, self.eps, self.compressor, MAP)
-            return y.permute(0, 3, 1, 2)
+            return channel_layer_norm(self, x)
+
+
+def channel_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """A layer norm over the channels of an (N, C, H, W) map, run on its (N, H, W, C) permutation
+    as torchvision's and timm's LayerNorm2d run it, the input saved as a map record."""
+    (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x.permute(0, 2, 3, 1), norm.weight, norm.bias)
+    with autocast_off:
+        y = LayerNormFn.apply(x, list(norm.normalized_shape), weight, bias, norm.eps, norm.compressor, MAP)  # type: ignore[attr-defined]
+    return y.permute(0, 3, 1, 2)
 
 
 class DivisionGELU(DivisionLayer, nn.GELU):

@@ -7,8 +7,8 @@ children are converted as any others (an act of ReLU keeps a 1-bit mask, SiLU it
 Its squeeze-and-excitation modules end in `x * gate`, which keeps x whole: converted, x is saved
 compressed (ScaleFn), as for torchvision's. Its ViT's LayerNorm, GELU and attention are converted
 as torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from
-timm's model; the attention recomputed from q, k, v records), its ConvNeXt block as torchvision's
-(map records, `x * gamma` compressed). Where a forward is written out again here, the module is
+timm's model; the attention recomputed from q, k, v records), its ConvNeXt block and LayerNorm2d
+as torchvision's (map records, `x * gamma` compressed). Where a forward is written out again here, the module is
 converted only while timm's own forward reads as the one written out (a later timm that changes
 it keeps its module stock, not a stale copy). Registered once timm is imported (convert.py).
 """
@@ -28,12 +28,14 @@ from .layers import (
     DivisionLayerNorm,
     _DivisionBatchNorm,
     _needs_saving,
+    channel_layer_norm,
     set_map_layers,
 )
 
 try:
     from timm.layers import BatchNormAct2d
     from timm.layers import LayerNorm as TimmLayerNorm
+    from timm.layers import LayerNorm2d as TimmLayerNorm2d
     from timm.layers.activations import GELU as TimmGELU
     from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
     from timm.models._efficientnet_blocks import SqueezeExcite
@@ -80,6 +82,16 @@ def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
     else:
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    return x
+"""
+LAYER_NORM_2D_FORWARD = """
+def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = x.permute(0, 2, 3, 1)
+    if self._fast_norm:
+        x = fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    else:
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    x = x.permute(0, 3, 1, 2)
     return x
 """
 ATTENTION_FORWARD = """
@@ -202,6 +214,15 @@ if BatchNormAct2d is not None:
                 return TimmLayerNorm.forward(self, x)
             return DivisionLayerNorm.forward(self, x)
 
+    class DivisionTimmLayerNorm2d(DivisionLayer, TimmLayerNorm2d):
+        """timm's LayerNorm2d (ConvNeXt's stem and downsampling), as torchvision's converted: a map
+        record of its input; with timm's fast (APEX) kernel, timm's forward."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self._fast_norm or x.dim() != 4 or len(self.normalized_shape) != 1 or not _needs_saving(self, x):
+                return TimmLayerNorm2d.forward(self, x)
+            return channel_layer_norm(self, x)
+
     class DivisionTimmAttention(DivisionLayer, TimmAttention):
         """timm's ViT attention: its qkv and proj Linears convert as any others (token records);
         its fused attention, without mask, causality or dropout, saves q, k and v as token records
@@ -255,6 +276,7 @@ if BatchNormAct2d is not None:
                                        (SEModule, DivisionSEModule, SE_MODULE_FORWARD),
                                        (EffectiveSEModule, DivisionEffectiveSEModule, EFFECTIVE_SE_FORWARD),
                                        (TimmLayerNorm, DivisionTimmLayerNorm, LAYER_NORM_FORWARD),
+                                       (TimmLayerNorm2d, DivisionTimmLayerNorm2d, LAYER_NORM_2D_FORWARD),
                                        (TimmAttention, DivisionTimmAttention, ATTENTION_FORWARD),
                                        (ConvNeXtBlock, DivisionConvNeXtBlock, CONVNEXT_BLOCK_FORWARD),
                                        (TimmGELU, DivisionTimmGELU, TIMM_GELU_FORWARD)):

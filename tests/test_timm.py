@@ -121,7 +121,8 @@ def test_timm_vit_tokens_lie_on_its_patch_grid_and_its_layers_save_records() -> 
 
 def test_timm_convnext_blocks_save_map_records_and_revert_to_timms_layers() -> None:
     """timm's ConvNeXt block as torchvision's: its LayerNorm, Linears and (timm's) GELU on the
-    (N, H, W, C) map save map records and `x * gamma` saves x compressed; exact mode is timm's
+    (N, H, W, C) map save map records and `x * gamma` saves x compressed, its LayerNorm2d a map
+    record; exact mode is timm's
     model bit for bit; revert_model gives back timm's own classes."""
     torch.manual_seed(0)
     stock = timm.create_model("convnext_tiny", num_classes=10)
@@ -129,6 +130,7 @@ def test_timm_convnext_blocks_save_map_records_and_revert_to_timms_layers() -> N
     exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
     block = exact.stages[0].blocks[0]
     assert type(block).__name__ == "DivisionConvNeXtBlock" and type(block.mlp.act).__name__ == "DivisionTimmGELU"
+    assert type(exact.stem[1]).__name__ == "DivisionTimmLayerNorm2d"  # the stem's and downsampling's norm
     assert block.norm.map_layout == block.mlp.fc1.map_layout == block.mlp.act.map_layout == "map"
     (y0, g0), (y1, g1) = grads(stock, x), grads(exact, x)
     assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
