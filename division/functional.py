@@ -78,8 +78,8 @@ def _load_records(ctx: Any, differentiable: bool = True) -> tuple[list[Any], tup
 def differentiated() -> bool:
     """Whether this backward's gradients will be differentiated again: a backward with
     create_graph=True (gradient penalties, MAML) runs with grad mode on; a plain one, and
-    torch.compile's trace of backward, with it off. The mask layers' backward then runs the
-    reference's ops, which autograd differentiates (the kernels are not differentiable ops)."""
+    torch.compile's trace of backward, with it off (the mask layers' backward ops decide the same
+    way for themselves: masks.backward_kernels)."""
     return torch.is_grad_enabled()
 
 
@@ -285,7 +285,7 @@ class ReLUFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return relu_backward(gy, bits, ctx.fmt, ctx.kernels and not differentiated()), None, None
+        return relu_backward(gy, bits, ctx.fmt, ctx.kernels), None, None
 
 
 @lru_cache(maxsize=64)
@@ -316,7 +316,7 @@ class DropoutFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return dropout_backward(gy, bits, ctx.fmt, ctx.scale, ctx.kernels and not differentiated()), None, None, None
+        return dropout_backward(gy, bits, ctx.fmt, ctx.scale, ctx.kernels), None, None, None
 
 
 class MaxPoolFn(Function):
@@ -334,7 +334,7 @@ class MaxPoolFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (offsets,) = ctx.saved_tensors
-        gx = max_pool_backward(gy, offsets, ctx.x_shape, *ctx.pool, ctx.fmt, ctx.kernels and not differentiated())
+        gx = max_pool_backward(gy, offsets, ctx.x_shape, *ctx.pool, ctx.fmt, ctx.kernels)
         return gx, None, None, None, None, None, None
 
 
@@ -385,7 +385,7 @@ class ClampMaskFn(Function):
     @staticmethod
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
-        return relu_backward(gy, bits, ctx.fmt, ctx.kernels and not differentiated()), None, None, None, None
+        return relu_backward(gy, bits, ctx.fmt, ctx.kernels), None, None, None, None
 
 
 class LeakyReLUFn(Function):

@@ -90,6 +90,13 @@ def use_kernels(t: torch.Tensor, allowed: bool) -> bool:
     return allowed and t.dtype in KERNEL_DTYPES
 
 
+def backward_kernels(gy: torch.Tensor, allowed: bool) -> bool:
+    """use_kernels for a backward op, unless autograd will differentiate its result (a backward
+    with create_graph=True, whose gy has history: gradient penalties, MAML). The kernels are not
+    differentiable ops; the reference's are, so it runs then."""
+    return use_kernels(gy, allowed) and not (torch.is_grad_enabled() and gy.requires_grad)
+
+
 # ---- ReLU ---------------------------------------------------------------------------------------
 
 
@@ -107,7 +114,7 @@ def relu_forward(x: torch.Tensor, inplace: bool, kernels: bool) -> tuple[torch.T
 
 def relu_backward(gy: torch.Tensor, bits: torch.Tensor, fmt: torch.memory_format, kernels: bool) -> torch.Tensor:
     gy = gy.contiguous(memory_format=fmt)
-    if use_kernels(gy, kernels):
+    if backward_kernels(gy, kernels):
         return torch.ops.division.relu_backward(gy, bits)
     return torch.where(unpack_bits_reference(bits, gy.shape, fmt), gy, gy.new_zeros(()))
 
@@ -126,7 +133,7 @@ def dropout_backward(
 ) -> torch.Tensor:
     """grad * mask * scale, as native_dropout_backward (a dropped inf gives NaN, as stock)."""
     gy = gy.contiguous(memory_format=fmt)
-    if use_kernels(gy, kernels):
+    if backward_kernels(gy, kernels):
         return torch.ops.division.dropout_backward(gy, bits, scale)
     return gy * unpack_bits_reference(bits, gy.shape, fmt) * scale
 
@@ -224,7 +231,7 @@ def max_pool_backward(
     float32 and rounds once, as stock's CUDA kernel; stock's CPU kernel rounds every add of a
     half-precision gradient, so there stock's own backward runs (on indices rebuilt from offsets)."""
     gy = gy.contiguous(memory_format=fmt)
-    if len(kernel) == 2 and use_kernels(gy, kernels) and (gy.is_cuda or gy.dtype == torch.float32):
+    if len(kernel) == 2 and backward_kernels(gy, kernels) and (gy.is_cuda or gy.dtype == torch.float32):
         return torch.ops.division.max_pool2d_backward(
             gy, offsets, list(input_shape), kernel, stride, padding, dilation, ceil_mode,
             fmt == torch.channels_last,
