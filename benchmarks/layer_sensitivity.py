@@ -35,19 +35,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from tqdm import tqdm
 
 import division
 from benchmarks.common import figure, run_info
-from benchmarks.model_zoo import (
-    BUILD_KWARGS,
-    FIXED_SIZE,
-    flat_grad,
-    load_images,
-    without_randomness,
-)
+from benchmarks.model_zoo import FIXED_SIZE, build_model, flat_grad, load_images
 from division.plan import layer_plan
 
 WHOLE_MODEL = "whole model"  # the last row: every group compressed
@@ -201,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in FIXED_SIZE:
         args.size = args.memory_size = FIXED_SIZE[args.model]
     torch.manual_seed(0)
-    stock = without_randomness(torchvision.models.get_model(args.model, num_classes=10, **BUILD_KWARGS.get(args.model, {})))
+    stock = build_model(args.model, "torchvision")
     x, y = load_images(args.batch, args.size, args.tiny)
     memory_x = torch.randn(2, 3, args.memory_size, args.memory_size, generator=torch.Generator().manual_seed(1))
     data = {"x": x, "y": y, "memory_x": memory_x, "exact": flat_grad(stock, x, y, 0)}
