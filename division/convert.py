@@ -78,7 +78,9 @@ def _conversion_for_kind(
         return None, "Linear inputs are kept exact as in the paper (compress_linear=False)"
     if base in (nn.MaxPool2d, nn.MaxPool3d) and module.return_indices:
         return None, f"{base.__name__}(return_indices=True) is not converted"
-    return (CONVERSIONS[base] if kind is base else subclass_conversion(kind, CONVERSIONS[base])), ""
+    converted = CONVERSIONS[base] if kind is base else subclass_conversion(kind, CONVERSIONS[base])
+    reason = converted.reason_to_keep(module)
+    return (None, reason) if reason else (converted, "")
 
 
 def methods_of_its_own(kind: type[nn.Module], base: type[nn.Module]) -> list[str]:

@@ -112,6 +112,12 @@ class DivisionLayer:
     STOCK_CLASS: type[nn.Module] | None = None
 
     @classmethod
+    def reason_to_keep(cls, module: nn.Module) -> str:
+        """Why this stock `module` stays as it is though its class converts ("" where it converts):
+        for a class that converts some of its uses only (timm's patch embedding: Swin's, not ViT's)."""
+        return ""
+
+    @classmethod
     def from_module(cls, module: nn.Module, compressor: Compressor) -> nn.Module:
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)

@@ -80,40 +80,46 @@ def _heads_to_windows(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(w, n, h * d)
 
 
+def window_mask(grid: WindowGrid, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Stock's mask of the grid's windows: shift_mask where they are shifted, else None."""
+    return shift_mask(grid, dtype, device) if any(grid.shift) else None
+
+
 class WindowAttentionFn(Function):
     """window_attention without dropout, saving q, k and v as records of the block input's
     positions (tokens.windows_as_input_map); backward recomputes the attention on their
     reconstructions (under forward's autocast state) and differentiates it there: q, k, v, the
-    bias and V2's logit scale. The shift mask is rebuilt, not saved, and so is the relative position
-    bias (`position_bias`: heads x window size^2 values, 7 MiB for a Video Swin window of 8x7x7 and
+    bias and V2's logit scale. The shift mask comes from `mask` (torchvision's: rebuilt in
+    backward, not saved; timm's: its block's buffer) and so does the relative position bias
+    (`position_bias`: heads x window size^2 values, 7 MiB for a Video Swin window of 8x7x7 and
     12 heads, whatever the batch). Padded positions come back as what the qkv projection gave
     them, exactly: its bias (`qkv_bias`, None: zeros), since a padded key's cosine has a gradient
     of 1 / eps in V2, which a rebuilt nonzero key would spread."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, logit_scale, qkv_bias, compressor: Compressor, grid: WindowGrid, mask_dtype,
-                position_bias: Callable[[], torch.Tensor]):
-        mask = shift_mask(grid, mask_dtype, q.device) if any(grid.shift) else None
-        out = window_attention(q, k, v, bias, mask, logit_scale)
+    def forward(ctx, q, k, v, bias, logit_scale, qkv_bias, compressor: Compressor, grid: WindowGrid,
+                mask: Callable[[], torch.Tensor | None], position_bias: Callable[[], torch.Tensor]):
+        out = window_attention(q, k, v, bias, mask(), logit_scale)
         maps = [windows_as_input_map(_heads_to_windows(t), grid).movedim(-1, 1) for t in (q, k, v)]
         fill = None if qkv_bias is None or not grid.padded else qkv_bias.detach().to(q.dtype)
         _save_records(ctx, [compressor.compress(m) for m in maps], logit_scale, fill)
         ctx.autocast = autocast_state(q.device.type)
-        ctx.geometry = (q.shape, grid, mask_dtype)
+        ctx.geometry = (q.shape, grid)
+        ctx.mask = mask
         ctx.position_bias = position_bias
         return out
 
     @staticmethod
     def backward(ctx, gy):
         records, (logit_scale, fill) = _load_records(ctx, differentiable=False)
-        (w, h, t, d), grid, mask_dtype = ctx.geometry
+        (w, h, t, d), grid = ctx.geometry
         bias = rerun(ctx.autocast, ctx.position_bias)  # as forward computed it
         fills = (None,) * 3 if fill is None else fill.chunk(3)
         qkv = [
             input_map_as_windows(decompress(r).movedim(1, -1), grid, f).view(w, t, h, d).transpose(1, 2)
             for r, f in zip(records, fills)
         ]
-        mask = shift_mask(grid, mask_dtype, gy.device) if any(grid.shift) else None
+        mask = ctx.mask()
         grads = recompute_grads(lambda q, k, v, b, s: window_attention(q, k, v, b, mask, s), [*qkv, bias, logit_scale],
                                 ctx.needs_input_grad[:5], ctx.autocast, gy)
         return *grads, None, None, None, None, None
@@ -139,32 +145,44 @@ class _WindowAttention(DivisionLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x, recurse=True) or x.dim() != len(self.window_size) + 2:  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
-        c = x.shape[-1]
         grid = self.window_grid(tuple(x.shape[1:-1]))
+        windows = input_map_as_windows(x, grid)  # stock's pad, roll and partition
+        windows = self.attend(windows, grid, partial(window_mask, grid, x.dtype, x.device))
+        return windows_as_input_map(windows, grid)  # stock's reverse partition, roll and crop
+
+    def attend(self, x: torch.Tensor, grid: WindowGrid, mask: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        """Stock's attention of (windows, T, C) windows that tile the block input as `grid` says,
+        `mask()` their shift mask: the projections save their inputs as records of the block
+        input's positions, and so does WindowAttentionFn of q, k and v where it runs."""
         bias = self.position_bias(grid)
         logit_scale = getattr(self, "logit_scale", None)
-        x = input_map_as_windows(x, grid)  # stock's pad, roll and partition
         qkv_bias = self.qkv.bias  # type: ignore[attr-defined]
         if logit_scale is not None and qkv_bias is not None:  # V2: no bias on k
             qkv_bias = qkv_bias.clone()
             length = qkv_bias.numel() // 3
             qkv_bias[length : 2 * length].zero_()
-        heads = self.num_heads  # type: ignore[attr-defined]
         qkv = saving_linear(x, self.qkv.weight, qkv_bias, self.compressor, grid)  # type: ignore[attr-defined]
-        qkv = qkv.reshape(x.size(0), x.size(1), 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.reshape(x.size(0), x.size(1), 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # type: ignore[attr-defined]
         cfg = self.compressor.cfg
-        dropout = self.attention_dropout if self.training else 0.0  # type: ignore[attr-defined]
+        dropout = self.attention_dropout_p() if self.training else 0.0
         if dropout == 0.0 and cfg.compress_attention and cfg.backward_mode != "exact" and not torch.compiler.is_compiling():
-            x = WindowAttentionFn.apply(q, k, v, bias, logit_scale, qkv_bias, self.compressor, grid, x.dtype,
+            x = WindowAttentionFn.apply(q, k, v, bias, logit_scale, qkv_bias, self.compressor, grid, mask,
                                         partial(self.position_bias, grid))
         else:  # stock's attention saves what it saves (as DivisionMultiheadAttention's)
-            mask = shift_mask(grid, x.dtype, x.device) if any(grid.shift) else None
-            x = window_attention(q, k, v, bias, mask, logit_scale, dropout, self.training)
-        x = x.transpose(1, 2).reshape(x.size(0), x.size(2), c)
+            x = self.stock_attention(q, k, v, bias, mask(), logit_scale, dropout)
+        x = x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
         x = saving_linear(x, self.proj.weight, self.proj.bias, self.compressor, grid)  # type: ignore[attr-defined]
-        x = F.dropout(x, p=self.dropout, training=self.training)  # type: ignore[attr-defined]
-        return windows_as_input_map(x, grid)  # stock's reverse partition, roll and crop
+        return self.output_dropout(x)
+
+    def attention_dropout_p(self) -> float:
+        return self.attention_dropout  # type: ignore[attr-defined]
+
+    def stock_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                        mask: torch.Tensor | None, logit_scale: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        return window_attention(q, k, v, bias, mask, logit_scale, dropout, self.training)
+
+    def output_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, p=self.dropout, training=self.training)  # type: ignore[attr-defined]
 
 
 class _WindowAttention3d(_WindowAttention):

@@ -8,9 +8,10 @@ Its squeeze-and-excitation modules end in `x * gate`, which keeps x whole: conve
 compressed (ScaleFn), as for torchvision's. Its ViT's LayerNorm, GELU and attention are converted
 as torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from
 timm's model; the attention recomputed from q, k, v records), its ConvNeXt block and LayerNorm2d
-as torchvision's (map records, `x * gamma` compressed). Where a forward is written out again here, the module is
-converted only while timm's own forward reads as the one written out (a later timm that changes
-it keeps its module stock, not a stale copy). Registered once timm is imported (convert.py).
+as torchvision's (map records, `x * gamma` compressed), its Swin as torchvision's (timm_swin.py).
+Where a forward is written out again here, the module is converted only while timm's own forward
+reads as the one written out (a later timm that changes it keeps its module stock, not a stale
+copy). Registered once timm is imported (convert.py).
 """
 
 from __future__ import annotations
@@ -157,10 +158,10 @@ def forward(self, x: torch.Tensor) -> torch.Tensor:
 """
 
 
-def forward_reads(cls: type[nn.Module], expected: str) -> bool:
-    """Whether `cls.forward` is, line for line, the forward a converted version follows."""
+def forward_reads(cls: type[nn.Module], expected: str, method: str = "forward") -> bool:
+    """Whether `cls.forward` (or another `method`) is, line for line, the one a converted version follows."""
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
+        source = textwrap.dedent(inspect.getsource(getattr(cls, method)))
     except (OSError, TypeError):  # no source to read
         return False
     return [ln.strip() for ln in source.strip().splitlines()] == [ln.strip() for ln in expected.strip().splitlines()]
@@ -282,3 +283,7 @@ if BatchNormAct2d is not None:
                                        (TimmGELU, DivisionTimmGELU, TIMM_GELU_FORWARD)):
         if forward_reads(_timm, _forward):
             TIMM_CONVERSIONS[_timm] = _division
+
+    from .timm_swin import timm_swin_conversions
+
+    TIMM_CONVERSIONS.update(timm_swin_conversions(forward_reads))

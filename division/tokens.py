@@ -149,12 +149,14 @@ def decompress_tokens(record: TokenRecord) -> torch.Tensor:
 class WindowGrid:
     """How (N * prod(counts), prod(window), C) windows tile an (N, *padded, C) map, 2-d (Swin) or
     3-d (Video Swin): torchvision's shifted_window_attention takes the block's (N, *size, C) input,
-    pads it at the end of each axis to `counts` whole windows, rolls it by -shift and partitions it."""
+    pads it at the end of each axis to `counts` whole windows, rolls it by -shift and partitions it;
+    timm's Swin block rolls first, then pads (`roll_first`)."""
 
     counts: tuple[int, ...]  # windows along each axis
     window: tuple[int, ...]  # a window's size along each axis
     size: tuple[int, ...]  # the block input's map, before padding
     shift: tuple[int, ...]
+    roll_first: bool = False
 
     @property
     def padded_size(self) -> tuple[int, ...]:
@@ -181,19 +183,29 @@ def windows_to_map(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     return x.reshape(-1, *grid.padded_size, c)
 
 
+def _roll(m: torch.Tensor, grid: WindowGrid, sign: int) -> torch.Tensor:
+    """m rolled by sign * shift along the map's axes (m itself without a shift)."""
+    if not any(grid.shift):
+        return m
+    return torch.roll(m, shifts=tuple(sign * s for s in grid.shift), dims=tuple(range(1, len(grid.window) + 1)))
+
+
 def windows_as_input_map(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     """The (N, *size, C) map of the block input's positions that windows hold: rolled back and
     without the padding (what a record keeps of them)."""
     m = windows_to_map(x, grid)
-    dims = tuple(range(1, len(grid.window) + 1))
-    if any(grid.shift):
-        m = torch.roll(m, shifts=grid.shift, dims=dims)
-    return m[(slice(None), *(slice(None, s) for s in grid.size))].contiguous()
+    crop = (slice(None), *(slice(None, s) for s in grid.size))
+    if grid.roll_first:
+        return _roll(m[crop].contiguous(), grid, 1)
+    return _roll(m, grid, 1)[crop].contiguous()
 
 
-def input_map_as_windows(m: torch.Tensor, grid: WindowGrid, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of windows_as_input_map, the padding as zeros (what the block input's padding is) or
-    as `fill`, one value per channel (what a projection gives there: its bias)."""
+def padded_input_map(m: torch.Tensor, grid: WindowGrid, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, *size, C) block input as the attention partitions it: padded (with zeros, what the
+    block input's padding is, or with `fill`, one value per channel: what a projection gives there,
+    its bias) and rolled by -shift, in the grid's order."""
+    if grid.roll_first:
+        m = _roll(m, grid, -1)
     pad = [0, 0]
     for size, padded in zip(reversed(grid.size), reversed(grid.padded_size)):
         pad += [0, padded - size]
@@ -201,10 +213,12 @@ def input_map_as_windows(m: torch.Tensor, grid: WindowGrid, fill: torch.Tensor |
     if fill is not None and grid.padded:
         for axis, size in enumerate(grid.size):
             m[(slice(None),) * (axis + 1) + (slice(size, None),)] = fill
-    dims = tuple(range(1, len(grid.window) + 1))
-    if any(grid.shift):
-        m = torch.roll(m, shifts=tuple(-s for s in grid.shift), dims=dims)
-    return map_to_windows(m, grid)
+    return m if grid.roll_first else _roll(m, grid, -1)
+
+
+def input_map_as_windows(m: torch.Tensor, grid: WindowGrid, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of windows_as_input_map, the padding as zeros or as `fill` (padded_input_map)."""
+    return map_to_windows(padded_input_map(m, grid, fill), grid)
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,16 @@ def test_swin_compiles_with_its_map_and_window_records() -> None:
     check_compiled_keeps_records(tiny_swin(2), torch.randn(4, 3, 40, 40), "features.", fewer=1.0)
 
 
+def test_timm_swin_compiles_with_its_map_and_window_records() -> None:
+    """timm's Swin (windows rolled then padded, the block's mask buffer): its map layers and window
+    projections keep their records under compile, timm's code traced whole (fullgraph)."""
+    pytest.importorskip("timm")
+    from test_timm_swin import tiny_swin
+    from transformer_checks import check_compiled_keeps_records
+
+    check_compiled_keeps_records(tiny_swin(40), torch.randn(4, 3, 40, 40), "layers.", fewer=1.0)
+
+
 def test_maxvit_compiles_with_its_partition_records() -> None:
     """torchvision's MaxViT (one block: MBConv, window and grid attention): its conv-map GELUs and
     its partition layers keep their records under compile."""
