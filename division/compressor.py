@@ -60,7 +60,10 @@ class Compressor:
         # index of the next plane compressed under it; replaced whole, so threads never mix them
         self._streams: dict[torch.device, tuple[torch.Tensor, int]] = {}
         self._forward_seed: torch.Tensor | None = None  # under torch.compile (_compiled_seed)
-        self._configs: dict[int, DivisionConfig] = {}  # the config at other HFC widths (_with_bits)
+        # the config at other HFC widths (_with_bits), made here and in at_bits, before any call:
+        # a dict that a compiled call filled in would fail its guard and recompile the next call
+        self._configs: dict[int, DivisionConfig] = {}
+        self._with_bits(cfg.activation_bits)
         self._at_bits: dict[int, BitsCompressor] = {}  # views for DivisionConfig.layer_bits (at_bits)
 
     def new_forward(self) -> None:
@@ -146,6 +149,7 @@ class Compressor:
     def at_bits(self, bits: int) -> BitsCompressor:
         """This compressor as seen by layers whose records take `bits` HFC bits (layer_bits)."""
         if bits not in self._at_bits:
+            self._with_bits(bits)
             self._at_bits[bits] = BitsCompressor(self, bits)
         return self._at_bits[bits]
 
