@@ -144,6 +144,13 @@ def convert_model(
         raise TypeError(f"convert_model: cfg must be a division.DivisionConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model: expected an nn.Module, got {type(model).__name__}")
+    inner = uncompiled(model)
+    if inner is not model:  # torch.compile's wrapper: its module converted in place, as if compiled after
+        if conversion_for(inner, cfg, token_grid)[0] is not None:
+            raise ValueError("convert_model: this is a compiled lone layer, which converts into a new layer that the "
+                             "compiled wrapper would not run: convert the layer first, then torch.compile it")
+        convert_model(inner, cfg, compressor=compressor, token_grid=token_grid)
+        return model
     if hasattr(model, STATE_ATTR) or isinstance(model, DivisionLayer):
         raise ValueError("convert_model: this model is already converted; convert a fresh copy instead")
     if isinstance(token_grid, (list, tuple)):
@@ -179,6 +186,13 @@ def convert_model(
     setattr(model, STATE_ATTR, compressor)
     model.register_forward_pre_hook(compressor)
     return model
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that torch.compile(model) wraps (its `_orig_mod`), else `model`: the names that
+    patterns and summaries use are its, and its hooks run where the wrapper's graph runs them."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _convert_children(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
@@ -269,7 +283,10 @@ def revert_model(model: nn.Module, recurse: bool = True) -> nn.Module:
     """Undo convert_model in place: every converted layer becomes its stock torch.nn class again
     (a converted lone layer is returned as a stock layer sharing its parameters). recurse=False
     reverts a converted lone container (a squeeze-and-excitation or ConvNeXt block) alone, its
-    converted layers left as they are."""
+    converted layers left as they are. A torch.compile wrapper's module is reverted in place."""
+    if uncompiled(model) is not model:
+        revert_model(uncompiled(model), recurse)
+        return model
     if isinstance(model, DivisionLayer):
         stock = _stock_layer(model)
         return revert_model(stock) if recurse else stock

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import STATE_ATTR, conversion_for, revert_model
+from .convert import STATE_ATTR, conversion_for, revert_model, uncompiled
 from .layers import DivisionLayer
 from .plan import LayerPlan, layer_plan
 from .saved import SavedBytes
@@ -117,7 +117,9 @@ def _measure(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, i
 
 
 def summary(model: nn.Module, example_input: torch.Tensor | None = None) -> ModelSummary:
-    """Table of converted and kept layers; with `example_input`, measured bytes saved per layer."""
+    """Table of converted and kept layers; with `example_input`, measured bytes saved per layer
+    (of a torch.compile wrapper: its module's, run eagerly, where per-layer hooks fire)."""
+    model = uncompiled(model)
     compressor = getattr(model, STATE_ATTR, None)
     cfg = compressor.cfg if compressor is not None else None
     result = ModelSummary(config=cfg)

@@ -149,6 +149,40 @@ def test_layer_bits_compile_and_keep_records_apart() -> None:
     assert codec_calls(torch.compile(model, fullgraph=True), x) == {"division::compress": 3, "division::decompress": 3}
 
 
+def test_a_compiled_model_compiles_once() -> None:
+    """The compressor's state that traced code reads (its configs at activation_bits and at a
+    layer's bits) is made at convert time: the second step runs the first step's graph, where a
+    dict filled in while tracing failed its guard and recompiled the whole model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3))
+    compiled = torch.compile(division.convert_model(model, division.DivisionConfig(layer_bits={"2": 8})), fullgraph=True)
+    x = torch.randn(2, 3, 16, 16)
+    compiled(x).sum().backward()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(2):
+            compiled(x).sum().backward()
+
+
+def test_a_compiled_model_converts_as_the_model_it_wraps() -> None:
+    """convert_model(torch.compile(model)), after the wrapper has already run stock: the wrapped
+    model converts in place (patterns name its layers, not `_orig_mod.`), the wrapper's next call
+    recompiles it with the codec ops, summary measures it eagerly, and revert_model undoes it. A
+    compiled lone layer, which would convert into a layer the wrapper does not run, is refused."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(TwoReaders(), fullgraph=True)
+    assert codec_calls(compiled, x) == {}
+    assert division.convert_model(compiled, division.DivisionConfig(layer_bits={"b": 8})) is compiled
+    assert codec_calls(compiled, x) == {"division::compress": 3, "division::decompress": 3}
+    table = division.summary(compiled, x)
+    rows = {r.name: r for r in table.rows}
+    assert rows.keys() == {"", "stem", "a", "b"}  # "": the root's own ops (its ReLU)
+    assert 0 < rows["stem"].saved_bytes < rows["stem"].vanilla_bytes and rows["a"].saved_bytes < rows["b"].saved_bytes
+    assert division.revert_model(compiled) is compiled and codec_calls(compiled, x) == {}
+    with pytest.raises(ValueError, match="convert the layer first, then torch.compile it"):
+        division.convert_model(torch.compile(torch.nn.Conv2d(3, 8, 3)))
+
+
 def test_exact_mode_under_compile_gives_eager_gradients() -> None:
     check_exact_mode_gives_eager_gradients("cpu")
 
