@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timm", action="store_true", help="the models are timm's (pip install timm)")
     parser.add_argument("--size", type=int, default=64, help="image side of the gradient batch")
     parser.add_argument("--batch", type=int, default=16, help="images in the gradient batch")
-    parser.add_argument("--memory-size", type=int, default=224, help="image side of the memory batch (2 images)")
+    parser.add_argument("--memory-size", type=int, default=224, help="image side of the memory batch")
+    parser.add_argument("--memory-batch", type=int, default=2,
+                        help="images in the memory batch (more where weight-sized tensors saved for backward, "
+                             "as weight-standardized convolutions save, would hide the activations)")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--activation-bits", type=int, default=division.DivisionConfig().activation_bits,
                         help="DivisionConfig.activation_bits (SiLU, Hardswish, Mish inputs)")
@@ -179,19 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in tqdm(args.models, desc="models"):
         size, memory_size = (FIXED_SIZE[name],) * 2 if name in FIXED_SIZE else (args.size, args.memory_size)
         x, y = load_images(args.batch, size, args.tiny)
-        memory_x = torch.randn(2, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(1))
+        memory_x = torch.randn(args.memory_batch, 3, memory_size, memory_size, generator=torch.Generator().manual_seed(1))
         rows.append(measure(name, x, y, memory_x, args.draws, cfg, library))
     table = markdown(rows)
     print(table)
     fixed = " ".join(f"{n} is built for {FIXED_SIZE[n]}x{FIXED_SIZE[n]} images: both its batches are at that size."
                      for n in args.models if n in FIXED_SIZE)
     info = {**run_info(torch.device("cpu")), "size": args.size, "batch": args.batch, "fixed_size": FIXED_SIZE,
-            "memory_size": args.memory_size, "draws": args.draws, "config": cfg.to_dict(), "library": library}
+            "memory_size": args.memory_size, "memory_batch": args.memory_batch, "draws": args.draws,
+            "config": cfg.to_dict(), "library": library}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"convert_model on {library} classifiers, {info['device']}, torch {info['torch']}, git {info['git']}\n\n"
-        f"`{info['command']}`\n\nActivation memory of one training forward, batch 2, {args.memory_size}x"
+        f"`{info['command']}`\n\nActivation memory of one training forward, batch {args.memory_batch}, {args.memory_size}x"
         f"{args.memory_size}; gradient cosine to the exact gradient over all parameters, {args.batch} "
         f"Fashion-MNIST images at {args.size}x{args.size} (mean and range of {args.draws} draws), random "
         f"weights, dropout and stochastic depth off. \"paper's layers\": convolution, batch norm, ReLU, "

@@ -136,8 +136,13 @@ class _DivisionConvNd(DivisionLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_saving(self, x):
             return super().forward(x)  # type: ignore[misc]
-        if _unbatched(x, self.weight.dim()):
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+        return self.saving_conv(x, self.weight)
+
+    def saving_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's convolution of x with `weight` (its parameter, or a weight made from it:
+        timm's standardized convolutions), x saved compressed (ConvFn)."""
+        if _unbatched(x, weight.dim()):
+            return self.saving_conv(x.unsqueeze(0), weight).squeeze(0)
         dims = x.dim() - 2
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -145,11 +150,11 @@ class _DivisionConvNd(DivisionLayer):
             padding = (0,) * dims
         elif isinstance(padding, str):
             x, padding = _explicit_padding(x, padding, self.kernel_size, self.dilation)
-        (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
+        (x, cast_weight, bias), autocast_off = _autocast(x, weight, self.bias)
         with autocast_off:
             return ConvFn.apply(
-                x, weight, bias, list(self.stride), list(padding), list(self.dilation),
-                self.groups, self.compressor, _master(weight, self.weight),
+                x, cast_weight, bias, list(self.stride), list(padding), list(self.dilation),
+                self.groups, self.compressor, _master(cast_weight, weight),
             )
 
 
@@ -265,9 +270,16 @@ class DivisionGroupNorm(DivisionLayer, nn.GroupNorm):
     extent, are kept exact; inputs stock rejects go to stock's forward, for its error."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not _needs_saving(self, x) or x.dim() < 2 or x.shape[1] != self.num_channels
-                or self.num_channels % self.num_groups or x.numel() // self.num_groups == 1):
+        if not self.saves(x):
             return super().forward(x)
+        return self.saving_group_norm(x)
+
+    def saves(self, x: torch.Tensor) -> bool:
+        """Whether the norm of x saves a record (else stock's forward runs)."""
+        return (_needs_saving(self, x) and x.dim() >= 2 and x.shape[1] == self.num_channels
+                and self.num_channels % self.num_groups == 0 and x.numel() // self.num_groups != 1)
+
+    def saving_group_norm(self, x: torch.Tensor) -> torch.Tensor:
         (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x, self.weight, self.bias)
         x = x.contiguous(memory_format=memory_format_of(x)) if x.device.type == "cpu" else x.contiguous()
         with autocast_off:

@@ -8,7 +8,8 @@ Its squeeze-and-excitation modules end in `x * gate`, which keeps x whole: conve
 compressed (ScaleFn), as for torchvision's. Its ViT's LayerNorm, GELU and attention are converted
 as torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from
 timm's model; the attention recomputed from q, k, v records), its ConvNeXt block and LayerNorm2d
-as torchvision's (map records, `x * gamma` compressed), its Swin as torchvision's (timm_swin.py).
+as torchvision's (map records, `x * gamma` compressed), its Swin as torchvision's (timm_swin.py),
+its weight-standardized convolutions and GroupNormAct as convolutions and group norms (timm_convs.py).
 Where a forward is written out again here, the module is converted only while timm's own forward
 reads as the one written out (a later timm that changes it keeps its module stock, not a stale
 copy). Registered once timm is imported (convert.py).
@@ -284,6 +285,8 @@ if BatchNormAct2d is not None:
         if forward_reads(_timm, _forward):
             TIMM_CONVERSIONS[_timm] = _division
 
+    from .timm_convs import timm_conv_conversions
     from .timm_swin import timm_swin_conversions
 
+    TIMM_CONVERSIONS.update(timm_conv_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_swin_conversions(forward_reads))

@@ -138,3 +138,64 @@ def test_timm_convnext_blocks_save_map_records_and_revert_to_timms_layers() -> N
     assert division.summary(model, torch.randn(2, 3, 128, 128)).ratio > 6
     reverted = division.revert_model(model)
     assert [type(m) for m in reverted.modules()] == [type(m) for m in stock.modules()]
+
+
+@pytest.mark.parametrize("kind", ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"])
+def test_weight_standardized_convolutions_save_their_inputs_and_are_timms_in_exact_mode(kind: str) -> None:
+    """BiT's and NFNet's convolutions standardize their weight in their forward: converted, timm's
+    standardization feeds a convolution that saves its input compressed; exact mode is timm's
+    layer bit for bit (output, input, weight and gain gradients; 'same' padding of an odd map)."""
+    torch.manual_seed(0)
+    conv = getattr(timm.layers, kind)(8, 16, 3, stride=2, **({"padding": "same"} if "Same" in kind else {}))
+    stock = nn.Sequential(conv, nn.ReLU())
+    x = torch.randn(2, 8, 15, 15)
+    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    assert type(exact[0]).__name__ == f"Division{kind}"
+    (y0, g0), (y1, g1) = grads(stock, x), grads(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    report = division.summary(division.convert_model(copy.deepcopy(stock)), torch.randn(2, 8, 64, 64))
+    row = next(r for r in report.rows if r.name == "0")
+    assert row.converted and row.saved_bytes * 8 < row.vanilla_bytes
+    assert [type(m) for m in division.revert_model(exact).modules()] == [type(m) for m in stock.modules()]
+
+
+def tiny_bit() -> nn.Module:
+    """BiT's ResNetV2 (weight-standardized convolutions, GroupNormAct), small."""
+    from functools import partial
+
+    from timm.models.resnetv2 import ResNetV2
+
+    torch.manual_seed(0)
+    return ResNetV2(layers=[1, 1, 1, 1], channels=(32, 64, 128, 256), num_classes=10, stem_type="fixed", stem_chs=16,
+                    conv_layer=partial(timm.layers.StdConv2d, eps=1e-8),
+                    norm_layer=partial(timm.layers.GroupNormAct, num_groups=8))
+
+
+def tiny_nfnet() -> nn.Module:
+    """NFNet (scaled weight-standardized convolutions, GELUs in its blocks, SE), small."""
+    from timm.models.nfnet import NfCfg, NormFreeNet
+
+    torch.manual_seed(0)
+    cfg = NfCfg(depths=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_chs=16, group_size=16, bottle_ratio=0.5,
+                attn_layer="se", attn_kwargs={"rd_ratio": 0.5}, act_layer="gelu", num_features=256)
+    return NormFreeNet(cfg, num_classes=10)
+
+
+@pytest.mark.parametrize("build", [tiny_bit, tiny_nfnet])
+def test_bit_and_nfnet_save_compressed_activations(build: object) -> None:
+    """Every layer of BiT and NFNet that keeps an activation converts (their convolutions, BiT's
+    GroupNormAct, NFNet's block GELUs as conv-map activations); exact mode is timm's model bit for bit."""
+    from division.functional import CONV
+
+    stock = build()  # type: ignore[operator]
+    x = torch.randn(4, 3, 64, 64)
+    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
+    (y0, g0), (y1, g1) = grads(stock, x), grads(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    model = division.convert_model(copy.deepcopy(stock))
+    report = division.summary(model, torch.randn(16, 3, 64, 64))
+    kept = {r.kind for r in report.rows if not r.converted and r.saved_bytes}
+    assert kept <= {"Sigmoid", "Linear", "(functional ops)"}, kept
+    assert report.ratio > 4  # 16x16 .. 2x2 planes here; the standardized weights count too
+    blocks = [m for m in model.modules() if type(m).__name__ == "DivisionNormFreeBlock"]
+    assert all(b.act2.map_layout == CONV for b in blocks) and (blocks or build is tiny_bit)

@@ -1,0 +1,181 @@
+"""timm's weight-standardized convolutions and its group norm + activation, converted.
+
+BiT's ResNetV2 and NFNet convolve with StdConv2d / ScaledStdConv2d: a Conv2d whose forward first
+standardizes its weight (F.batch_norm over each filter; NFNet scales it by a learned gain), so
+stock keeps every convolution's input whole. Converted, the weight is standardized by timm's own
+op and the convolution saves its input compressed, as a converted Conv2d does (the gradient
+flows to the weight and gain through the standardization, as stock's). BiT's norms are
+GroupNormAct (a GroupNorm whose forward runs F.group_norm, then its `drop` and `act` children):
+converted, the norm saves its input compressed, as a converted GroupNorm does. NFNet's block runs
+GELUs on its convolutions' maps, which it says (their records are then conv-map records). Each
+forward written out again here converts only while timm's reads as the one followed (forward_reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import (
+    GroupNorm1Act,
+    GroupNormAct,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    StdConv2d,
+    StdConv2dSame,
+)
+from timm.layers.padding import pad_same
+from timm.models.nfnet import NormFreeBlock
+from torch import nn
+
+from .functional import CONV
+from .layers import DivisionConv2d, DivisionGELU, DivisionGroupNorm, DivisionLayer, _needs_saving
+
+# timm's forwards (1.0) that the converted ones below follow
+STD_CONV_FORWARD = """
+def forward(self, x):
+    weight = F.batch_norm(
+        self.weight.reshape(1, self.out_channels, -1),
+        None,  # running_mean
+        None,  # running_var
+        training=True,
+        momentum=0.,
+        eps=self.eps,
+    ).reshape_as(self.weight)
+    x = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    return x
+"""
+STD_CONV_SAME_FORWARD = """
+def forward(self, x):
+    if self.same_pad:
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+    weight = F.batch_norm(
+        self.weight.reshape(1, self.out_channels, -1),
+        None,  # running_mean
+        None,  # running_var
+        training=True,
+        momentum=0.,
+        eps=self.eps,
+    ).reshape_as(self.weight)
+    x = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    return x
+"""
+SCALED_STD_CONV_FORWARD = """
+def forward(self, x):
+    weight = F.batch_norm(
+        self.weight.reshape(1, self.out_channels, -1),
+        None,  # running_mean
+        None,  # running_var
+        weight=(self.gain * self.scale).view(-1),
+        training=True,
+        momentum=0.,
+        eps=self.eps,
+    ).reshape_as(self.weight)
+    return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+"""
+SCALED_STD_CONV_SAME_FORWARD = """
+def forward(self, x):
+    if self.same_pad:
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+    weight = F.batch_norm(
+        self.weight.reshape(1, self.out_channels, -1),
+        None,  # running_mean
+        None,  # running_var
+        weight=(self.gain * self.scale).view(-1),
+        training=True,
+        momentum=0.,
+        eps=self.eps,
+    ).reshape_as(self.weight)
+    return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+"""
+GROUP_NORM_ACT_FORWARD = """
+def forward(self, x):
+    if self._fast_norm:
+        x = fast_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    else:
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    x = self.drop(x)
+    x = self.act(x)
+    return x
+"""
+
+
+def standardized_weight(conv: nn.Conv2d, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's weight standardization of `conv` (each filter to zero mean and unit variance, times
+    `gain`), by its op."""
+    return F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, weight=gain, training=True,
+                        momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+
+
+class _StandardizedConv(DivisionConv2d):
+    """A weight-standardized convolution saving its input compressed; `same_pad`: timm's padding
+    to 'same' first; `scaled`: NFNet's gain on the standardized weight."""
+
+    SCALED = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not _needs_saving(self, x):
+            return super(DivisionLayer, self).forward(x)  # timm's, the class after the conversions
+        if getattr(self, "same_pad", False):
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        gain = (self.gain * self.scale).view(-1) if self.SCALED else None
+        return self.saving_conv(x, standardized_weight(self, gain))
+
+
+class DivisionStdConv2d(_StandardizedConv, StdConv2d):
+    pass
+
+
+class DivisionStdConv2dSame(_StandardizedConv, StdConv2dSame):
+    pass
+
+
+class DivisionScaledStdConv2d(_StandardizedConv, ScaledStdConv2d):
+    SCALED = True
+
+
+class DivisionScaledStdConv2dSame(_StandardizedConv, ScaledStdConv2dSame):
+    SCALED = True
+
+
+class _GroupNormAct(DivisionGroupNorm):
+    """timm's GroupNormAct / GroupNorm1Act: the norm saving its input compressed, then its `drop`
+    and `act` layers (converted as any others); with timm's fast (APEX) kernel, timm's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_norm or not self.saves(x):
+            return super(DivisionLayer, self).forward(x)  # timm's, the class after the conversions
+        return self.act(self.drop(self.saving_group_norm(x)))
+
+
+class DivisionGroupNormAct(_GroupNormAct, GroupNormAct):
+    pass
+
+
+class DivisionGroupNorm1Act(_GroupNormAct, GroupNorm1Act):
+    pass
+
+
+class DivisionNormFreeBlock(DivisionLayer, NormFreeBlock):
+    """NFNet's block (timm's forward): its GELUs act on the (N, C, H, W) maps its convolutions give
+    and take, so they save records of them (ActivationFn), where a lone GELU's 4-D input keeps
+    stock's (it could be an (N, H, W, C) map)."""
+
+    def convert_inner(self) -> None:
+        for name in ("act1", "act2", "act2b", "act3"):
+            layer = getattr(self, name, None)
+            if isinstance(layer, DivisionGELU):
+                layer.map_layout = CONV
+
+
+def timm_conv_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:
+    """The conversions above whose timm forwards read as those followed here."""
+    followed = ((StdConv2d, DivisionStdConv2d, STD_CONV_FORWARD),
+                (StdConv2dSame, DivisionStdConv2dSame, STD_CONV_SAME_FORWARD),
+                (ScaledStdConv2d, DivisionScaledStdConv2d, SCALED_STD_CONV_FORWARD),
+                (ScaledStdConv2dSame, DivisionScaledStdConv2dSame, SCALED_STD_CONV_SAME_FORWARD),
+                (GroupNormAct, DivisionGroupNormAct, GROUP_NORM_ACT_FORWARD),
+                (GroupNorm1Act, DivisionGroupNorm1Act, GROUP_NORM_ACT_FORWARD))
+    conversions = {timm_cls: division_cls for timm_cls, division_cls, forward in followed if forward_reads(timm_cls, forward)}
+    return {**conversions, NormFreeBlock: DivisionNormFreeBlock}
