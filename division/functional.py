@@ -8,6 +8,7 @@ saved-tensor hooks (e.g. `torch.autograd.graph.save_on_cpu`) and retain_graph wo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -136,24 +137,46 @@ def recompute_grads(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor |
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
-def _keep_weight(ctx: Any, weight: torch.Tensor, master: torch.Tensor | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class WeightRecipe:
+    """A weight made from parameters in forward (timm's standardized weights: `make(*params)`),
+    which a layer makes again in backward from the parameters, saved through autograd (whose
+    version check then refuses parameters changed in place since forward, as stock's saved
+    weight would be)."""
+
+    make: Callable[..., torch.Tensor]
+    params: tuple[torch.Tensor, ...]
+
+
+def _keep_weight(ctx: Any, weight: torch.Tensor, master: torch.Tensor | WeightRecipe | None) -> tuple[torch.Tensor, ...]:
     """What a layer saves of its weight. Under autocast `weight` is a cast copy of the parameter
     `master`: the parameter is saved and cast again in backward (`_weight`), so the copy is freed
     after forward (stock's autocast keeps it until backward: 0.044 GiB for ResNet-50's convolutions
-    in bf16, 0.16 for ViT-B/16). The cast is exact, so the gradients are stock's."""
+    in bf16, 0.16 for ViT-B/16). The cast is exact, so the gradients are stock's. A WeightRecipe
+    `master`: its parameters are saved, and the weight is made again from them in backward (the
+    same op on the same values: the same weight; nothing weight-sized kept per layer)."""
     ctx.weight_dtype = weight.dtype
-    return weight if master is None else master
+    if isinstance(master, WeightRecipe):
+        ctx.remake_weight = master.make
+        return master.params
+    ctx.remake_weight = None
+    return (weight if master is None else master,)
 
 
-def _weight(ctx: Any, saved: torch.Tensor) -> torch.Tensor:
-    return saved if saved.dtype == ctx.weight_dtype else saved.to(ctx.weight_dtype)
+def _weight(ctx: Any, saved: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if ctx.remake_weight is not None:
+        with torch.no_grad():
+            weight = ctx.remake_weight(*saved)
+    else:
+        (weight,) = saved
+    return weight if weight.dtype == ctx.weight_dtype else weight.to(ctx.weight_dtype)
 
 
 class ConvFn(Function):
     """N-d convolution, or with `transposed` a transposed one (its `output_padding`), saving a
     compressed input for the weight gradient: aten's convolution and its backward, as stock's
-    autograd runs them. `master`: the parameter `weight` was cast from under autocast (see
-    _keep_weight), else None."""
+    autograd runs them. `master`: the parameter `weight` was cast from under autocast, or the
+    WeightRecipe that makes it (see _keep_weight), else None."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, compressor: Compressor, master=None,
@@ -161,7 +184,7 @@ class ConvFn(Function):
         output_padding = list(output_padding) if transposed else [0] * len(stride)
         y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         packed = compressor.compress(x) if ctx.needs_input_grad[1] else None
-        _save(ctx, packed, _keep_weight(ctx, weight, master))
+        _save(ctx, packed, *_keep_weight(ctx, weight, master))
         ctx.conv = (list(stride), list(padding), list(dilation), transposed, output_padding, groups)
         ctx.x_shape = x.shape
         ctx.bias_sizes = None if bias is None else list(bias.shape)
@@ -169,7 +192,7 @@ class ConvFn(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        packed, (saved,) = _load(ctx)
+        packed, saved = _load(ctx)
         weight = _weight(ctx, saved)
         if packed is not None:
             x_hat = decompress(packed)
@@ -528,13 +551,13 @@ class LinearFn(Function):
     def forward(ctx, x, weight, bias, compressor: Compressor, layout: Layout, master=None):
         y = F.linear(x, weight, bias)
         packed = _compress_layout(compressor, x, layout) if ctx.needs_input_grad[1] else None
-        _save(ctx, packed, _keep_weight(ctx, weight, master))
+        _save(ctx, packed, *_keep_weight(ctx, weight, master))
         ctx.x_shape, ctx.layout, ctx.has_bias = x.shape, layout, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        packed, (saved,) = _load(ctx, differentiable=False)
+        packed, saved = _load(ctx, differentiable=False)
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:

@@ -41,6 +41,7 @@ from .functional import (
     MaxPoolFn,
     ReLUFn,
     ScaleFn,
+    WeightRecipe,
 )
 
 try:  # torchvision's blocks with layers of their own, converted when torchvision is there
@@ -138,11 +139,12 @@ class _DivisionConvNd(DivisionLayer):
             return super().forward(x)  # type: ignore[misc]
         return self.saving_conv(x, self.weight)
 
-    def saving_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The layer's convolution of x with `weight` (its parameter, or a weight made from it:
-        timm's standardized convolutions), x saved compressed (ConvFn)."""
+    def saving_conv(self, x: torch.Tensor, weight: torch.Tensor, recipe: WeightRecipe | None = None) -> torch.Tensor:
+        """The layer's convolution of x with `weight` (its parameter, or a weight made from it by
+        `recipe`, which backward follows again: timm's standardized convolutions), x saved
+        compressed (ConvFn)."""
         if _unbatched(x, weight.dim()):
-            return self.saving_conv(x.unsqueeze(0), weight).squeeze(0)
+            return self.saving_conv(x.unsqueeze(0), weight, recipe).squeeze(0)
         dims = x.dim() - 2
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -154,7 +156,7 @@ class _DivisionConvNd(DivisionLayer):
         with autocast_off:
             return ConvFn.apply(
                 x, cast_weight, bias, list(self.stride), list(padding), list(self.dilation),
-                self.groups, self.compressor, _master(cast_weight, weight),
+                self.groups, self.compressor, recipe or _master(cast_weight, weight),
             )
 
 

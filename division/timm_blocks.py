@@ -5,7 +5,7 @@ whose forward runs F.batch_norm itself, then its `drop` and `act` children. Stoc
 input whole; converted, the norm saves it compressed, as a converted BatchNorm2d does, and the
 children are converted as any others (an act of ReLU keeps a 1-bit mask, SiLU its compressed input).
 Its squeeze-and-excitation modules end in `x * gate`, which keeps x whole: converted, x is saved
-compressed (ScaleFn), as for torchvision's. Its ViT's LayerNorm, GELU and attention are converted
+compressed (ScaleFn), as for torchvision's, and so does ResNeSt's split attention. Its ViT's LayerNorm, GELU and attention are converted
 as torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from
 timm's model; the attention recomputed from q, k, v records), its ConvNeXt block and LayerNorm2d
 as torchvision's (map records, `x * gamma` compressed), its Swin as torchvision's (timm_swin.py),
@@ -39,6 +39,7 @@ try:
     from timm.layers import LayerNorm as TimmLayerNorm
     from timm.layers import LayerNorm2d as TimmLayerNorm2d
     from timm.layers.activations import GELU as TimmGELU
+    from timm.layers.split_attn import SplitAttn
     from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
     from timm.models._efficientnet_blocks import SqueezeExcite
     from timm.models.convnext import ConvNeXtBlock
@@ -76,6 +77,32 @@ def forward(self, x):
         x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
     x_se = self.fc(x_se)
     return x * self.gate(x_se)
+"""
+SPLIT_ATTN_FORWARD = """
+def forward(self, x):
+    x = self.conv(x)
+    x = self.bn0(x)
+    x = self.drop(x)
+    x = self.act0(x)
+
+    B, RC, H, W = x.shape
+    if self.radix > 1:
+        x = x.reshape((B, self.radix, RC // self.radix, H, W))
+        x_gap = x.sum(dim=1)
+    else:
+        x_gap = x
+    x_gap = x_gap.mean((2, 3), keepdim=True)
+    x_gap = self.fc1(x_gap)
+    x_gap = self.bn1(x_gap)
+    x_gap = self.act1(x_gap)
+    x_attn = self.fc2(x_gap)
+
+    x_attn = self.rsoftmax(x_attn).view(B, -1, 1, 1)
+    if self.radix > 1:
+        out = (x * x_attn.reshape((B, self.radix, RC // self.radix, 1, 1))).sum(dim=1)
+    else:
+        out = x * x_attn
+    return out.contiguous()
 """
 
 LAYER_NORM_FORWARD = """
@@ -207,6 +234,23 @@ if BatchNormAct2d is not None:
                 return EffectiveSEModule.forward(self, x)
             return ScaleFn.apply(x, self.gate(self.fc(x.mean((2, 3), keepdim=True))), self.compressor)
 
+    class DivisionSplitAttn(DivisionLayer, SplitAttn):
+        """ResNeSt's split attention, x saved compressed for `x * attention` (its layers converted as
+        any others); the product taken on the (N, radix x C, H, W) map, whose record is then a
+        conv map's, then summed over the radix as stock sums it."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() != 4 or not _needs_saving(self, x, recurse=True):
+                return SplitAttn.forward(self, x)
+            x = self.act0(self.drop(self.bn0(self.conv(x))))
+            b, rc, h, w = x.shape
+            x_gap = x.reshape(b, self.radix, rc // self.radix, h, w).sum(dim=1) if self.radix > 1 else x
+            x_attn = self.fc2(self.act1(self.bn1(self.fc1(x_gap.mean((2, 3), keepdim=True)))))
+            out = ScaleFn.apply(x, self.rsoftmax(x_attn).view(b, -1, 1, 1), self.compressor)
+            if self.radix > 1:
+                out = out.reshape(b, self.radix, rc // self.radix, h, w).sum(dim=1)
+            return out.contiguous()
+
     class DivisionTimmLayerNorm(DivisionLayerNorm, TimmLayerNorm):
         """timm's LayerNorm (its transformers' norms): as nn.LayerNorm converted (token and map
         records), unless timm runs its fast (APEX) kernel, then timm's forward."""
@@ -277,6 +321,7 @@ if BatchNormAct2d is not None:
     for _timm, _division, _forward in ((SqueezeExcite, DivisionSqueezeExcite, SQUEEZE_EXCITE_FORWARD),
                                        (SEModule, DivisionSEModule, SE_MODULE_FORWARD),
                                        (EffectiveSEModule, DivisionEffectiveSEModule, EFFECTIVE_SE_FORWARD),
+                                       (SplitAttn, DivisionSplitAttn, SPLIT_ATTN_FORWARD),
                                        (TimmLayerNorm, DivisionTimmLayerNorm, LAYER_NORM_FORWARD),
                                        (TimmLayerNorm2d, DivisionTimmLayerNorm2d, LAYER_NORM_2D_FORWARD),
                                        (TimmAttention, DivisionTimmAttention, ATTENTION_FORWARD),
