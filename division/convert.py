@@ -13,7 +13,13 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .compressor import Compressor
 from .config import DivisionConfig
-from .layers import CONVERSIONS, DivisionLayer, set_conv_activations, set_maps_after_permute
+from .layers import (
+    CONTAINER_LAYOUTS,
+    CONVERSIONS,
+    DivisionLayer,
+    set_conv_activations,
+    set_maps_after_permute,
+)
 from .maxvit import MAXVIT_UNCONVERTED
 from .mvit import mvit_token_grids
 from .plan import LayerPlan, layer_plan
@@ -53,9 +59,10 @@ def conversion_for(
 def _add_timm_conversions() -> None:
     """timm's fused layers (timm_blocks.py) join CONVERSIONS, once: not at `import division`,
     where importing timm would cost a second to everyone."""
-    from .timm_blocks import TIMM_CONVERSIONS
+    from .timm_blocks import TIMM_CONTAINER_LAYOUTS, TIMM_CONVERSIONS
 
     CONVERSIONS.update(TIMM_CONVERSIONS)
+    CONTAINER_LAYOUTS.update(TIMM_CONTAINER_LAYOUTS)
 
 
 def _conversion_for_kind(
@@ -254,13 +261,16 @@ def _check_plan_applies(model: nn.Module, cfg: DivisionConfig, token_grid: Token
 
 def _convert_inside(module: nn.Module, cfg: DivisionConfig, compressor: Compressor) -> None:
     """The layers inside `module`, then what a converted container converts of its own
-    (DivisionCNBlock.convert_inner) and the map layers and conv-map activations of a Sequential."""
+    (DivisionCNBlock.convert_inner), the map layers and conv-map activations of a Sequential, and
+    the layouts a known model says (CONTAINER_LAYOUTS)."""
     _convert_children(module, cfg, compressor)
     if isinstance(module, DivisionLayer) and hasattr(module, "convert_inner"):
         module.convert_inner()
     if isinstance(module, nn.Sequential):
         set_maps_after_permute(module, compressor)
         set_conv_activations(module)
+    if type(module) in CONTAINER_LAYOUTS:
+        CONTAINER_LAYOUTS[type(module)](module, compressor)
 
 
 def _stock_layer(layer: DivisionLayer) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -629,6 +630,11 @@ def set_conv_activations(sequential: nn.Sequential) -> None:
         if isinstance(layer, DivisionGELU) and isinstance(before, CONV_OUTPUTS):
             layer.map_layout = CONV
         before = layer
+
+
+# what a container that is not converted itself (a whole model) says of how its converted layers'
+# inputs lie (timm's NFNet: its final GELU's is a conv map), applied once they are converted
+CONTAINER_LAYOUTS: dict[type[nn.Module], Callable[[nn.Module, Compressor], None]] = {}
 
 
 if CNBlock is not None:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .compressor import Compressor
 from .functional import AttentionFn, ScaleFn
 from .layers import (
     DivisionGELU,
@@ -48,6 +50,7 @@ except ImportError:  # timm is optional
     BatchNormAct2d = None
 
 TIMM_CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {}
+TIMM_CONTAINER_LAYOUTS: dict[type[nn.Module], Callable[[nn.Module, Compressor], None]] = {}
 
 # timm's forwards (1.0) that the converted forwards below follow
 SQUEEZE_EXCITE_FORWARD = """
@@ -330,8 +333,10 @@ if BatchNormAct2d is not None:
         if forward_reads(_timm, _forward):
             TIMM_CONVERSIONS[_timm] = _division
 
-    from .timm_convs import timm_conv_conversions
-    from .timm_swin import timm_swin_conversions
+    from .timm_convs import NFNET_LAYOUTS, timm_conv_conversions
+    from .timm_swin import SWIN_LAYOUTS, timm_swin_conversions
 
     TIMM_CONVERSIONS.update(timm_conv_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_swin_conversions(forward_reads))
+    TIMM_CONTAINER_LAYOUTS.update(NFNET_LAYOUTS)
+    TIMM_CONTAINER_LAYOUTS.update(SWIN_LAYOUTS)

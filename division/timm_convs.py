@@ -26,9 +26,10 @@ from timm.layers import (
     StdConv2dSame,
 )
 from timm.layers.padding import pad_same
-from timm.models.nfnet import NormFreeBlock
+from timm.models.nfnet import NormFreeBlock, NormFreeNet
 from torch import nn
 
+from .compressor import Compressor
 from .functional import CONV, WeightRecipe
 from .layers import DivisionConv2d, DivisionGELU, DivisionGroupNorm, DivisionLayer, _needs_saving
 
@@ -167,16 +168,26 @@ class DivisionGroupNorm1Act(_GroupNormAct, GroupNorm1Act):
     pass
 
 
+def set_conv_gelus(container: nn.Module, names: tuple[str, ...]) -> None:
+    """The GELUs of `container` named act on (N, C, H, W) maps, as convolutions give them, and save
+    records of them (ActivationFn), where a lone GELU's 4-D input keeps stock's (it could be an
+    (N, H, W, C) map)."""
+    for name in names:
+        layer = getattr(container, name, None)
+        if isinstance(layer, DivisionGELU):
+            layer.map_layout = CONV
+
+
 class DivisionNormFreeBlock(DivisionLayer, NormFreeBlock):
-    """NFNet's block (timm's forward): its GELUs act on the (N, C, H, W) maps its convolutions give
-    and take, so they save records of them (ActivationFn), where a lone GELU's 4-D input keeps
-    stock's (it could be an (N, H, W, C) map)."""
+    """NFNet's block (timm's forward), whose GELUs act on its convolutions' maps."""
 
     def convert_inner(self) -> None:
-        for name in ("act1", "act2", "act2b", "act3"):
-            layer = getattr(self, name, None)
-            if isinstance(layer, DivisionGELU):
-                layer.map_layout = CONV
+        set_conv_gelus(self, ("act1", "act2", "act2b", "act3"))
+
+
+# NFNet's last GELU acts on its last convolution's map
+NFNET_LAYOUTS: dict[type[nn.Module], Callable[[nn.Module, Compressor], None]] = {
+    NormFreeNet: lambda model, compressor: set_conv_gelus(model, ("final_act",))}
 
 
 def timm_conv_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:

@@ -19,9 +19,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from timm.layers import Format, PatchEmbed
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+)
 from torch import nn
 
+from .compressor import Compressor
 from .layers import DivisionLayer, _needs_saving, set_map_layers
 from .swin import _MapBlock, _WindowAttention
 from .tokens import WindowGrid, map_to_windows, padded_input_map, windows_as_input_map
@@ -214,6 +220,11 @@ class DivisionTimmPatchEmbed(DivisionLayer, PatchEmbed):
 
     def convert_inner(self) -> None:
         set_map_layers(self, self.compressor, {"norm"})
+
+
+# the final norm of timm's Swin runs on the last stage's (N, H, W, C) map
+SWIN_LAYOUTS: dict[type[nn.Module], Callable[[nn.Module, Compressor], None]] = {
+    SwinTransformer: lambda model, compressor: set_map_layers(model, compressor, {"norm"})}
 
 
 def timm_swin_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:

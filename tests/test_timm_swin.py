@@ -63,7 +63,7 @@ def test_timm_swin_layers_are_converted_and_reverted() -> None:
     block, merging = model.layers[0].blocks[1], model.layers[1].downsample
     assert type(block).__name__ == "DivisionTimmSwinBlock" and type(block.attn).__name__ == "DivisionTimmWindowAttention"
     map_layers = [model.patch_embed.norm, block.norm1, block.norm2, block.mlp.fc1, block.mlp.act, block.mlp.fc2,
-                  merging.norm, merging.reduction]
+                  merging.norm, merging.reduction, model.norm]
     assert all(isinstance(m, division.layers.DivisionLayer) and m.map_layout == MAP for m in map_layers)
     assert type(block.attn.qkv) is nn.Linear  # the attention runs its projections itself
     reverted = division.revert_model(model)
