@@ -65,12 +65,18 @@ class Compressor:
         self._configs: dict[int, DivisionConfig] = {}
         self._with_bits(cfg.activation_bits)
         self._at_bits: dict[int, BitsCompressor] = {}  # views for DivisionConfig.layer_bits (at_bits)
+        # eager: the tensors converted convolutions and norms gave in this forward, which a GELU
+        # whose layer does not say how its 4-D input lies takes as (N, C, *spatial) maps; tracked
+        # only where convert_model found such a GELU
+        self.track_conv_maps = False
+        self._conv_maps: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def new_forward(self) -> None:
         """Called before each forward of the root module: earlier records stop being reusable,
         and the next compression draws a new seed."""
         self.generation += 1
         self._entries = WeakIdKeyDictionary()
+        self._conv_maps = WeakIdKeyDictionary()
         self._streams = {}
         self._forward_seed = None
 
@@ -146,6 +152,17 @@ class Compressor:
         self._entries[x] = _Entry(self.generation, x._version, mode, bits, packed)
         return packed
 
+    def mark_conv_map(self, y: torch.Tensor) -> torch.Tensor:
+        """y, an (N, C, *spatial) map a converted convolution or norm gave, noted for is_conv_map."""
+        if self.track_conv_maps and not torch.compiler.is_compiling():
+            self._conv_maps[y] = True
+        return y
+
+    def is_conv_map(self, x: torch.Tensor) -> bool:
+        """Whether x is, as it is (not a view of it), a map a converted convolution or norm gave in
+        this forward (never under torch.compile, which cannot trace the weak dictionary)."""
+        return self.track_conv_maps and not torch.compiler.is_compiling() and x in self._conv_maps
+
     def at_bits(self, bits: int) -> BitsCompressor:
         """This compressor as seen by layers whose records take `bits` HFC bits (layer_bits)."""
         if bits not in self._at_bits:
@@ -163,15 +180,16 @@ class Compressor:
 
     def __deepcopy__(self, memo: dict) -> Compressor:
         new = Compressor(self.cfg)  # a copied model starts with an empty cache
-        new.token_grid = self.token_grid
+        new.token_grid, new.track_conv_maps = self.token_grid, self.track_conv_maps
         return new
 
     def __getstate__(self) -> dict:
-        return {"cfg": self.cfg, "token_grid": self.token_grid}
+        return {"cfg": self.cfg, "token_grid": self.token_grid, "track_conv_maps": self.track_conv_maps}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["cfg"])
         self.token_grid = state.get("token_grid")
+        self.track_conv_maps = state.get("track_conv_maps", False)
 
 
 class BitsCompressor:
@@ -196,3 +214,9 @@ class BitsCompressor:
 
     def record_mode(self, x: torch.Tensor, mode: str, bits: int) -> str:
         return self.root.record_mode(x, mode, bits)
+
+    def mark_conv_map(self, y: torch.Tensor) -> torch.Tensor:
+        return self.root.mark_conv_map(y)
+
+    def is_conv_map(self, x: torch.Tensor) -> bool:
+        return self.root.is_conv_map(x)

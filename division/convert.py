@@ -16,6 +16,7 @@ from .config import DivisionConfig
 from .layers import (
     CONTAINER_LAYOUTS,
     CONVERSIONS,
+    DivisionGELU,
     DivisionLayer,
     set_conv_activations,
     set_maps_after_permute,
@@ -190,6 +191,7 @@ def convert_model(
     compressor.token_grid = token_grid
     _convert_inside(model, cfg, compressor)
     _follow_plan(model, "", plan, compressor)
+    compressor.track_conv_maps = any(isinstance(m, DivisionGELU) and m.map_layout is None for m in model.modules())
     setattr(model, STATE_ATTR, compressor)
     model.register_forward_pre_hook(compressor)
     return model

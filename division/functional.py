@@ -476,23 +476,52 @@ class ActivationFn(Function):
 
 
 class ScaleFn(Function):
-    """Squeeze-and-excitation's `scale * x` (scale broadcast over x's spatial dims) saving x
-    compressed and the small scale as it is. Backward is stock's mul backward: gx = gy * scale,
-    gscale = (gy * x) summed to scale's shape."""
+    """Squeeze-and-excitation's `scale * x` (scale broadcast over x's spatial dims; a layer
+    scale's over its tokens or map positions) saving x compressed, as an (N, C, *spatial) map or in
+    `layout` (_compress_layout), and the small scale as it is. Backward is stock's mul backward:
+    gx = gy * scale, gscale = (gy * x) summed to scale's shape."""
 
     @staticmethod
-    def forward(ctx, x, scale, compressor: Compressor):
-        packed = compressor.compress(x) if ctx.needs_input_grad[1] else None
+    def forward(ctx, x, scale, compressor: Compressor, layout: Layout | None = None):
+        packed = None
+        if ctx.needs_input_grad[1]:
+            packed = compressor.compress(x) if layout is None else _compress_layout(compressor, x, layout)
         _save(ctx, packed, scale if ctx.needs_input_grad[0] else None)
-        ctx.scale_shape = scale.shape
+        ctx.scale_shape, ctx.layout, ctx.x_shape = scale.shape, layout, x.shape
         return scale * x
 
     @staticmethod
     def backward(ctx, gy):
         packed, (scale,) = _load(ctx)
         gx = gy * scale if ctx.needs_input_grad[0] else None
-        gs = (gy * decompress(packed)).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
-        return gx, gs, None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            x = decompress(packed) if ctx.layout is None else _decompress_layout(packed, ctx.layout, ctx.x_shape)
+            gs = (gy * x).sum_to_size(ctx.scale_shape)
+        return gx, gs, None, None
+
+
+class RecomputeFn(Function):
+    """`fn(x, *params)` for a small function of x whose backward needs x (ConvNeXt-V2's global
+    response norm), saving x compressed, as an (N, C, *spatial) map or in `layout`, and the
+    parameters as they are: backward reruns fn on the rebuilt x under forward's autocast state and
+    differentiates it there (stock's backward at the rebuilt input, as every DIVISION layer's)."""
+
+    @staticmethod
+    def forward(ctx, x, fn: Callable[..., torch.Tensor], compressor: Compressor, layout: Layout | None, *params):
+        packed = compressor.compress(x) if layout is None else _compress_layout(compressor, x, layout)
+        _save(ctx, packed, *params)
+        ctx.fn, ctx.layout, ctx.x_shape = fn, layout, x.shape
+        ctx.autocast = autocast_state(x.device.type)
+        return fn(x, *params)
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, params = _load(ctx, differentiable=False)
+        x = decompress(packed) if ctx.layout is None else _decompress_layout(packed, ctx.layout, ctx.x_shape)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
+        gx, *gparams = recompute_grads(ctx.fn, [x, *params], needs, ctx.autocast, gy)
+        return gx, None, None, None, *gparams
 
 
 ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"

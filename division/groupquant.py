@@ -99,15 +99,17 @@ class GroupQuantCompressor(Compressor):
 
     def __deepcopy__(self, memo: dict) -> GroupQuantCompressor:
         new = GroupQuantCompressor(self.bits, self.group_size)
-        new.token_grid = self.token_grid
+        new.token_grid, new.track_conv_maps = self.token_grid, self.track_conv_maps
         return new
 
     def __getstate__(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "token_grid": self.token_grid}
+        return {"bits": self.bits, "group_size": self.group_size, "token_grid": self.token_grid,
+                "track_conv_maps": self.track_conv_maps}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["bits"], state["group_size"])
         self.token_grid = state.get("token_grid")
+        self.track_conv_maps = state.get("track_conv_maps", False)
 
 
 def convert_model_actnn(model: nn.Module, bits: int = 2, group_size: int = 256) -> nn.Module:

@@ -155,10 +155,11 @@ class _DivisionConvNd(DivisionLayer):
             x, padding = _explicit_padding(x, padding, self.kernel_size, self.dilation)
         (x, cast_weight, bias), autocast_off = _autocast(x, weight, self.bias)
         with autocast_off:
-            return ConvFn.apply(
+            y = ConvFn.apply(
                 x, cast_weight, bias, list(self.stride), list(padding), list(self.dilation),
                 self.groups, self.compressor, recipe or _master(cast_weight, weight),
             )
+        return self.compressor.mark_conv_map(y)
 
 
 def _explicit_padding(
@@ -245,12 +246,13 @@ class _DivisionBatchNorm(DivisionLayer):
             )
         # (N, C) inputs have no spatial extent to split into LFC and HFC: they are kept as they are
         mode = "exact" if x.dim() == 2 else None
-        return BatchNormFn.apply(
+        y = BatchNormFn.apply(
             x, self.weight, self.bias,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
             factor, self.eps, self.compressor, mode,
         )
+        return self.compressor.mark_conv_map(y)
 
 
 class DivisionBatchNorm1d(_DivisionBatchNorm, nn.BatchNorm1d):
@@ -286,8 +288,9 @@ class DivisionGroupNorm(DivisionLayer, nn.GroupNorm):
         (x, weight, bias), autocast_off = _fp32_under_cuda_autocast(x, self.weight, self.bias)
         x = x.contiguous(memory_format=memory_format_of(x)) if x.device.type == "cpu" else x.contiguous()
         with autocast_off:
-            return GroupNormFn.apply(x, weight, bias, self.num_groups, self.eps, self.compressor,
-                                     "exact" if x.dim() == 2 else None)
+            y = GroupNormFn.apply(x, weight, bias, self.num_groups, self.eps, self.compressor,
+                                  "exact" if x.dim() == 2 else None)
+        return self.compressor.mark_conv_map(y)
 
 
 class DivisionReLU(DivisionLayer, nn.ReLU):
@@ -529,13 +532,16 @@ def channel_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class DivisionGELU(DivisionLayer, nn.GELU):
     """(N, T, D) token inputs are saved as token records, the 4-D and 5-D inputs of a map layer
     (set_map_layers: ConvNeXt's, Swin's and MaxViT's blocks) as maps, the (N, C, *spatial) inputs
-    of a GELU after a convolution (set_conv_activations) as SiLU's are (ActivationFn); others as
-    stock (a lone 4-D input could be either kind of map)."""
+    of a GELU after a convolution (set_conv_activations, set_conv_gelus, or an input that is, as it
+    is, what a converted convolution or norm gave in this forward: Compressor.is_conv_map) as
+    SiLU's are (ActivationFn); others as stock (a lone 4-D input could be either kind of map)."""
 
     map_layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = _input_layout(self, x)
+        if layout is None and self.map_layout is None and 3 <= x.dim() <= 5 and self.compressor.is_conv_map(x):
+            layout = CONV
         if not _needs_saving(self, x) or layout is None:
             return super().forward(x)
         if layout == CONV:
@@ -630,6 +636,16 @@ def set_conv_activations(sequential: nn.Sequential) -> None:
         if isinstance(layer, DivisionGELU) and isinstance(before, CONV_OUTPUTS):
             layer.map_layout = CONV
         before = layer
+
+
+def set_conv_gelus(container: nn.Module, names: tuple[str, ...]) -> None:
+    """The GELUs of `container` named act on (N, C, *spatial) maps, as convolutions give them, and
+    save records of them (ActivationFn), where a lone GELU's 4-D input keeps stock's (it could be an
+    (N, H, W, C) map)."""
+    for name in names:
+        layer = getattr(container, name, None)
+        if isinstance(layer, DivisionGELU):
+            layer.map_layout = CONV
 
 
 # what a container that is not converted itself (a whole model) says of how its converted layers'

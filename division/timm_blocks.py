@@ -33,6 +33,7 @@ from .layers import (
     _DivisionBatchNorm,
     _needs_saving,
     channel_layer_norm,
+    set_conv_gelus,
     set_map_layers,
 )
 
@@ -41,6 +42,7 @@ try:
     from timm.layers import LayerNorm as TimmLayerNorm
     from timm.layers import LayerNorm2d as TimmLayerNorm2d
     from timm.layers.activations import GELU as TimmGELU
+    from timm.layers.activations import GELUTanh as TimmGELUTanh
     from timm.layers.split_attn import SplitAttn
     from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
     from timm.models._efficientnet_blocks import SqueezeExcite
@@ -168,6 +170,10 @@ TIMM_GELU_FORWARD = """
 def forward(self, input: torch.Tensor) -> torch.Tensor:
     return F.gelu(input)
 """
+TIMM_GELU_TANH_FORWARD = """
+def forward(self, input: torch.Tensor) -> torch.Tensor:
+    return F.gelu(input, approximate='tanh')
+"""
 CONVNEXT_BLOCK_FORWARD = """
 def forward(self, x: torch.Tensor) -> torch.Tensor:
     \"\"\"Forward pass.\"\"\"
@@ -203,6 +209,9 @@ if BatchNormAct2d is not None:
     class DivisionBatchNormAct2d(_DivisionBatchNorm, BatchNormAct2d):
         """timm's BatchNormAct2d: in training, stock's batch norm saving its input compressed
         (_DivisionBatchNorm), then its `drop` and `act` layers; otherwise timm's own forward."""
+
+        def convert_inner(self) -> None:
+            set_conv_gelus(self, ("act",))  # a GELU act takes the norm's (N, C, H, W) map
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.ndim != 4 or not _needs_saving(self, x):
@@ -298,13 +307,22 @@ if BatchNormAct2d is not None:
         STOCK_CLASS = TimmGELU
         approximate = "none"
 
+    class DivisionTimmGELUTanh(DivisionGELU, TimmGELUTanh):
+        """timm's GELUTanh (F.gelu, tanh form; timm's MaxViT, CoAtNet): as nn.GELU('tanh') converted,
+        and reverted to timm's class."""
+
+        STOCK_CLASS = TimmGELUTanh
+        approximate = "tanh"
+
     class DivisionConvNeXtBlock(DivisionLayer, ConvNeXtBlock):
         """timm's ConvNeXt block, as torchvision's (DivisionCNBlock): its LayerNorm and MLP run on
         an (N, H, W, C) map and save map records (its Linears converted: pointwise convolutions),
         and `x * gamma` saves x compressed (ScaleFn) where stock keeps it whole."""
 
         def convert_inner(self) -> None:
-            if not self.use_conv_mlp:  # with conv_mlp, (N, C, H, W) maps and 1x1 convolutions
+            if self.use_conv_mlp:  # (N, C, H, W) maps and 1x1 convolutions (ConvNeXt-V2's atto..nano)
+                set_conv_gelus(self.mlp, ("act",))
+            else:
                 set_map_layers(self, self.compressor, {"norm"})
                 set_map_layers(self.mlp, self.compressor)
 
@@ -329,14 +347,22 @@ if BatchNormAct2d is not None:
                                        (TimmLayerNorm2d, DivisionTimmLayerNorm2d, LAYER_NORM_2D_FORWARD),
                                        (TimmAttention, DivisionTimmAttention, ATTENTION_FORWARD),
                                        (ConvNeXtBlock, DivisionConvNeXtBlock, CONVNEXT_BLOCK_FORWARD),
-                                       (TimmGELU, DivisionTimmGELU, TIMM_GELU_FORWARD)):
+                                       (TimmGELU, DivisionTimmGELU, TIMM_GELU_FORWARD),
+                                       (TimmGELUTanh, DivisionTimmGELUTanh, TIMM_GELU_TANH_FORWARD)):
         if forward_reads(_timm, _forward):
             TIMM_CONVERSIONS[_timm] = _division
 
     from .timm_convs import NFNET_LAYOUTS, timm_conv_conversions
+    from .timm_scales import timm_scale_conversions
     from .timm_swin import SWIN_LAYOUTS, timm_swin_conversions
 
     TIMM_CONVERSIONS.update(timm_conv_conversions(forward_reads))
+    TIMM_CONVERSIONS.update(timm_scale_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_swin_conversions(forward_reads))
     TIMM_CONTAINER_LAYOUTS.update(NFNET_LAYOUTS)
     TIMM_CONTAINER_LAYOUTS.update(SWIN_LAYOUTS)
+    # FastViT's blocks end in an activation of a sum of their convolution branches' maps
+    from timm.models.fastvit import MobileOneBlock, ReparamLargeKernelConv
+
+    for _block in (MobileOneBlock, ReparamLargeKernelConv):
+        TIMM_CONTAINER_LAYOUTS[_block] = lambda block, compressor: set_conv_gelus(block, ("act",))

@@ -30,8 +30,8 @@ from timm.models.nfnet import NormFreeBlock, NormFreeNet
 from torch import nn
 
 from .compressor import Compressor
-from .functional import CONV, WeightRecipe
-from .layers import DivisionConv2d, DivisionGELU, DivisionGroupNorm, DivisionLayer, _needs_saving
+from .functional import WeightRecipe
+from .layers import DivisionConv2d, DivisionGroupNorm, DivisionLayer, _needs_saving, set_conv_gelus
 
 # timm's forwards (1.0) that the converted ones below follow
 STD_CONV_FORWARD = """
@@ -154,6 +154,9 @@ class _GroupNormAct(DivisionGroupNorm):
     """timm's GroupNormAct / GroupNorm1Act: the norm saving its input compressed, then its `drop`
     and `act` layers (converted as any others); with timm's fast (APEX) kernel, timm's forward."""
 
+    def convert_inner(self) -> None:
+        set_conv_gelus(self, ("act",))  # a GELU act takes the norm's (N, C, *spatial) map
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_norm or not self.saves(x):
             return super(DivisionLayer, self).forward(x)  # timm's, the class after the conversions
@@ -166,16 +169,6 @@ class DivisionGroupNormAct(_GroupNormAct, GroupNormAct):
 
 class DivisionGroupNorm1Act(_GroupNormAct, GroupNorm1Act):
     pass
-
-
-def set_conv_gelus(container: nn.Module, names: tuple[str, ...]) -> None:
-    """The GELUs of `container` named act on (N, C, H, W) maps, as convolutions give them, and save
-    records of them (ActivationFn), where a lone GELU's 4-D input keeps stock's (it could be an
-    (N, H, W, C) map)."""
-    for name in names:
-        layer = getattr(container, name, None)
-        if isinstance(layer, DivisionGELU):
-            layer.map_layout = CONV
 
 
 class DivisionNormFreeBlock(DivisionLayer, NormFreeBlock):

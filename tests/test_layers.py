@@ -689,6 +689,51 @@ def test_gelu_after_a_convolution_saves_its_conv_map_as_silu_does(before: str, a
         assert saved_bytes(converted[-1], torch.randn(2, 3, 16, 16)) == 2 * 3 * 16 * 16 * 4
 
 
+class ConvGeluBlock(nn.Module):
+    """A block that applies its GELU to what its convolution gave (not a Sequential: nothing says
+    the GELU's 4-D input is a conv map but where it came from), then to a channels-last view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.GELU()
+        self.act_hwc = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        return y + self.act_hwc(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_gelu_of_a_converted_convolutions_output_saves_a_conv_map_record() -> None:
+    """A GELU whose input is, as it is, a converted convolution's output in this forward takes it
+    as an (N, C, H, W) map (as after a convolution in a Sequential); one on a permuted view of it
+    keeps stock's; exact mode is stock's bit for bit. Only a model with such a GELU tracks outputs
+    (a copy too)."""
+    from division.functional import ActivationFn
+
+    x = torch.randn(2, 3, 16, 16)
+    stock, exact = converted_pair(ConvGeluBlock, division.DivisionConfig(backward_mode="exact"))
+    (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, model = converted_pair(ConvGeluBlock, division.DivisionConfig())
+    compressor = model._division_compressor
+    assert compressor.track_conv_maps and copy.deepcopy(model)._division_compressor.track_conv_maps
+    calls: list[int] = []
+    apply = ActivationFn.apply
+    ActivationFn.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore[method-assign]
+    try:
+        run(model, x)
+    finally:
+        ActivationFn.apply = apply  # type: ignore[method-assign]
+    assert len(calls) == 1  # act; act_hwc's input is a view, which keeps stock's
+    rows = {r.name: r for r in division.summary(model, x).rows}
+    assert rows["act"].saved_bytes * 4 < rows["act"].vanilla_bytes and rows["act_hwc"].saved_bytes == 2 * 16 * 16 * 8 * 4
+    import torchvision
+
+    resnet = division.convert_model(torchvision.models.resnet18())
+    assert not resnet._division_compressor.track_conv_maps  # no GELU: nothing to track
+
+
 def test_squeeze_excitation_saves_its_input_compressed_and_converts_its_layers() -> None:
     """torchvision's SE block: exact mode is stock's bit for bit (input and parameter gradients),
     a faithful codec gives stock's gradients to its precision, and DIVISION keeps a compressed copy
