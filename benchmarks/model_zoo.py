@@ -43,7 +43,7 @@ from division.layers import CONVERSIONS, DivisionLayer
 MODELS = ["resnet50", "densenet121", "googlenet", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
           "regnet_y_400mf", "convnext_tiny", "swin_t", "swin_v2_t", "maxvit_t"]
 BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}  # one output in training mode
-FIXED_SIZE = {"maxvit_t": 224}  # built for one image size (its partition grids): both batches at it
+FIXED_SIZE = {"maxvit_t": 224, "efficientformer_l1": 224}  # built for one image size (partition grids, attention biases)
 # what the paper's method converts; the rest of CONVERSIONS came later
 PAPER_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.MaxPool2d,
                 nn.Dropout, nn.Linear)
