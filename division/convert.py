@@ -182,6 +182,7 @@ def convert_model(
         layer = new_cls.from_module(model, single)
         _convert_inside(layer, cfg, single)  # a lone container's layers (squeeze-and-excitation)
         _follow_plan(layer, "", plan, single)
+        single.track_conv_maps = _has_gelu_of_unknown_layout(layer)
         # the layer is its own root: each call draws this forward's seed, as a model's forward
         # does, so torch.manual_seed reproduces it; its own hook dict, not the original's
         layer._forward_pre_hooks = layer._forward_pre_hooks.copy()
@@ -191,10 +192,16 @@ def convert_model(
     compressor.token_grid = token_grid
     _convert_inside(model, cfg, compressor)
     _follow_plan(model, "", plan, compressor)
-    compressor.track_conv_maps = any(isinstance(m, DivisionGELU) and m.map_layout is None for m in model.modules())
+    compressor.track_conv_maps = _has_gelu_of_unknown_layout(model)
     setattr(model, STATE_ATTR, compressor)
     model.register_forward_pre_hook(compressor)
     return model
+
+
+def _has_gelu_of_unknown_layout(model: nn.Module) -> bool:
+    """Whether a converted GELU of `model` is not told how its 4-D inputs lie: then the compressor
+    notes what converted convolutions and norms give (Compressor.is_conv_map), else it need not."""
+    return any(isinstance(m, DivisionGELU) and m.map_layout is None for m in model.modules())
 
 
 def uncompiled(model: nn.Module) -> nn.Module:

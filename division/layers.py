@@ -196,10 +196,11 @@ class _DivisionConvTransposeNd(DivisionLayer):
     def _transposed(self, x: torch.Tensor, output_padding: list[int]) -> torch.Tensor:
         (x, weight, bias), autocast_off = _autocast(x, self.weight, self.bias)
         with autocast_off:
-            return ConvFn.apply(
+            y = ConvFn.apply(
                 x, weight, bias, list(self.stride), list(self.padding), list(self.dilation),
                 self.groups, self.compressor, _master(weight, self.weight), True, output_padding,
             )
+        return self.compressor.mark_conv_map(y)
 
 
 class DivisionConvTranspose1d(_DivisionConvTransposeNd, nn.ConvTranspose1d):
