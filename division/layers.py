@@ -540,9 +540,10 @@ class DivisionGELU(DivisionLayer, nn.GELU):
     map_layout: Layout | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout = _input_layout(self, x)
-        if layout is None and self.map_layout is None and 3 <= x.dim() <= 5 and self.compressor.is_conv_map(x):
-            layout = CONV
+        if self.map_layout is None and 3 <= x.dim() <= 5 and self.compressor.is_conv_map(x):
+            layout: Layout | None = CONV  # (a Conv1d's (N, C, L) output too, which would pass for tokens)
+        else:
+            layout = _input_layout(self, x)
         if not _needs_saving(self, x) or layout is None:
             return super().forward(x)
         if layout == CONV:

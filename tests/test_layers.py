@@ -734,6 +734,41 @@ def test_a_gelu_of_a_converted_convolutions_output_saves_a_conv_map_record() -> 
     assert not resnet._division_compressor.track_conv_maps  # no GELU: nothing to track
 
 
+class Conv1dGelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv1d(4, 8, 3), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def test_a_gelu_of_a_conv1d_output_takes_it_as_a_conv_map_not_as_tokens() -> None:
+    """A Conv1d's (N, C, L) output would pass for (N, T, D) tokens by its shape; as a converted
+    convolution's output it is a conv map (ActivationFn, activation_bits), stock's in exact mode."""
+    from division.functional import ActivationFn, GELUFn
+
+    x = torch.randn(2, 4, 130)
+    stock, exact = converted_pair(Conv1dGelu, division.DivisionConfig(backward_mode="exact"))
+    (y0, g0), (y1, g1) = run(stock, x), run(exact, x)
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    _, model = converted_pair(Conv1dGelu, division.DivisionConfig())
+    used: list[str] = []
+
+    def recording(apply: Callable, name: str) -> Callable:
+        return lambda *a: used.append(name) or apply(*a)
+
+    originals = {fn: fn.apply for fn in (ActivationFn, GELUFn)}
+    for fn, apply in originals.items():
+        fn.apply = recording(apply, fn.__name__)  # type: ignore[method-assign]
+    try:
+        run(model, x)
+    finally:
+        for fn, apply in originals.items():
+            fn.apply = apply  # type: ignore[method-assign]
+    assert used == ["ActivationFn"]
+
+
 def test_squeeze_excitation_saves_its_input_compressed_and_converts_its_layers() -> None:
     """torchvision's SE block: exact mode is stock's bit for bit (input and parameter gradients),
     a faithful codec gives stock's gradients to its precision, and DIVISION keeps a compressed copy
