@@ -47,21 +47,6 @@ def forward(self, x):
     x = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
     return x
 """
-STD_CONV_SAME_FORWARD = """
-def forward(self, x):
-    if self.same_pad:
-        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-    weight = F.batch_norm(
-        self.weight.reshape(1, self.out_channels, -1),
-        None,  # running_mean
-        None,  # running_var
-        training=True,
-        momentum=0.,
-        eps=self.eps,
-    ).reshape_as(self.weight)
-    x = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-    return x
-"""
 SCALED_STD_CONV_FORWARD = """
 def forward(self, x):
     weight = F.batch_norm(
@@ -75,21 +60,17 @@ def forward(self, x):
     ).reshape_as(self.weight)
     return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 """
-SCALED_STD_CONV_SAME_FORWARD = """
-def forward(self, x):
-    if self.same_pad:
-        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-    weight = F.batch_norm(
-        self.weight.reshape(1, self.out_channels, -1),
-        None,  # running_mean
-        None,  # running_var
-        weight=(self.gain * self.scale).view(-1),
-        training=True,
-        momentum=0.,
-        eps=self.eps,
-    ).reshape_as(self.weight)
-    return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-"""
+
+
+def padded_same_first(forward: str) -> str:
+    """timm's 'same' variant of a forward (StdConv2dSame's of StdConv2d's): x padded to 'same' first."""
+    head = "def forward(self, x):\n"
+    return forward.replace(head, head + "    if self.same_pad:\n        x = pad_same(x, self.kernel_size, self.stride, self.dilation)\n", 1)
+
+
+STD_CONV_SAME_FORWARD = padded_same_first(STD_CONV_FORWARD)
+SCALED_STD_CONV_SAME_FORWARD = padded_same_first(SCALED_STD_CONV_FORWARD)
+
 GROUP_NORM_ACT_FORWARD = """
 def forward(self, x):
     if self._fast_norm:

@@ -14,6 +14,7 @@ from transformer_checks import (
     check_on_cuda,
     count_applies,
     draw_cosines,
+    faithful_grads,
     grads_of,
 )
 
@@ -68,15 +69,13 @@ def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(version: i
     """A codec that gives its input back exactly (B = 1, float32 LFC): the recomputed attention
     (v2: relative positions and the residual q) gives stock's gradients, under bf16 autocast too."""
     stock = tiny_mvit(version)
-    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     x = torch.randn(2, 3, *CLIP)
     y0, g0 = grads_of(stock, x, autocast=autocast)
-    results = []
-    assert count_applies(mvit.MultiscaleAttentionFn, lambda: results.append(grads_of(faithful, x, autocast=autocast))) == 3
-    assert torch.equal(y0, results[0][0])
+    applies, y1, g1 = faithful_grads(stock, x, mvit.MultiscaleAttentionFn, autocast)
+    assert applies == 3 and torch.equal(y0, y1)
     # the key norm's bias has a gradient of exactly 0 (softmax does not see a shift of all keys),
     # which both compute as float noise: to the model's gradient scale
-    assert_same_gradients(results[0][1], g0, model_scale=True)
+    assert_same_gradients(g1, g0, model_scale=True)
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -16,6 +16,7 @@ from transformer_checks import (
     check_on_cuda,
     count_applies,
     draw_cosines,
+    faithful_grads,
     grads_of,
 )
 
@@ -107,14 +108,11 @@ def test_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(version: i
     logit scale, padded positions included (they come back as the qkv bias), under bf16 autocast
     too (the recomputation runs under forward's autocast state)."""
     stock = tiny_swin(version)
-    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     x = torch.randn(3, 3, size, size)
     y0, g0 = grads_of(stock, x, autocast=autocast)
-    results = []
-    run = lambda: results.append(grads_of(faithful, x, autocast=autocast))  # noqa: E731
-    assert count_applies(swin.WindowAttentionFn, run) == 4  # every block's attention was recomputed
-    assert torch.equal(y0, results[0][0])
-    assert_same_gradients(results[0][1], g0)
+    applies, y1, g1 = faithful_grads(stock, x, swin.WindowAttentionFn, autocast)
+    assert applies == 4 and torch.equal(y0, y1)  # every block's attention was recomputed
+    assert_same_gradients(g1, g0)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -239,13 +237,11 @@ def test_video_swin_attention_gradients_are_autograds_on_the_reconstructed_q_k_v
     """A codec that gives its input back exactly: the recomputed 3-d window attention (shift mask,
     shrunk windows, padding) gives stock's gradients."""
     stock = tiny_swin3d()
-    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     x = torch.randn(2, 3, *clip)
     y0, g0 = grads_of(stock, x)
-    results = []
-    assert count_applies(swin.WindowAttentionFn, lambda: results.append(grads_of(faithful, x))) == 4
-    assert torch.equal(y0, results[0][0])
-    assert_same_gradients(results[0][1], g0)
+    applies, y1, g1 = faithful_grads(stock, x, swin.WindowAttentionFn)
+    assert applies == 4 and torch.equal(y0, y1)
+    assert_same_gradients(g1, g0)
 
 
 def test_division_video_swin_saves_less_and_its_gradients_average_to_stocks() -> None:

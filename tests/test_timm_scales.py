@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_timm import grads
 from torch import nn
-from transformer_checks import count_applies, grads_of
+from transformer_checks import count_applies, faithful_grads, grads_of
 
 import division
 from division.functional import CONV, RecomputeFn, ScaleFn
@@ -61,12 +61,9 @@ def test_convnext_v2_saves_its_response_norm_and_conv_mlp_records(name: str) -> 
     stock = timm.create_model(name, num_classes=10, drop_path_rate=0.0)
     x = torch.randn(2, 3, 64, 64)
     assert_exact_mode_is_timms(stock, x)
-    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
-    (y0, g0), results = grads_of(stock, x), []
-    blocks = sum(len(stage.blocks) for stage in stock.stages)
-    assert count_applies(RecomputeFn, lambda: results.append(grads_of(faithful, x))) == blocks
-    ((y1, g1),) = results
-    assert torch.equal(y0, y1)
+    y0, g0 = grads_of(stock, x)
+    applies, y1, g1 = faithful_grads(stock, x, RecomputeFn)
+    assert applies == sum(len(stage.blocks) for stage in stock.stages) and torch.equal(y0, y1)
     assert all(torch.allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6 * g0[k].abs().max()) for k in g0)
     model = division.convert_model(copy.deepcopy(stock))
     assert model.stages[0].blocks[0].mlp.act.map_layout == CONV

@@ -15,6 +15,7 @@ from transformer_checks import (
     check_on_cuda,
     count_applies,
     draw_cosines,
+    faithful_grads,
     grads_of,
 )
 
@@ -111,14 +112,11 @@ def test_timm_attention_gradients_are_autograds_on_the_reconstructed_q_k_v(size:
     attention gives timm's gradients: q, k, v and the relative position bias, padded positions
     included, under bf16 autocast too."""
     stock = tiny_swin(size)
-    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
     x = torch.randn(3, 3, size, size)
     y0, g0 = grads_of(stock, x, autocast=autocast)
-    results = []
-    run = lambda: results.append(grads_of(faithful, x, autocast=autocast))  # noqa: E731
-    assert count_applies(swin.WindowAttentionFn, run) == 4  # every block's attention was recomputed
-    assert torch.equal(y0, results[0][0])
-    assert_same_gradients(results[0][1], g0)
+    applies, y1, g1 = faithful_grads(stock, x, swin.WindowAttentionFn, autocast)
+    assert applies == 4 and torch.equal(y0, y1)  # every block's attention was recomputed
+    assert_same_gradients(g1, g0)
 
 
 def test_division_timm_swin_saves_a_tenth_and_its_gradients_average_to_timms() -> None:

@@ -97,6 +97,18 @@ def check_compiled_keeps_records(base: nn.Module, x: torch.Tensor, part: str, fe
     assert saved["compiled"] <= slack * saved["core kept"] < saved["stock"] / fewer, saved
 
 
+def faithful_grads(stock: nn.Module, x: torch.Tensor, function: type, autocast: bool = False
+                   ) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+    """With a codec that gives its input back exactly (B = 1, float32 LFC), a converted copy of
+    `stock`'s output and gradients (grads_of), and how many times its step applied `function`
+    (a recomputed attention: what the gradients then check)."""
+    faithful = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(block_size=1, lfc_dtype="float32"))
+    results = []
+    applies = count_applies(function, lambda: results.append(grads_of(faithful, x, autocast=autocast)))
+    ((y, grads),) = results
+    return applies, y, grads
+
+
 def draw_cosines(stock: nn.Module, model: nn.Module, x: torch.Tensor, part: str, draws: int = 8) -> tuple[float, float]:
     """Cosines to stock's gradient of `part`: of one DIVISION draw's, and of the mean of `draws` draws'
     (DIVISION's noise averages away: the second is the larger)."""
