@@ -649,24 +649,32 @@ def _heads_to_tokens(t: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionFn(Function):
-    """scaled_dot_product_attention without mask or dropout, saving q, k and v as token records
-    instead of what SDPA saves (q, k, v, its output and statistics): backward recomputes the
-    attention on their reconstructions and differentiates it there (stock's SDPA backward), one
-    more attention forward for a tenth of the memory."""
+    """scaled_dot_product_attention without dropout, saving q, k and v as token records instead of
+    what SDPA saves (q, k, v, its output and statistics): backward recomputes the attention on
+    their reconstructions and differentiates it there (stock's SDPA backward), one more attention
+    forward for a tenth of the memory. `bias`: an additive attention mask that does not grow with
+    the batch (a relative position bias: heads x T x T), kept as it is and given its gradient; in
+    q's dtype, as autocast would cast it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, compressor: Compressor):
-        out = F.scaled_dot_product_attention(q, k, v)
+    def forward(ctx, q, k, v, compressor: Compressor, bias=None):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         records = [compress_tokens(compressor, _heads_to_tokens(t)) for t in (q, k, v)]
-        _save_records(ctx, records)
+        _save_records(ctx, records, bias)
         ctx.shape = q.shape
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        records, _ = _load_records(ctx, differentiable=False)
+        records, (bias,) = _load_records(ctx, differentiable=False)
         n, h, t, d = ctx.shape
-        qkv = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True) for r in records]
+        inputs = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True) for r in records]
+        if bias is not None:
+            inputs.append(bias.detach().requires_grad_(ctx.needs_input_grad[4]))
         with torch.enable_grad():
-            out = F.scaled_dot_product_attention(*qkv)
-        return (*torch.autograd.grad(out, qkv, gy), None)
+            q, k, v = inputs[:3]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else inputs[3].to(q.dtype))
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, gy))
+        gq, gk, gv, *gbias = [next(grads) if t.requires_grad else None for t in inputs]
+        return gq, gk, gv, None, gbias[0] if gbias else None

@@ -353,16 +353,15 @@ if BatchNormAct2d is not None:
             TIMM_CONVERSIONS[_timm] = _division
 
     from .timm_convs import NFNET_LAYOUTS, timm_conv_conversions
+    from .timm_layouts import LAYOUTS
+    from .timm_maxxvit import timm_maxxvit_conversions
     from .timm_scales import timm_scale_conversions
     from .timm_swin import SWIN_LAYOUTS, timm_swin_conversions
 
     TIMM_CONVERSIONS.update(timm_conv_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_scale_conversions(forward_reads))
+    TIMM_CONVERSIONS.update(timm_maxxvit_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_swin_conversions(forward_reads))
     TIMM_CONTAINER_LAYOUTS.update(NFNET_LAYOUTS)
     TIMM_CONTAINER_LAYOUTS.update(SWIN_LAYOUTS)
-    # FastViT's blocks end in an activation of a sum of their convolution branches' maps
-    from timm.models.fastvit import MobileOneBlock, ReparamLargeKernelConv
-
-    for _block in (MobileOneBlock, ReparamLargeKernelConv):
-        TIMM_CONTAINER_LAYOUTS[_block] = lambda block, compressor: set_conv_gelus(block, ("act",))
+    TIMM_CONTAINER_LAYOUTS.update(LAYOUTS)

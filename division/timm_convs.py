@@ -1,4 +1,5 @@
-"""timm's weight-standardized convolutions and its group norm + activation, converted.
+"""timm's weight-standardized and 'same'-padded convolutions and pools, and its group norm +
+activation, converted.
 
 BiT's ResNetV2 and NFNet convolve with StdConv2d / ScaledStdConv2d: a Conv2d whose forward first
 standardizes its weight (F.batch_norm over each filter; NFNet scales it by a learned gain), so
@@ -6,7 +7,10 @@ stock keeps every convolution's input whole. Converted, the weight is standardiz
 op and the convolution saves its input compressed, as a converted Conv2d does (the gradient
 flows to the weight and gain through the standardization, as stock's). BiT's norms are
 GroupNormAct (a GroupNorm whose forward runs F.group_norm, then its `drop` and `act` children):
-converted, the norm saves its input compressed, as a converted GroupNorm does. NFNet's block runs
+converted, the norm saves its input compressed, as a converted GroupNorm does. Conv2dSame,
+AvgPool2dSame and MaxPool2dSame (TensorFlow-ported weights: EfficientNet's tf_ variants, MaxViT's)
+pad their input to 'same' in their forward, then convolve or pool: converted, the same padding,
+then the converted layer's own op (a compressed input; nothing; a window offset). NFNet's block runs
 GELUs on its convolutions' maps, which it says (their records are then conv-map records). Each
 forward written out again here converts only while timm's reads as the one followed (forward_reads).
 """
@@ -18,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from timm.layers import (
+    Conv2dSame,
     GroupNorm1Act,
     GroupNormAct,
     ScaledStdConv2d,
@@ -26,12 +31,21 @@ from timm.layers import (
     StdConv2dSame,
 )
 from timm.layers.padding import pad_same
+from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from timm.models.nfnet import NormFreeBlock, NormFreeNet
 from torch import nn
 
 from .compressor import Compressor
 from .functional import WeightRecipe
-from .layers import DivisionConv2d, DivisionGroupNorm, DivisionLayer, _needs_saving, set_conv_gelus
+from .layers import (
+    DivisionAvgPool2d,
+    DivisionConv2d,
+    DivisionGroupNorm,
+    DivisionLayer,
+    DivisionMaxPool2d,
+    _needs_saving,
+    set_conv_gelus,
+)
 
 # timm's forwards (1.0) that the converted ones below follow
 STD_CONV_FORWARD = """
@@ -70,6 +84,30 @@ def padded_same_first(forward: str) -> str:
 
 STD_CONV_SAME_FORWARD = padded_same_first(STD_CONV_FORWARD)
 SCALED_STD_CONV_SAME_FORWARD = padded_same_first(SCALED_STD_CONV_FORWARD)
+
+CONV_SAME_FORWARD = """
+def forward(self, x):
+    return conv2d_same(
+        x,
+        self.weight,
+        self.bias,
+        self.stride,
+        self.padding,
+        self.dilation,
+        self.groups,
+    )
+"""
+AVG_POOL_SAME_FORWARD = """
+def forward(self, x):
+    x = pad_same(x, self.kernel_size, self.stride)
+    return F.avg_pool2d(
+        x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+"""
+MAX_POOL_SAME_FORWARD = """
+def forward(self, x):
+    x = pad_same(x, self.kernel_size, self.stride, self.dilation, value=-float('inf'))
+    return F.max_pool2d(x, self.kernel_size, self.stride, (0, 0), self.dilation, self.ceil_mode)
+"""
 
 GROUP_NORM_ACT_FORWARD = """
 def forward(self, x):
@@ -131,6 +169,33 @@ class DivisionScaledStdConv2dSame(_StandardizedConv, ScaledStdConv2dSame):
     SCALED = True
 
 
+class DivisionConv2dSame(DivisionConv2d, Conv2dSame):
+    """timm's Conv2dSame: x padded to 'same' as timm pads it, then a convolution saving it compressed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not _needs_saving(self, x):
+            return Conv2dSame.forward(self, x)
+        return self.saving_conv(pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), self.weight)
+
+
+class DivisionAvgPool2dSame(DivisionAvgPool2d, AvgPool2dSame):
+    """timm's AvgPool2dSame: x padded to 'same', then average pooling that keeps nothing of it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not _needs_saving(self, x):
+            return AvgPool2dSame.forward(self, x)
+        return DivisionAvgPool2d.forward(self, pad_same(x, self.kernel_size, self.stride))
+
+
+class DivisionMaxPool2dSame(DivisionMaxPool2d, MaxPool2dSame):
+    """timm's MaxPool2dSame: x padded to 'same' with -inf, then max pooling keeping window offsets."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not _needs_saving(self, x):
+            return MaxPool2dSame.forward(self, x)
+        return DivisionMaxPool2d.forward(self, pad_same(x, self.kernel_size, self.stride, self.dilation, value=-float("inf")))
+
+
 class _GroupNormAct(DivisionGroupNorm):
     """timm's GroupNormAct / GroupNorm1Act: the norm saving its input compressed, then its `drop`
     and `act` layers (converted as any others); with timm's fast (APEX) kernel, timm's forward."""
@@ -170,6 +235,9 @@ def timm_conv_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Mo
                 (StdConv2dSame, DivisionStdConv2dSame, STD_CONV_SAME_FORWARD),
                 (ScaledStdConv2d, DivisionScaledStdConv2d, SCALED_STD_CONV_FORWARD),
                 (ScaledStdConv2dSame, DivisionScaledStdConv2dSame, SCALED_STD_CONV_SAME_FORWARD),
+                (Conv2dSame, DivisionConv2dSame, CONV_SAME_FORWARD),
+                (AvgPool2dSame, DivisionAvgPool2dSame, AVG_POOL_SAME_FORWARD),
+                (MaxPool2dSame, DivisionMaxPool2dSame, MAX_POOL_SAME_FORWARD),
                 (GroupNormAct, DivisionGroupNormAct, GROUP_NORM_ACT_FORWARD),
                 (GroupNorm1Act, DivisionGroupNorm1Act, GROUP_NORM_ACT_FORWARD))
     conversions = {timm_cls: division_cls for timm_cls, division_cls, forward in followed if forward_reads(timm_cls, forward)}

@@ -45,13 +45,15 @@ def forward(self, x):
 
 
 class DivisionLayerScale(DivisionLayer, LayerScale):
-    """timm's LayerScale on (N, T, D) tokens: x saved as a token record (the model's patch grid, as
-    its Linears'), where stock keeps it whole; in place, or on other inputs, timm's forward."""
+    """timm's LayerScale, which scales the last dimension: x saved as a token record on (N, T, D)
+    tokens (the model's patch grid, as its Linears'), as a map record on (N, H, W, C) maps
+    (MaxxViT-V2's channels-last blocks), where stock keeps it whole; in place, or on other inputs,
+    timm's forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace or x.dim() != 3 or not _needs_saving(self, x):
+        if self.inplace or not 3 <= x.dim() <= 5 or not _needs_saving(self, x):
             return LayerScale.forward(self, x)
-        return ScaleFn.apply(x, self.gamma, self.compressor, TOKENS)
+        return ScaleFn.apply(x, self.gamma, self.compressor, TOKENS if x.dim() == 3 else MAP)
 
 
 class DivisionLayerScale2d(DivisionLayer, LayerScale2d):
