@@ -222,3 +222,14 @@ def test_bit_and_nfnet_save_compressed_activations(build: object) -> None:
     if build is tiny_nfnet:  # its blocks' GELUs and its last one, after its last convolution
         blocks = [m for m in model.modules() if type(m).__name__ == "DivisionNormFreeBlock"]
         assert blocks and all(b.act2.map_layout == CONV for b in blocks) and model.final_act.map_layout == CONV
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("build", [tiny_bit, tiny_nfnet])
+def test_bit_and_nfnet_on_cuda(build: object) -> None:
+    """On a GPU: the standardized weight made again in backward (cuDNN's batch norm of the weights)
+    gives stock's gradients, exact and faithful."""
+    from transformer_checks import check_on_cuda
+
+    check_on_cuda(build().cuda(), torch.randn(4, 3, 64, 64, device="cuda"), "stages.", min_cosine=None)  # type: ignore[operator]

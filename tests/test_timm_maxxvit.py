@@ -71,3 +71,14 @@ def test_maxvit_and_coatnet_attention_saves_q_k_v_records(name: str) -> None:
         assert block.norm1.map_layout == block.mlp.fc1.map_layout == block.attn.qkv.map_layout == MAP
     report = division.summary(model, x)
     assert report.ratio > 5, report.ratio
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_coatnet_on_cuda() -> None:
+    """On a GPU: CoAtNet's attention with its bias (SDPA with a float mask), exact and faithful."""
+    from transformer_checks import check_on_cuda
+
+    torch.manual_seed(0)
+    stock = timm.create_model("coatnet_pico_rw_224", num_classes=10, drop_path_rate=0.0).cuda()
+    check_on_cuda(stock, torch.randn(2, 3, 224, 224, device="cuda"), "stages.", min_cosine=0.9)
