@@ -352,6 +352,7 @@ if BatchNormAct2d is not None:
         if forward_reads(_timm, _forward):
             TIMM_CONVERSIONS[_timm] = _division
 
+    from .timm_beit import timm_beit_conversions
     from .timm_convs import NFNET_LAYOUTS, timm_conv_conversions
     from .timm_layouts import LAYOUTS
     from .timm_maxxvit import timm_maxxvit_conversions
@@ -361,6 +362,7 @@ if BatchNormAct2d is not None:
     TIMM_CONVERSIONS.update(timm_conv_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_scale_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_maxxvit_conversions(forward_reads))
+    TIMM_CONVERSIONS.update(timm_beit_conversions(forward_reads))
     TIMM_CONVERSIONS.update(timm_swin_conversions(forward_reads))
     TIMM_CONTAINER_LAYOUTS.update(NFNET_LAYOUTS)
     TIMM_CONTAINER_LAYOUTS.update(SWIN_LAYOUTS)
