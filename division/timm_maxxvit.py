@@ -2,7 +2,8 @@
 
 Their fused attention (with a relative position bias, without dropout) is converted as timm's ViT
 attention is: q, k and v saved as token records, the attention recomputed in backward
-(AttentionFn; the bias, heads x T x T whatever the batch, kept as it is). AttentionCl runs on
+(AttentionFn; the bias, heads x T x T whatever the batch, made again in backward where its
+module draws no dropout, else kept). AttentionCl runs on
 channels-last partitions of MaxViT's maps (its projections map layers: timm_layouts.py),
 Attention2d on CoAtNet's (N, C, H, W) maps (its projections 1x1 convolutions). Their forwards are
 written out again, so each converts only while timm's reads as the one followed; otherwise, and
@@ -110,8 +111,15 @@ def _converts(attention: nn.Module, x: torch.Tensor) -> bool:
             and cfg.backward_mode != "exact" and not torch.compiler.is_compiling())
 
 
-def _bias(attention: nn.Module, shared_rel_pos: torch.Tensor | None) -> torch.Tensor | None:
-    return attention.rel_pos.get_bias() if attention.rel_pos is not None else shared_rel_pos
+def _bias(attention: nn.Module, shared_rel_pos: torch.Tensor | None
+          ) -> tuple[torch.Tensor | None, Callable[[], torch.Tensor] | None]:
+    """The attention's additive bias, and how backward makes it again where that gives the same
+    bias (its relative position module has no dropout that draws: a table's gather, or an MLP of
+    fixed coordinates); otherwise AttentionFn keeps it."""
+    if attention.rel_pos is None:
+        return shared_rel_pos, None
+    draws = attention.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in attention.rel_pos.modules())
+    return attention.rel_pos.get_bias(), None if draws else attention.rel_pos.get_bias
 
 
 class DivisionAttentionCl(DivisionLayer, AttentionCl):
@@ -130,7 +138,7 @@ class DivisionAttentionCl(DivisionLayer, AttentionCl):
             q, k, v = self.qkv(x).view(b, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
         else:
             q, k, v = self.qkv(x).reshape(b, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
-        x = AttentionFn.apply(q, k, v, self.compressor, _bias(self, shared_rel_pos))
+        x = AttentionFn.apply(q, k, v, self.compressor, *_bias(self, shared_rel_pos))
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(restore_shape + (-1,))))
 
 
@@ -147,7 +155,7 @@ class DivisionAttention2d(DivisionLayer, Attention2d):
         else:
             q, k, v = self.qkv(x).reshape(b, 3, self.num_heads, self.dim_head, -1).unbind(1)
         q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
-        x = AttentionFn.apply(q, k, v, self.compressor, _bias(self, shared_rel_pos))
+        x = AttentionFn.apply(q, k, v, self.compressor, *_bias(self, shared_rel_pos))
         return self.proj_drop(self.proj(x.transpose(-1, -2).reshape(b, -1, h, w)))
 
 
