@@ -103,7 +103,7 @@ def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] =
 
 class DivisionBeitAttention(DivisionLayer, BeitAttention):
     """BEiT's attention: its qkv input a token record, its fused attention recomputed in backward
-    with its relative position bias (and the model's shared one) kept."""
+    (its own relative position bias gathered again from its table, the model's shared one kept)."""
 
     COMPUTES_CHILDREN = True  # with q_bias it runs its qkv Linear's weight itself
 

@@ -5,11 +5,15 @@ whose forward runs F.batch_norm itself, then its `drop` and `act` children. Stoc
 input whole; converted, the norm saves it compressed, as a converted BatchNorm2d does, and the
 children are converted as any others (an act of ReLU keeps a 1-bit mask, SiLU its compressed input).
 Its squeeze-and-excitation modules end in `x * gate`, which keeps x whole: converted, x is saved
-compressed (ScaleFn), as for torchvision's, and so does ResNeSt's split attention. Its ViT's LayerNorm, GELU and attention are converted
-as torchvision's are (token records over the patch grid that tokens.infer_token_grid reads from
-timm's model; the attention recomputed from q, k, v records), its ConvNeXt block and LayerNorm2d
-as torchvision's (map records, `x * gamma` compressed), its Swin as torchvision's (timm_swin.py),
-its weight-standardized convolutions and GroupNormAct as convolutions and group norms (timm_convs.py).
+compressed (ScaleFn), as for torchvision's, and so does ResNeSt's split attention. Its ViT's
+LayerNorm, GELU and attention are converted as torchvision's are (token records over the patch
+grid that tokens.infer_token_grid reads from timm's model; the attention recomputed from q, k, v
+records), its ConvNeXt block and LayerNorm2d as torchvision's (map records, `x * gamma`
+compressed). In modules of their own: its Swin
+(timm_swin.py); its weight-standardized and 'same'-padded convolutions, pools and GroupNormAct
+(timm_convs.py); its layer scales and ConvNeXt-V2's response norm (timm_scales.py); MaxViT's and
+CoAtNet's attention (timm_maxxvit.py) and the layouts its blocks say (timm_layouts.py); BEiT
+(timm_beit.py).
 Where a forward is written out again here, the module is converted only while timm's own forward
 reads as the one written out (a later timm that changes it keeps its module stock, not a stale
 copy). Registered once timm is imported (convert.py).
