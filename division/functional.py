@@ -475,17 +475,23 @@ class ActivationFn(Function):
         return ACTIVATIONS[ctx.name][1](gy, decompress(packed)), None, None, None
 
 
+ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
+MAP = "map"  # an (N, H, W, C) or (N, T, H, W, C) map, channels last, as ConvNeXt's and Swin's blocks run them
+CONV = "conv"  # an (N, C, *spatial) map, as convolutions give it (an activation's input: ActivationFn)
+HEADS = "heads"  # (N, heads, T, d): each head's (N, T, d) tokens (MViT's pooled q, k, v)
+# how a layer's input lies; a WindowGrid: (N * R * K, h * w, C) windows; a PartitionGrid: (N, G, P, C)
+Layout = str | WindowGrid | PartitionGrid
+
+
 class ScaleFn(Function):
     """Squeeze-and-excitation's `scale * x` (scale broadcast over x's spatial dims; a layer
-    scale's over its tokens or map positions) saving x compressed, as an (N, C, *spatial) map or in
-    `layout` (_compress_layout), and the small scale as it is. Backward is stock's mul backward:
+    scale's over its tokens or map positions) saving x compressed in `layout` (_compress_layout; an
+    (N, C, *spatial) map by default), and the small scale as it is. Backward is stock's mul backward:
     gx = gy * scale, gscale = (gy * x) summed to scale's shape."""
 
     @staticmethod
-    def forward(ctx, x, scale, compressor: Compressor, layout: Layout | None = None):
-        packed = None
-        if ctx.needs_input_grad[1]:
-            packed = compressor.compress(x) if layout is None else _compress_layout(compressor, x, layout)
+    def forward(ctx, x, scale, compressor: Compressor, layout: Layout = CONV):
+        packed = _compress_layout(compressor, x, layout) if ctx.needs_input_grad[1] else None
         _save(ctx, packed, scale if ctx.needs_input_grad[0] else None)
         ctx.scale_shape, ctx.layout, ctx.x_shape = scale.shape, layout, x.shape
         return scale * x
@@ -496,21 +502,19 @@ class ScaleFn(Function):
         gx = gy * scale if ctx.needs_input_grad[0] else None
         gs = None
         if ctx.needs_input_grad[1]:
-            x = decompress(packed) if ctx.layout is None else _decompress_layout(packed, ctx.layout, ctx.x_shape)
-            gs = (gy * x).sum_to_size(ctx.scale_shape)
+            gs = (gy * _decompress_layout(packed, ctx.layout, ctx.x_shape)).sum_to_size(ctx.scale_shape)
         return gx, gs, None, None
 
 
 class RecomputeFn(Function):
     """`fn(x, *params)` for a small function of x whose backward needs x (ConvNeXt-V2's global
-    response norm), saving x compressed, as an (N, C, *spatial) map or in `layout`, and the
-    parameters as they are: backward reruns fn on the rebuilt x under forward's autocast state and
+    response norm), saving x compressed in `layout` (_compress_layout) and the parameters as they
+    are: backward reruns fn on the rebuilt x under forward's autocast state and
     differentiates it there (stock's backward at the rebuilt input, as every DIVISION layer's)."""
 
     @staticmethod
-    def forward(ctx, x, fn: Callable[..., torch.Tensor], compressor: Compressor, layout: Layout | None, *params):
-        packed = compressor.compress(x) if layout is None else _compress_layout(compressor, x, layout)
-        _save(ctx, packed, *params)
+    def forward(ctx, x, fn: Callable[..., torch.Tensor], compressor: Compressor, layout: Layout, *params):
+        _save(ctx, _compress_layout(compressor, x, layout), *params)
         ctx.fn, ctx.layout, ctx.x_shape = fn, layout, x.shape
         ctx.autocast = autocast_state(x.device.type)
         return fn(x, *params)
@@ -518,18 +522,10 @@ class RecomputeFn(Function):
     @staticmethod
     def backward(ctx, gy):
         packed, params = _load(ctx, differentiable=False)
-        x = decompress(packed) if ctx.layout is None else _decompress_layout(packed, ctx.layout, ctx.x_shape)
+        x = _decompress_layout(packed, ctx.layout, ctx.x_shape)
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
         gx, *gparams = recompute_grads(ctx.fn, [x, *params], needs, ctx.autocast, gy)
         return gx, None, None, None, *gparams
-
-
-ROWS, TOKENS, TOKENS_SEQ_FIRST = "rows", "tokens", "tokens_seq_first"
-MAP = "map"  # an (N, H, W, C) or (N, T, H, W, C) map, channels last, as ConvNeXt's and Swin's blocks run them
-CONV = "conv"  # an (N, C, *spatial) map, as convolutions give it (an activation's input: ActivationFn)
-HEADS = "heads"  # (N, heads, T, d): each head's (N, T, d) tokens (MViT's pooled q, k, v)
-# how a layer's input lies; a WindowGrid: (N * R * K, h * w, C) windows; a PartitionGrid: (N, G, P, C)
-Layout = str | WindowGrid | PartitionGrid
 
 
 def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) -> Any:
@@ -540,7 +536,9 @@ def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) ->
     positions they hold (tokens.windows_as_input_map: the padding is not kept, and comes back as
     zeros, which is what the padding of a qkv projection's input is; an output projection's
     padded positions are cropped after it, so their gradient is zero); a PartitionGrid: MaxViT's
-    partitions as the map they tile."""
+    partitions as the map they tile; CONV: an (N, C, *spatial) map as it is."""
+    if layout == CONV:
+        return compressor.compress(x)
     if layout == ROWS:
         return compressor.compress(x.reshape(-1, 1, x.shape[-1]))
     if layout == HEADS:
@@ -556,7 +554,7 @@ def _compress_layout(compressor: Compressor, x: torch.Tensor, layout: Layout) ->
 
 def _decompress_layout(packed: Any, layout: Layout, shape: torch.Size) -> torch.Tensor:
     """The input (of `shape`) rebuilt in its layout (ROWS: as (rows, 1, D))."""
-    if layout == ROWS:
+    if layout in (ROWS, CONV):
         return decompress(packed)
     if layout == HEADS:
         return decompress_tokens(packed).view(shape)
@@ -659,7 +657,7 @@ class AttentionFn(Function):
 
     @staticmethod
     def forward(ctx, q, k, v, compressor: Compressor, bias=None, remake_bias: Callable[[], torch.Tensor] | None = None):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        out = _biased_attention(q, k, v, bias)
         records = [compress_tokens(compressor, _heads_to_tokens(t)) for t in (q, k, v)]
         _save_records(ctx, records, None if remake_bias is not None else bias)
         ctx.shape, ctx.remake_bias = q.shape, remake_bias
@@ -672,13 +670,13 @@ class AttentionFn(Function):
             with torch.no_grad():
                 bias = ctx.remake_bias()
         n, h, t, d = ctx.shape
-        inputs = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2).detach().requires_grad_(True) for r in records]
-        if bias is not None:
-            inputs.append(bias.detach().requires_grad_(ctx.needs_input_grad[4]))
-        with torch.enable_grad():
-            q, k, v = inputs[:3]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else inputs[3].to(q.dtype))
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, gy))
-        gq, gk, gv, *gbias = [next(grads) if t.requires_grad else None for t in inputs]
-        return gq, gk, gv, None, gbias[0] if gbias else None, None
+        qkv = [decompress_tokens(r).view(n, t, h, d).transpose(1, 2) for r in records]
+        needs = (*ctx.needs_input_grad[:3], bias is not None and ctx.needs_input_grad[4])
+        no_autocast = (gy.device.type, False, None)  # the records' dtype, as forward's q, k, v
+        gq, gk, gv, gbias = recompute_grads(_biased_attention, [*qkv, bias], needs, no_autocast, gy)
+        return gq, gk, gv, None, gbias, None
+
+
+def _biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SDPA with an additive mask in q's dtype (as autocast casts it), or none."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))

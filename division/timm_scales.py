@@ -19,7 +19,7 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models.fastvit import LayerScale2d as FastVitLayerScale2d
 from torch import nn
 
-from .functional import MAP, TOKENS, RecomputeFn, ScaleFn
+from .functional import CONV, MAP, TOKENS, RecomputeFn, ScaleFn
 from .layers import DivisionLayer, _needs_saving
 
 # timm's forwards (1.0) that the converted ones below follow
@@ -88,7 +88,7 @@ class DivisionGlobalResponseNorm(DivisionLayer, GlobalResponseNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or not _needs_saving(self, x):
             return GlobalResponseNorm.forward(self, x)
-        layout = MAP if self.channel_dim == -1 else None
+        layout = MAP if self.channel_dim == -1 else CONV
         return RecomputeFn.apply(x, self.norm_of, self.compressor, layout, self.weight, self.bias)
 
     def norm_of(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
