@@ -12,12 +12,9 @@ the one followed; otherwise (and in exact mode, or with attention dropout) timm'
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Block as BeitBlock
-from torch import nn
 
 from .functional import TOKENS, AttentionFn, ScaleFn
 from .layers import DivisionLayer, _needs_saving, saving_linear
@@ -141,7 +138,6 @@ class DivisionBeitBlock(DivisionLayer, BeitBlock):
         return x + self.drop_path2(ScaleFn.apply(self.mlp(self.norm2(x)), self.gamma_2, self.compressor, TOKENS))
 
 
-def timm_beit_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:
-    """The conversions above whose timm forwards read as those followed here."""
-    followed = ((BeitAttention, DivisionBeitAttention, ATTENTION_FORWARD), (BeitBlock, DivisionBeitBlock, BLOCK_FORWARD))
-    return {timm_cls: division_cls for timm_cls, division_cls, forward in followed if forward_reads(timm_cls, forward)}
+# (timm class, converted class, {method: timm's source that the converted class follows}); timm_blocks.followed_conversions
+FOLLOWED = ((BeitAttention, DivisionBeitAttention, {"forward": ATTENTION_FORWARD}),
+            (BeitBlock, DivisionBeitBlock, {"forward": BLOCK_FORWARD}))

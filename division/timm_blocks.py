@@ -199,6 +199,18 @@ def forward(self, x: torch.Tensor) -> torch.Tensor:
 """
 
 
+Followed = tuple[tuple[type[nn.Module], type[nn.Module], dict[str, str]], ...]
+
+
+def followed_conversions(followed: Followed, reads: Callable[..., bool] | None = None) -> dict[type[nn.Module], type[nn.Module]]:
+    """The conversions of `followed` (timm class, converted class, {method: timm's source that the
+    converted class follows}) whose timm methods all read as the ones followed (`reads`:
+    forward_reads); one that follows none always converts."""
+    reads = reads or forward_reads
+    return {timm_cls: division_cls for timm_cls, division_cls, sources in followed
+            if all(reads(timm_cls, source, method) for method, source in sources.items())}
+
+
 def forward_reads(cls: type[nn.Module], expected: str, method: str = "forward") -> bool:
     """Whether `cls.forward` (or another `method`) is, line for line, the one a converted version follows."""
     try:
@@ -342,32 +354,28 @@ if BatchNormAct2d is not None:
             x = ScaleFn.apply(x, self.gamma.reshape(1, -1, 1, 1), self.compressor)
             return self.drop_path(x) + self.shortcut(shortcut)
 
-    TIMM_CONVERSIONS[BatchNormAct2d] = DivisionBatchNormAct2d
-    for _timm, _division, _forward in ((SqueezeExcite, DivisionSqueezeExcite, SQUEEZE_EXCITE_FORWARD),
-                                       (SEModule, DivisionSEModule, SE_MODULE_FORWARD),
-                                       (EffectiveSEModule, DivisionEffectiveSEModule, EFFECTIVE_SE_FORWARD),
-                                       (SplitAttn, DivisionSplitAttn, SPLIT_ATTN_FORWARD),
-                                       (TimmLayerNorm, DivisionTimmLayerNorm, LAYER_NORM_FORWARD),
-                                       (TimmLayerNorm2d, DivisionTimmLayerNorm2d, LAYER_NORM_2D_FORWARD),
-                                       (TimmAttention, DivisionTimmAttention, ATTENTION_FORWARD),
-                                       (ConvNeXtBlock, DivisionConvNeXtBlock, CONVNEXT_BLOCK_FORWARD),
-                                       (TimmGELU, DivisionTimmGELU, TIMM_GELU_FORWARD),
-                                       (TimmGELUTanh, DivisionTimmGELUTanh, TIMM_GELU_TANH_FORWARD)):
-        if forward_reads(_timm, _forward):
-            TIMM_CONVERSIONS[_timm] = _division
+    FOLLOWED: Followed = (
+        (BatchNormAct2d, DivisionBatchNormAct2d, {}),  # nothing of its forward written out
+        (SqueezeExcite, DivisionSqueezeExcite, {"forward": SQUEEZE_EXCITE_FORWARD}),
+        (SEModule, DivisionSEModule, {"forward": SE_MODULE_FORWARD}),
+        (EffectiveSEModule, DivisionEffectiveSEModule, {"forward": EFFECTIVE_SE_FORWARD}),
+        (SplitAttn, DivisionSplitAttn, {"forward": SPLIT_ATTN_FORWARD}),
+        (TimmLayerNorm, DivisionTimmLayerNorm, {"forward": LAYER_NORM_FORWARD}),
+        (TimmLayerNorm2d, DivisionTimmLayerNorm2d, {"forward": LAYER_NORM_2D_FORWARD}),
+        (TimmAttention, DivisionTimmAttention, {"forward": ATTENTION_FORWARD}),
+        (ConvNeXtBlock, DivisionConvNeXtBlock, {"forward": CONVNEXT_BLOCK_FORWARD}),
+        (TimmGELU, DivisionTimmGELU, {"forward": TIMM_GELU_FORWARD}),
+        (TimmGELUTanh, DivisionTimmGELUTanh, {"forward": TIMM_GELU_TANH_FORWARD}),
+    )
 
-    from .timm_beit import timm_beit_conversions
-    from .timm_convs import NFNET_LAYOUTS, timm_conv_conversions
+    from . import timm_beit, timm_convs, timm_maxxvit, timm_scales, timm_swin
+    from .timm_convs import NFNET_LAYOUTS
     from .timm_layouts import LAYOUTS
-    from .timm_maxxvit import timm_maxxvit_conversions
-    from .timm_scales import timm_scale_conversions
-    from .timm_swin import SWIN_LAYOUTS, timm_swin_conversions
+    from .timm_swin import SWIN_LAYOUTS
 
-    TIMM_CONVERSIONS.update(timm_conv_conversions(forward_reads))
-    TIMM_CONVERSIONS.update(timm_scale_conversions(forward_reads))
-    TIMM_CONVERSIONS.update(timm_maxxvit_conversions(forward_reads))
-    TIMM_CONVERSIONS.update(timm_beit_conversions(forward_reads))
-    TIMM_CONVERSIONS.update(timm_swin_conversions(forward_reads))
+    for _followed in (FOLLOWED, timm_convs.FOLLOWED, timm_scales.FOLLOWED, timm_maxxvit.FOLLOWED, timm_beit.FOLLOWED,
+                      timm_swin.FOLLOWED):
+        TIMM_CONVERSIONS.update(followed_conversions(_followed))
     TIMM_CONTAINER_LAYOUTS.update(NFNET_LAYOUTS)
     TIMM_CONTAINER_LAYOUTS.update(SWIN_LAYOUTS)
     TIMM_CONTAINER_LAYOUTS.update(LAYOUTS)

@@ -229,16 +229,14 @@ NFNET_LAYOUTS: dict[type[nn.Module], Callable[[nn.Module, Compressor], None]] = 
     NormFreeNet: lambda model, compressor: set_conv_gelus(model, ("final_act",))}
 
 
-def timm_conv_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:
-    """The conversions above whose timm forwards read as those followed here."""
-    followed = ((StdConv2d, DivisionStdConv2d, STD_CONV_FORWARD),
-                (StdConv2dSame, DivisionStdConv2dSame, STD_CONV_SAME_FORWARD),
-                (ScaledStdConv2d, DivisionScaledStdConv2d, SCALED_STD_CONV_FORWARD),
-                (ScaledStdConv2dSame, DivisionScaledStdConv2dSame, SCALED_STD_CONV_SAME_FORWARD),
-                (Conv2dSame, DivisionConv2dSame, CONV_SAME_FORWARD),
-                (AvgPool2dSame, DivisionAvgPool2dSame, AVG_POOL_SAME_FORWARD),
-                (MaxPool2dSame, DivisionMaxPool2dSame, MAX_POOL_SAME_FORWARD),
-                (GroupNormAct, DivisionGroupNormAct, GROUP_NORM_ACT_FORWARD),
-                (GroupNorm1Act, DivisionGroupNorm1Act, GROUP_NORM_ACT_FORWARD))
-    conversions = {timm_cls: division_cls for timm_cls, division_cls, forward in followed if forward_reads(timm_cls, forward)}
-    return {**conversions, NormFreeBlock: DivisionNormFreeBlock}
+# (timm class, converted class, {method: timm's source that the converted class follows}); timm_blocks.followed_conversions
+FOLLOWED = ((StdConv2d, DivisionStdConv2d, {"forward": STD_CONV_FORWARD}),
+            (StdConv2dSame, DivisionStdConv2dSame, {"forward": STD_CONV_SAME_FORWARD}),
+            (ScaledStdConv2d, DivisionScaledStdConv2d, {"forward": SCALED_STD_CONV_FORWARD}),
+            (ScaledStdConv2dSame, DivisionScaledStdConv2dSame, {"forward": SCALED_STD_CONV_SAME_FORWARD}),
+            (Conv2dSame, DivisionConv2dSame, {"forward": CONV_SAME_FORWARD}),
+            (AvgPool2dSame, DivisionAvgPool2dSame, {"forward": AVG_POOL_SAME_FORWARD}),
+            (MaxPool2dSame, DivisionMaxPool2dSame, {"forward": MAX_POOL_SAME_FORWARD}),
+            (GroupNormAct, DivisionGroupNormAct, {"forward": GROUP_NORM_ACT_FORWARD}),
+            (GroupNorm1Act, DivisionGroupNorm1Act, {"forward": GROUP_NORM_ACT_FORWARD}),
+            (NormFreeBlock, DivisionNormFreeBlock, {}))  # nothing of its forward written out

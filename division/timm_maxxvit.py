@@ -159,10 +159,6 @@ class DivisionAttention2d(DivisionLayer, Attention2d):
         return self.proj_drop(self.proj(x.transpose(-1, -2).reshape(b, -1, h, w)))
 
 
-def timm_maxxvit_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:
-    """The conversions above whose timm forwards read as those followed here."""
-    followed = ((AttentionCl, DivisionAttentionCl, ATTENTION_CL_FORWARD),
-                (Attention2d, DivisionAttention2d, ATTENTION_2D_FORWARD))
-    return {timm_cls: division_cls for timm_cls, division_cls, forward in followed if forward_reads(timm_cls, forward)}
-
-
+# (timm class, converted class, {method: timm's source that the converted class follows}); timm_blocks.followed_conversions
+FOLLOWED = ((AttentionCl, DivisionAttentionCl, {"forward": ATTENTION_CL_FORWARD}),
+            (Attention2d, DivisionAttention2d, {"forward": ATTENTION_2D_FORWARD}))

@@ -11,13 +11,10 @@ Each converts only while timm's forward reads as the one followed (timm_blocks.f
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from timm.layers import LayerScale, LayerScale2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.fastvit import LayerScale2d as FastVitLayerScale2d
-from torch import nn
 
 from .functional import CONV, MAP, TOKENS, RecomputeFn, ScaleFn
 from .layers import DivisionLayer, _needs_saving
@@ -95,10 +92,8 @@ class DivisionGlobalResponseNorm(DivisionLayer, GlobalResponseNorm):
         return global_response_norm(x, weight, bias, self)
 
 
-def timm_scale_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:
-    """The conversions above whose timm forwards read as those followed here."""
-    followed = ((LayerScale, DivisionLayerScale, LAYER_SCALE_FORWARD),
-                (LayerScale2d, DivisionLayerScale2d, LAYER_SCALE_2D_FORWARD),
-                (FastVitLayerScale2d, DivisionFastVitLayerScale2d, FASTVIT_LAYER_SCALE_FORWARD),
-                (GlobalResponseNorm, DivisionGlobalResponseNorm, GLOBAL_RESPONSE_NORM_FORWARD))
-    return {timm_cls: division_cls for timm_cls, division_cls, forward in followed if forward_reads(timm_cls, forward)}
+# (timm class, converted class, {method: timm's source that the converted class follows}); timm_blocks.followed_conversions
+FOLLOWED = ((LayerScale, DivisionLayerScale, {"forward": LAYER_SCALE_FORWARD}),
+            (LayerScale2d, DivisionLayerScale2d, {"forward": LAYER_SCALE_2D_FORWARD}),
+            (FastVitLayerScale2d, DivisionFastVitLayerScale2d, {"forward": FASTVIT_LAYER_SCALE_FORWARD}),
+            (GlobalResponseNorm, DivisionGlobalResponseNorm, {"forward": GLOBAL_RESPONSE_NORM_FORWARD}))

@@ -227,12 +227,8 @@ SWIN_LAYOUTS: dict[type[nn.Module], Callable[[nn.Module, Compressor], None]] = {
     SwinTransformer: lambda model, compressor: set_map_layers(model, compressor, {"norm"})}
 
 
-def timm_swin_conversions(forward_reads: Callable[..., bool]) -> dict[type[nn.Module], type[nn.Module]]:
-    """The conversions above whose timm forwards read as those followed here."""
-    conversions: dict[type[nn.Module], type[nn.Module]] = {
-        PatchMerging: DivisionTimmPatchMerging, PatchEmbed: DivisionTimmPatchEmbed}
-    if forward_reads(WindowAttention, WINDOW_ATTENTION_FORWARD):
-        conversions[WindowAttention] = DivisionTimmWindowAttention
-    if forward_reads(SwinTransformerBlock, BLOCK_FORWARD) and forward_reads(SwinTransformerBlock, BLOCK_ATTN, "_attn"):
-        conversions[SwinTransformerBlock] = DivisionTimmSwinBlock
-    return conversions
+# (timm class, converted class, {method: timm's source that the converted class follows}); timm_blocks.followed_conversions
+FOLLOWED = ((PatchMerging, DivisionTimmPatchMerging, {}),  # nothing of its forward written out
+            (PatchEmbed, DivisionTimmPatchEmbed, {}),
+            (WindowAttention, DivisionTimmWindowAttention, {"forward": WINDOW_ATTENTION_FORWARD}),
+            (SwinTransformerBlock, DivisionTimmSwinBlock, {"forward": BLOCK_FORWARD, "_attn": BLOCK_ATTN}))

@@ -154,13 +154,13 @@ def test_a_block_whose_attention_is_excluded_runs_timms_attention() -> None:
 def test_a_timm_swin_whose_forward_changed_keeps_its_blocks() -> None:
     """The converted block follows timm's forward and _attn: a timm whose _attn reads otherwise
     keeps the block stock."""
-    from division.timm_blocks import forward_reads
-    from division.timm_swin import BLOCK_ATTN, BLOCK_FORWARD, timm_swin_conversions
+    from division.timm_blocks import followed_conversions, forward_reads
+    from division.timm_swin import BLOCK_ATTN, BLOCK_FORWARD, FOLLOWED
 
     assert forward_reads(timm_swin.SwinTransformerBlock, BLOCK_ATTN, "_attn")
-    assert timm_swin.SwinTransformerBlock in timm_swin_conversions(forward_reads)
+    assert timm_swin.SwinTransformerBlock in followed_conversions(FOLLOWED)
     changed = lambda cls, expected, method="forward": expected != BLOCK_FORWARD and forward_reads(cls, expected, method)  # noqa: E731
-    assert timm_swin.SwinTransformerBlock not in timm_swin_conversions(changed)
+    assert timm_swin.SwinTransformerBlock not in followed_conversions(FOLLOWED, changed)
 
 
 @pytest.mark.gpu
