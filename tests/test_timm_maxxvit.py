@@ -8,7 +8,12 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformer_checks import assert_same_gradients, faithful_grads, grads_of
+from transformer_checks import (
+    assert_exact_mode_is_stock,
+    assert_same_gradients,
+    faithful_grads,
+    grads_of,
+)
 
 import division
 from division.functional import MAP, AttentionFn
@@ -19,12 +24,6 @@ from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame  # noqa: E402
 
 # the smallest of each family, at the size it is built for (its attention's relative positions)
 MODELS = {"maxvit_rmlp_pico_rw_256": 256, "coatnet_pico_rw_224": 224}
-
-
-def assert_exact_mode_is_timms(stock: nn.Module, x: torch.Tensor) -> None:
-    exact = division.convert_model(copy.deepcopy(stock), division.DivisionConfig(backward_mode="exact"))
-    (y0, g0), (y1, g1) = grads_of(stock, x), grads_of(exact, x)
-    assert torch.equal(y0, y1) and g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
 @pytest.mark.parametrize("layer", [lambda: Conv2dSame(4, 8, 3, stride=2), lambda: AvgPool2dSame(3, 2),
@@ -59,7 +58,7 @@ def test_maxvit_and_coatnet_attention_saves_q_k_v_records(name: str) -> None:
     torch.manual_seed(0)
     stock = timm.create_model(name, num_classes=10, drop_path_rate=0.0)
     x = torch.randn(1, 3, size, size)
-    assert_exact_mode_is_timms(stock, x)
+    assert_exact_mode_is_stock(stock, x)
     y0, g0 = grads_of(stock, x)
     applies, y1, g1 = faithful_grads(stock, x, AttentionFn)
     attentions = [m for m in stock.modules() if type(m).__name__ in ("AttentionCl", "Attention2d")]
